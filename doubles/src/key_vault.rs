@@ -1,0 +1,341 @@
+//! Azure Key Vault's secrets API, as azure_security_keyvault_secrets 1.x calls it.
+//!
+//! It behaves the way PROTOCOLS.md describes the real service: TLS only; a first request
+//! without `Authorization` gets the 401 challenge naming the tenant and resource; bearer tokens
+//! must be ones the managed identity double issued for `https://vault.azure.net` and still
+//! valid; `GET /secrets/{name}/{version}?api-version=...` answers the documented body, and
+//! errors use the documented `{"error":{"code","message","innererror"}}` shape.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+use crate::managed_identity::Issued;
+use crate::serve::{self, Server};
+use crate::{random_hex, tls};
+
+/// The resource Key Vault names in its challenge.
+pub const RESOURCE: &str = "https://vault.azure.net";
+/// A made-up tenant for the challenge's `authorization` URL.
+pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+
+/// A fault the vault answers every secret read with, until cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// 429 `Throttled` with `Retry-After: 1`.
+    Throttled,
+    /// 503 `ServiceUnavailable`.
+    Unavailable,
+}
+
+struct Version {
+    id: String,
+    value: String,
+    enabled: bool,
+    created: u64,
+}
+
+#[derive(Default)]
+struct Shared {
+    /// The vault URI, known once the port is bound; secret ids are built from it.
+    base: std::sync::OnceLock<String>,
+    issued: Issued,
+    secrets: Mutex<HashMap<String, Vec<Version>>>,
+    /// Secrets the identity has no role on (403 ForbiddenByRbac).
+    denied: Mutex<HashSet<String>>,
+    fault: Mutex<Option<Fault>>,
+    requests: AtomicUsize,
+    challenges: AtomicUsize,
+    reads: AtomicUsize,
+}
+
+/// A running Key Vault double.
+pub struct KeyVaultDouble {
+    shared: Arc<Shared>,
+    server: Server,
+    ca_file: PathBuf,
+}
+
+impl KeyVaultDouble {
+    /// Starts the vault on `port` (0 for any), writing its CA to `dir/ca.pem`. Bearer tokens
+    /// are checked against `issued`, the managed identity double's registry.
+    pub async fn start(
+        port: u16,
+        dir: &Path,
+        issued: Issued,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let tls = tls::create(dir)?;
+        let shared = Arc::new(Shared {
+            issued,
+            ..Default::default()
+        });
+        let router = axum::Router::new()
+            .route("/secrets/{name}/", get(latest))
+            .route("/secrets/{name}", get(latest))
+            .route("/secrets/{name}/{version}", get(versioned))
+            .fallback(not_found)
+            .with_state(shared.clone());
+        let server = serve::spawn(router, port, Some(tls.acceptor)).await?;
+        let _ = shared
+            .base
+            .set(format!("https://localhost:{}", server.address.port()));
+        Ok(Self {
+            shared,
+            server,
+            ca_file: tls.ca_file,
+        })
+    }
+
+    /// The vault URI (`https://localhost:<port>`): use with `verify_challenge_resource = false`,
+    /// since `localhost` does not end with the challenge's `vault.azure.net`.
+    pub fn uri(&self) -> String {
+        format!("https://localhost:{}", self.server.address.port())
+    }
+
+    /// The CA certificate to trust (`SSL_CERT_FILE`).
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
+    }
+
+    /// Adds a new version of `name` holding `value`, and returns the version id.
+    pub fn set_secret(&self, name: &str, value: &str) -> String {
+        let id = random_hex(16);
+        self.shared
+            .secrets
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .push(Version {
+                id: id.clone(),
+                value: value.to_string(),
+                enabled: true,
+                created: now(),
+            });
+        id
+    }
+
+    /// Enables or disables the latest version of `name`.
+    pub fn set_enabled(&self, name: &str, enabled: bool) {
+        if let Some(version) = self
+            .shared
+            .secrets
+            .lock()
+            .unwrap()
+            .get_mut(name)
+            .and_then(|versions| versions.last_mut())
+        {
+            version.enabled = enabled;
+        }
+    }
+
+    /// Takes the identity's role on `name` away (or gives it back).
+    pub fn set_denied(&self, name: &str, denied: bool) {
+        let mut set = self.shared.denied.lock().unwrap();
+        if denied {
+            set.insert(name.to_string());
+        } else {
+            set.remove(name);
+        }
+    }
+
+    /// Makes every secret read fail with `fault`, or clears it.
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        *self.shared.fault.lock().unwrap() = fault;
+    }
+
+    /// Requests received, challenges included.
+    pub fn requests(&self) -> usize {
+        self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// 401 challenges sent to requests without a bearer token.
+    pub fn challenges(&self) -> usize {
+        self.shared.challenges.load(Ordering::SeqCst)
+    }
+
+    /// Secret values returned (200 answers).
+    pub fn reads(&self) -> usize {
+        self.shared.reads.load(Ordering::SeqCst)
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn error(status: StatusCode, code: &str, message: &str, inner: Option<&str>) -> Response {
+    let mut body = json!({ "error": { "code": code, "message": message } });
+    if let Some(inner) = inner {
+        body["error"]["innererror"] = json!({ "code": inner });
+    }
+    (status, Json(body)).into_response()
+}
+
+fn challenge(message: &str) -> Response {
+    let mut response = error(StatusCode::UNAUTHORIZED, "Unauthorized", message, None);
+    let value = format!(
+        "Bearer authorization=\"https://login.windows.net/{TENANT}\", resource=\"{RESOURCE}\""
+    );
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_str(&value).expect("static header"),
+    );
+    response
+}
+
+/// Checks API version and bearer token; `Some` is the refusal to send.
+fn refusal(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Option<Response> {
+    shared.requests.fetch_add(1, Ordering::SeqCst);
+    if query.get("api-version").is_none_or(|v| v.is_empty()) {
+        return Some(error(
+            StatusCode::BAD_REQUEST,
+            "BadParameter",
+            "The request URI contains an invalid or missing api-version query parameter.",
+            None,
+        ));
+    }
+    let Some(authorization) = headers.get(header::AUTHORIZATION) else {
+        shared.challenges.fetch_add(1, Ordering::SeqCst);
+        return Some(challenge(
+            "AKV10000: Request is missing a Bearer or PoP token.",
+        ));
+    };
+    let token = authorization
+        .to_str()
+        .ok()
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let issued = shared.issued.lock().unwrap().get(token).cloned();
+    match issued {
+        None => Some(challenge("AKV10022: Invalid audience or token.")),
+        Some(issued) if issued.resource.trim_end_matches('/') != RESOURCE => {
+            Some(challenge("AKV10022: Invalid audience."))
+        }
+        Some(issued) if issued.expires_on <= now() => {
+            Some(challenge("AKV10032: Token has expired."))
+        }
+        Some(_) => None,
+    }
+}
+
+async fn latest(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    read(&shared, &name, None, &headers, &query)
+}
+
+async fn versioned(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((name, version)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    read(&shared, &name, Some(&version), &headers, &query)
+}
+
+async fn not_found() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        "The requested resource was not found.",
+        None,
+    )
+}
+
+fn read(
+    shared: &Shared,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Response {
+    if let Some(response) = refusal(shared, headers, query) {
+        return response;
+    }
+    match *shared.fault.lock().unwrap() {
+        Some(Fault::Throttled) => {
+            let mut response = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Throttled",
+                "Operations per second exceeded the limit for this vault (injected by the double).",
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
+        Some(Fault::Unavailable) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "The service is unavailable (injected by the double).",
+                None,
+            );
+        }
+        None => {}
+    }
+    if shared.denied.lock().unwrap().contains(name) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "Caller is not authorized to perform action on resource. Action: 'Microsoft.KeyVault/vaults/secrets/getSecret/action'",
+            Some("ForbiddenByRbac"),
+        );
+    }
+    let secrets = shared.secrets.lock().unwrap();
+    let found = secrets.get(name).and_then(|versions| match version {
+        None | Some("") => versions.last(),
+        Some(id) => versions.iter().find(|v| v.id == id),
+    });
+    let Some(found) = found else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "SecretNotFound",
+            &format!("A secret with (name/id) {name} was not found in this key vault."),
+            None,
+        );
+    };
+    if !found.enabled {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "Operation get is not allowed on a disabled secret.",
+            Some("SecretDisabled"),
+        );
+    }
+    shared.reads.fetch_add(1, Ordering::SeqCst);
+    let body: Value = json!({
+        "value": found.value,
+        "id": format!("{}/secrets/{name}/{}", shared.base.get().map_or("", String::as_str), found.id),
+        "attributes": {
+            "enabled": true,
+            "created": found.created,
+            "updated": found.created,
+            "recoveryLevel": "Recoverable+Purgeable",
+            "recoverableDays": 90
+        },
+        "tags": {}
+    });
+    Json(body).into_response()
+}

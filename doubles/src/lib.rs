@@ -1,0 +1,50 @@
+//! Faithful doubles of the Azure services token-broker talks to that have no local emulator:
+//! the App Service managed identity endpoint and Key Vault's secrets API. They follow the
+//! protocol facts the broker is built against (challenge flow, error bodies, string
+//! `expires_on`, TLS), so the broker reaches them through the real Azure SDK clients.
+//!
+//! One place, shared by the integration tests (in-process, so a test can add a secret version
+//! or inject a fault mid-run) and the local demo (the `token-broker-doubles` binary).
+
+pub mod key_vault;
+pub mod managed_identity;
+pub mod serve;
+pub mod tls;
+
+pub use key_vault::{Fault, KeyVaultDouble};
+pub use managed_identity::ManagedIdentityDouble;
+
+/// Random lower-case hex, `bytes` bytes long: version ids, tokens, header values.
+pub fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+/// Both doubles, wired together: the vault accepts the identity endpoint's tokens.
+pub struct AzureDoubles {
+    pub identity: ManagedIdentityDouble,
+    pub vault: KeyVaultDouble,
+}
+
+impl AzureDoubles {
+    /// Starts both on any free ports; the vault's CA goes to `dir/ca.pem`.
+    pub async fn start(
+        dir: &std::path::Path,
+        client_id: Option<String>,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        Self::start_on(dir, client_id, 0, 0).await
+    }
+
+    /// Starts both on the given ports (0 for any).
+    pub async fn start_on(
+        dir: &std::path::Path,
+        client_id: Option<String>,
+        identity_port: u16,
+        vault_port: u16,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let identity = ManagedIdentityDouble::start(identity_port, client_id).await?;
+        let vault = KeyVaultDouble::start(vault_port, dir, identity.issued()).await?;
+        Ok(Self { identity, vault })
+    }
+}

@@ -1,0 +1,155 @@
+//! The one error type at the HTTP edge, mapped to the documented JSON contract
+//! `{"error", "error_description"}`. Descriptions name the connection and the step so that an
+//! operator can act on them; none carries a secret, a token or an upstream's raw body.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::token_client::TokenError;
+
+/// Every way a request can fail, with the status and code the API documents.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 404 `unknown_connection`.
+    UnknownConnection,
+    /// 404 `not_found`: a path the broker does not serve.
+    NotFound,
+    /// 405 `invalid_request`.
+    MethodNotAllowed,
+    /// 400 `invalid_request`.
+    InvalidRequest(String),
+    /// 502 `upstream_rejected`, with the token endpoint's OAuth error code.
+    UpstreamRejected { description: String, code: String },
+    /// 503 `upstream_unavailable`.
+    UpstreamUnavailable {
+        description: String,
+        retry_after: Option<Duration>,
+    },
+    /// 503 `secret_unavailable`.
+    SecretUnavailable(String),
+    /// 500 `internal_error`.
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    error_description: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upstream_error: Option<&'a str>,
+}
+
+impl From<&TokenError> for ApiError {
+    fn from(error: &TokenError) -> Self {
+        match error {
+            TokenError::UnknownConnection(_) => ApiError::UnknownConnection,
+            TokenError::Rejected { code, .. } => ApiError::UpstreamRejected {
+                description: error.to_string(),
+                code: code.clone(),
+            },
+            TokenError::Unavailable { retry_after, .. } => ApiError::UpstreamUnavailable {
+                description: error.to_string(),
+                retry_after: *retry_after,
+            },
+            TokenError::Secret { .. } => ApiError::SecretUnavailable(error.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, description, upstream_error, retry_after) = match &self {
+            ApiError::UnknownConnection => (
+                StatusCode::NOT_FOUND,
+                "unknown_connection",
+                "no connection of that name is configured",
+                None,
+                None,
+            ),
+            ApiError::NotFound => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "the broker serves GET or POST /api/token/{connection}",
+                None,
+                None,
+            ),
+            ApiError::MethodNotAllowed => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request",
+                "use GET or POST",
+                None,
+                None,
+            ),
+            ApiError::InvalidRequest(text) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                text.as_str(),
+                None,
+                None,
+            ),
+            ApiError::UpstreamRejected { description, code } => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_rejected",
+                description.as_str(),
+                Some(code.as_str()),
+                None,
+            ),
+            ApiError::UpstreamUnavailable {
+                description,
+                retry_after,
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream_unavailable",
+                description.as_str(),
+                None,
+                *retry_after,
+            ),
+            ApiError::SecretUnavailable(text) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "secret_unavailable",
+                text.as_str(),
+                None,
+                None,
+            ),
+            ApiError::Internal(text) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                text.as_str(),
+                None,
+                None,
+            ),
+        };
+        if status.is_server_error() || status == StatusCode::BAD_GATEWAY {
+            tracing::warn!(
+                status = status.as_u16(),
+                error = code,
+                description,
+                "request failed"
+            );
+        } else {
+            tracing::info!(
+                status = status.as_u16(),
+                error = code,
+                description,
+                "request refused"
+            );
+        }
+        let body = ErrorBody {
+            error: code,
+            error_description: description,
+            upstream_error,
+        };
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Some(retry_after) = retry_after {
+            let seconds = retry_after.as_secs().max(1);
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

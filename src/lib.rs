@@ -1,0 +1,24 @@
+//! token-broker: an Azure Functions custom handler that hands out OAuth 2.0 access tokens.
+//!
+//! The modules follow a request along the data path:
+//!
+//! - [`routes`]: the HTTP API the Functions host forwards to (`/api/token/{connection}`),
+//!   with [`error`] mapping every failure to the documented JSON contract;
+//! - [`token_cache`]: tokens in memory, refreshed ahead of expiry, one fetch per cold key;
+//! - [`token_client`]: the OAuth 2.0 client-credentials exchange (with [`token_response`]
+//!   parsing what real identity providers send);
+//! - [`secret_source`]: the client secret, from Key Vault through the managed identity.
+//!
+//! Around them: [`config`] (the validated `broker.toml`), [`http_client`] (the one outgoing
+//! HTTP stack), [`telemetry`] (JSON logs) and [`startup`] (wiring and the listener).
+
+pub mod config;
+pub mod error;
+pub mod http_client;
+pub mod routes;
+pub mod secret_source;
+pub mod startup;
+pub mod telemetry;
+pub mod token_cache;
+pub mod token_client;
+pub mod token_response;

@@ -1,0 +1,90 @@
+//! `token-broker` serves tokens; `token-broker check` validates the configuration and exits.
+
+use std::process::ExitCode;
+
+use token_broker::config::{self, ProcessEnvironment};
+use token_broker::startup::{Application, shutdown_signal};
+
+fn main() -> ExitCode {
+    match std::env::args().nth(1).as_deref() {
+        None | Some("serve") => serve(),
+        Some("check") => check(),
+        Some("--version") => {
+            println!("token-broker {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(_) => {
+            eprintln!("usage: token-broker [serve | check | --version]");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn check() -> ExitCode {
+    let path = config::config_path(&ProcessEnvironment);
+    match config::load(&ProcessEnvironment) {
+        Ok(settings) => {
+            println!(
+                "{}: valid ({} connection{})",
+                path.display(),
+                settings.connections.len(),
+                if settings.connections.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve() -> ExitCode {
+    token_broker::telemetry::init();
+    let settings = match config::load(&ProcessEnvironment) {
+        Ok(settings) => settings,
+        Err(error) => {
+            tracing::error!(problems = ?error.problems, path = %error.path, "invalid configuration; not starting");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let connections = settings.connections.len();
+        let application = match Application::build(settings).await {
+            Ok(application) => application,
+            Err(error) => {
+                tracing::error!(%error, "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(
+            port = application.port(),
+            connections,
+            "token-broker listening"
+        );
+        match application.run_until(shutdown_signal()).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::error!(%error, "server failed");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,229 @@
+//! The HTTP API, as the Azure Functions host forwards it: `GET /` for readiness, and
+//! `GET|POST /api/token/{connection}` for tokens. Everything else is a JSON 404.
+//!
+//! The token route is matched by hand rather than by axum's router because the host matches
+//! routes case-insensitively (`/API/Token/x` reaches us as the client typed it) and because an
+//! unknown or malformed connection name must be a plain `unknown_connection`, never a 5xx.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, Method, Request, Uri, header};
+use axum::response::{IntoResponse, Response};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+use crate::config::{ConnectionSettings, is_valid_connection_name, is_valid_scope_token};
+use crate::error::ApiError;
+use crate::token_cache::{CacheKey, TokenCache};
+
+/// Most scopes one request may name, and the longest `scope` value accepted.
+const MAX_SCOPES: usize = 32;
+const MAX_SCOPE_PARAMETER: usize = 2048;
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub cache: Arc<TokenCache>,
+    /// Connections by lower-cased name.
+    pub connections: Arc<BTreeMap<String, ConnectionSettings>>,
+}
+
+/// The broker's router, apart from `main` so that tests can drive it in-process.
+pub fn router(state: AppState) -> Router {
+    Router::new().fallback(dispatch).with_state(state).layer(
+        TraceLayer::new_for_http()
+            .make_span_with(request_span)
+            .on_request(())
+            .on_response(DefaultOnResponse::new().level(Level::INFO)),
+    )
+}
+
+/// One span per request. It carries the host's invocation id so the broker's lines join the
+/// host's own in Application Insights; it records the path but never the query string, which
+/// may hold the function key (`code=`), and never a header.
+fn request_span(request: &Request<Body>) -> tracing::Span {
+    let invocation_id = request
+        .headers()
+        .get("x-azure-functions-invocationid")
+        .and_then(|value| value.to_str().ok())
+        .map(|value| truncate(value, 64))
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %truncate(request.uri().path(), 200),
+        invocation_id = %invocation_id,
+    )
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((index, _)) => &text[..index],
+        None => text,
+    }
+}
+
+async fn dispatch(State(state): State<AppState>, method: Method, uri: Uri) -> Response {
+    if uri.path() == "/" {
+        // The host polls `/` every 25 ms until it answers; nothing here may wait.
+        return (
+            [(header::CACHE_CONTROL, "no-store")],
+            axum::Json(Ready { status: "ready" }),
+        )
+            .into_response();
+    }
+    let Some(connection) = token_route(uri.path()) else {
+        return ApiError::NotFound.into_response();
+    };
+    if method != Method::GET && method != Method::POST {
+        return ApiError::MethodNotAllowed.into_response();
+    }
+    match serve_token(&state, connection, uri.query()).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct Ready {
+    status: &'static str,
+}
+
+/// The connection segment of `/api/token/{connection}`, prefix matched case-insensitively.
+fn token_route(path: &str) -> Option<&str> {
+    let mut segments = path.strip_prefix('/')?.splitn(3, '/');
+    let api = segments.next()?;
+    let token = segments.next()?;
+    let connection = segments.next()?;
+    (api.eq_ignore_ascii_case("api") && token.eq_ignore_ascii_case("token"))
+        .then(|| connection.strip_suffix('/').unwrap_or(connection))
+}
+
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    access_token: &'a str,
+    token_type: &'a str,
+    expires_in: u64,
+    expires_on: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scope: Option<&'a str>,
+}
+
+async fn serve_token(
+    state: &AppState,
+    name: &str,
+    query: Option<&str>,
+) -> Result<Response, ApiError> {
+    // Anything that is not a well-formed name, a traversal attempt included, is simply not a
+    // configured connection.
+    if !is_valid_connection_name(name) {
+        return Err(ApiError::UnknownConnection);
+    }
+    let key_name = name.to_ascii_lowercase();
+    let connection = state
+        .connections
+        .get(&key_name)
+        .ok_or(ApiError::UnknownConnection)?;
+    let scopes = requested_scopes(query)?.unwrap_or_else(|| connection.scopes.clone());
+    let key = CacheKey::new(&key_name, scopes);
+
+    let (token, outcome) = state
+        .cache
+        .get(&key)
+        .await
+        .map_err(|error| ApiError::from(error.as_ref()))?;
+    let now = tokio::time::Instant::now();
+    tracing::info!(
+        target: "audit",
+        connection = %connection.name,
+        scopes = %key.scopes().join(" "),
+        cache = outcome.as_str(),
+        expires_on = token.expires_on,
+        fingerprint = %token.fingerprint,
+        "token handed out"
+    );
+    let body = TokenBody {
+        // The token leaves the broker here, in the response body and nowhere else.
+        access_token: token.access_token.expose_secret(),
+        token_type: &token.token_type,
+        expires_in: token.expires_in(now),
+        expires_on: token.expires_on,
+        scope: token.scope.as_deref(),
+    };
+    let mut response = axum::Json(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+/// The `scope` query parameter as a scope list, `None` when absent or empty. Repeated
+/// parameters are joined, as are the comma-joined values the Functions host makes of them.
+fn requested_scopes(query: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(query) = query else {
+        return Ok(None);
+    };
+    let mut scopes = Vec::new();
+    let mut length = 0;
+    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if name != "scope" {
+            continue;
+        }
+        length += value.len();
+        if length > MAX_SCOPE_PARAMETER {
+            return Err(ApiError::InvalidRequest(format!(
+                "the scope parameter is longer than {MAX_SCOPE_PARAMETER} bytes"
+            )));
+        }
+        for scope in value.split([' ', ',']).filter(|s| !s.is_empty()) {
+            if !is_valid_scope_token(scope) {
+                return Err(ApiError::InvalidRequest(
+                    "the scope parameter holds a character RFC 6749 does not allow in a scope"
+                        .to_string(),
+                ));
+            }
+            scopes.push(scope.to_string());
+        }
+    }
+    if scopes.len() > MAX_SCOPES {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {MAX_SCOPES} scopes may be requested"
+        )));
+    }
+    Ok((!scopes.is_empty()).then_some(scopes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_route_prefix_is_case_insensitive() {
+        assert_eq!(token_route("/api/token/contoso"), Some("contoso"));
+        assert_eq!(token_route("/API/Token/Contoso"), Some("Contoso"));
+        assert_eq!(token_route("/api/token/contoso/"), Some("contoso"));
+        assert_eq!(token_route("/api/tokens/contoso"), None);
+        assert_eq!(token_route("/api/token"), None);
+    }
+
+    #[test]
+    fn traversal_is_just_an_invalid_name() {
+        let name = token_route("/api/token/../../secrets").unwrap();
+        assert!(!is_valid_connection_name(name));
+    }
+
+    #[test]
+    fn scopes_are_split_on_spaces_and_host_commas() {
+        let scopes = requested_scopes(Some("scope=a%20b&code=key&scope=c,d")).unwrap();
+        assert_eq!(scopes.unwrap(), ["a", "b", "c", "d"]);
+        assert_eq!(requested_scopes(Some("scope=")).unwrap(), None);
+        assert_eq!(requested_scopes(None).unwrap(), None);
+        assert!(requested_scopes(Some("scope=a%22b")).is_err());
+    }
+}

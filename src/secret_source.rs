@@ -1,0 +1,250 @@
+//! The last step of the data path: where a connection's client secret comes from.
+//!
+//! Key Vault secrets are read through the official Azure SDK with the Function App's managed
+//! identity (or a developer's Azure CLI login on a laptop) and kept in memory for a TTL, as
+//! Microsoft's guidance asks: Key Vault allows a few thousand transactions per 10 s per vault,
+//! and a broker that read per request would throttle itself. When a re-read fails, the copy in
+//! memory keeps serving: a vault hiccup must not become an outage.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use azure_core::credentials::TokenCredential;
+use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
+use azure_core::time::Duration as SdkDuration;
+use azure_identity::{
+    AzureCliCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
+};
+use azure_security_keyvault_secrets::{
+    SecretClient, SecretClientOptions, models::SecretClientGetSecretOptions,
+};
+use secrecy::SecretString;
+use tokio::time::Instant;
+
+use crate::config::{IdentitySettings, KeyVaultSettings, SecretSource};
+
+/// A client secret and the Key Vault version it came from.
+pub struct ClientSecret {
+    pub value: SecretString,
+    /// The Key Vault version, `None` for app settings. Used to tell whether a re-read found
+    /// a rotated secret.
+    pub version: Option<String>,
+}
+
+/// Why a secret could not be had. Messages are for operators and never hold a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("Key Vault secret '{name}' was not found")]
+    NotFound { name: String },
+    #[error(
+        "Key Vault refused to read secret '{name}' ({code}); check the identity's 'Key Vault Secrets User' role and that the secret is enabled"
+    )]
+    Forbidden { name: String, code: String },
+    #[error("Key Vault secret '{name}' has no value")]
+    Empty { name: String },
+    #[error("the managed identity could not obtain a token for Key Vault")]
+    Identity,
+    #[error("Key Vault did not answer reading secret '{name}' ({detail})")]
+    Unavailable { name: String, detail: String },
+    #[error("no Key Vault is configured")]
+    NoVault,
+}
+
+/// Reads client secrets and keeps them in memory for a TTL.
+pub struct SecretStore {
+    vault: Option<SecretClient>,
+    ttl: Duration,
+    /// One slot per Key Vault secret name. The async mutex makes concurrent readers of the same
+    /// secret wait for one Key Vault read rather than each making their own.
+    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<CachedSecret>>>>>,
+}
+
+struct CachedSecret {
+    secret: Arc<ClientSecret>,
+    read_at: Instant,
+}
+
+impl SecretStore {
+    /// Builds the Key Vault client when one is configured. No network call happens here:
+    /// startup must stay fast for the host's readiness probe.
+    pub fn new(
+        key_vault: Option<&KeyVaultSettings>,
+        identity: &IdentitySettings,
+        http: &reqwest::Client,
+        ttl: Duration,
+    ) -> azure_core::Result<Self> {
+        let vault = match key_vault {
+            None => None,
+            Some(settings) => {
+                let credential = credential(settings, identity, http)?;
+                let options = SecretClientOptions {
+                    client_options: sdk_client_options(http),
+                    verify_challenge_resource: Some(settings.verify_challenge_resource),
+                    ..Default::default()
+                };
+                Some(SecretClient::new(
+                    settings.uri.as_str(),
+                    credential,
+                    Some(options),
+                )?)
+            }
+        };
+        Ok(Self {
+            vault,
+            ttl,
+            slots: Mutex::default(),
+        })
+    }
+
+    /// The secret for `source`, from memory when fresh enough.
+    pub async fn client_secret(
+        &self,
+        source: &SecretSource,
+    ) -> Result<Arc<ClientSecret>, SecretError> {
+        match source {
+            SecretSource::AppSetting { value, .. } => Ok(Arc::new(ClientSecret {
+                value: value.clone(),
+                version: None,
+            })),
+            SecretSource::KeyVault { secret_name } => self.key_vault_secret(secret_name).await,
+        }
+    }
+
+    async fn key_vault_secret(&self, name: &str) -> Result<Arc<ClientSecret>, SecretError> {
+        let slot = self.slot(name);
+        let mut cached = slot.lock().await;
+        if let Some(entry) = cached.as_ref()
+            && entry.read_at.elapsed() < self.ttl
+        {
+            return Ok(entry.secret.clone());
+        }
+        match self.read(name).await {
+            Ok(secret) => {
+                let secret = Arc::new(secret);
+                *cached = Some(CachedSecret {
+                    secret: secret.clone(),
+                    read_at: Instant::now(),
+                });
+                Ok(secret)
+            }
+            Err(error) => match cached.as_ref() {
+                // Serve the copy we have; the next caller after the TTL tries again.
+                Some(entry) if !matches!(error, SecretError::NotFound { .. }) => {
+                    tracing::warn!(secret = name, reason = %error, "key vault re-read failed; keeping the cached secret");
+                    Ok(entry.secret.clone())
+                }
+                _ => Err(error),
+            },
+        }
+    }
+
+    fn slot(&self, name: &str) -> Arc<tokio::sync::Mutex<Option<CachedSecret>>> {
+        // A std mutex: it is held only to look up or insert the slot, never across an await.
+        let mut slots = self.slots.lock().expect("secret slots poisoned");
+        slots.entry(name.to_string()).or_default().clone()
+    }
+
+    async fn read(&self, name: &str) -> Result<ClientSecret, SecretError> {
+        let vault = self.vault.as_ref().ok_or(SecretError::NoVault)?;
+        let started = Instant::now();
+        let response = vault
+            .get_secret(name, None::<SecretClientGetSecretOptions<'_>>)
+            .await
+            .map_err(|error| classify(name, &error))?;
+        let secret = response
+            .into_model()
+            .map_err(|error| classify(name, &error))?;
+        let version = secret
+            .id
+            .as_deref()
+            .and_then(|id| id.trim_end_matches('/').rsplit('/').next())
+            .map(str::to_string);
+        let value = secret
+            .value
+            .filter(|value| !value.is_empty())
+            .ok_or_else(|| SecretError::Empty {
+                name: name.to_string(),
+            })?;
+        tracing::info!(
+            secret = name,
+            version = version.as_deref().unwrap_or("unknown"),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "read client secret from key vault"
+        );
+        Ok(ClientSecret {
+            value: SecretString::from(value),
+            version,
+        })
+    }
+}
+
+/// Maps an SDK error to what an operator needs to know, without the raw response body.
+fn classify(name: &str, error: &azure_core::Error) -> SecretError {
+    use azure_core::error::ErrorKind;
+    match error.kind() {
+        ErrorKind::HttpResponse {
+            status, error_code, ..
+        } => {
+            let code = error_code.clone().unwrap_or_else(|| status.to_string());
+            match u16::from(*status) {
+                404 => SecretError::NotFound {
+                    name: name.to_string(),
+                },
+                401 | 403 => SecretError::Forbidden {
+                    name: name.to_string(),
+                    code,
+                },
+                _ => SecretError::Unavailable {
+                    name: name.to_string(),
+                    detail: format!("HTTP {}", u16::from(*status)),
+                },
+            }
+        }
+        ErrorKind::Credential => SecretError::Identity,
+        ErrorKind::Connection | ErrorKind::Io => SecretError::Unavailable {
+            name: name.to_string(),
+            detail: "connection failed".to_string(),
+        },
+        _ => SecretError::Unavailable {
+            name: name.to_string(),
+            detail: "unexpected response".to_string(),
+        },
+    }
+}
+
+/// The SDK options every Azure client shares: the broker's one HTTP client, and retries
+/// bounded so that a caller never waits for minutes on a sick vault.
+fn sdk_client_options(http: &reqwest::Client) -> ClientOptions {
+    ClientOptions {
+        transport: Some(Transport::new(Arc::new(http.clone()))),
+        retry: RetryOptions::exponential(ExponentialRetryOptions {
+            initial_delay: SdkDuration::milliseconds(200),
+            max_retries: 3,
+            max_total_elapsed: SdkDuration::seconds(10),
+            max_delay: SdkDuration::seconds(2),
+        }),
+        ..Default::default()
+    }
+}
+
+/// The credential the Key Vault client authenticates with.
+fn credential(
+    settings: &KeyVaultSettings,
+    identity: &IdentitySettings,
+    http: &reqwest::Client,
+) -> azure_core::Result<Arc<dyn TokenCredential>> {
+    Ok(match identity {
+        IdentitySettings::ManagedIdentity => {
+            let options = ManagedIdentityCredentialOptions {
+                user_assigned_id: settings
+                    .managed_identity_client_id
+                    .clone()
+                    .map(UserAssignedId::ClientId),
+                client_options: sdk_client_options(http),
+            };
+            ManagedIdentityCredential::new(Some(options))?
+        }
+        IdentitySettings::DeveloperCli => AzureCliCredential::new(None)?,
+    })
+}

@@ -1,0 +1,104 @@
+//! Wires the data path together and binds the listener.
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::routes::{AppState, router};
+use crate::secret_source::SecretStore;
+use crate::token_cache::TokenCache;
+use crate::token_client::TokenClient;
+
+/// A broker bound to its port, ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("cannot build the Key Vault client: {0}")]
+    KeyVault(#[from] azure_core::Error),
+    #[error("cannot listen on 127.0.0.1:{port}: {source}")]
+    Bind {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Application {
+    /// Builds the clients and binds `127.0.0.1:<port>`; the host always calls IPv4 loopback.
+    /// Nothing here touches the network, so the first readiness probe is answered at once.
+    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+        let http = crate::http_client::build()?;
+        let secrets = Arc::new(SecretStore::new(
+            settings.key_vault.as_ref(),
+            &settings.identity,
+            &http,
+            settings.cache.secret_ttl,
+        )?);
+        let connections = Arc::new(settings.connections);
+        let token_client = Arc::new(TokenClient::new(http, secrets, connections.clone()));
+        let cache = Arc::new(TokenCache::new(token_client, settings.cache.max_tokens));
+        let state = AppState { cache, connections };
+
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartupError::Bind {
+                port: settings.port,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            router: router(state),
+        })
+    }
+
+    /// The bound port (differs from the setting when it was 0).
+    pub fn port(&self) -> u16 {
+        self.listener
+            .local_addr()
+            .map_or(0, |address| address.port())
+    }
+
+    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+    }
+}
+
+/// Completes on SIGTERM (how the host and App Service stop a worker) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing requests in flight");
+}

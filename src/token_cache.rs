@@ -1,0 +1,514 @@
+//! The token cache: the reason the broker is as fast as a static response.
+//!
+//! Entries are keyed by connection and the sorted scope set. Each entry is refreshed in the
+//! background once it is between half and three quarters through its life (jittered so that
+//! many keys do not refresh together), while callers keep getting the cached token. A cold or
+//! expired key is fetched exactly once however many callers ask at the same time: the fetch
+//! is a spawned task whose result every waiter shares, so a caller that disconnects does not
+//! cancel the fetch the others are waiting for.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
+use secrecy::{ExposeSecret, SecretString};
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+
+use crate::token_client::{FreshToken, TokenError};
+
+/// Produces tokens for cache keys; the token client in production, a counting fake in tests.
+pub trait TokenSource: Send + Sync + 'static {
+    fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>>;
+}
+
+/// A connection (lower-cased name) and a sorted, de-duplicated scope set.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct CacheKey {
+    connection: Arc<str>,
+    scopes: Arc<[String]>,
+}
+
+impl CacheKey {
+    pub fn new(connection: &str, scopes: impl IntoIterator<Item = String>) -> Self {
+        let mut scopes: Vec<String> = scopes.into_iter().collect();
+        scopes.sort();
+        scopes.dedup();
+        Self {
+            connection: Arc::from(connection),
+            scopes: Arc::from(scopes),
+        }
+    }
+
+    pub fn connection(&self) -> &str {
+        &self.connection
+    }
+
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+}
+
+/// A token as the cache holds and hands it out.
+pub struct CachedToken {
+    pub access_token: SecretString,
+    pub token_type: String,
+    pub scope: Option<String>,
+    /// When the token stops being valid (monotonic clock).
+    pub expires_at: Instant,
+    /// The same instant as unix seconds, for callers.
+    pub expires_on: u64,
+    /// First hex digits of SHA-256 of the token: lets an operator match audit lines to a
+    /// token without the token ever being logged.
+    pub fingerprint: String,
+    /// After this the token is no longer handed out: a caller must have time to use it.
+    usable_until: Instant,
+}
+
+impl CachedToken {
+    fn new(fresh: FreshToken, now: Instant) -> Self {
+        let lifetime = fresh.lifetime;
+        // Stop handing a token out shortly before it expires, so it is still valid when the
+        // caller presents it: a tenth of its life, at most 30 s.
+        let margin = (lifetime / 10).min(Duration::from_secs(30));
+        let expires_on = SystemTime::now()
+            .checked_add(lifetime)
+            .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |since| since.as_secs());
+        Self {
+            fingerprint: fingerprint(fresh.access_token.expose_secret()),
+            access_token: fresh.access_token,
+            token_type: fresh.token_type,
+            scope: fresh.scope,
+            expires_at: now + lifetime,
+            expires_on,
+            usable_until: now + lifetime - margin,
+        }
+    }
+
+    /// Whole seconds of life left at `now`.
+    pub fn expires_in(&self, now: Instant) -> u64 {
+        self.expires_at.saturating_duration_since(now).as_secs()
+    }
+}
+
+/// SHA-256 of the token, first 12 hex digits.
+pub fn fingerprint(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether a caller was served from memory or waited for the token endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+}
+
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Miss => "miss",
+        }
+    }
+}
+
+type SharedFetch = Shared<BoxFuture<'static, Result<Arc<CachedToken>, Arc<TokenError>>>>;
+
+/// The cache. Cheap to share: every method takes `&self`.
+pub struct TokenCache {
+    source: Arc<dyn TokenSource>,
+    max_entries: usize,
+    // A std mutex: held only for map look-ups and inserts, never across an await.
+    entries: Mutex<HashMap<CacheKey, Arc<Entry>>>,
+}
+
+#[derive(Default)]
+struct Entry {
+    // A std mutex for the same reason: every critical section is a few field updates.
+    state: Mutex<EntryState>,
+}
+
+#[derive(Default)]
+struct EntryState {
+    token: Option<Arc<CachedToken>>,
+    refresh_at: Option<Instant>,
+    fetch: Option<SharedFetch>,
+    failed_refreshes: u32,
+    last_used: Option<Instant>,
+}
+
+impl TokenCache {
+    pub fn new(source: Arc<dyn TokenSource>, max_entries: usize) -> Self {
+        Self {
+            source,
+            max_entries: max_entries.max(1),
+            entries: Mutex::default(),
+        }
+    }
+
+    /// A token for `key`: from memory when one is usable, else from the shared fetch.
+    pub async fn get(
+        &self,
+        key: &CacheKey,
+    ) -> Result<(Arc<CachedToken>, CacheOutcome), Arc<TokenError>> {
+        let entry = self.entry(key);
+        let fetch = {
+            let mut state = entry.state.lock().expect("cache entry poisoned");
+            let now = Instant::now();
+            state.last_used = Some(now);
+            if let Some(token) = state.token.clone()
+                && now < token.usable_until
+            {
+                let refresh_due = state.refresh_at.is_some_and(|at| now >= at);
+                if refresh_due && state.fetch.is_none() {
+                    state.fetch = Some(self.spawn_fetch(&entry, key));
+                }
+                return Ok((token, CacheOutcome::Hit));
+            }
+            match &state.fetch {
+                Some(fetch) => fetch.clone(),
+                None => {
+                    let fetch = self.spawn_fetch(&entry, key);
+                    state.fetch = Some(fetch.clone());
+                    fetch
+                }
+            }
+        };
+        fetch.await.map(|token| (token, CacheOutcome::Miss))
+    }
+
+    /// Number of keys held; for tests and metrics.
+    pub fn len(&self) -> usize {
+        self.entries.lock().expect("cache poisoned").len()
+    }
+
+    /// Whether the cache holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn entry(&self, key: &CacheKey) -> Arc<Entry> {
+        let mut entries = self.entries.lock().expect("cache poisoned");
+        if let Some(entry) = entries.get(key) {
+            return entry.clone();
+        }
+        if entries.len() >= self.max_entries {
+            evict(&mut entries, self.max_entries - 1);
+        }
+        let entry = Arc::new(Entry::default());
+        entries.insert(key.clone(), entry.clone());
+        entry
+    }
+
+    /// Starts the one fetch for `key` on its own task. Called with the entry's lock held, so
+    /// the task cannot publish its result before the caller has stored the shared handle.
+    fn spawn_fetch(&self, entry: &Arc<Entry>, key: &CacheKey) -> SharedFetch {
+        let source = self.source.clone();
+        let entry = entry.clone();
+        let key = key.clone();
+        let task = tokio::spawn(async move {
+            let result = source.fetch(key).await;
+            let now = Instant::now();
+            let mut state = entry.state.lock().expect("cache entry poisoned");
+            state.fetch = None;
+            match result {
+                Ok(fresh) => {
+                    let refresh_in = refresh_delay(fresh.lifetime, fresh.refresh_in);
+                    let token = Arc::new(CachedToken::new(fresh, now));
+                    state.refresh_at = Some(now + refresh_in);
+                    state.token = Some(token.clone());
+                    state.failed_refreshes = 0;
+                    Ok(token)
+                }
+                Err(error) => {
+                    // Keep any token still usable; try the refresh again after a backoff
+                    // that never reaches past the token's usable life.
+                    state.failed_refreshes = state.failed_refreshes.saturating_add(1);
+                    if let Some(token) = &state.token {
+                        let remaining = token.usable_until.saturating_duration_since(now);
+                        let backoff = Duration::from_secs(1 << state.failed_refreshes.min(6));
+                        state.refresh_at = Some(now + backoff.min(remaining / 2));
+                    }
+                    Err(Arc::new(error))
+                }
+            }
+        });
+        task.map(|joined| {
+            joined.unwrap_or_else(|_| {
+                Err(Arc::new(TokenError::Unavailable {
+                    connection: String::new(),
+                    detail: "the token request was aborted".to_string(),
+                    retry_after: None,
+                }))
+            })
+        })
+        .boxed()
+        .shared()
+    }
+}
+
+/// When to refresh a token of `lifetime`: Entra's `refresh_in` when it gave one, else at a
+/// random point between half and three quarters of the lifetime.
+fn refresh_delay(lifetime: Duration, refresh_in: Option<Duration>) -> Duration {
+    if let Some(refresh_in) = refresh_in.filter(|r| !r.is_zero() && *r < lifetime) {
+        return refresh_in;
+    }
+    lifetime.mul_f64(rand::random_range(0.5..0.75))
+}
+
+/// Shrinks the map to `target` keys: first keys with nothing usable and no fetch running, then
+/// the least recently used.
+fn evict(entries: &mut HashMap<CacheKey, Arc<Entry>>, target: usize) {
+    let now = Instant::now();
+    entries.retain(|_, entry| {
+        let state = entry.state.lock().expect("cache entry poisoned");
+        state.fetch.is_some() || state.token.as_ref().is_some_and(|t| now < t.usable_until)
+    });
+    while entries.len() > target {
+        let oldest = entries
+            .iter()
+            .min_by_key(|(_, entry)| entry.state.lock().expect("cache entry poisoned").last_used)
+            .map(|(key, _)| key.clone());
+        match oldest {
+            Some(key) => entries.remove(&key),
+            None => break,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Semaphore;
+
+    /// Counts fetches and hands out numbered tokens; `gate` lets a test hold a fetch open.
+    struct CountingSource {
+        fetches: AtomicUsize,
+        lifetime: Duration,
+        gate: Arc<Semaphore>,
+        fail: std::sync::atomic::AtomicBool,
+    }
+
+    impl CountingSource {
+        fn new(lifetime: Duration, open: bool) -> Arc<Self> {
+            Arc::new(Self {
+                fetches: AtomicUsize::new(0),
+                lifetime,
+                gate: Arc::new(Semaphore::new(if open {
+                    Semaphore::MAX_PERMITS
+                } else {
+                    0
+                })),
+                fail: Default::default(),
+            })
+        }
+        fn count(&self) -> usize {
+            self.fetches.load(Ordering::SeqCst)
+        }
+    }
+
+    impl TokenSource for CountingSource {
+        fn fetch(
+            self: Arc<Self>,
+            _key: CacheKey,
+        ) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
+            Box::pin(async move {
+                let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+                let _permit = self.gate.acquire().await.expect("gate closed");
+                if self.fail.load(Ordering::SeqCst) {
+                    return Err(TokenError::Unavailable {
+                        connection: "c".into(),
+                        detail: "down".into(),
+                        retry_after: None,
+                    });
+                }
+                Ok(FreshToken {
+                    access_token: SecretString::from(format!("token-{n}")),
+                    token_type: "bearer".into(),
+                    lifetime: self.lifetime,
+                    refresh_in: None,
+                    scope: None,
+                })
+            })
+        }
+    }
+
+    fn token_text(token: &CachedToken) -> &str {
+        token.access_token.expose_secret()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn many_concurrent_callers_for_a_cold_key_cause_one_fetch() {
+        let source = CountingSource::new(Duration::from_secs(3600), false);
+        let cache = Arc::new(TokenCache::new(source.clone(), 16));
+        let key = CacheKey::new("c", ["b".to_string(), "a".to_string()]);
+        let callers: Vec<_> = (0..500)
+            .map(|_| {
+                let cache = cache.clone();
+                let key = key.clone();
+                tokio::spawn(async move { cache.get(&key).await })
+            })
+            .collect();
+        // Let every caller reach the cache before the single fetch is released.
+        while source.count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        source.gate.add_permits(1);
+        for caller in callers {
+            let (token, outcome) = caller.await.unwrap().unwrap();
+            assert_eq!(token_text(&token), "token-1");
+            assert_eq!(outcome, CacheOutcome::Miss);
+        }
+        assert_eq!(source.count(), 1);
+        let (_, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!(outcome, CacheOutcome::Hit);
+        assert_eq!(source.count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scope_order_and_duplicates_do_not_make_a_new_key() {
+        let a = CacheKey::new("c", ["x".to_string(), "y".to_string()]);
+        let b = CacheKey::new("c", ["y".to_string(), "x".to_string(), "x".to_string()]);
+        assert_eq!(a, b);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_is_refreshed_in_the_background_while_callers_get_the_cached_one() {
+        let source = CountingSource::new(Duration::from_secs(100), true);
+        let cache = TokenCache::new(source.clone(), 16);
+        let key = CacheKey::new("c", []);
+        let (first, _) = cache.get(&key).await.unwrap();
+        assert_eq!(token_text(&first), "token-1");
+
+        // Close the gate so the refresh, once started, cannot finish.
+        source.gate.forget_permits(Semaphore::MAX_PERMITS);
+        // Past three quarters of the life, a refresh is due whatever the jitter chose.
+        tokio::time::advance(Duration::from_secs(76)).await;
+        for _ in 0..100 {
+            let (token, outcome) = cache.get(&key).await.unwrap();
+            assert_eq!(
+                outcome,
+                CacheOutcome::Hit,
+                "no caller waits for the refresh"
+            );
+            assert_eq!(token_text(&token), "token-1");
+        }
+        tokio::task::yield_now().await;
+        assert_eq!(
+            source.count(),
+            2,
+            "exactly one refresh started for 100 callers"
+        );
+
+        source.gate.add_permits(1);
+        while cache
+            .get(&key)
+            .await
+            .unwrap()
+            .0
+            .access_token
+            .expose_secret()
+            == "token-1"
+        {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(source.count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_refresh_keeps_serving_the_cached_token_until_it_expires() {
+        let source = CountingSource::new(Duration::from_secs(100), true);
+        let cache = TokenCache::new(source.clone(), 16);
+        let key = CacheKey::new("c", []);
+        cache.get(&key).await.unwrap();
+        source.fail.store(true, Ordering::SeqCst);
+        tokio::time::advance(Duration::from_secs(80)).await;
+        let (token, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!(
+            (token_text(&token), outcome),
+            ("token-1", CacheOutcome::Hit)
+        );
+        tokio::task::yield_now().await;
+        // Still within the usable life (100 s less a 10 s margin): still served.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(cache.get(&key).await.is_ok());
+        // Past it: the caller waits for a fetch, which fails.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(cache.get(&key).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_token_is_never_handed_out() {
+        let source = CountingSource::new(Duration::from_secs(10), true);
+        let cache = TokenCache::new(source.clone(), 16);
+        let key = CacheKey::new("c", []);
+        cache.get(&key).await.unwrap();
+        tokio::time::advance(Duration::from_secs(11)).await;
+        let (token, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!(outcome, CacheOutcome::Miss);
+        assert!(token.expires_in(Instant::now()) > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cache_holds_at_most_its_bound() {
+        let source = CountingSource::new(Duration::from_secs(3600), true);
+        let cache = TokenCache::new(source.clone(), 8);
+        for n in 0..50 {
+            cache
+                .get(&CacheKey::new("c", [format!("scope-{n}")]))
+                .await
+                .unwrap();
+        }
+        assert_eq!(cache.len(), 8);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_goes_away_does_not_cancel_the_shared_fetch() {
+        let source = CountingSource::new(Duration::from_secs(3600), false);
+        let cache = Arc::new(TokenCache::new(source.clone(), 16));
+        let key = CacheKey::new("c", []);
+        let impatient = {
+            let (cache, key) = (cache.clone(), key.clone());
+            tokio::spawn(async move { cache.get(&key).await.map(|_| ()) })
+        };
+        while source.count() == 0 {
+            tokio::task::yield_now().await;
+        }
+        impatient.abort();
+        let patient = {
+            let (cache, key) = (cache.clone(), key.clone());
+            tokio::spawn(async move { cache.get(&key).await })
+        };
+        tokio::task::yield_now().await;
+        source.gate.add_permits(1);
+        let (token, _) = patient.await.unwrap().unwrap();
+        assert_eq!(token_text(&token), "token-1");
+        assert_eq!(source.count(), 1);
+    }
+
+    #[test]
+    fn refresh_in_is_honoured_and_jitter_stays_in_range() {
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            refresh_delay(hour, Some(Duration::from_secs(600))),
+            Duration::from_secs(600)
+        );
+        for _ in 0..1000 {
+            let delay = refresh_delay(hour, None);
+            assert!(delay >= hour / 2 && delay <= hour * 3 / 4, "{delay:?}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_are_short_stable_hex() {
+        assert_eq!(fingerprint("abc"), "ba7816bf8f01");
+    }
+}

@@ -1,0 +1,367 @@
+//! The client-credentials exchange with a connection's token endpoint.
+//!
+//! oauth2 builds the request (form body, RFC 6749 §2.3.1 Basic encoding) and parses the answer;
+//! the HTTP transport is the broker's one reqwest client, handed to oauth2 as a closure so that
+//! there is a single HTTP stack in the binary. The closure also catches what oauth2 cannot
+//! classify on its own: throttling, server errors and timeouts, with their `Retry-After`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use oauth2::basic::{
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
+};
+use oauth2::http::{HeaderMap, StatusCode, header};
+use oauth2::{
+    AsyncHttpClient, AuthType, ClientId, ClientSecret, EndpointNotSet, EndpointSet, HttpRequest,
+    HttpResponse, RequestTokenError, Scope, StandardRevocableToken, TokenResponse, TokenUrl,
+};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::{AuthMethod, ConnectionSettings};
+use crate::secret_source::{SecretError, SecretStore};
+use crate::token_cache::{CacheKey, TokenSource};
+use crate::token_response::BrokerTokenResponse;
+
+/// Largest token-endpoint answer the broker reads; real ones are a few KiB.
+const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+type OAuthClient = oauth2::Client<
+    BasicErrorResponse,
+    BrokerTokenResponse,
+    BasicTokenIntrospectionResponse,
+    StandardRevocableToken,
+    BasicRevocationErrorResponse,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointNotSet,
+    EndpointSet,
+>;
+
+/// A token as the token endpoint issued it.
+pub struct FreshToken {
+    pub access_token: SecretString,
+    pub token_type: String,
+    pub lifetime: Duration,
+    pub refresh_in: Option<Duration>,
+    /// The granted scope when the server said, else the requested one (RFC 6749 §5.1).
+    pub scope: Option<String>,
+}
+
+/// Why no token could be obtained. Every message names the connection and the step, and
+/// none carries a secret, a token or the upstream's raw body.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("unknown connection '{0}'")]
+    UnknownConnection(String),
+    #[error("the token endpoint of connection '{connection}' rejected the request with '{code}'")]
+    Rejected { connection: String, code: String },
+    #[error("the token endpoint of connection '{connection}' is unavailable: {detail}")]
+    Unavailable {
+        connection: String,
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("the client secret of connection '{connection}' could not be read: {source}")]
+    Secret {
+        connection: String,
+        #[source]
+        source: SecretError,
+    },
+}
+
+/// Performs token requests for the configured connections.
+pub struct TokenClient {
+    http: reqwest::Client,
+    secrets: Arc<SecretStore>,
+    /// Connections by lower-cased name, as in `Settings`.
+    connections: Arc<BTreeMap<String, ConnectionSettings>>,
+}
+
+impl TokenClient {
+    pub fn new(
+        http: reqwest::Client,
+        secrets: Arc<SecretStore>,
+        connections: Arc<BTreeMap<String, ConnectionSettings>>,
+    ) -> Self {
+        Self {
+            http,
+            secrets,
+            connections,
+        }
+    }
+
+    /// One client-credentials exchange for `connection` with `scopes`.
+    pub async fn request_token(
+        &self,
+        connection: &ConnectionSettings,
+        scopes: &[String],
+    ) -> Result<FreshToken, TokenError> {
+        let secret = self
+            .secrets
+            .client_secret(&connection.client_secret)
+            .await
+            .map_err(|source| TokenError::Secret {
+                connection: connection.name.clone(),
+                source,
+            })?;
+        let started = tokio::time::Instant::now();
+        let client: OAuthClient = oauth2::Client::new(ClientId::new(connection.client_id.clone()))
+            // The only place the secret is exposed: oauth2 encodes it into the request.
+            .set_client_secret(ClientSecret::new(secret.value.expose_secret().to_string()))
+            .set_token_uri(TokenUrl::from_url(connection.token_url.clone()))
+            .set_auth_type(match connection.auth_method {
+                AuthMethod::ClientSecretBasic => AuthType::BasicAuth,
+                AuthMethod::ClientSecretPost => AuthType::RequestBody,
+            });
+        let mut request = client
+            .exchange_client_credentials()
+            .add_scopes(scopes.iter().cloned().map(Scope::new));
+        if let Some(audience) = &connection.audience {
+            request = request.add_extra_param("audience", audience.clone());
+        }
+        if let Some(resource) = &connection.resource {
+            request = request.add_extra_param("resource", resource.clone());
+        }
+        for (name, value) in &connection.extra_params {
+            request = request.add_extra_param(name.clone(), value.clone());
+        }
+        let transport = OAuthTransport {
+            http: &self.http,
+            timeout: connection.timeout,
+        };
+        let result = request.request_async(&transport).await;
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        match result {
+            Ok(response) => {
+                tracing::info!(connection = %connection.name, elapsed_ms, "token endpoint issued a token");
+                Ok(fresh_token(response, connection, scopes))
+            }
+            Err(error) => {
+                let error = classify(connection, error);
+                tracing::warn!(connection = %connection.name, elapsed_ms, reason = %error, "token request failed");
+                Err(error)
+            }
+        }
+    }
+}
+
+impl TokenSource for TokenClient {
+    fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
+        Box::pin(async move {
+            let connection = self
+                .connections
+                .get(key.connection())
+                .ok_or_else(|| TokenError::UnknownConnection(key.connection().to_string()))?;
+            self.request_token(connection, key.scopes()).await
+        })
+    }
+}
+
+fn fresh_token(
+    response: BrokerTokenResponse,
+    connection: &ConnectionSettings,
+    scopes: &[String],
+) -> FreshToken {
+    let scope = response
+        .granted_scope()
+        .map(str::to_string)
+        .or_else(|| (!scopes.is_empty()).then(|| scopes.join(" ")));
+    FreshToken {
+        access_token: SecretString::from(response.access_token().secret().as_str()),
+        // RFC 6750 spells it "Bearer"; callers paste this into an Authorization header.
+        token_type: match response.token_type() {
+            BasicTokenType::Bearer => "Bearer".to_string(),
+            BasicTokenType::Mac => "MAC".to_string(),
+            BasicTokenType::Extension(other) => other.clone(),
+        },
+        lifetime: response
+            .expires_in()
+            .filter(|lifetime| !lifetime.is_zero())
+            .unwrap_or(connection.default_lifetime),
+        refresh_in: response.refresh_in(),
+        scope,
+    }
+}
+
+/// What went wrong on the wire, before oauth2 looked at the body.
+#[derive(Debug, thiserror::Error)]
+enum TransportError {
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("connection failed")]
+    Connect,
+    #[error("HTTP {status}")]
+    Status {
+        status: StatusCode,
+        retry_after: Option<Duration>,
+    },
+    #[error("answer larger than {MAX_RESPONSE_BYTES} bytes")]
+    TooLarge,
+    #[error("request failed")]
+    Other,
+}
+
+/// oauth2's view of the broker's HTTP client, with the connection's time bound.
+struct OAuthTransport<'a> {
+    http: &'a reqwest::Client,
+    timeout: Duration,
+}
+
+impl<'c> AsyncHttpClient<'c> for OAuthTransport<'_> {
+    type Error = TransportError;
+    type Future = BoxFuture<'c, Result<HttpResponse, TransportError>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(send(self.http, request, self.timeout))
+    }
+}
+
+/// Sends one oauth2-built request through the shared reqwest client.
+async fn send(
+    http: &reqwest::Client,
+    request: HttpRequest,
+    timeout: Duration,
+) -> Result<HttpResponse, TransportError> {
+    let mut request = reqwest::Request::try_from(request).map_err(|_| TransportError::Other)?;
+    *request.timeout_mut() = Some(timeout);
+    let mut response = http
+        .execute(request)
+        .await
+        .map_err(|error| transport_error(&error, timeout))?;
+    let status = response.status();
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        return Err(TransportError::Status {
+            status,
+            retry_after: retry_after(response.headers()),
+        });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|error| transport_error(&error, timeout))?
+    {
+        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+            return Err(TransportError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let mut answer = HttpResponse::new(body);
+    *answer.status_mut() = status;
+    *answer.headers_mut() = response.headers().clone();
+    Ok(answer)
+}
+
+fn transport_error(error: &reqwest::Error, timeout: Duration) -> TransportError {
+    if error.is_timeout() {
+        TransportError::Timeout(timeout)
+    } else if error.is_connect() {
+        TransportError::Connect
+    } else {
+        TransportError::Other
+    }
+}
+
+/// `Retry-After` in delay-seconds form; the HTTP-date form is rare from token endpoints and
+/// is treated as unknown.
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+fn classify(
+    connection: &ConnectionSettings,
+    error: RequestTokenError<TransportError, BasicErrorResponse>,
+) -> TokenError {
+    let name = connection.name.clone();
+    let unavailable = |detail: String, retry_after| TokenError::Unavailable {
+        connection: name.clone(),
+        detail,
+        retry_after,
+    };
+    match error {
+        RequestTokenError::ServerResponse(response) => {
+            if let Some(description) = response.error_description() {
+                // The IdP's own words help the operator (Entra puts AADSTS codes here); they
+                // go to the log, trimmed, and never to the caller.
+                tracing::warn!(
+                    connection = %connection.name,
+                    upstream_description = %printable_prefix(description, 300),
+                    "token endpoint error description"
+                );
+            }
+            TokenError::Rejected {
+                connection: name,
+                code: oauth_error_code(response.error().as_ref()),
+            }
+        }
+        RequestTokenError::Request(TransportError::Status {
+            status,
+            retry_after,
+        }) => unavailable(format!("it answered HTTP {}", status.as_u16()), retry_after),
+        RequestTokenError::Request(transport) => unavailable(transport.to_string(), None),
+        RequestTokenError::Parse(_, _) => unavailable(
+            "its answer is not a valid OAuth token response".to_string(),
+            None,
+        ),
+        RequestTokenError::Other(_) => {
+            unavailable("it answered with an empty error".to_string(), None)
+        }
+    }
+}
+
+/// An upstream error code as the broker repeats it: RFC 6749 restricts codes to printable
+/// ASCII without `"` and `\`; anything else is replaced so it cannot smuggle text into logs
+/// or the caller's JSON.
+fn oauth_error_code(code: &str) -> String {
+    let valid = !code.is_empty()
+        && code.len() <= 64
+        && code
+            .bytes()
+            .all(|b| (0x20..=0x7E).contains(&b) && b != b'"' && b != b'\\');
+    if valid {
+        code.to_string()
+    } else {
+        "unrecognised_error".to_string()
+    }
+}
+
+fn printable_prefix(text: &str, max: usize) -> String {
+    text.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_error_codes_are_passed_only_when_well_formed() {
+        assert_eq!(oauth_error_code("invalid_client"), "invalid_client");
+        assert_eq!(oauth_error_code("bad\"code"), "unrecognised_error");
+        assert_eq!(oauth_error_code("line\nbreak"), "unrecognised_error");
+        assert_eq!(oauth_error_code(&"x".repeat(65)), "unrecognised_error");
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        headers.insert(
+            header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers), None);
+    }
+}

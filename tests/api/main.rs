@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `token-broker` binary, started the way the Functions host
+//! starts it, against the real oidc-provider and the Key Vault / managed identity doubles.
+
+mod errors;
+mod functions_host;
+mod helpers;
+mod secrecy;
+mod tokens;

@@ -1,0 +1,179 @@
+use std::time::Duration;
+
+use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, jwk::JwkSet};
+use serde_json::Value;
+
+use crate::helpers::{RESOURCE, json, spawn_app};
+
+/// Verifies an access token against the provider's published JWKS.
+async fn verify(app: &crate::helpers::TestApp, token: &str) -> Value {
+    let jwks: JwkSet = reqwest::get(&app.idp.jwks_uri)
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let header = decode_header(token).unwrap();
+    let jwk = jwks
+        .find(header.kid.as_deref().unwrap())
+        .expect("kid in JWKS");
+    let mut validation = Validation::new(header.alg);
+    validation.set_audience(&[RESOURCE]);
+    validation.set_issuer(&[&app.idp.issuer]);
+    decode::<Value>(token, &DecodingKey::from_jwk(jwk).unwrap(), &validation)
+        .expect("token verifies against the provider's JWKS")
+        .claims
+}
+
+#[tokio::test]
+async fn a_token_is_served_and_verifies_against_the_providers_jwks() {
+    let app = spawn_app().await;
+    let response = app.token("demo").await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["cache-control"], "no-store");
+    assert_eq!(response.headers()["pragma"], "no-cache");
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json")
+    );
+    let body = json(response).await;
+    assert_eq!(body["token_type"], "Bearer");
+    assert_eq!(body["scope"], "read");
+    let expires_in = body["expires_in"].as_u64().unwrap();
+    assert!((3590..=3600).contains(&expires_in), "{expires_in}");
+    let expires_on = body["expires_on"].as_u64().unwrap();
+    let claims = verify(&app, body["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["client_id"], "broker-basic");
+    assert!(claims["exp"].as_u64().unwrap().abs_diff(expires_on) <= 2);
+    // The secret came from Key Vault through the challenge flow and the managed identity.
+    assert_eq!(app.azure.vault.challenges(), 1);
+    assert_eq!(app.azure.vault.reads(), 1);
+    assert_eq!(app.azure.identity.requests(), 1);
+}
+
+#[tokio::test]
+async fn client_secret_post_works_with_a_secret_full_of_reserved_characters() {
+    let app = spawn_app().await;
+    let body = json(app.token("posty").await).await;
+    let claims = verify(&app, body["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["client_id"], "broker-post");
+    assert_eq!(body["scope"], "read write");
+}
+
+#[tokio::test]
+async fn an_app_setting_secret_works_without_key_vault() {
+    let app = spawn_app().await;
+    let body = json(app.token("setting").await).await;
+    verify(&app, body["access_token"].as_str().unwrap()).await;
+    assert_eq!(app.azure.vault.requests(), 0);
+}
+
+#[tokio::test]
+async fn a_second_request_is_a_cache_hit() {
+    let app = spawn_app().await;
+    let first = json(app.token("demo").await).await;
+    let second = json(app.token("DEMO").await).await;
+    assert_eq!(first["access_token"], second["access_token"]);
+    assert_eq!(app.idp.stats().await.token_requests, 1);
+    assert_eq!(
+        app.azure.vault.reads(),
+        1,
+        "the secret is read once, not per request"
+    );
+    let audit = app.audit_records();
+    let outcomes: Vec<&str> = audit.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["miss", "hit"]);
+    for record in &audit {
+        assert_eq!(record["connection"], "demo");
+        assert_eq!(record["scopes"], "read");
+        assert_eq!(record["expires_on"], first["expires_on"]);
+        assert_eq!(record["fingerprint"].as_str().unwrap().len(), 12);
+        assert_eq!(
+            record["span"]["invocation_id"],
+            "3f2b8c1e-0000-4000-8000-000000000001"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_requested_scope_overrides_the_default_and_is_cached_apart() {
+    let app = spawn_app().await;
+    let read = json(app.get("/api/token/demo?scope=read").await).await;
+    let both = json(app.get("/api/token/demo?scope=write%20read").await).await;
+    let both_again = json(app.get("/api/token/demo?scope=read+write").await).await;
+    assert_eq!(both["scope"], "read write");
+    assert_ne!(read["access_token"], both["access_token"]);
+    assert_eq!(
+        both["access_token"], both_again["access_token"],
+        "scope order does not matter"
+    );
+    assert_eq!(app.idp.stats().await.token_requests, 2);
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_cold_requests_cause_one_token_request() {
+    let app = spawn_app().await;
+    let requests = (0..200).map(|_| app.token("posty"));
+    let responses = futures_util::future::join_all(requests).await;
+    let mut tokens = std::collections::HashSet::new();
+    for response in responses {
+        assert_eq!(response.status(), 200);
+        tokens.insert(
+            json(response).await["access_token"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(tokens.len(), 1);
+    let stats = app.idp.stats().await;
+    println!(
+        "single flight: 200 concurrent cold requests -> {} token request(s)",
+        stats.token_requests
+    );
+    assert_eq!(stats.token_requests, 1);
+    assert_eq!(app.azure.vault.reads(), 1);
+}
+
+#[tokio::test]
+async fn short_lived_tokens_are_refreshed_ahead_without_callers_waiting() {
+    // The provider issues 4 s tokens for this client: a refresh is due after 2 to 3 s, and a
+    // token is handed out until 3.6 s. Callers every 50 ms for 6 s must always get a token
+    // from memory (no miss after the first) and see it change without an error.
+    let app = spawn_app().await;
+    let mut seen = Vec::<String>::new();
+    for _ in 0..120 {
+        let response = app.token("short").await;
+        assert_eq!(response.status(), 200);
+        let token = json(response).await["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if seen.last() != Some(&token) {
+            seen.push(token);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let misses = app
+        .audit_records()
+        .iter()
+        .filter(|r| r["cache"] == "miss")
+        .count();
+    assert_eq!(
+        misses, 1,
+        "only the very first request waited for the provider"
+    );
+    assert!(
+        seen.len() >= 2,
+        "the token was refreshed: {} distinct",
+        seen.len()
+    );
+    let stats = app.idp.stats().await;
+    assert_eq!(
+        stats.token_requests as usize,
+        seen.len(),
+        "one request per refresh"
+    );
+}
