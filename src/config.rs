@@ -31,6 +31,7 @@ pub struct Settings {
     pub key_vault: Option<KeyVaultSettings>,
     pub identity: IdentitySettings,
     pub cache: CacheSettings,
+    pub callers: CallerSettings,
     /// Connections by their lower-cased name: the URL's casing is the client's.
     pub connections: BTreeMap<String, ConnectionSettings>,
 }
@@ -50,6 +51,29 @@ pub enum IdentitySettings {
     ManagedIdentity,
     /// Neither is set: a developer's Azure CLI login (`func start` on a laptop).
     DeveloperCli,
+}
+
+/// How callers are authenticated.
+#[derive(Debug, Clone)]
+pub struct CallerSettings {
+    pub mode: CallerMode,
+}
+
+/// `[callers] mode`.
+#[derive(Debug, Clone)]
+pub enum CallerMode {
+    /// The function key, checked by the host, is the only gate.
+    None,
+    /// `Authorization: Bearer` validated against the issuer's keys.
+    Jwt {
+        issuer: String,
+        audience: String,
+        /// When absent, read from the issuer's OpenID discovery document.
+        jwks_uri: Option<Url>,
+        clock_skew: Duration,
+    },
+    /// `X-MS-CLIENT-PRINCIPAL` from App Service Authentication.
+    EasyAuth,
 }
 
 /// Lifetimes and bounds of the in-memory caches.
@@ -74,6 +98,12 @@ pub struct ConnectionSettings {
     pub audience: Option<String>,
     pub resource: Option<String>,
     pub extra_params: BTreeMap<String, String>,
+    /// Caller ids (`oid`, `azp`/`appid` or `sub`) allowed to use this connection.
+    pub allowed_callers: Vec<String>,
+    /// Roles (`roles` claim) allowed to use this connection.
+    pub allowed_roles: Vec<String>,
+    /// Scopes a caller may ask for; the default scopes when not configured.
+    pub allowed_scopes: Vec<String>,
     /// Lifetime assumed when the token endpoint omits `expires_in`.
     pub default_lifetime: Duration,
     /// Bound on one token-endpoint call, connect to last byte.
@@ -141,6 +171,7 @@ struct RawFile {
     key_vault: Option<RawKeyVault>,
     #[serde(default)]
     cache: RawCache,
+    callers: Option<RawCallers>,
     #[serde(default)]
     connections: BTreeMap<String, RawConnection>,
 }
@@ -151,6 +182,16 @@ struct RawKeyVault {
     uri: String,
     managed_identity_client_id: Option<String>,
     verify_challenge_resource: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCallers {
+    mode: Option<String>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    jwks_uri: Option<String>,
+    clock_skew_seconds: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -177,6 +218,11 @@ struct RawConnection {
     extra_params: BTreeMap<String, String>,
     default_lifetime_seconds: Option<u64>,
     timeout_seconds: Option<u64>,
+    #[serde(default)]
+    allowed_callers: Vec<String>,
+    #[serde(default)]
+    allowed_roles: Vec<String>,
+    allowed_scopes: Option<Vec<String>>,
 }
 
 /// Form fields the broker sets itself; `extra_params` may not override them.
@@ -284,6 +330,8 @@ impl Validator<'_> {
                 .push("cache.max_tokens: must be at least 1".to_string());
         }
 
+        let callers = self.callers(raw.callers);
+
         let mut connections = BTreeMap::new();
         if raw.connections.is_empty() {
             self.problems
@@ -300,6 +348,16 @@ impl Validator<'_> {
                 connections.insert(key, connection);
             }
         }
+        if matches!(callers.mode, CallerMode::None) {
+            for connection in connections.values() {
+                if !connection.allowed_callers.is_empty() || !connection.allowed_roles.is_empty() {
+                    self.problems.push(format!(
+                        "connections.{}.allowed_callers/allowed_roles: need [callers] mode \"jwt\" or \"easy_auth\" to know who the caller is",
+                        connection.name
+                    ));
+                }
+            }
+        }
         let needs_vault = connections
             .values()
             .any(|c| matches!(c.client_secret, SecretSource::KeyVault { .. }));
@@ -314,7 +372,61 @@ impl Validator<'_> {
             key_vault,
             identity,
             cache,
+            callers,
             connections,
+        }
+    }
+
+    fn callers(&mut self, raw: Option<RawCallers>) -> CallerSettings {
+        let none = CallerSettings {
+            mode: CallerMode::None,
+        };
+        let Some(raw) = raw else {
+            return none;
+        };
+        match raw.mode.as_deref().unwrap_or("none") {
+            "none" => none,
+            "easy_auth" => CallerSettings {
+                mode: CallerMode::EasyAuth,
+            },
+            "jwt" => {
+                let issuer = raw
+                    .issuer
+                    .as_deref()
+                    .and_then(|v| self.expand("callers.issuer", v));
+                let audience = raw
+                    .audience
+                    .as_deref()
+                    .and_then(|v| self.expand("callers.audience", v));
+                let jwks_uri = raw
+                    .jwks_uri
+                    .as_deref()
+                    .and_then(|v| self.expand("callers.jwks_uri", v))
+                    .and_then(|v| self.endpoint_url("callers.jwks_uri", &v));
+                if let Some(issuer) = &issuer {
+                    self.endpoint_url("callers.issuer", issuer);
+                }
+                match (issuer, audience) {
+                    (Some(issuer), Some(audience)) if !audience.is_empty() => CallerSettings {
+                        mode: CallerMode::Jwt {
+                            issuer,
+                            audience,
+                            jwks_uri,
+                            clock_skew: Duration::from_secs(raw.clock_skew_seconds.unwrap_or(60)),
+                        },
+                    },
+                    _ => {
+                        self.problems
+                            .push("callers: mode \"jwt\" needs issuer and audience".to_string());
+                        none
+                    }
+                }
+            }
+            _ => {
+                self.problems
+                    .push("callers.mode: must be \"none\", \"jwt\" or \"easy_auth\"".to_string());
+                none
+            }
         }
     }
 
@@ -371,7 +483,7 @@ impl Validator<'_> {
 
         let token_url = self
             .expand(&at("token_url"), &raw.token_url)
-            .and_then(|url| self.token_url(&at("token_url"), &url));
+            .and_then(|url| self.endpoint_url(&at("token_url"), &url));
         let client_id = self.expand(&at("client_id"), &raw.client_id);
         if client_id.as_deref() == Some("") {
             self.problems
@@ -400,6 +512,38 @@ impl Validator<'_> {
                         "{field}: not a valid OAuth scope token (printable ASCII, no spaces, quotes or backslashes)"
                     ));
                 }
+            }
+        }
+        let allowed_scopes = match &raw.allowed_scopes {
+            None => scopes.clone(),
+            Some(allowed) => {
+                let mut valid = Vec::new();
+                for (index, scope) in allowed.iter().enumerate() {
+                    let field = format!("{}[{index}]", at("allowed_scopes"));
+                    if let Some(scope) = self.expand(&field, scope) {
+                        if is_valid_scope_token(&scope) {
+                            valid.push(scope);
+                        } else {
+                            self.problems
+                                .push(format!("{field}: not a valid OAuth scope token"));
+                        }
+                    }
+                }
+                valid
+            }
+        };
+        let mut allowed_callers = Vec::new();
+        for (index, caller) in raw.allowed_callers.iter().enumerate() {
+            if let Some(caller) =
+                self.expand(&format!("{}[{index}]", at("allowed_callers")), caller)
+            {
+                allowed_callers.push(caller);
+            }
+        }
+        let mut allowed_roles = Vec::new();
+        for (index, role) in raw.allowed_roles.iter().enumerate() {
+            if let Some(role) = self.expand(&format!("{}[{index}]", at("allowed_roles")), role) {
+                allowed_roles.push(role);
             }
         }
         let audience = raw.audience.and_then(|v| self.expand(&at("audience"), &v));
@@ -443,12 +587,16 @@ impl Validator<'_> {
             audience,
             resource,
             extra_params,
+            allowed_callers,
+            allowed_roles,
+            allowed_scopes,
             default_lifetime,
             timeout,
         })
     }
 
-    fn token_url(&mut self, field: &str, value: &str) -> Option<Url> {
+    /// An https URL, or http on loopback only (a local identity provider).
+    fn endpoint_url(&mut self, field: &str, value: &str) -> Option<Url> {
         let url = match Url::parse(value) {
             Ok(url) => url,
             Err(error) => {

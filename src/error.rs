@@ -22,6 +22,19 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 400 `invalid_request`.
     InvalidRequest(String),
+    /// 413, 414 or 431 `invalid_request`: a request larger than the broker accepts.
+    TooLarge {
+        status: StatusCode,
+        what: &'static str,
+    },
+    /// 400 `invalid_scope`: a scope outside the connection's `allowed_scopes`.
+    InvalidScope(String),
+    /// 401 `invalid_token`: no caller credentials at all.
+    MissingToken,
+    /// 401 `invalid_token`: caller credentials that do not validate.
+    InvalidToken(String),
+    /// 403 `access_denied`.
+    AccessDenied(String),
     /// 502 `upstream_rejected`, with the token endpoint's OAuth error code.
     UpstreamRejected { description: String, code: String },
     /// 503 `upstream_unavailable`.
@@ -91,6 +104,35 @@ impl IntoResponse for ApiError {
                 None,
                 None,
             ),
+            ApiError::TooLarge { status, what } => (*status, "invalid_request", *what, None, None),
+            ApiError::InvalidScope(text) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_scope",
+                text.as_str(),
+                None,
+                None,
+            ),
+            ApiError::MissingToken => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "the request carries no caller credentials",
+                None,
+                None,
+            ),
+            ApiError::InvalidToken(text) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                text.as_str(),
+                None,
+                None,
+            ),
+            ApiError::AccessDenied(text) => (
+                StatusCode::FORBIDDEN,
+                "access_denied",
+                text.as_str(),
+                None,
+                None,
+            ),
             ApiError::UpstreamRejected { description, code } => (
                 StatusCode::BAD_GATEWAY,
                 "upstream_rejected",
@@ -146,6 +188,24 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match &self {
+            // RFC 6750 §3: no error code when the request had no credentials at all.
+            ApiError::MissingToken => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"token-broker\""),
+                );
+            }
+            ApiError::InvalidToken(_) => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(
+                        "Bearer realm=\"token-broker\", error=\"invalid_token\"",
+                    ),
+                );
+            }
+            _ => {}
+        }
         if let Some(retry_after) = retry_after {
             let seconds = retry_after.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

@@ -4,17 +4,21 @@
 //!
 //! - [`routes`]: the HTTP API the Functions host forwards to (`/api/token/{connection}`),
 //!   with [`error`] mapping every failure to the documented JSON contract;
+//! - [`caller_check`]: who is asking (JWT or Easy Auth) and whether they may use the connection;
 //! - [`token_cache`]: tokens in memory, refreshed ahead of expiry, one fetch per cold key;
 //! - [`token_client`]: the OAuth 2.0 client-credentials exchange (with [`token_response`]
 //!   parsing what real identity providers send);
 //! - [`secret_source`]: the client secret, from Key Vault through the managed identity.
 //!
 //! Around them: [`config`] (the validated `broker.toml`), [`http_client`] (the one outgoing
-//! HTTP stack), [`telemetry`] (JSON logs) and [`startup`] (wiring and the listener).
+//! HTTP stack), [`telemetry`] (JSON logs), [`startup`] (wiring and the listener) and
+//! [`rotation`] (Key Vault events that make a rotated secret take effect at once).
 
+pub mod caller_check;
 pub mod config;
 pub mod error;
 pub mod http_client;
+pub mod rotation;
 pub mod routes;
 pub mod secret_source;
 pub mod startup;

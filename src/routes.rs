@@ -11,25 +11,36 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, Method, Request, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+use crate::caller_check::{self, CallerCheck};
 use crate::config::{ConnectionSettings, is_valid_connection_name, is_valid_scope_token};
 use crate::error::ApiError;
+use crate::rotation;
+use crate::secret_source::SecretStore;
 use crate::token_cache::{CacheKey, TokenCache};
 
 /// Most scopes one request may name, and the longest `scope` value accepted.
 const MAX_SCOPES: usize = 32;
 const MAX_SCOPE_PARAMETER: usize = 2048;
+/// Longest path and query accepted (the host and front ends allow more; tokens need less).
+const MAX_URI: usize = 4096;
+/// Most header bytes accepted, names and values together.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Largest body accepted: token requests need none, Key Vault events are a few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub cache: Arc<TokenCache>,
+    pub secrets: Arc<SecretStore>,
+    pub callers: Arc<CallerCheck>,
     /// Connections by lower-cased name.
     pub connections: Arc<BTreeMap<String, ConnectionSettings>>,
 }
@@ -69,7 +80,12 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-async fn dispatch(State(state): State<AppState>, method: Method, uri: Uri) -> Response {
+async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Response {
+    if let Err(error) = check_limits(&request) {
+        return error.into_response();
+    }
+    let (parts, body) = request.into_parts();
+    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     if uri.path() == "/" {
         // The host polls `/` every 25 ms until it answers; nothing here may wait.
         return (
@@ -78,16 +94,59 @@ async fn dispatch(State(state): State<AppState>, method: Method, uri: Uri) -> Re
         )
             .into_response();
     }
+    if uri.path().eq_ignore_ascii_case(rotation::PATH) {
+        if method != Method::POST {
+            return ApiError::MethodNotAllowed.into_response();
+        }
+        return rotation::handle(&state, body).await;
+    }
     let Some(connection) = token_route(uri.path()) else {
         return ApiError::NotFound.into_response();
     };
     if method != Method::GET && method != Method::POST {
         return ApiError::MethodNotAllowed.into_response();
     }
-    match serve_token(&state, connection, uri.query()).await {
+    match serve_token(&state, connection, uri.query(), &headers).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
+}
+
+/// Refuses requests larger than a token request can need, before any work is done.
+fn check_limits(request: &Request<Body>) -> Result<(), ApiError> {
+    let uri_length = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if uri_length > MAX_URI {
+        return Err(ApiError::TooLarge {
+            status: StatusCode::URI_TOO_LONG,
+            what: "the request URI is longer than the broker accepts (4096 bytes)",
+        });
+    }
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return Err(ApiError::TooLarge {
+            status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            what: "the request headers are larger than the broker accepts (16 KiB)",
+        });
+    }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::TooLarge {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            what: "the request body is larger than the broker accepts (64 KiB)",
+        });
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -119,7 +178,11 @@ async fn serve_token(
     state: &AppState,
     name: &str,
     query: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Who is asking comes first: an unauthenticated caller learns nothing, not even which
+    // connections exist.
+    let caller = state.callers.authenticate(headers).await?;
     // Anything that is not a well-formed name, a traversal attempt included, is simply not a
     // configured connection.
     if !is_valid_connection_name(name) {
@@ -130,7 +193,22 @@ async fn serve_token(
         .connections
         .get(&key_name)
         .ok_or(ApiError::UnknownConnection)?;
-    let scopes = requested_scopes(query)?.unwrap_or_else(|| connection.scopes.clone());
+    caller_check::authorize(&caller, connection)?;
+    let scopes = match requested_scopes(query)? {
+        None => connection.scopes.clone(),
+        Some(scopes) => {
+            if let Some(refused) = scopes
+                .iter()
+                .find(|s| !connection.allowed_scopes.contains(s))
+            {
+                return Err(ApiError::InvalidScope(format!(
+                    "scope '{refused}' is not allowed for connection '{}'",
+                    connection.name
+                )));
+            }
+            scopes
+        }
+    };
     let key = CacheKey::new(&key_name, scopes);
 
     let (token, outcome) = state
@@ -142,6 +220,7 @@ async fn serve_token(
     tracing::info!(
         target: "audit",
         connection = %connection.name,
+        caller = %caller.audit_name(),
         scopes = %key.scopes().join(" "),
         cache = outcome.as_str(),
         expires_on = token.expires_on,

@@ -61,8 +61,37 @@ pub struct SecretStore {
 }
 
 struct CachedSecret {
-    secret: Arc<ClientSecret>,
+    /// The version Key Vault returned last.
+    latest: Arc<ClientSecret>,
+    /// The version before it, kept through a rotation as a fallback.
+    previous: Option<Arc<ClientSecret>>,
     read_at: Instant,
+    /// Set by a rotation event: read again before the next use.
+    stale: bool,
+}
+
+/// Records a fresh read, keeping the version it replaces as `previous`.
+fn remember(cached: &mut Option<CachedSecret>, secret: ClientSecret) -> Arc<ClientSecret> {
+    let secret = Arc::new(secret);
+    let previous = match cached.take() {
+        Some(old) if old.latest.version != secret.version => {
+            tracing::info!(
+                from = old.latest.version.as_deref().unwrap_or("unknown"),
+                to = secret.version.as_deref().unwrap_or("unknown"),
+                "client secret has a new version"
+            );
+            Some(old.latest)
+        }
+        Some(old) => old.previous,
+        None => None,
+    };
+    *cached = Some(CachedSecret {
+        latest: secret.clone(),
+        previous,
+        read_at: Instant::now(),
+        stale: false,
+    });
+    secret
 }
 
 impl SecretStore {
@@ -115,27 +144,75 @@ impl SecretStore {
         let slot = self.slot(name);
         let mut cached = slot.lock().await;
         if let Some(entry) = cached.as_ref()
+            && !entry.stale
             && entry.read_at.elapsed() < self.ttl
         {
-            return Ok(entry.secret.clone());
+            return Ok(entry.latest.clone());
         }
         match self.read(name).await {
-            Ok(secret) => {
-                let secret = Arc::new(secret);
-                *cached = Some(CachedSecret {
-                    secret: secret.clone(),
-                    read_at: Instant::now(),
-                });
-                Ok(secret)
-            }
+            Ok(secret) => Ok(remember(&mut cached, secret)),
             Err(error) => match cached.as_ref() {
                 // Serve the copy we have; the next caller after the TTL tries again.
                 Some(entry) if !matches!(error, SecretError::NotFound { .. }) => {
                     tracing::warn!(secret = name, reason = %error, "key vault re-read failed; keeping the cached secret");
-                    Ok(entry.secret.clone())
+                    Ok(entry.latest.clone())
                 }
                 _ => Err(error),
             },
+        }
+    }
+
+    /// Called when the token endpoint refused `rejected` as a client secret: re-reads Key
+    /// Vault at once and offers another version to try, the new one when the secret was
+    /// rotated, else the previous one (the identity provider may not accept the new one yet).
+    /// `None` when there is nothing else to try.
+    pub async fn after_rejection(
+        &self,
+        source: &SecretSource,
+        rejected: &ClientSecret,
+    ) -> Option<Arc<ClientSecret>> {
+        let SecretSource::KeyVault { secret_name } = source else {
+            return None;
+        };
+        let slot = self.slot(secret_name);
+        let mut cached = slot.lock().await;
+        let rejected_version = rejected.version.as_deref();
+        match self.read(secret_name).await {
+            Ok(secret) => {
+                remember(&mut cached, secret);
+            }
+            Err(error) => {
+                tracing::warn!(secret = %secret_name, reason = %error, "key vault re-read after a rejected secret failed");
+            }
+        }
+        let entry = cached.as_ref()?;
+        if entry.latest.version.as_deref() != rejected_version {
+            return Some(entry.latest.clone());
+        }
+        entry
+            .previous
+            .as_ref()
+            .filter(|previous| previous.version.as_deref() != rejected_version)
+            .cloned()
+    }
+
+    /// Makes the next read of `secret_name` go to Key Vault (a rotation event arrived); the
+    /// versions already known stay available as fallbacks. Returns whether it was cached.
+    pub async fn invalidate(&self, secret_name: &str) -> bool {
+        let slot = {
+            let slots = self.slots.lock().expect("secret slots poisoned");
+            slots.get(secret_name).cloned()
+        };
+        let Some(slot) = slot else {
+            return false;
+        };
+        let mut cached = slot.lock().await;
+        match cached.as_mut() {
+            Some(entry) => {
+                entry.stale = true;
+                true
+            }
+            None => false,
         }
     }
 

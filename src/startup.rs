@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::caller_check::CallerCheck;
 use crate::config::Settings;
 use crate::routes::{AppState, router};
 use crate::secret_source::SecretStore;
@@ -45,9 +46,15 @@ impl Application {
             settings.cache.secret_ttl,
         )?);
         let connections = Arc::new(settings.connections);
-        let token_client = Arc::new(TokenClient::new(http, secrets, connections.clone()));
+        let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
+        let token_client = Arc::new(TokenClient::new(http, secrets.clone(), connections.clone()));
         let cache = Arc::new(TokenCache::new(token_client, settings.cache.max_tokens));
-        let state = AppState { cache, connections };
+        let state = AppState {
+            cache,
+            secrets,
+            callers,
+            connections,
+        };
 
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
         let listener = TcpListener::bind(address)

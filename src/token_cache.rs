@@ -181,6 +181,15 @@ impl TokenCache {
         fetch.await.map(|token| (token, CacheOutcome::Miss))
     }
 
+    /// Drops every key of the given (lower-cased) connections; returns how many. A fetch in
+    /// flight still completes for its waiters, but its result is not kept.
+    pub fn evict_connections(&self, connections: &[&str]) -> usize {
+        let mut entries = self.entries.lock().expect("cache poisoned");
+        let before = entries.len();
+        entries.retain(|key, _| !connections.contains(&key.connection()));
+        before - entries.len()
+    }
+
     /// Number of keys held; for tests and metrics.
     pub fn len(&self) -> usize {
         self.entries.lock().expect("cache poisoned").len()

@@ -11,18 +11,18 @@ use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use oauth2::basic::{
-    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
-    BasicTokenType,
+    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType,
 };
 use oauth2::http::{HeaderMap, StatusCode, header};
 use oauth2::{
-    AsyncHttpClient, AuthType, ClientId, ClientSecret, EndpointNotSet, EndpointSet, HttpRequest,
-    HttpResponse, RequestTokenError, Scope, StandardRevocableToken, TokenResponse, TokenUrl,
+    AsyncHttpClient, AuthType, ClientId, ClientSecret as OAuthClientSecret, EndpointNotSet,
+    EndpointSet, HttpRequest, HttpResponse, RequestTokenError, Scope, StandardRevocableToken,
+    TokenResponse, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{AuthMethod, ConnectionSettings};
-use crate::secret_source::{SecretError, SecretStore};
+use crate::secret_source::{ClientSecret, SecretError, SecretStore};
 use crate::token_cache::{CacheKey, TokenSource};
 use crate::token_response::BrokerTokenResponse;
 
@@ -30,7 +30,7 @@ use crate::token_response::BrokerTokenResponse;
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 
 type OAuthClient = oauth2::Client<
-    BasicErrorResponse,
+    OAuthErrorBody,
     BrokerTokenResponse,
     BasicTokenIntrospectionResponse,
     StandardRevocableToken,
@@ -95,24 +95,59 @@ impl TokenClient {
         }
     }
 
-    /// One client-credentials exchange for `connection` with `scopes`.
+    /// A token for `connection` with `scopes`. When the token endpoint refuses the client
+    /// secret, Key Vault is read again and one other version (rotated or previous) is tried,
+    /// so a rotation never surfaces as an error to callers.
     pub async fn request_token(
         &self,
         connection: &ConnectionSettings,
         scopes: &[String],
     ) -> Result<FreshToken, TokenError> {
+        let secret_error = |source| TokenError::Secret {
+            connection: connection.name.clone(),
+            source,
+        };
         let secret = self
             .secrets
             .client_secret(&connection.client_secret)
             .await
-            .map_err(|source| TokenError::Secret {
-                connection: connection.name.clone(),
-                source,
-            })?;
+            .map_err(secret_error)?;
+        let first = self.exchange(connection, scopes, &secret).await;
+        let rejection = match first {
+            Err(Failure::Rejected(body)) if body.means_bad_secret() => body,
+            other => return other.map_err(|failure| failure.into_error(connection)),
+        };
+        let Some(alternative) = self
+            .secrets
+            .after_rejection(&connection.client_secret, &secret)
+            .await
+        else {
+            return Err(Failure::Rejected(rejection).into_error(connection));
+        };
+        tracing::info!(
+            connection = %connection.name,
+            rejected_version = secret.version.as_deref().unwrap_or("unknown"),
+            trying_version = alternative.version.as_deref().unwrap_or("unknown"),
+            "client secret refused; retrying once with another version"
+        );
+        self.exchange(connection, scopes, &alternative)
+            .await
+            .map_err(|failure| failure.into_error(connection))
+    }
+
+    /// One client-credentials exchange with one secret.
+    async fn exchange(
+        &self,
+        connection: &ConnectionSettings,
+        scopes: &[String],
+        secret: &ClientSecret,
+    ) -> Result<FreshToken, Failure> {
         let started = tokio::time::Instant::now();
         let client: OAuthClient = oauth2::Client::new(ClientId::new(connection.client_id.clone()))
             // The only place the secret is exposed: oauth2 encodes it into the request.
-            .set_client_secret(ClientSecret::new(secret.value.expose_secret().to_string()))
+            .set_client_secret(OAuthClientSecret::new(
+                secret.value.expose_secret().to_string(),
+            ))
             .set_token_uri(TokenUrl::from_url(connection.token_url.clone()))
             .set_auth_type(match connection.auth_method {
                 AuthMethod::ClientSecretBasic => AuthType::BasicAuth,
@@ -142,9 +177,9 @@ impl TokenClient {
                 Ok(fresh_token(response, connection, scopes))
             }
             Err(error) => {
-                let error = classify(connection, error);
-                tracing::warn!(connection = %connection.name, elapsed_ms, reason = %error, "token request failed");
-                Err(error)
+                let failure = classify(connection, error);
+                tracing::warn!(connection = %connection.name, elapsed_ms, reason = %failure, "token request failed");
+                Err(failure)
             }
         }
     }
@@ -280,19 +315,79 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// An OAuth error answer (RFC 6749 §5.2) with Entra's `error_codes`.
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+pub struct OAuthErrorBody {
+    error: String,
+    error_description: Option<String>,
+    #[serde(default)]
+    error_codes: Vec<u64>,
+}
+
+impl std::fmt::Display for OAuthErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&oauth_error_code(&self.error))
+    }
+}
+
+impl oauth2::ErrorResponse for OAuthErrorBody {}
+
+/// Entra's codes for an invalid (7000215) and an expired (7000222) client secret.
+const ENTRA_BAD_SECRET_CODES: &[u64] = &[7000215, 7000222];
+
+impl OAuthErrorBody {
+    /// Whether a different client secret might succeed.
+    fn means_bad_secret(&self) -> bool {
+        self.error == "invalid_client"
+            || self
+                .error_codes
+                .iter()
+                .any(|code| ENTRA_BAD_SECRET_CODES.contains(code))
+    }
+}
+
+/// One failed exchange, before it becomes a `TokenError`.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("rejected with '{0}'")]
+    Rejected(OAuthErrorBody),
+    #[error("{detail}")]
+    Unavailable {
+        detail: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Failure {
+    fn into_error(self, connection: &ConnectionSettings) -> TokenError {
+        match self {
+            Failure::Rejected(body) => TokenError::Rejected {
+                connection: connection.name.clone(),
+                code: oauth_error_code(&body.error),
+            },
+            Failure::Unavailable {
+                detail,
+                retry_after,
+            } => TokenError::Unavailable {
+                connection: connection.name.clone(),
+                detail,
+                retry_after,
+            },
+        }
+    }
+}
+
 fn classify(
     connection: &ConnectionSettings,
-    error: RequestTokenError<TransportError, BasicErrorResponse>,
-) -> TokenError {
-    let name = connection.name.clone();
-    let unavailable = |detail: String, retry_after| TokenError::Unavailable {
-        connection: name.clone(),
+    error: RequestTokenError<TransportError, OAuthErrorBody>,
+) -> Failure {
+    let unavailable = |detail: String, retry_after| Failure::Unavailable {
         detail,
         retry_after,
     };
     match error {
-        RequestTokenError::ServerResponse(response) => {
-            if let Some(description) = response.error_description() {
+        RequestTokenError::ServerResponse(body) => {
+            if let Some(description) = &body.error_description {
                 // The IdP's own words help the operator (Entra puts AADSTS codes here); they
                 // go to the log, trimmed, and never to the caller.
                 tracing::warn!(
@@ -301,10 +396,7 @@ fn classify(
                     "token endpoint error description"
                 );
             }
-            TokenError::Rejected {
-                connection: name,
-                code: oauth_error_code(response.error().as_ref()),
-            }
+            Failure::Rejected(body)
         }
         RequestTokenError::Request(TransportError::Status {
             status,
@@ -344,6 +436,16 @@ fn printable_prefix(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_client_and_entra_secret_codes_mean_a_bad_secret() {
+        let parse = |body: &str| serde_json::from_str::<OAuthErrorBody>(body).unwrap();
+        assert!(parse(r#"{"error":"invalid_client"}"#).means_bad_secret());
+        assert!(
+            parse(r#"{"error":"unauthorized_client","error_codes":[7000222]}"#).means_bad_secret()
+        );
+        assert!(!parse(r#"{"error":"invalid_scope","error_codes":[70011]}"#).means_bad_secret());
+    }
 
     #[test]
     fn upstream_error_codes_are_passed_only_when_well_formed() {

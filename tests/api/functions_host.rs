@@ -93,6 +93,21 @@ fn the_token_function_is_one_http_trigger_and_one_http_output() {
 }
 
 #[test]
+fn the_rotation_function_is_an_event_grid_trigger_with_the_bundle_it_needs() {
+    let function = read_json("function-rotation/function.json");
+    let bindings = function["bindings"].as_array().unwrap();
+    assert_eq!(bindings.len(), 1);
+    assert_eq!(bindings[0]["type"], "eventGridTrigger");
+    assert_eq!(bindings[0]["direction"], "in");
+    let host = read_json("host.json");
+    assert_eq!(
+        host["extensionBundle"]["id"],
+        "Microsoft.Azure.Functions.ExtensionBundle"
+    );
+    assert_eq!(host["extensionBundle"]["version"], "[4.*, 5.0.0)");
+}
+
+#[test]
 fn local_settings_example_names_the_custom_runtime() {
     let settings = read_json("local.settings.json.example");
     assert_eq!(settings["IsEncrypted"], false);

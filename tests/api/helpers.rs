@@ -16,27 +16,50 @@ use token_broker_doubles::AzureDoubles;
 pub const TRICKY_SECRET: &str = "a:b %25+/=&?~ c!\"#$'()*,;<>@[\\]^`{|}";
 
 /// One client registered at the identity provider.
+#[derive(Clone)]
 pub struct IdpClient {
     pub client_id: &'static str,
     pub client_secret: String,
     pub auth_method: &'static str,
     pub ttl_seconds: u64,
+    pub roles: Option<Vec<&'static str>>,
+}
+
+impl IdpClient {
+    pub fn new(client_id: &'static str, client_secret: &str, auth_method: &'static str) -> Self {
+        Self {
+            client_id,
+            client_secret: client_secret.to_string(),
+            auth_method,
+            ttl_seconds: 3600,
+            roles: None,
+        }
+    }
 }
 
 /// The real oidc-provider, run by Node from `tests/idp`.
 pub struct Idp {
     child: Child,
     _stdin: ChildStdin,
+    config_path: std::path::PathBuf,
+    clients: Vec<IdpClient>,
+    port: u16,
     pub token_endpoint: String,
     pub jwks_uri: String,
     pub issuer: String,
 }
+
+/// Audience of the caller tokens the broker accepts in `jwt` mode.
+pub const BROKER_AUDIENCE: &str = "api://token-broker";
+/// Secret of the caller clients.
+pub const CALLER_SECRET: &str = "caller-secret";
 
 #[derive(Deserialize)]
 struct IdpReady {
     issuer: String,
     token_endpoint: String,
     jwks_uri: String,
+    port: u16,
 }
 
 /// Counters the provider keeps of its token endpoint.
@@ -51,18 +74,23 @@ pub const RESOURCE: &str = "api://demo";
 
 impl Idp {
     pub fn start(dir: &Path, clients: &[IdpClient]) -> Idp {
+        Self::launch(dir.join("idp.json"), clients.to_vec(), 0)
+    }
+
+    fn launch(config_path: std::path::PathBuf, clients: Vec<IdpClient>, port: u16) -> Idp {
         let config = serde_json::json!({
-            "port": 0,
+            "port": port,
             "resource": RESOURCE,
+            "extra_resources": [BROKER_AUDIENCE],
             "scopes": "read write",
             "clients": clients.iter().map(|c| serde_json::json!({
                 "client_id": c.client_id,
                 "client_secret": c.client_secret,
                 "token_endpoint_auth_method": c.auth_method,
                 "ttl": c.ttl_seconds,
+                "roles": c.roles,
             })).collect::<Vec<_>>(),
         });
-        let config_path = dir.join("idp.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp/server.mjs");
         let mut child = Command::new("node")
@@ -70,29 +98,72 @@ impl Idp {
             .arg(&config_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("node must be installed and tests/idp installed (npm ci)");
         let stdin = child.stdin.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = sender.send(line);
+        });
+        let line = receiver
+            .recv_timeout(Duration::from_secs(20))
+            .expect("oidc-provider did not print its ready line within 20 s");
         let ready: IdpReady = serde_json::from_str(&line).unwrap_or_else(|_| {
             panic!("oidc-provider did not start (run npm ci in tests/idp): {line}")
         });
         Idp {
             child,
             _stdin: stdin,
+            config_path,
+            clients,
+            port: ready.port,
             token_endpoint: ready.token_endpoint,
             jwks_uri: ready.jwks_uri,
             issuer: ready.issuer,
         }
     }
 
+    /// Restarts the provider on the same port (same issuer) with new signing keys, after
+    /// `change` edits its clients: a key rotation, or a client secret changed at the provider.
+    pub fn restart(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut clients = self.clients.clone();
+        change(&mut clients);
+        let replacement = Self::launch(self.config_path.clone(), clients, self.port);
+        *self = replacement;
+    }
+
     pub async fn stats(&self) -> IdpStats {
         let url = self.issuer.clone() + "/_test/stats";
         reqwest::get(url).await.unwrap().json().await.unwrap()
+    }
+
+    /// A caller's own access token for the broker's audience, issued by the provider.
+    pub async fn caller_token(&self, client_id: &str) -> String {
+        self.caller_token_for(client_id, BROKER_AUDIENCE).await
+    }
+
+    pub async fn caller_token_for(&self, client_id: &str, resource: &str) -> String {
+        let response = reqwest::Client::new()
+            .post(&self.token_endpoint)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("client_id", client_id),
+                ("client_secret", CALLER_SECRET),
+                ("resource", resource),
+                ("scope", "read"),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "caller token for {client_id}");
+        let body: Value = response.json().await.unwrap();
+        body["access_token"].as_str().unwrap().to_string()
     }
 }
 
@@ -103,9 +174,13 @@ impl Drop for Idp {
     }
 }
 
+/// The function key every helper request carries, as the host forwards it.
+pub const FUNCTION_KEY: &str = "fk-test-function-key-7d1e0c2a";
+
 /// A running broker process and everything it talks to.
 pub struct TestApp {
     child: Child,
+    log_readers: Vec<std::thread::JoinHandle<()>>,
     pub address: String,
     pub http: reqwest::Client,
     logs: Arc<Mutex<Vec<String>>>,
@@ -126,12 +201,49 @@ pub struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Self {
-            rust_log: "debug",
+            // Every test runs at trace level, and every test's log is scanned for leaks.
+            rust_log: "trace",
             extra_config: String::new(),
             extra_env: Vec::new(),
         }
     }
 }
+
+/// Caller authentication by the provider's tokens, and two guarded connections.
+pub fn jwt_callers(issuer: &str, jwks_uri: Option<&str>, clock_skew_seconds: u64) -> String {
+    let jwks = jwks_uri
+        .map(|uri| format!("jwks_uri = \"{uri}\"\n"))
+        .unwrap_or_default();
+    format!(
+        r#"
+[callers]
+mode = "jwt"
+issuer = "{issuer}"
+audience = "{BROKER_AUDIENCE}"
+clock_skew_seconds = {clock_skew_seconds}
+{jwks}
+{GUARDED}"#
+    )
+}
+
+/// Connections only some callers may use (appended to a `[callers]` setup).
+pub const GUARDED: &str = r#"
+[connections.guarded]
+token_url = "{token_url}"
+client_id = "broker-post"
+client_secret = { key_vault_secret = "post-secret" }
+auth_method = "client_secret_post"
+scopes = ["read"]
+allowed_callers = ["caller-app"]
+
+[connections.byrole]
+token_url = "{token_url}"
+client_id = "broker-post"
+client_secret = { key_vault_secret = "post-secret" }
+auth_method = "client_secret_post"
+scopes = ["read"]
+allowed_roles = ["Tokens.Contoso"]
+"#;
 
 /// Secrets of the standard setup's clients.
 pub fn post_secret() -> String {
@@ -140,6 +252,36 @@ pub fn post_secret() -> String {
 pub fn setting_secret() -> String {
     "app-setting-secret-Zq9#k".to_string()
 }
+
+/// The provider's clients: the broker's own, and callers that present tokens to the broker.
+pub fn standard_clients() -> Vec<IdpClient> {
+    let short = IdpClient {
+        ttl_seconds: 4,
+        ..IdpClient::new("broker-short", "short-lived-secret", "client_secret_basic")
+    };
+    let caller_short = IdpClient {
+        ttl_seconds: 1,
+        ..IdpClient::new("caller-short", CALLER_SECRET, "client_secret_post")
+    };
+    let caller_admin = IdpClient {
+        roles: Some(vec!["Tokens.Contoso"]),
+        ..IdpClient::new("caller-admin", CALLER_SECRET, "client_secret_post")
+    };
+    vec![
+        IdpClient::new("broker-basic", TRICKY_SECRET, "client_secret_basic"),
+        IdpClient::new("broker-post", &post_secret(), "client_secret_post"),
+        short,
+        IdpClient::new("broker-setting", &setting_secret(), "client_secret_basic"),
+        IdpClient::new("broker-rotating", ROTATION_V1, "client_secret_basic"),
+        IdpClient::new("caller-app", CALLER_SECRET, "client_secret_post"),
+        caller_admin,
+        caller_short,
+    ]
+}
+
+/// The rotating connection's secret before and after a rotation.
+pub const ROTATION_V1: &str = "rotation secret v1 /+=";
+pub const ROTATION_V2: &str = "rotation secret v2 :%&";
 
 /// Any free loopback port, as the host would pick one.
 pub fn free_port() -> u16 {
@@ -157,35 +299,7 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the IdP, the doubles and the broker, and waits until `/` answers.
 pub async fn spawn_app_with(setup: Setup) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let idp = Idp::start(
-        dir.path(),
-        &[
-            IdpClient {
-                client_id: "broker-basic",
-                client_secret: TRICKY_SECRET.to_string(),
-                auth_method: "client_secret_basic",
-                ttl_seconds: 3600,
-            },
-            IdpClient {
-                client_id: "broker-post",
-                client_secret: post_secret(),
-                auth_method: "client_secret_post",
-                ttl_seconds: 3600,
-            },
-            IdpClient {
-                client_id: "broker-short",
-                client_secret: "short-lived-secret".to_string(),
-                auth_method: "client_secret_basic",
-                ttl_seconds: 4,
-            },
-            IdpClient {
-                client_id: "broker-setting",
-                client_secret: setting_secret(),
-                auth_method: "client_secret_basic",
-                ttl_seconds: 3600,
-            },
-        ],
-    );
+    let idp = Idp::start(dir.path(), &standard_clients());
     let azure = AzureDoubles::start(dir.path(), None).await.unwrap();
     azure.vault.set_secret("basic-secret", TRICKY_SECRET);
     azure.vault.set_secret("post-secret", &post_secret());
@@ -193,6 +307,7 @@ pub async fn spawn_app_with(setup: Setup) -> TestApp {
     azure
         .vault
         .set_secret("wrong-secret", "not-the-registered-secret");
+    azure.vault.set_secret("rotating-secret", ROTATION_V1);
 
     let token_url = &idp.token_endpoint;
     let closed_port = free_port();
@@ -207,6 +322,7 @@ token_url = "{token_url}"
 client_id = "${{DEMO_CLIENT_ID}}"
 client_secret = {{ key_vault_secret = "basic-secret" }}
 scopes = ["read"]
+allowed_scopes = ["read", "write"]
 
 [connections.posty]
 token_url = "{token_url}"
@@ -235,6 +351,12 @@ token_url = "{token_url}"
 client_id = "broker-basic"
 client_secret = {{ key_vault_secret = "absent-secret" }}
 
+[connections.rotating]
+token_url = "{token_url}"
+client_id = "broker-rotating"
+client_secret = {{ key_vault_secret = "rotating-secret" }}
+allowed_scopes = ["read"]
+
 [connections.badresource]
 token_url = "{token_url}"
 client_id = "broker-setting"
@@ -247,7 +369,11 @@ client_id = "broker-basic"
 client_secret = {{ app_setting = "SETTING_SECRET" }}
 {extra}
 "#,
-        extra = setup.extra_config
+        extra = setup
+            .extra_config
+            .replace("{token_url}", token_url)
+            .replace("{issuer}", &idp.issuer)
+            .replace("{jwks_uri}", &idp.jwks_uri)
     );
     let config_path = dir.path().join("broker.toml");
     std::fs::write(&config_path, config).unwrap();
@@ -274,19 +400,21 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
     }
     let mut child = command.spawn().unwrap();
     let logs = Arc::new(Mutex::new(Vec::new()));
+    let mut log_readers = Vec::new();
     for stream in [
         Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
         Box::new(child.stderr.take().unwrap()),
     ] {
         let logs = logs.clone();
-        std::thread::spawn(move || {
+        log_readers.push(std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {
                 logs.lock().unwrap().push(line);
             }
-        });
+        }));
     }
     let app = TestApp {
         child,
+        log_readers,
         address: format!("http://127.0.0.1:{port}"),
         http: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -323,6 +451,26 @@ impl TestApp {
     /// `GET /api/token/{connection}` with the headers the host adds.
     pub async fn token(&self, connection: &str) -> reqwest::Response {
         self.get(&format!("/api/token/{connection}")).await
+    }
+
+    /// `GET` with a caller's bearer token.
+    pub async fn get_as(&self, path_and_query: &str, bearer: &str) -> reqwest::Response {
+        self.request(path_and_query)
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// A `GET` with the headers the host forwards, to add more to.
+    pub fn request(&self, path_and_query: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(self.url(path_and_query))
+            .header(
+                "X-Azure-Functions-InvocationId",
+                "3f2b8c1e-0000-4000-8000-000000000001",
+            )
+            .header("x-functions-key", FUNCTION_KEY)
     }
 
     pub async fn get(&self, path_and_query: &str) -> reqwest::Response {
@@ -366,10 +514,75 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Every credential this test's traffic involved, in the forms a careless log line
+    /// would show: client secrets (plain and form-encoded), the function key, and the
+    /// managed identity's tokens. Access and caller tokens are JWTs, found by their shape.
+    fn credentials(&self) -> Vec<String> {
+        let mut needles: Vec<String> = [
+            TRICKY_SECRET,
+            "short-lived-secret",
+            "not-the-registered-secret",
+            ROTATION_V1,
+            ROTATION_V2,
+            CALLER_SECRET,
+            FUNCTION_KEY,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([post_secret(), setting_secret()])
+        .collect();
+        let encoded: Vec<String> = needles
+            .iter()
+            .map(|s| url::form_urlencoded::byte_serialize(s.as_bytes()).collect())
+            .collect();
+        needles.extend(encoded);
+        needles.extend(self.azure.identity.issued().lock().unwrap().keys().cloned());
+        needles
+    }
+
+    /// Log lines that carry a credential or a JWT.
+    pub fn leaks(&self) -> Vec<String> {
+        let needles = self.credentials();
+        self.logs()
+            .into_iter()
+            .filter(|line| contains_jwt(line) || needles.iter().any(|n| line.contains(n.as_str())))
+            .collect()
+    }
+}
+
+/// Whether `text` holds something shaped like a JWT (`eyJ<b64url>.<b64url>.`).
+pub fn contains_jwt(text: &str) -> bool {
+    let is_b64 = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    text.match_indices("eyJ").any(|(start, _)| {
+        let rest = &text[start..];
+        let mut parts = rest.splitn(3, '.');
+        let header = parts.next().unwrap_or_default();
+        let payload = parts.next().unwrap_or_default();
+        parts.next().is_some()
+            && header.len() >= 10
+            && header.chars().all(is_b64)
+            && payload.len() >= 10
+            && payload.chars().all(is_b64)
+    })
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for reader in self.log_readers.drain(..) {
+            let _ = reader.join();
+        }
+        if std::thread::panicking() {
+            return;
+        }
+        let leaks = self.leaks();
+        assert!(
+            leaks.is_empty(),
+            "credentials in the broker's log:\n{}",
+            leaks.join("\n")
+        );
     }
 }
 

@@ -1,8 +1,11 @@
 //! End-to-end tests: the real `token-broker` binary, started the way the Functions host
 //! starts it, against the real oidc-provider and the Key Vault / managed identity doubles.
 
+mod callers;
 mod errors;
 mod functions_host;
 mod helpers;
+mod hostile;
+mod rotation;
 mod secrecy;
 mod tokens;

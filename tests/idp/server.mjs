@@ -6,11 +6,13 @@
 // Usage: node server.mjs <config.json>
 //   config: {
 //     "port": 0,                                   // 0 = any free port
-//     "resource": "api://demo",                    // audience of the issued JWTs
+//     "resource": "api://demo",                    // default audience of the issued JWTs
+//     "extra_resources": ["api://token-broker"],   // other audiences a client may ask for
 //     "scopes": "read write",                      // scopes the resource server knows
 //     "clients": [{ "client_id": "...", "client_secret": "...",
 //                   "token_endpoint_auth_method": "client_secret_basic",
-//                   "ttl": 3600 }]                 // access token lifetime in seconds
+//                   "ttl": 3600,                   // access token lifetime in seconds
+//                   "roles": ["Tokens.Contoso"] }] // optional `roles` claim
 //   }
 // Prints one JSON line when listening: {"issuer", "token_endpoint", "jwks_uri", "port"}.
 
@@ -22,6 +24,8 @@ import Provider, { errors } from 'oidc-provider';
 
 const config = JSON.parse(readFileSync(process.argv[2], 'utf8'));
 const ttlByClient = new Map(config.clients.map((c) => [c.client_id, c.ttl ?? 3600]));
+const rolesByClient = new Map(config.clients.map((c) => [c.client_id, c.roles]));
+const resources = new Set([config.resource, ...(config.extra_resources ?? [])]);
 
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
 const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' };
@@ -29,6 +33,10 @@ const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(),
 const stats = { token_requests: 0, token_issued: 0, token_errors: 0 };
 
 const server = createServer();
+server.on('error', (error) => {
+  process.stderr.write(`oidc-provider test server: ${error.message}\n`);
+  process.exit(1);
+});
 server.listen(config.port ?? 0, '127.0.0.1', () => {
   const { port } = server.address();
   const issuer = `http://127.0.0.1:${port}`;
@@ -53,7 +61,7 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
         defaultResource: async () => config.resource,
         useGrantedResource: async () => true,
         getResourceServerInfo: async (ctx, resourceIndicator, client) => {
-          if (resourceIndicator !== config.resource) throw new errors.InvalidTarget();
+          if (!resources.has(resourceIndicator)) throw new errors.InvalidTarget();
           return {
           scope: config.scopes ?? 'read write',
           audience: resourceIndicator,
@@ -63,6 +71,10 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
           };
         },
       },
+    },
+    extraTokenClaims: async (ctx, token) => {
+      const roles = rolesByClient.get(token.clientId);
+      return roles ? { roles } : undefined;
     },
     ttl: {
       ClientCredentials: (ctx, token, client) => ttlByClient.get(client.clientId) ?? 3600,

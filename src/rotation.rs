@@ -1,0 +1,135 @@
+//! The `function-rotation` function: Key Vault's Event Grid events, as the Functions host
+//! delivers them to a custom handler (`POST /function-rotation`, JSON payload format).
+//!
+//! `SecretNewVersionCreated`, `SecretNearExpiry` and `SecretExpired` for a secret the broker
+//! serves make the next use read Key Vault again and drop the tokens minted with the old
+//! version, so a rotation takes effect in seconds instead of at the next cache TTL.
+
+use axum::Json;
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Map, Value, json};
+
+use crate::config::SecretSource;
+use crate::error::ApiError;
+use crate::routes::{AppState, MAX_BODY_BYTES};
+
+/// The function's folder name, which is its path.
+pub const PATH: &str = "/function-rotation";
+
+/// Event types that mean "the secret you hold is about to change or has changed".
+const ROTATION_EVENTS: &[&str] = &[
+    "microsoft.keyvault.secretnewversioncreated",
+    "microsoft.keyvault.secretnearexpiry",
+    "microsoft.keyvault.secretexpired",
+];
+
+/// Handles one invocation. Malformed JSON is a 400 (the host never sends it); an event that
+/// is not for this broker is acknowledged with a log line, since retrying it cannot help.
+pub async fn handle(state: &AppState, body: Body) -> Response {
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+        return ApiError::InvalidRequest("the invocation body is too large or incomplete".into())
+            .into_response();
+    };
+    let Ok(payload) = serde_json::from_slice::<Value>(&bytes) else {
+        return ApiError::InvalidRequest("the invocation body is not JSON".into()).into_response();
+    };
+    let logs = match event_of(&payload) {
+        Some(event) => apply(state, &event).await,
+        None => vec!["ignored: the invocation carries no Event Grid event".to_string()],
+    };
+    for line in &logs {
+        tracing::info!(target: "rotation", "{line}");
+    }
+    Json(json!({ "Outputs": {}, "Logs": logs, "ReturnValue": null })).into_response()
+}
+
+/// The event in `{"Data": {<binding>: event}}`; the event may be an object or a JSON string.
+fn event_of(payload: &Value) -> Option<Map<String, Value>> {
+    let data = get(payload.as_object()?, "data")?.as_object()?;
+    let event = get(data, "event").or_else(|| data.values().next())?;
+    match event {
+        Value::Object(map) => Some(map.clone()),
+        Value::String(text) => match serde_json::from_str::<Value>(text).ok()? {
+            Value::Object(map) => Some(map),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// A key looked up case-insensitively: real traffic is PascalCase, the docs camelCase.
+fn get<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    map.iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(key))
+        .map(|(_, value)| value)
+}
+
+async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
+    // Event Grid schema says `eventType`, CloudEvents says `type`.
+    let event_type = get(event, "eventType")
+        .or_else(|| get(event, "type"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if !ROTATION_EVENTS.contains(&event_type.to_ascii_lowercase().as_str()) {
+        return vec![format!(
+            "ignored: event type '{}' is not a secret rotation",
+            printable(event_type)
+        )];
+    }
+    let data = get(event, "data").and_then(Value::as_object);
+    let secret_name = data
+        .and_then(|data| get(data, "ObjectName"))
+        .or_else(|| get(event, "subject"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let connections: Vec<&str> = state
+        .connections
+        .iter()
+        .filter(|(_, connection)| {
+            matches!(&connection.client_secret, SecretSource::KeyVault { secret_name: name } if name.eq_ignore_ascii_case(secret_name))
+        })
+        .map(|(key, _)| key.as_str())
+        .collect();
+    if connections.is_empty() {
+        return vec![format!(
+            "ignored: no connection uses secret '{}'",
+            printable(secret_name)
+        )];
+    }
+    let configured_name = connections
+        .first()
+        .and_then(|key| match &state.connections[*key].client_secret {
+            SecretSource::KeyVault { secret_name } => Some(secret_name.clone()),
+            SecretSource::AppSetting { .. } => None,
+        })
+        .unwrap_or_default();
+    state.secrets.invalidate(&configured_name).await;
+    let evicted = state.cache.evict_connections(&connections);
+    vec![format!(
+        "{}: secret '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
+        printable(event_type),
+        configured_name,
+        evicted,
+        connections.join(", ")
+    )]
+}
+
+/// Event fields come from outside: keep log lines plain.
+fn printable(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control()).take(128).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_event_may_be_an_object_or_a_string_with_any_key_casing() {
+        let object = json!({"Data": {"event": {"EventType": "x", "Data": {"ObjectName": "s"}}}, "Metadata": {}});
+        assert!(event_of(&object).is_some());
+        let string = json!({"data": {"event": "{\"eventType\":\"x\"}"}});
+        assert_eq!(get(&event_of(&string).unwrap(), "EVENTTYPE").unwrap(), "x");
+        assert!(event_of(&json!({"Data": {}})).is_none());
+    }
+}

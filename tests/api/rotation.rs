@@ -1,0 +1,151 @@
+//! Secret rotation without downtime: the Key Vault double gains a version mid-run and the
+//! real oidc-provider changes the client's secret mid-run.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{ROTATION_V2, TestApp, json as body_json, spawn_app};
+
+/// Invokes `function-rotation` the way the Functions host does (JSON payload format).
+async fn deliver(app: &TestApp, event: Value) -> Value {
+    let response = app
+        .http
+        .post(app.url("/function-rotation"))
+        .json(&json!({ "Data": { "event": event }, "Metadata": { "sys": { "MethodName": "function-rotation" } } }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "a non-2xx answer fails the invocation"
+    );
+    let body = body_json(response).await;
+    assert!(
+        body["Outputs"].is_object() && body["Logs"].is_array(),
+        "{body}"
+    );
+    assert!(body.get("ReturnValue").is_some(), "{body}");
+    body
+}
+
+/// A Key Vault event as real traffic sends it: PascalCase data.
+fn new_version_event(secret: &str, version: &str) -> Value {
+    json!({
+        "id": "7e3e4b44-0000-4000-8000-000000000001",
+        "topic": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.KeyVault/vaults/kv",
+        "subject": secret,
+        "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
+        "data": { "Id": format!("https://kv.vault.azure.net/secrets/{secret}/{version}"), "VaultName": "kv",
+                  "ObjectType": "Secret", "ObjectName": secret, "Version": version, "NBF": null, "EXP": null },
+        "dataVersion": "1", "metadataVersion": "1", "eventTime": "2026-11-28T05:00:00Z"
+    })
+}
+
+fn rotate_at_provider(app: &mut TestApp) {
+    app.idp.restart(|clients| {
+        let client = clients
+            .iter_mut()
+            .find(|c| c.client_id == "broker-rotating")
+            .unwrap();
+        client.client_secret = ROTATION_V2.to_string();
+    });
+}
+
+#[tokio::test]
+async fn a_rotation_already_in_key_vault_causes_no_error_for_callers() {
+    let mut app = spawn_app().await;
+    let first = app.token("rotating").await;
+    assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
+    // The secret is rotated everywhere, but the broker still holds v1 in memory (TTL).
+    app.azure.vault.set_secret("rotating-secret", ROTATION_V2);
+    rotate_at_provider(&mut app);
+    // A new scope set needs a new token: v1 is refused, Key Vault is re-read, v2 works.
+    let response = app.get("/api/token/rotating?scope=read").await;
+    let status = response.status();
+    assert_eq!(status, 200, "{}", response.text().await.unwrap());
+    let stats = app.idp.stats().await;
+    assert_eq!(
+        (stats.token_errors, stats.token_issued),
+        (1, 1),
+        "one refusal, one retry"
+    );
+    assert_eq!(app.azure.vault.reads(), 2);
+}
+
+#[tokio::test]
+async fn the_previous_version_keeps_working_until_the_provider_accepts_the_new_one() {
+    let mut app = spawn_app().await;
+    assert_eq!(app.token("rotating").await.status(), 200);
+    // v2 lands in Key Vault before the provider knows it; the event makes the broker read it.
+    let version = app.azure.vault.set_secret("rotating-secret", ROTATION_V2);
+    deliver(&app, new_version_event("rotating-secret", &version)).await;
+    let response = app.token("rotating").await;
+    assert_eq!(
+        response.status(),
+        200,
+        "v2 refused, v1 still accepted: no error"
+    );
+    let stats = app.idp.stats().await;
+    assert_eq!((stats.token_errors, stats.token_issued), (1, 2));
+    // Now the provider accepts only v2: the next fetch switches to it, still without error.
+    rotate_at_provider(&mut app);
+    deliver(&app, new_version_event("rotating-secret", &version)).await;
+    assert_eq!(app.token("rotating").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_key_vault_event_makes_a_rotation_take_effect_at_once() {
+    let mut app = spawn_app().await;
+    let before = body_json(app.token("rotating").await).await["access_token"].clone();
+    let version = app.azure.vault.set_secret("rotating-secret", ROTATION_V2);
+    rotate_at_provider(&mut app);
+    // The event arrives as a JSON string this time, with camelCase keys as in the docs.
+    let mut event = new_version_event("rotating-secret", &version);
+    event["data"] = json!({ "id": "x", "vaultName": "kv", "objectType": "Secret", "objectName": "rotating-secret", "version": version });
+    let body = deliver(&app, Value::String(event.to_string())).await;
+    let log = body["Logs"][0].as_str().unwrap();
+    assert!(
+        log.contains("dropped 1 cached token") && log.contains("rotating"),
+        "{log}"
+    );
+    let after = body_json(app.token("rotating").await).await["access_token"].clone();
+    assert_ne!(before, after, "the cached token minted with v1 was dropped");
+    let stats = app.idp.stats().await;
+    assert_eq!(
+        (stats.token_errors, stats.token_issued),
+        (0, 1),
+        "v2 used straight away"
+    );
+}
+
+#[tokio::test]
+async fn unrelated_events_are_acknowledged_and_change_nothing() {
+    let app = spawn_app().await;
+    assert_eq!(app.token("demo").await.status(), 200);
+    let body = deliver(&app, new_version_event("some-other-secret", "v")).await;
+    assert!(
+        body["Logs"][0].as_str().unwrap().starts_with("ignored"),
+        "{body}"
+    );
+    let mut event = new_version_event("basic-secret", "v");
+    event["eventType"] = json!("Microsoft.KeyVault.KeyNewVersionCreated");
+    let body = deliver(&app, event).await;
+    assert!(
+        body["Logs"][0].as_str().unwrap().starts_with("ignored"),
+        "{body}"
+    );
+    app.token("demo").await;
+    assert_eq!(
+        app.idp.stats().await.token_requests,
+        1,
+        "the cached token was kept"
+    );
+    let response = app
+        .http
+        .post(app.url("/function-rotation"))
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+}
