@@ -18,8 +18,8 @@ pub enum ApiError {
     UnknownConnection,
     /// 404 `not_found`: a path the broker does not serve.
     NotFound,
-    /// 405 `invalid_request`.
-    MethodNotAllowed,
+    /// 405 `invalid_request`, with the methods to put in `Allow`.
+    MethodNotAllowed(&'static str),
     /// 400 `invalid_request`.
     InvalidRequest(String),
     /// 413, 414 or 431 `invalid_request`: a request larger than the broker accepts.
@@ -90,10 +90,10 @@ impl IntoResponse for ApiError {
                 None,
                 None,
             ),
-            ApiError::MethodNotAllowed => (
+            ApiError::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request",
-                "use GET or POST",
+                "this path does not serve that method; see the Allow header",
                 None,
                 None,
             ),
@@ -189,6 +189,10 @@ impl IntoResponse for ApiError {
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
+            // RFC 9110 §15.5.6: a 405 lists what is allowed.
+            ApiError::MethodNotAllowed(allow) => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+            }
             // RFC 6750 §3: no error code when the request had no credentials at all.
             ApiError::MissingToken => {
                 headers.insert(

@@ -96,7 +96,7 @@ async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Resp
     }
     if uri.path().eq_ignore_ascii_case(rotation::PATH) {
         if method != Method::POST {
-            return ApiError::MethodNotAllowed.into_response();
+            return ApiError::MethodNotAllowed("POST").into_response();
         }
         return rotation::handle(&state, body).await;
     }
@@ -104,7 +104,7 @@ async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Resp
         return ApiError::NotFound.into_response();
     };
     if method != Method::GET && method != Method::POST {
-        return ApiError::MethodNotAllowed.into_response();
+        return ApiError::MethodNotAllowed("GET, POST").into_response();
     }
     match serve_token(&state, connection, uri.query(), &headers).await {
         Ok(response) => response,

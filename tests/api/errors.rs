@@ -137,5 +137,6 @@ async fn other_paths_and_methods_get_json_errors_never_empty_bodies() {
         .await
         .unwrap();
     assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "GET, POST");
     assert_contract(&json(response).await, "invalid_request");
 }

@@ -6,6 +6,7 @@ mod errors;
 mod functions_host;
 mod helpers;
 mod hostile;
+mod openapi;
 mod rotation;
 mod secrecy;
 mod tokens;
