@@ -106,8 +106,20 @@ pub struct ConnectionSettings {
     pub allowed_scopes: Vec<String>,
     /// Lifetime assumed when the token endpoint omits `expires_in`.
     pub default_lifetime: Duration,
+    /// Bound on establishing a connection to the token endpoint.
+    pub connect_timeout: Duration,
     /// Bound on one token-endpoint call, connect to last byte.
     pub timeout: Duration,
+    /// Retries after a connection error, a timeout, 5xx or 429.
+    pub max_retries: u32,
+    /// Bound on everything one token fetch may take (secret, attempts, backoff): no caller
+    /// waits longer for a token.
+    pub deadline: Duration,
+    /// How long an `invalid_client`/`unauthorized_client` answer is remembered.
+    pub negative_cache: Duration,
+    /// Consecutive unavailable answers that open the circuit, and how long it stays open.
+    pub breaker_failures: u32,
+    pub breaker_open: Duration,
 }
 
 impl fmt::Debug for ConnectionSettings {
@@ -217,7 +229,13 @@ struct RawConnection {
     #[serde(default)]
     extra_params: BTreeMap<String, String>,
     default_lifetime_seconds: Option<u64>,
+    connect_timeout_seconds: Option<u64>,
     timeout_seconds: Option<u64>,
+    max_retries: Option<u32>,
+    deadline_seconds: Option<u64>,
+    negative_cache_seconds: Option<u64>,
+    breaker_failures: Option<u32>,
+    breaker_open_seconds: Option<u64>,
     #[serde(default)]
     allowed_callers: Vec<String>,
     #[serde(default)]
@@ -568,10 +586,33 @@ impl Validator<'_> {
                 at("default_lifetime_seconds")
             ));
         }
-        let timeout = Duration::from_secs(raw.timeout_seconds.unwrap_or(10));
-        if timeout.is_zero() {
+        let mut at_least_one = |field: &str, value: u64| {
+            if value == 0 {
+                self.problems
+                    .push(format!("{}: must be at least 1", at(field)));
+            }
+            Duration::from_secs(value)
+        };
+        let connect_timeout = at_least_one(
+            "connect_timeout_seconds",
+            raw.connect_timeout_seconds.unwrap_or(3),
+        );
+        let timeout = at_least_one("timeout_seconds", raw.timeout_seconds.unwrap_or(10));
+        let deadline = at_least_one("deadline_seconds", raw.deadline_seconds.unwrap_or(20));
+        let breaker_open = at_least_one(
+            "breaker_open_seconds",
+            raw.breaker_open_seconds.unwrap_or(15),
+        );
+        let breaker_failures = raw.breaker_failures.unwrap_or(5);
+        if breaker_failures == 0 {
             self.problems
-                .push(format!("{}: must be at least 1", at("timeout_seconds")));
+                .push(format!("{}: must be at least 1", at("breaker_failures")));
+        }
+        if deadline < timeout {
+            self.problems.push(format!(
+                "{}: must be at least timeout_seconds",
+                at("deadline_seconds")
+            ));
         }
 
         if self.problems.len() != before {
@@ -591,7 +632,13 @@ impl Validator<'_> {
             allowed_roles,
             allowed_scopes,
             default_lifetime,
+            connect_timeout,
             timeout,
+            max_retries: raw.max_retries.unwrap_or(2),
+            deadline,
+            negative_cache: Duration::from_secs(raw.negative_cache_seconds.unwrap_or(30)),
+            breaker_failures,
+            breaker_open,
         })
     }
 

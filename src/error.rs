@@ -210,6 +210,10 @@ impl IntoResponse for ApiError {
             }
             _ => {}
         }
+        // An unavailable upstream always gets a hint, so clients back off rather than spin.
+        let retry_after = retry_after.or_else(|| {
+            matches!(self, ApiError::UpstreamUnavailable { .. }).then(|| Duration::from_secs(5))
+        });
         if let Some(retry_after) = retry_after {
             let seconds = retry_after.as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));

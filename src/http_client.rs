@@ -7,11 +7,14 @@
 
 use std::time::Duration;
 
-/// Builds the client. Fails only when the TLS roots cannot be loaded.
-pub fn build() -> reqwest::Result<reqwest::Client> {
+/// Builds a client with the given connect timeout. The Azure SDK clients share one; each
+/// connection's token endpoint gets its own, with its own connection pool, so that a slow or
+/// dead identity provider cannot tie up connections another one needs.
+/// Fails only when the TLS roots cannot be loaded.
+pub fn build(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))
         .redirect(reqwest::redirect::Policy::none())
         .build()

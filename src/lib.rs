@@ -7,7 +7,8 @@
 //! - [`caller_check`]: who is asking (JWT or Easy Auth) and whether they may use the connection;
 //! - [`token_cache`]: tokens in memory, refreshed ahead of expiry, one fetch per cold key;
 //! - [`token_client`]: the OAuth 2.0 client-credentials exchange (with [`token_response`]
-//!   parsing what real identity providers send);
+//!   parsing what real identity providers send), retried and bounded, behind a per-connection
+//!   [`upstream_guard`] (circuit breaker, retry budget, negative cache);
 //! - [`secret_source`]: the client secret, from Key Vault through the managed identity.
 //!
 //! Around them: [`config`] (the validated `broker.toml`), [`http_client`] (the one outgoing
@@ -26,3 +27,4 @@ pub mod telemetry;
 pub mod token_cache;
 pub mod token_client;
 pub mod token_response;
+pub mod upstream_guard;

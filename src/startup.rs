@@ -38,7 +38,7 @@ impl Application {
     /// Builds the clients and binds `127.0.0.1:<port>`; the host always calls IPv4 loopback.
     /// Nothing here touches the network, so the first readiness probe is answered at once.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let http = crate::http_client::build()?;
+        let http = crate::http_client::build(std::time::Duration::from_secs(5))?;
         let secrets = Arc::new(SecretStore::new(
             settings.key_vault.as_ref(),
             &settings.identity,
@@ -47,7 +47,7 @@ impl Application {
         )?);
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
-        let token_client = Arc::new(TokenClient::new(http, secrets.clone(), connections.clone()));
+        let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections)?);
         let cache = Arc::new(TokenCache::new(token_client, settings.cache.max_tokens));
         let state = AppState {
             cache,

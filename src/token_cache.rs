@@ -71,8 +71,11 @@ impl CachedToken {
     fn new(fresh: FreshToken, now: Instant) -> Self {
         let lifetime = fresh.lifetime;
         // Stop handing a token out shortly before it expires, so it is still valid when the
-        // caller presents it: a tenth of its life, at most 30 s.
-        let margin = (lifetime / 10).min(Duration::from_secs(30));
+        // caller presents it: a tenth of its life, at least 1 s and at most 30 s (and never
+        // more than half of a very short life).
+        let margin = (lifetime / 10)
+            .clamp(Duration::from_secs(1), Duration::from_secs(30))
+            .min(lifetime / 2);
         let expires_on = SystemTime::now()
             .checked_add(lifetime)
             .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
@@ -104,6 +107,8 @@ pub fn fingerprint(token: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheOutcome {
     Hit,
+    /// Served from memory past its normal hand-out window because refreshing it is failing.
+    Stale,
     Miss,
 }
 
@@ -111,6 +116,7 @@ impl CacheOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
             CacheOutcome::Hit => "hit",
+            CacheOutcome::Stale => "stale",
             CacheOutcome::Miss => "miss",
         }
     }
@@ -141,6 +147,9 @@ struct EntryState {
     last_used: Option<Instant>,
 }
 
+/// A stale token is handed out only while it has at least this long to live.
+const STALE_FLOOR: Duration = Duration::from_secs(1);
+
 impl TokenCache {
     pub fn new(source: Arc<dyn TokenSource>, max_entries: usize) -> Self {
         Self {
@@ -160,14 +169,23 @@ impl TokenCache {
             let mut state = entry.state.lock().expect("cache entry poisoned");
             let now = Instant::now();
             state.last_used = Some(now);
-            if let Some(token) = state.token.clone()
-                && now < token.usable_until
-            {
-                let refresh_due = state.refresh_at.is_some_and(|at| now >= at);
-                if refresh_due && state.fetch.is_none() {
-                    state.fetch = Some(self.spawn_fetch(&entry, key));
+            if let Some(token) = state.token.clone() {
+                // While refreshing fails, a token still valid is worth more than an error:
+                // serve it until it really expires.
+                let outcome = if now < token.usable_until {
+                    Some(CacheOutcome::Hit)
+                } else if state.failed_refreshes > 0 && now + STALE_FLOOR < token.expires_at {
+                    Some(CacheOutcome::Stale)
+                } else {
+                    None
+                };
+                if let Some(outcome) = outcome {
+                    let refresh_due = state.refresh_at.is_some_and(|at| now >= at);
+                    if refresh_due && state.fetch.is_none() {
+                        state.fetch = Some(self.spawn_fetch(&entry, key));
+                    }
+                    return Ok((token, outcome));
                 }
-                return Ok((token, CacheOutcome::Hit));
             }
             match &state.fetch {
                 Some(fetch) => fetch.clone(),
@@ -238,9 +256,10 @@ impl TokenCache {
                     // that never reaches past the token's usable life.
                     state.failed_refreshes = state.failed_refreshes.saturating_add(1);
                     if let Some(token) = &state.token {
-                        let remaining = token.usable_until.saturating_duration_since(now);
+                        let remaining = token.expires_at.saturating_duration_since(now);
                         let backoff = Duration::from_secs(1 << state.failed_refreshes.min(6));
-                        state.refresh_at = Some(now + backoff.min(remaining / 2));
+                        let wait = backoff.min(remaining / 2).max(Duration::from_millis(500));
+                        state.refresh_at = Some(now + wait);
                     }
                     Err(Arc::new(error))
                 }
@@ -446,12 +465,20 @@ mod tests {
             ("token-1", CacheOutcome::Hit)
         );
         tokio::task::yield_now().await;
-        // Still within the usable life (100 s less a 10 s margin): still served.
+        // Past the normal hand-out window (100 s less a 10 s margin) but before expiry, the
+        // failing refresh means the token is served stale rather than replaced by an error.
+        tokio::time::advance(Duration::from_secs(15)).await;
+        let (token, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!(
+            (token_text(&token), outcome),
+            ("token-1", CacheOutcome::Stale)
+        );
+        assert!(token.expires_in(Instant::now()) >= 1);
+        // At expiry the caller waits for a fetch, which fails.
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(cache.get(&key).await.is_ok());
-        // Past it: the caller waits for a fetch, which fails.
-        tokio::time::advance(Duration::from_secs(10)).await;
         assert!(cache.get(&key).await.is_err());
+        // Refresh attempts were spaced by backoff, not made per request.
+        assert!(source.count() < 12, "{} fetches", source.count());
     }
 
     #[tokio::test(start_paused = true)]

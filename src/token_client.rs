@@ -25,6 +25,7 @@ use crate::config::{AuthMethod, ConnectionSettings};
 use crate::secret_source::{ClientSecret, SecretError, SecretStore};
 use crate::token_cache::{CacheKey, TokenSource};
 use crate::token_response::BrokerTokenResponse;
+use crate::upstream_guard::{GuardSettings, Refusal, UpstreamGuard};
 
 /// Largest token-endpoint answer the broker reads; real ones are a few KiB.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -58,8 +59,16 @@ pub struct FreshToken {
 pub enum TokenError {
     #[error("unknown connection '{0}'")]
     UnknownConnection(String),
-    #[error("the token endpoint of connection '{connection}' rejected the request with '{code}'")]
-    Rejected { connection: String, code: String },
+    #[error(
+        "the token endpoint of connection '{connection}' rejected the request with '{code}'{}",
+        if *remembered { " (a recent answer, repeated without asking again)" } else { "" }
+    )]
+    Rejected {
+        connection: String,
+        code: String,
+        /// The answer came from the negative cache, not from a new request.
+        remembered: bool,
+    },
     #[error("the token endpoint of connection '{connection}' is unavailable: {detail}")]
     Unavailable {
         connection: String,
@@ -76,33 +85,97 @@ pub enum TokenError {
 
 /// Performs token requests for the configured connections.
 pub struct TokenClient {
-    http: reqwest::Client,
     secrets: Arc<SecretStore>,
-    /// Connections by lower-cased name, as in `Settings`.
-    connections: Arc<BTreeMap<String, ConnectionSettings>>,
+    /// Connections by lower-cased name, as in `Settings`, each with its own HTTP client and
+    /// guard so that one identity provider's trouble stays its own.
+    upstreams: BTreeMap<String, Upstream>,
 }
+
+struct Upstream {
+    connection: ConnectionSettings,
+    http: reqwest::Client,
+    guard: UpstreamGuard,
+}
+
+/// Longest `Retry-After` the broker waits out itself before retrying; beyond it the caller
+/// gets the 503 with the hint instead of a long wait.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5);
+/// Full-jitter backoff: a random wait up to `BACKOFF_BASE * 2^attempt`, at most `BACKOFF_CAP`.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+const BACKOFF_CAP: Duration = Duration::from_secs(2);
 
 impl TokenClient {
     pub fn new(
-        http: reqwest::Client,
         secrets: Arc<SecretStore>,
-        connections: Arc<BTreeMap<String, ConnectionSettings>>,
-    ) -> Self {
-        Self {
-            http,
-            secrets,
-            connections,
+        connections: &BTreeMap<String, ConnectionSettings>,
+    ) -> reqwest::Result<Self> {
+        let mut upstreams = BTreeMap::new();
+        for (key, connection) in connections {
+            let guard = UpstreamGuard::new(GuardSettings {
+                breaker_failures: connection.breaker_failures,
+                breaker_open: connection.breaker_open,
+                negative_cache: connection.negative_cache,
+            });
+            let upstream = Upstream {
+                http: crate::http_client::build(connection.connect_timeout)?,
+                connection: connection.clone(),
+                guard,
+            };
+            upstreams.insert(key.clone(), upstream);
         }
+        Ok(Self { secrets, upstreams })
+    }
+
+    /// A token for the connection with `scopes`, within the connection's deadline; every
+    /// outcome is reported to the connection's guard.
+    async fn fetch_within_deadline(
+        &self,
+        upstream: &Upstream,
+        scopes: &[String],
+    ) -> Result<FreshToken, TokenError> {
+        let connection = &upstream.connection;
+        if let Err(refusal) = upstream.guard.admit() {
+            return Err(refusal_error(connection, refusal));
+        }
+        let outcome =
+            match tokio::time::timeout(connection.deadline, self.request_token(upstream, scopes))
+                .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Err(TokenError::Unavailable {
+                    connection: connection.name.clone(),
+                    detail: format!(
+                        "no token within the {}s deadline",
+                        connection.deadline.as_secs()
+                    ),
+                    retry_after: None,
+                }),
+            };
+        let guard = &upstream.guard;
+        match &outcome {
+            Ok(_) => guard.record_success(),
+            Err(TokenError::Unavailable { .. }) => {
+                guard.record_unavailable();
+            }
+            Err(TokenError::Rejected { code, .. })
+                if code == "invalid_client" || code == "unauthorized_client" =>
+            {
+                guard.record_rejected(code)
+            }
+            Err(_) => guard.record_answered(),
+        }
+        outcome
     }
 
     /// A token for `connection` with `scopes`. When the token endpoint refuses the client
     /// secret, Key Vault is read again and one other version (rotated or previous) is tried,
     /// so a rotation never surfaces as an error to callers.
-    pub async fn request_token(
+    async fn request_token(
         &self,
-        connection: &ConnectionSettings,
+        upstream: &Upstream,
         scopes: &[String],
     ) -> Result<FreshToken, TokenError> {
+        let connection = &upstream.connection;
         let secret_error = |source| TokenError::Secret {
             connection: connection.name.clone(),
             source,
@@ -112,7 +185,7 @@ impl TokenClient {
             .client_secret(&connection.client_secret)
             .await
             .map_err(secret_error)?;
-        let first = self.exchange(connection, scopes, &secret).await;
+        let first = self.exchange_with_retries(upstream, scopes, &secret).await;
         let rejection = match first {
             Err(Failure::Rejected(body)) if body.means_bad_secret() => body,
             other => return other.map_err(|failure| failure.into_error(connection)),
@@ -130,18 +203,56 @@ impl TokenClient {
             trying_version = alternative.version.as_deref().unwrap_or("unknown"),
             "client secret refused; retrying once with another version"
         );
-        self.exchange(connection, scopes, &alternative)
+        self.exchange_with_retries(upstream, scopes, &alternative)
             .await
             .map_err(|failure| failure.into_error(connection))
+    }
+
+    /// Exchanges, retrying connection errors, timeouts, 5xx and 429 with exponential backoff
+    /// and full jitter (honouring `Retry-After`), while the retry budget allows.
+    async fn exchange_with_retries(
+        &self,
+        upstream: &Upstream,
+        scopes: &[String],
+        secret: &ClientSecret,
+    ) -> Result<FreshToken, Failure> {
+        let connection = &upstream.connection;
+        let mut attempt = 0;
+        loop {
+            let failure = match self.exchange(upstream, scopes, secret).await {
+                Err(failure @ Failure::Unavailable { .. }) => failure,
+                other => return other,
+            };
+            let Failure::Unavailable { retry_after, .. } = &failure else {
+                return Err(failure);
+            };
+            let backoff = full_jitter(attempt);
+            let wait = retry_after.map_or(backoff, |hint| hint.max(backoff));
+            if attempt >= connection.max_retries
+                || wait > MAX_RETRY_WAIT
+                || !upstream.guard.take_retry()
+            {
+                return Err(failure);
+            }
+            attempt += 1;
+            tracing::info!(
+                connection = %connection.name,
+                attempt,
+                wait_ms = wait.as_millis() as u64,
+                "retrying the token request"
+            );
+            tokio::time::sleep(wait).await;
+        }
     }
 
     /// One client-credentials exchange with one secret.
     async fn exchange(
         &self,
-        connection: &ConnectionSettings,
+        upstream: &Upstream,
         scopes: &[String],
         secret: &ClientSecret,
     ) -> Result<FreshToken, Failure> {
+        let connection = &upstream.connection;
         let started = tokio::time::Instant::now();
         let client: OAuthClient = oauth2::Client::new(ClientId::new(connection.client_id.clone()))
             // The only place the secret is exposed: oauth2 encodes it into the request.
@@ -166,7 +277,7 @@ impl TokenClient {
             request = request.add_extra_param(name.clone(), value.clone());
         }
         let transport = OAuthTransport {
-            http: &self.http,
+            http: &upstream.http,
             timeout: connection.timeout,
         };
         let result = request.request_async(&transport).await;
@@ -188,11 +299,11 @@ impl TokenClient {
 impl TokenSource for TokenClient {
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
         Box::pin(async move {
-            let connection = self
-                .connections
+            let upstream = self
+                .upstreams
                 .get(key.connection())
                 .ok_or_else(|| TokenError::UnknownConnection(key.connection().to_string()))?;
-            self.request_token(connection, key.scopes()).await
+            self.fetch_within_deadline(upstream, key.scopes()).await
         })
     }
 }
@@ -315,6 +426,32 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
+/// A random wait in `[0, min(cap, base * 2^attempt))`: "full jitter", so that callers that
+/// failed together do not retry together.
+fn full_jitter(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1 << attempt.min(10))
+        .min(BACKOFF_CAP);
+    ceiling.mul_f64(rand::random_range(0.0..1.0))
+}
+
+/// The error for a call the guard refused without asking the identity provider.
+fn refusal_error(connection: &ConnectionSettings, refusal: Refusal) -> TokenError {
+    match refusal {
+        Refusal::CircuitOpen { retry_after } => TokenError::Unavailable {
+            connection: connection.name.clone(),
+            detail: "it failed repeatedly, so calls fail fast for a while (circuit open)"
+                .to_string(),
+            retry_after: Some(retry_after),
+        },
+        Refusal::RecentlyRejected { code, .. } => TokenError::Rejected {
+            connection: connection.name.clone(),
+            code,
+            remembered: true,
+        },
+    }
+}
+
 /// An OAuth error answer (RFC 6749 §5.2) with Entra's `error_codes`.
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
 pub struct OAuthErrorBody {
@@ -364,6 +501,7 @@ impl Failure {
             Failure::Rejected(body) => TokenError::Rejected {
                 connection: connection.name.clone(),
                 code: oauth_error_code(&body.error),
+                remembered: false,
             },
             Failure::Unavailable {
                 detail,

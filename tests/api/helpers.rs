@@ -186,12 +186,15 @@ pub struct TestApp {
     logs: Arc<Mutex<Vec<String>>>,
     pub idp: Idp,
     pub azure: AzureDoubles,
+    pub proxy: Option<token_broker_doubles::FaultProxy>,
     /// Holds the configuration, CA and provider files for the test's lifetime.
     _dir: tempfile::TempDir,
 }
 
 /// What a test can change about the standard setup.
 pub struct Setup {
+    /// Start a fault-injecting proxy in front of the provider (`{proxy_url}` in extra config).
+    pub proxy: bool,
     pub rust_log: &'static str,
     /// Extra TOML appended to the standard configuration.
     pub extra_config: String,
@@ -201,6 +204,7 @@ pub struct Setup {
 impl Default for Setup {
     fn default() -> Self {
         Self {
+            proxy: false,
             // Every test runs at trace level, and every test's log is scanned for leaks.
             rust_log: "trace",
             extra_config: String::new(),
@@ -309,6 +313,16 @@ pub async fn spawn_app_with(setup: Setup) -> TestApp {
         .set_secret("wrong-secret", "not-the-registered-secret");
     azure.vault.set_secret("rotating-secret", ROTATION_V1);
 
+    let proxy = if setup.proxy {
+        Some(
+            token_broker_doubles::FaultProxy::start(&idp.issuer)
+                .await
+                .unwrap(),
+        )
+    } else {
+        None
+    };
+    let proxy_url = proxy.as_ref().map(|p| p.url()).unwrap_or_default();
     let token_url = &idp.token_endpoint;
     let closed_port = free_port();
     let config = format!(
@@ -374,6 +388,7 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
             .replace("{token_url}", token_url)
             .replace("{issuer}", &idp.issuer)
             .replace("{jwks_uri}", &idp.jwks_uri)
+            .replace("{proxy_url}", &proxy_url)
     );
     let config_path = dir.path().join("broker.toml");
     std::fs::write(&config_path, config).unwrap();
@@ -423,6 +438,7 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
         logs,
         idp,
         azure,
+        proxy,
         _dir: dir,
     };
     app.wait_until_ready().await;

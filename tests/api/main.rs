@@ -3,6 +3,7 @@
 
 mod callers;
 mod errors;
+mod faults;
 mod functions_host;
 mod helpers;
 mod hostile;

@@ -1,0 +1,225 @@
+//! Per-connection protection of the identity provider and of the broker's callers.
+//!
+//! - A **circuit breaker**: after `breaker_failures` consecutive unavailable answers, calls fail
+//!   fast for `breaker_open_seconds`; then one trial call is let through, and its outcome
+//!   closes or re-opens the circuit. A dead IdP is not hammered and callers do not queue on it.
+//! - A **retry budget**: retries draw from a bucket refilled by first attempts (one retry per
+//!   five requests, ten in reserve), so retries cannot multiply the load on a struggling IdP.
+//! - **Negative caching**: after `invalid_client`/`unauthorized_client` that a secret re-read
+//!   did not cure, calls fail fast with the same answer for `negative_cache_seconds`.
+//!
+//! One guard per connection, so one connection's outage never slows another.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Retries held in reserve, and the share of a retry each first attempt earns.
+const RETRY_BUDGET_MAX: f64 = 10.0;
+const RETRY_BUDGET_PER_REQUEST: f64 = 0.2;
+
+/// Tunables, from the connection's configuration.
+#[derive(Debug, Clone)]
+pub struct GuardSettings {
+    pub breaker_failures: u32,
+    pub breaker_open: Duration,
+    pub negative_cache: Duration,
+}
+
+/// Why a call was refused without reaching the IdP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The circuit is open; try again after the duration.
+    CircuitOpen { retry_after: Duration },
+    /// The IdP rejected this client recently with `code`.
+    RecentlyRejected { code: String, retry_after: Duration },
+}
+
+/// The state of one connection's upstream.
+pub struct UpstreamGuard {
+    settings: GuardSettings,
+    // A std mutex: every critical section is a few field updates, never an await.
+    state: Mutex<GuardState>,
+}
+
+struct GuardState {
+    consecutive_failures: u32,
+    open_until: Option<Instant>,
+    trial_in_flight: bool,
+    rejected: Option<(String, Instant)>,
+    retry_tokens: f64,
+}
+
+impl UpstreamGuard {
+    pub fn new(settings: GuardSettings) -> Self {
+        Self {
+            settings,
+            state: Mutex::new(GuardState {
+                consecutive_failures: 0,
+                open_until: None,
+                trial_in_flight: false,
+                rejected: None,
+                retry_tokens: RETRY_BUDGET_MAX,
+            }),
+        }
+    }
+
+    /// Whether a call may go to the IdP now. Also earns retry budget.
+    pub fn admit(&self) -> Result<(), Refusal> {
+        let now = Instant::now();
+        let mut state = self.state.lock().expect("guard poisoned");
+        if let Some((code, until)) = &state.rejected {
+            if now < *until {
+                return Err(Refusal::RecentlyRejected {
+                    code: code.clone(),
+                    retry_after: *until - now,
+                });
+            }
+            state.rejected = None;
+        }
+        if let Some(open_until) = state.open_until {
+            if now < open_until {
+                return Err(Refusal::CircuitOpen {
+                    retry_after: open_until - now,
+                });
+            }
+            // Half open: one trial call; the others keep failing fast until it reports.
+            if state.trial_in_flight {
+                return Err(Refusal::CircuitOpen {
+                    retry_after: Duration::from_secs(1),
+                });
+            }
+            state.trial_in_flight = true;
+        }
+        state.retry_tokens = (state.retry_tokens + RETRY_BUDGET_PER_REQUEST).min(RETRY_BUDGET_MAX);
+        Ok(())
+    }
+
+    /// Takes one retry from the budget; `false` when it is spent.
+    pub fn take_retry(&self) -> bool {
+        let mut state = self.state.lock().expect("guard poisoned");
+        if state.retry_tokens >= 1.0 {
+            state.retry_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The IdP issued a token.
+    pub fn record_success(&self) {
+        let mut state = self.state.lock().expect("guard poisoned");
+        state.consecutive_failures = 0;
+        state.open_until = None;
+        state.trial_in_flight = false;
+    }
+
+    /// The IdP was unreachable, slow, or answered 5xx/429. Returns when the circuit opened.
+    pub fn record_unavailable(&self) -> Option<Duration> {
+        let mut state = self.state.lock().expect("guard poisoned");
+        state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+        let trial_failed = state.trial_in_flight;
+        state.trial_in_flight = false;
+        if trial_failed || state.consecutive_failures >= self.settings.breaker_failures {
+            state.open_until = Some(Instant::now() + self.settings.breaker_open);
+            tracing::warn!(
+                failures = state.consecutive_failures,
+                open_seconds = self.settings.breaker_open.as_secs(),
+                "circuit opened: calls to this token endpoint fail fast"
+            );
+            return Some(self.settings.breaker_open);
+        }
+        None
+    }
+
+    /// The IdP answered, but refused the client: remember it for a while.
+    pub fn record_rejected(&self, code: &str) {
+        let mut state = self.state.lock().expect("guard poisoned");
+        state.consecutive_failures = 0;
+        state.open_until = None;
+        state.trial_in_flight = false;
+        if !self.settings.negative_cache.is_zero() {
+            state.rejected = Some((
+                code.to_string(),
+                Instant::now() + self.settings.negative_cache,
+            ));
+        }
+    }
+
+    /// The IdP answered with another OAuth error (nothing to remember).
+    pub fn record_answered(&self) {
+        self.record_success();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> UpstreamGuard {
+        UpstreamGuard::new(GuardSettings {
+            breaker_failures: 3,
+            breaker_open: Duration::from_secs(10),
+            negative_cache: Duration::from_secs(30),
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_circuit_opens_after_consecutive_failures_and_lets_one_trial_through() {
+        let guard = guard();
+        for _ in 0..2 {
+            guard.admit().unwrap();
+            assert_eq!(guard.record_unavailable(), None);
+        }
+        guard.admit().unwrap();
+        assert_eq!(guard.record_unavailable(), Some(Duration::from_secs(10)));
+        assert!(matches!(guard.admit(), Err(Refusal::CircuitOpen { .. })));
+        tokio::time::advance(Duration::from_secs(10)).await;
+        guard.admit().expect("the trial call");
+        assert!(guard.admit().is_err(), "only one trial at a time");
+        guard.record_success();
+        guard.admit().expect("closed again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_trial_reopens_the_circuit() {
+        let guard = guard();
+        for _ in 0..3 {
+            guard.admit().unwrap();
+            guard.record_unavailable();
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        guard.admit().unwrap();
+        assert!(guard.record_unavailable().is_some());
+        assert!(guard.admit().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejection_is_remembered_for_the_negative_cache_interval() {
+        let guard = guard();
+        guard.admit().unwrap();
+        guard.record_rejected("invalid_client");
+        match guard.admit() {
+            Err(Refusal::RecentlyRejected { code, .. }) => assert_eq!(code, "invalid_client"),
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        guard.admit().unwrap();
+    }
+
+    #[test]
+    fn the_retry_budget_runs_out_and_is_refilled_by_requests() {
+        let guard = guard();
+        let mut granted = 0;
+        while guard.take_retry() {
+            granted += 1;
+        }
+        assert_eq!(granted, 10);
+        for _ in 0..5 {
+            guard.admit().unwrap();
+        }
+        assert!(guard.take_retry(), "five requests earn one retry");
+        assert!(!guard.take_retry());
+    }
+}

@@ -1,0 +1,352 @@
+//! Keep serving through identity provider and Key Vault faults. A fault-injecting proxy sits
+//! in front of the real oidc-provider; each test reports what callers saw, how many upstream
+//! calls were made, and the slowest answer, and checks that no request outlived its bound.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use token_broker_doubles::Fault as VaultFault;
+use token_broker_doubles::fault_proxy::Fault;
+
+use crate::helpers::{Setup, TestApp, json as body_json, spawn_app_with};
+
+/// A connection behind the proxy with tight bounds: 1 s per attempt, 3 s per fetch.
+const FLAKY: &str = r#"
+[connections.flaky]
+token_url = "{proxy_url}/token"
+client_id = "broker-short"
+client_secret = { key_vault_secret = "short-secret" }
+connect_timeout_seconds = 1
+timeout_seconds = 1
+deadline_seconds = 3
+max_retries = 2
+breaker_failures = 3
+breaker_open_seconds = 2
+negative_cache_seconds = 5
+allowed_scopes = ["read", "s0", "s1", "s2", "s3", "s4", "s5", "s6", "s7", "s8", "s9"]
+
+[connections.stable]
+token_url = "{proxy_url}/token"
+client_id = "broker-basic"
+client_secret = { key_vault_secret = "basic-secret" }
+negative_cache_seconds = 5
+"#;
+
+/// The bound on any caller's wait for `flaky`: its deadline plus slack for the machine.
+const BOUND: Duration = Duration::from_millis(3000 + 1500);
+
+async fn faulty_app() -> TestApp {
+    spawn_app_with(Setup {
+        proxy: true,
+        extra_config: FLAKY.to_string(),
+        ..Setup::default()
+    })
+    .await
+}
+
+/// Status counts and the slowest answer of a series of calls.
+#[derive(Default)]
+struct Tally {
+    statuses: BTreeMap<u16, usize>,
+    slowest: Duration,
+}
+
+impl Tally {
+    async fn call(&mut self, app: &TestApp, path: &str) -> reqwest::Response {
+        let started = Instant::now();
+        let response = app.get(path).await;
+        self.slowest = self.slowest.max(started.elapsed());
+        *self.statuses.entry(response.status().as_u16()).or_default() += 1;
+        response
+    }
+
+    fn report(&self, scenario: &str, upstream_calls: usize) {
+        println!(
+            "fault report | {scenario} | callers saw {:?} | upstream calls {upstream_calls} | slowest {} ms",
+            self.statuses,
+            self.slowest.as_millis()
+        );
+        assert!(
+            self.slowest < BOUND,
+            "{scenario}: a request took {:?}",
+            self.slowest
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_idp_down_during_refresh_is_hidden_until_the_token_expires() {
+    let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    let mut tally = Tally::default();
+    let first = body_json(tally.call(&app, "/api/token/flaky").await).await;
+    let expires_on = first["expires_on"].as_u64().unwrap();
+    proxy.set_default(Fault::Status {
+        status: 503,
+        retry_after: None,
+    });
+    let mut after_expiry = Vec::new();
+    let calls_before = proxy.requests();
+    let mut served_after_a_failed_refresh = 0;
+    // Call every 100 ms for 5.5 s: the 4 s token needs refreshing after 2 to 3 s.
+    for _ in 0..55 {
+        let response = tally.call(&app, "/api/token/flaky").await;
+        let now = unix_now();
+        let status = response.status().as_u16();
+        if status == 200 {
+            let body = body_json(response).await;
+            assert_eq!(
+                body["expires_on"].as_u64().unwrap(),
+                expires_on,
+                "the cached token"
+            );
+            assert!(body["expires_in"].as_u64().unwrap() >= 1);
+            if proxy.requests() > calls_before {
+                served_after_a_failed_refresh += 1;
+            }
+        } else {
+            assert!(now + 1 >= expires_on, "an error before the token expired");
+            assert_eq!(status, 503);
+            assert!(response.headers().contains_key("retry-after"));
+            after_expiry.push(body_json(response).await["error"].clone());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !after_expiry.is_empty(),
+        "the token did expire during the run"
+    );
+    assert!(after_expiry.iter().all(|e| e == "upstream_unavailable"));
+    tally.report("IdP down (503) during refresh", proxy.requests());
+    assert!(
+        served_after_a_failed_refresh > 0,
+        "callers kept getting the cached token after the refresh failed"
+    );
+    assert!(
+        proxy.requests() < 25,
+        "a dead IdP was not hammered: {}",
+        proxy.requests()
+    );
+}
+
+#[tokio::test]
+async fn a_slow_idp_costs_callers_at_most_the_deadline() {
+    let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.set_default(Fault::Delay(Duration::from_secs(5)));
+    let mut tally = Tally::default();
+    for _ in 0..3 {
+        let response = tally.call(&app, "/api/token/flaky").await;
+        assert_eq!(response.status(), 503);
+        assert_eq!(body_json(response).await["error"], "upstream_unavailable");
+    }
+    tally.report("IdP slower than the timeout", proxy.requests());
+    assert!(
+        proxy.requests() <= 3 * 3,
+        "at most three attempts per fetch"
+    );
+}
+
+#[tokio::test]
+async fn throttling_with_a_short_retry_after_is_retried_and_a_long_one_is_passed_on() {
+    let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.push(
+        Fault::Status {
+            status: 429,
+            retry_after: Some(1),
+        },
+        1,
+    );
+    let mut tally = Tally::default();
+    let started = Instant::now();
+    assert_eq!(tally.call(&app, "/api/token/flaky").await.status(), 200);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was honoured"
+    );
+    assert_eq!((proxy.requests(), proxy.forwarded()), (2, 1));
+    // A Retry-After beyond what the broker waits out itself goes back to the caller.
+    proxy.push(
+        Fault::Status {
+            status: 429,
+            retry_after: Some(30),
+        },
+        1,
+    );
+    let response = tally.call(&app, "/api/token/flaky?scope=read").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "30");
+    tally.report("429 with Retry-After 1 s, then 30 s", proxy.requests());
+}
+
+#[tokio::test]
+async fn a_burst_of_server_errors_is_retried_and_a_long_one_opens_the_circuit() {
+    let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.push(
+        Fault::Status {
+            status: 500,
+            retry_after: None,
+        },
+        2,
+    );
+    let mut tally = Tally::default();
+    assert_eq!(
+        tally.call(&app, "/api/token/flaky").await.status(),
+        200,
+        "two 500s, then success"
+    );
+    assert_eq!(proxy.requests(), 3);
+    proxy.set_default(Fault::Status {
+        status: 500,
+        retry_after: None,
+    });
+    for n in 0..10 {
+        let response = tally
+            .call(&app, &format!("/api/token/flaky?scope=s{n}"))
+            .await;
+        assert_eq!(response.status(), 503);
+    }
+    let calls = proxy.requests() - 3;
+    tally.report("500 burst of 2, then 500s for good", proxy.requests());
+    // Three fetches fail (three attempts at most each), then the circuit is open: the other
+    // seven fail fast without a call.
+    assert!(calls <= 9, "{calls} upstream calls for 10 requests");
+}
+
+#[tokio::test]
+async fn connection_resets_are_retried() {
+    let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.push(Fault::Reset, 2);
+    let mut tally = Tally::default();
+    assert_eq!(tally.call(&app, "/api/token/flaky").await.status(), 200);
+    tally.report("two connection resets", proxy.requests());
+    assert_eq!((proxy.requests(), proxy.forwarded()), (3, 1));
+}
+
+#[tokio::test]
+async fn a_rejected_client_is_remembered_instead_of_asked_again() {
+    let app = spawn_app_with(Setup::default()).await;
+    let mut tally = Tally::default();
+    for _ in 0..6 {
+        let response = tally.call(&app, "/api/token/wrong").await;
+        assert_eq!(response.status(), 502);
+        assert_eq!(
+            body_json(response).await["upstream_error"],
+            "invalid_client"
+        );
+    }
+    let calls = app.idp.stats().await.token_requests as usize;
+    tally.report("invalid_client, 6 calls", calls);
+    assert_eq!(
+        calls, 1,
+        "the first answer is remembered for the negative-cache interval"
+    );
+}
+
+#[tokio::test]
+async fn key_vault_throttling_and_outages_are_absorbed_by_the_secret_cache() {
+    let app = faulty_app().await;
+    let mut tally = Tally::default();
+    assert_eq!(tally.call(&app, "/api/token/stable").await.status(), 200);
+    for fault in [VaultFault::Throttled, VaultFault::Unavailable] {
+        app.azure.vault.set_fault(Some(fault));
+        // A rotation event forces the next use to re-read the secret, which now fails.
+        let event = json!({"Data": {"event": {"eventType": "Microsoft.KeyVault.SecretNearExpiry",
+            "data": {"ObjectName": "basic-secret", "VaultName": "kv"}}}});
+        let delivered = app
+            .http
+            .post(app.url("/function-rotation"))
+            .json(&event)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(delivered.status(), 200);
+        let response = tally.call(&app, "/api/token/stable").await;
+        assert_eq!(
+            response.status(),
+            200,
+            "{fault:?}: the cached secret kept working"
+        );
+    }
+    tally.report(
+        "Key Vault 429 then 503 on re-read",
+        app.azure.vault.requests(),
+    );
+    assert!(app.audit_records().len() >= 3);
+}
+
+#[tokio::test]
+async fn an_identity_endpoint_outage_on_a_cold_start_is_a_clean_bounded_503() {
+    let app = faulty_app().await;
+    app.azure.identity.set_failure(Some(502));
+    let mut tally = Tally::default();
+    let response = tally.call(&app, "/api/token/stable").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(body_json(response).await["error"], "secret_unavailable");
+    tally.report("identity endpoint 502, cold", app.azure.identity.requests());
+    // Once it is back, the next call succeeds.
+    app.azure.identity.set_failure(None);
+    assert_eq!(app.token("stable").await.status(), 200);
+}
+
+#[tokio::test]
+async fn a_caller_that_gives_up_does_not_cancel_the_fetch_others_wait_for() {
+    let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.push(Fault::Delay(Duration::from_millis(700)), 1);
+    let impatient = app
+        .request("/api/token/flaky")
+        .timeout(Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(impatient.is_err(), "the first caller gave up");
+    let patient = app.token("flaky").await;
+    assert_eq!(patient.status(), 200);
+    assert_eq!(
+        proxy.requests(),
+        1,
+        "the second caller joined the first caller's fetch"
+    );
+}
+
+#[tokio::test]
+async fn one_connections_outage_never_delays_another_connections_cache_hits() {
+    let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    assert_eq!(app.token("demo").await.status(), 200);
+    proxy.set_default(Fault::Delay(Duration::from_secs(10)));
+    let hung = tokio::spawn({
+        let url = app.url("/api/token/flaky");
+        async move { reqwest::get(url).await.map(|r| r.status().as_u16()) }
+    });
+    // Wait until the flaky fetch is really stuck at the proxy.
+    while proxy.requests() == 0 {
+        tokio::task::yield_now().await;
+    }
+    let mut tally = Tally::default();
+    for _ in 0..50 {
+        assert_eq!(tally.call(&app, "/api/token/demo").await.status(), 200);
+    }
+    assert!(
+        !hung.is_finished(),
+        "the flaky fetch was still in flight throughout"
+    );
+    tally.report("50 cache hits on demo while flaky hangs", proxy.requests());
+    assert!(
+        tally.slowest < Duration::from_millis(250),
+        "slowest hit {:?}",
+        tally.slowest
+    );
+    assert_eq!(hung.await.unwrap().unwrap(), 503);
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
