@@ -44,7 +44,7 @@ fn check() -> ExitCode {
 }
 
 fn serve() -> ExitCode {
-    token_broker::telemetry::init();
+    let _log_writer = token_broker::telemetry::init();
     let settings = match config::load(&ProcessEnvironment) {
         Ok(settings) => settings,
         Err(error) => {

@@ -1,12 +1,20 @@
 //! Logging: `tracing` JSON lines on stdout, which the Functions host collects (stderr lines
 //! would be logged as errors), at the level `RUST_LOG` asks for (default `info`).
+//!
+//! Lines are written by a background thread so that a request never waits on a `write`
+//! system call; the writer blocks rather than drops when its buffer is full, because audit
+//! lines must not be lost.
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
-/// Installs the global subscriber. Called once from `main`.
-pub fn init() {
+/// Installs the global subscriber. Keep the returned guard until exit: dropping it flushes.
+pub fn init() -> WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -14,6 +22,7 @@ pub fn init() {
         .with_span_list(false)
         .with_span_events(FmtSpan::NONE)
         .with_env_filter(filter)
-        .with_writer(std::io::stdout)
+        .with_writer(writer)
         .init();
+    guard
 }

@@ -33,7 +33,8 @@ async fn a_valid_caller_gets_a_token_and_is_named_in_the_audit_line() {
     // Open connections serve any authenticated caller.
     assert_eq!(app.get_as("/api/token/demo", &bearer).await.status(), 200);
     let callers: Vec<String> = app
-        .audit_records()
+        .audit_records_when(2)
+        .await
         .iter()
         .map(|r| r["caller"].as_str().unwrap().to_string())
         .collect();

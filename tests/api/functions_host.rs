@@ -139,7 +139,10 @@ async fn readiness_is_answered_and_forwarded_requests_are_served() {
         .unwrap();
     assert_eq!(response.status(), 200);
     let spans: Vec<Value> = app
-        .log_records()
+        .log_records_when(|record| {
+            record["span"]["invocation_id"] == "11111111-2222-3333-4444-555555555555"
+        })
+        .await
         .into_iter()
         .filter(|record| record["span"]["invocation_id"] == "11111111-2222-3333-4444-555555555555")
         .collect();

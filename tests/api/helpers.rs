@@ -514,7 +514,32 @@ impl TestApp {
             .collect()
     }
 
-    /// Audit records ("token handed out").
+    /// Audit records, once at least `at_least` have been written: the broker writes its log
+    /// from a background thread, so a line may land just after the response.
+    pub async fn audit_records_when(&self, at_least: usize) -> Vec<Value> {
+        for _ in 0..500 {
+            let records = self.audit_records();
+            if records.len() >= at_least {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("fewer than {at_least} audit lines after 5 s:\n{}", self.logs().join("\n"));
+    }
+
+    /// Log records, once one matches `predicate` (see `audit_records_when`).
+    pub async fn log_records_when(&self, predicate: impl Fn(&Value) -> bool) -> Vec<Value> {
+        for _ in 0..500 {
+            let records = self.log_records();
+            if records.iter().any(&predicate) {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no matching log line after 5 s:\n{}", self.logs().join("\n"));
+    }
+
+    /// Audit records ("token handed out") written so far.
     pub fn audit_records(&self) -> Vec<Value> {
         self.log_records()
             .into_iter()
@@ -585,6 +610,17 @@ pub fn contains_jwt(text: &str) -> bool {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        // SIGTERM first, so the broker flushes its log; the scan below must see every line.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let pid = self.child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            for _ in 0..500 {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         for reader in self.log_readers.drain(..) {

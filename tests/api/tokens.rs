@@ -82,7 +82,7 @@ async fn a_second_request_is_a_cache_hit() {
         1,
         "the secret is read once, not per request"
     );
-    let audit = app.audit_records();
+    let audit = app.audit_records_when(2).await;
     let outcomes: Vec<&str> = audit.iter().map(|r| r["cache"].as_str().unwrap()).collect();
     assert_eq!(outcomes, ["miss", "hit"]);
     for record in &audit {
@@ -157,7 +157,8 @@ async fn short_lived_tokens_are_refreshed_ahead_without_callers_waiting() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let misses = app
-        .audit_records()
+        .audit_records_when(120)
+        .await
         .iter()
         .filter(|r| r["cache"] == "miss")
         .count();

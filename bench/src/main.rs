@@ -1,0 +1,32 @@
+//! `bare-server`: the physical limit the broker is measured against. It answers every request
+//! with a constant JSON body of `BARE_BODY_BYTES` bytes (the size of a broker token answer)
+//! on `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT`, on the same runtime, HTTP stack and build
+//! profile as the broker, and does nothing else: no routing logic, no cache, no logging.
+
+use axum::http::header;
+use axum::response::IntoResponse;
+
+#[tokio::main]
+async fn main() {
+    let port: u16 = std::env::var("FUNCTIONS_CUSTOMHANDLER_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8081);
+    let size: usize = std::env::var("BARE_BODY_BYTES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(800);
+    // {"access_token":"xxxx..."} padded to the requested size.
+    let overhead = r#"{"access_token":""}"#.len();
+    let body: &'static str = Box::leak(
+        format!(r#"{{"access_token":"{}"}}"#, "x".repeat(size.saturating_sub(overhead)))
+            .into_boxed_str(),
+    );
+    let app = axum::Router::new().fallback(move || async move {
+        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+    });
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind");
+    axum::serve(listener, app).await.expect("serve");
+}
