@@ -184,7 +184,7 @@ client_id = "bench-short"
 client_secret = {{ key_vault_secret = "bench-secret" }}
 scopes = ["read"]
 """)
-    broker_env = dict(os.environ, **azure, TOKEN_BROKER_CONFIG=str(config), RUST_LOG="info")
+    broker_env = dict(os.environ, **azure, TOKEN_BROKER_CONFIG=str(config), RUST_LOG=os.environ.get("BENCH_RUST_LOG", "info"))
     broker_env.pop("BENCH_SECRET", None)
 
     def start_broker(port, log_file=None):

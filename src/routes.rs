@@ -43,6 +43,37 @@ pub struct AppState {
     pub callers: Arc<CallerCheck>,
     /// Connections by lower-cased name.
     pub connections: Arc<BTreeMap<String, ConnectionSettings>>,
+    /// Each connection's cache key for its default scopes, built once: most requests name no
+    /// scope, and this keeps their path free of allocations.
+    pub default_keys: Arc<BTreeMap<String, CacheKey>>,
+}
+
+impl AppState {
+    pub fn new(
+        cache: Arc<TokenCache>,
+        secrets: Arc<SecretStore>,
+        callers: Arc<CallerCheck>,
+        connections: Arc<BTreeMap<String, ConnectionSettings>>,
+    ) -> Self {
+        let default_keys = connections
+            .iter()
+            .map(|(key, connection)| (key.clone(), CacheKey::new(key, connection.scopes.clone())))
+            .collect();
+        Self {
+            cache,
+            secrets,
+            callers,
+            connections,
+            default_keys: Arc::new(default_keys),
+        }
+    }
+
+    /// The connection called `name`, any casing, without allocating.
+    fn connection(&self, name: &str) -> Option<(&String, &ConnectionSettings)> {
+        self.connections
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+    }
 }
 
 /// The broker's router, apart from `main` so that tests can drive it in-process.
@@ -188,14 +219,10 @@ async fn serve_token(
     if !is_valid_connection_name(name) {
         return Err(ApiError::UnknownConnection);
     }
-    let key_name = name.to_ascii_lowercase();
-    let connection = state
-        .connections
-        .get(&key_name)
-        .ok_or(ApiError::UnknownConnection)?;
+    let (key_name, connection) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
     caller_check::authorize(&caller, connection)?;
-    let scopes = match requested_scopes(query)? {
-        None => connection.scopes.clone(),
+    let key = match requested_scopes(query)? {
+        None => state.default_keys[key_name].clone(),
         Some(scopes) => {
             if let Some(refused) = scopes
                 .iter()
@@ -206,10 +233,9 @@ async fn serve_token(
                     connection.name
                 )));
             }
-            scopes
+            CacheKey::new(key_name, scopes)
         }
     };
-    let key = CacheKey::new(&key_name, scopes);
 
     let (token, outcome) = state
         .cache
@@ -221,7 +247,7 @@ async fn serve_token(
         target: "audit",
         connection = %connection.name,
         caller = %caller.audit_name(),
-        scopes = %key.scopes().join(" "),
+        scopes = %key.scopes_display(),
         cache = outcome.as_str(),
         expires_on = token.expires_on,
         fingerprint = %token.fingerprint,

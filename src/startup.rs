@@ -49,12 +49,7 @@ impl Application {
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
         let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections)?);
         let cache = Arc::new(TokenCache::new(token_client, settings.cache.max_tokens));
-        let state = AppState {
-            cache,
-            secrets,
-            callers,
-            connections,
-        };
+        let state = AppState::new(cache, secrets, callers, connections);
 
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
         let listener = TcpListener::bind(address)

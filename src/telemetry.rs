@@ -2,8 +2,8 @@
 //! would be logged as errors), at the level `RUST_LOG` asks for (default `info`).
 //!
 //! Lines are written by a background thread so that a request never waits on a `write`
-//! system call; the writer blocks rather than drops when its buffer is full, because audit
-//! lines must not be lost.
+//! system call, and in batches under load; the writer blocks rather than drops when its
+//! queue is full, because audit lines must not be lost.
 
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
@@ -14,7 +14,9 @@ pub fn init() -> WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
-        .finish(std::io::stdout());
+        // The worker drains every queued line, then flushes: under load, one write for many
+        // lines instead of one system call per line.
+        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

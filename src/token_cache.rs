@@ -29,6 +29,8 @@ pub trait TokenSource: Send + Sync + 'static {
 pub struct CacheKey {
     connection: Arc<str>,
     scopes: Arc<[String]>,
+    /// The scopes joined by spaces, for the audit line; computed once per key, not per request.
+    display: Arc<str>,
 }
 
 impl CacheKey {
@@ -38,8 +40,14 @@ impl CacheKey {
         scopes.dedup();
         Self {
             connection: Arc::from(connection),
+            display: Arc::from(scopes.join(" ")),
             scopes: Arc::from(scopes),
         }
+    }
+
+    /// The scopes joined by spaces.
+    pub fn scopes_display(&self) -> &str {
+        &self.display
     }
 
     pub fn connection(&self) -> &str {
