@@ -16,7 +16,10 @@ pub fn init() -> WorkerGuard {
         .lossy(false)
         // The worker drains every queued line, then flushes: under load, one write for many
         // lines instead of one system call per line.
-        .finish(std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout()));
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)

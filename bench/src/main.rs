@@ -19,8 +19,11 @@ async fn main() {
     // {"access_token":"xxxx..."} padded to the requested size.
     let overhead = r#"{"access_token":""}"#.len();
     let body: &'static str = Box::leak(
-        format!(r#"{{"access_token":"{}"}}"#, "x".repeat(size.saturating_sub(overhead)))
-            .into_boxed_str(),
+        format!(
+            r#"{{"access_token":"{}"}}"#,
+            "x".repeat(size.saturating_sub(overhead))
+        )
+        .into_boxed_str(),
     );
     let app = axum::Router::new().fallback(move || async move {
         ([(header::CONTENT_TYPE, "application/json")], body).into_response()

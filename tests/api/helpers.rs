@@ -524,7 +524,10 @@ impl TestApp {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("fewer than {at_least} audit lines after 5 s:\n{}", self.logs().join("\n"));
+        panic!(
+            "fewer than {at_least} audit lines after 5 s:\n{}",
+            self.logs().join("\n")
+        );
     }
 
     /// Log records, once one matches `predicate` (see `audit_records_when`).
@@ -536,7 +539,10 @@ impl TestApp {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("no matching log line after 5 s:\n{}", self.logs().join("\n"));
+        panic!(
+            "no matching log line after 5 s:\n{}",
+            self.logs().join("\n")
+        );
     }
 
     /// Audit records ("token handed out") written so far.

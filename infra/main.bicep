@@ -1,0 +1,148 @@
+// token-broker on Azure: a Linux Flex Consumption Function App (runtime `custom`) with a
+// user-assigned managed identity, identity-based storage, Application Insights on Log Analytics,
+// a Key Vault (RBAC, soft delete, purge protection, audit logs) whose listed secrets the
+// broker's identity may read one by one, and optionally API Management calling the broker.
+//
+//   az deployment group create -g <rg> -f infra/main.bicep -p infra/main.parameters.json
+//
+// Deploy twice on first use: once to create the vault, then (after putting the secret values,
+// see the README) with `clientSecretNames` listing them, which grants per-secret read access.
+
+targetScope = 'resourceGroup'
+
+@description('Short name used to derive resource names (letters and digits).')
+@minLength(3)
+@maxLength(12)
+param baseName string = 'tokbroker'
+
+@description('Azure region; must support Flex Consumption.')
+param location string = resourceGroup().location
+
+@description('Key Vault secrets the broker serves (names as in broker.toml `key_vault_secret`). Each must already exist: the broker\'s identity gets `Key Vault Secrets User` on exactly these.')
+param clientSecretNames array = []
+
+@description('App settings referenced by `${NAME}` in broker.toml, besides the ones this template sets itself (for example CONTOSO_CLIENT_ID, CONTOSO_TOKEN_URL).')
+param connectionSettings object = {}
+
+@description('Object ID of the principal that deploys and puts secret values (user or pipeline): it gets `Key Vault Secrets Officer` on the vault.')
+param deployerPrincipalId string
+
+@description('Principal type of the deployer.')
+@allowed(['User', 'ServicePrincipal', 'Group'])
+param deployerPrincipalType string = 'User'
+
+@description('Whether the vault accepts traffic from public networks. Disable it and use `privateEndpointSubnetId` for a private vault.')
+param keyVaultPublicNetworkAccess bool = true
+
+@description('Subnet for a Key Vault private endpoint; empty for none.')
+param privateEndpointSubnetId string = ''
+
+@description('Create API Management (`new`), use an existing one (`existing`), or skip it (`none`).')
+@allowed(['none', 'new', 'existing'])
+param apimMode string = 'none'
+
+@description('Name of the API Management instance (new or existing).')
+param apimName string = '${baseName}-apim-${uniqueString(resourceGroup().id)}'
+
+@description('Publisher e-mail, required when creating API Management.')
+param apimPublisherEmail string = 'platform@example.com'
+
+@description('A function key for API Management to call the broker with (32+ random characters; `openssl rand -base64 32`). Stored as the function key `apim` and as a Key Vault secret that the APIM named value references.')
+@secure()
+param apimFunctionKey string = ''
+
+@description('Expiry of the function key secret in Key Vault (default: a year from deployment).')
+param functionKeyExpiry string = dateTimeAdd(utcNow(), 'P365D')
+
+var suffix = uniqueString(resourceGroup().id, baseName)
+var tags = { application: 'token-broker' }
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    name: '${baseName}-${suffix}'
+    location: location
+    tags: tags
+  }
+}
+
+resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
+  name: '${baseName}-id-${suffix}'
+  location: location
+  tags: tags
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    name: take('${baseName}st${suffix}', 24)
+    location: location
+    tags: tags
+    principalId: identity.properties.principalId
+  }
+}
+
+module vault 'modules/keyvault.bicep' = {
+  name: 'keyvault'
+  params: {
+    name: take('${baseName}-kv-${suffix}', 24)
+    location: location
+    tags: tags
+    workspaceId: monitoring.outputs.workspaceId
+    publicNetworkAccess: keyVaultPublicNetworkAccess
+    privateEndpointSubnetId: privateEndpointSubnetId
+    deployerPrincipalId: deployerPrincipalId
+    deployerPrincipalType: deployerPrincipalType
+  }
+}
+
+module secretAccess 'modules/secret-access.bicep' = {
+  name: 'secret-access'
+  params: {
+    vaultName: vault.outputs.name
+    secretNames: clientSecretNames
+    principalId: identity.properties.principalId
+  }
+}
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'functionapp'
+  params: {
+    name: '${baseName}-func-${suffix}'
+    location: location
+    tags: tags
+    identityId: identity.id
+    identityClientId: identity.properties.clientId
+    identityPrincipalId: identity.properties.principalId
+    storageAccountName: storage.outputs.name
+    deploymentContainerUrl: storage.outputs.deploymentContainerUrl
+    appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
+    appInsightsId: monitoring.outputs.appInsightsId
+    keyVaultUri: vault.outputs.uri
+    connectionSettings: connectionSettings
+    apimFunctionKey: apimFunctionKey
+  }
+}
+
+module apim 'modules/apim.bicep' = if (apimMode != 'none') {
+  name: 'apim'
+  params: {
+    name: apimName
+    createNew: apimMode == 'new'
+    location: location
+    tags: tags
+    publisherEmail: apimPublisherEmail
+    brokerUrl: 'https://${functionApp.outputs.defaultHostName}'
+    vaultName: vault.outputs.name
+    apimFunctionKey: apimFunctionKey
+    functionKeyExpiry: dateTimeToEpoch(functionKeyExpiry)
+  }
+}
+
+output functionAppName string = functionApp.outputs.name
+output functionAppUrl string = 'https://${functionApp.outputs.defaultHostName}'
+output keyVaultName string = vault.outputs.name
+output keyVaultUri string = vault.outputs.uri
+output identityClientId string = identity.properties.clientId
+output identityPrincipalId string = identity.properties.principalId
+output deploymentContainerUrl string = storage.outputs.deploymentContainerUrl

@@ -1,0 +1,273 @@
+//! Deployment checks: the Bicep passes checkov, the shipped configuration only uses app settings
+//! the Bicep sets, the APIM fragment matches the broker's API, and the package holds exactly
+//! what the Functions host needs, with a binary old Linux images can run.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Every `${NAME}` in a configuration text.
+fn references(text: &str) -> BTreeSet<String> {
+    let text: String = text
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    text.split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split_once('}').map(|(name, _)| name.to_string()))
+        .collect()
+}
+
+/// Keys of a Bicep object literal `var <name> = { KEY: value ... }`.
+fn bicep_object_keys(text: &str, var: &str) -> BTreeSet<String> {
+    let start = text
+        .find(&format!("var {var} = {{"))
+        .unwrap_or_else(|| panic!("var {var} not found"));
+    let body = &text[start..];
+    let body = &body[body.find('{').unwrap() + 1..body.find("\n}").unwrap()];
+    body.lines()
+        .filter_map(|line| {
+            line.trim()
+                .split_once(':')
+                .map(|(key, _)| key.trim().to_string())
+        })
+        .filter(|key| !key.is_empty() && !key.starts_with("//"))
+        .collect()
+}
+
+#[test]
+fn every_setting_the_shipped_configuration_uses_is_set_by_the_bicep() {
+    let used = references(&read("infra/broker.toml"));
+    assert!(used.contains("KEY_VAULT_URI"));
+    let app = read("infra/modules/functionapp.bicep");
+    let mut set = bicep_object_keys(&app, "brokerSettings");
+    set.extend(bicep_object_keys(&app, "platformSettings"));
+    let parameters: Value = serde_json::from_str(&read("infra/main.parameters.json")).unwrap();
+    let connection_settings = parameters["parameters"]["connectionSettings"]["value"]
+        .as_object()
+        .unwrap();
+    set.extend(connection_settings.keys().cloned());
+    let missing: Vec<&String> = used.difference(&set).collect();
+    assert!(
+        missing.is_empty(),
+        "broker.toml uses settings the Bicep does not set: {missing:?}"
+    );
+    // The settings the Bicep sets make the shipped configuration valid.
+    let mut check = Command::new(env!("CARGO_BIN_EXE_token-broker"));
+    check
+        .arg("check")
+        .env_clear()
+        .env("TOKEN_BROKER_CONFIG", root().join("infra/broker.toml"));
+    for (name, value) in connection_settings {
+        check.env(name, value.as_str().unwrap());
+    }
+    check
+        .env("KEY_VAULT_URI", "https://tokbroker-kv.vault.azure.net/")
+        .env("AZURE_CLIENT_ID", "00000000-0000-0000-0000-000000000001");
+    let output = check.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// checkov from `CHECKOV`, else the virtualenv `scripts/test` installs it in.
+fn checkov() -> PathBuf {
+    std::env::var_os("CHECKOV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv-checkov/bin/checkov"))
+}
+
+#[test]
+fn checkov_finds_no_failed_check_and_every_skip_says_why() {
+    let program = checkov();
+    assert!(
+        program.exists(),
+        "{} is missing: run scripts/test, which installs it",
+        program.display()
+    );
+    let output = Command::new(program)
+        .current_dir(root())
+        .args([
+            "-d",
+            "infra",
+            "--framework",
+            "bicep",
+            "--output",
+            "json",
+            "--skip-download",
+        ])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&output.stdout).expect("checkov JSON report");
+    let report = if report.is_array() {
+        report[0].clone()
+    } else {
+        report
+    };
+    let summary = &report["summary"];
+    println!("checkov summary: {summary}");
+    assert_eq!(summary["parsing_errors"], 0, "a template did not parse");
+    assert!(
+        summary["resource_count"].as_u64().unwrap() >= 20,
+        "{summary}"
+    );
+    let failed: Vec<String> = report["results"]["failed_checks"]
+        .as_array()
+        .map(|checks| {
+            checks
+                .iter()
+                .map(|c| format!("{} {} {}", c["check_id"], c["resource"], c["file_path"]))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        failed.is_empty(),
+        "checkov failed checks:\n{}",
+        failed.join("\n")
+    );
+    // Each inline skip carries a reason a reviewer can read.
+    for entry in std::fs::read_dir(root().join("infra/modules")).unwrap() {
+        let path = entry.unwrap().path();
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            if let Some(skip) = line.trim().strip_prefix("// checkov:skip=") {
+                let (_, reason) = skip.split_once(':').expect("checkov:skip=ID: reason");
+                assert!(
+                    reason.trim().len() >= 30,
+                    "{}: a skip without a real reason: {line}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_apim_fragment_is_well_formed_and_uses_the_brokers_names() {
+    let text = read("infra/apim/token-broker-fragment.xml");
+    let document = roxmltree::Document::parse(&text).expect("well-formed XML");
+    let fragment = document.root_element();
+    assert_eq!(fragment.tag_name().name(), "fragment");
+    let elements = |name: &str| {
+        fragment
+            .descendants()
+            .filter(|n| n.tag_name().name() == name)
+            .collect::<Vec<_>>()
+    };
+    let url = elements("set-url")[0].text().unwrap();
+    assert!(url.contains("{{token-broker-url}}/api/token/"), "{url}");
+    let headers: Vec<&str> = elements("set-header")
+        .iter()
+        .filter_map(|h| h.attribute("name"))
+        .collect();
+    assert!(headers.contains(&"x-functions-key") && headers.contains(&"Authorization"));
+    assert_eq!(
+        elements("authentication-managed-identity")[0].attribute("resource"),
+        Some("{{token-broker-audience}}")
+    );
+    assert_eq!(elements("cache-lookup-value").len(), 1);
+    let store = elements("cache-store-value")[0];
+    assert!(
+        store
+            .attribute("duration")
+            .unwrap()
+            .contains("[\"expires_in\"] - 60")
+    );
+    assert!(text.contains("[\"access_token\"]"));
+    let status = elements("set-status")[0].attribute("code").unwrap();
+    assert!(status.contains("502") && status.contains("503"), "{status}");
+    assert!(
+        !text.contains("tokenBrokerResponse\"]).Body.As<string>"),
+        "never passes the broker's body on"
+    );
+    // The names it uses are the broker's: the route and the token fields of the OpenAPI document.
+    let openapi = read("openapi.yaml");
+    assert!(openapi.contains("/api/token/{connection}:"));
+    assert!(openapi.contains("required: [access_token, token_type, expires_in, expires_on]"));
+    // And the named values it uses are the ones the Bicep creates.
+    let apim = read("infra/modules/apim.bicep");
+    for value in [
+        "token-broker-url",
+        "token-broker-function-key",
+        "token-broker-audience",
+    ] {
+        assert!(text.contains(&format!("{{{{{value}}}}}")), "{value} used");
+        assert!(
+            apim.contains(&format!("name: '{value}'")),
+            "{value} created"
+        );
+    }
+    roxmltree::Document::parse(&read("infra/apim/broker-api-policy.xml")).expect("well-formed XML");
+}
+
+#[test]
+fn the_package_holds_exactly_what_the_host_needs_and_runs_on_glibc_2_28() {
+    let status = Command::new(root().join("scripts/package"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/package failed");
+    let zip = root().join("dist/token-broker.zip");
+    let listing = Command::new("python3")
+        .args(["-c", "import zipfile,sys,json; z=zipfile.ZipFile(sys.argv[1]); print(json.dumps({i.filename: i.external_attr >> 16 for i in z.infolist()}))"])
+        .arg(&zip)
+        .output()
+        .unwrap();
+    let entries: serde_json::Map<String, Value> = serde_json::from_slice(&listing.stdout).unwrap();
+    let names: BTreeSet<&str> = entries.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from([
+            "broker.toml",
+            "function-rotation/function.json",
+            "function-token/function.json",
+            "host.json",
+            "token-broker"
+        ])
+    );
+    assert_eq!(entries["token-broker"].as_u64().unwrap() & 0o777, 0o755);
+    let host: Value = serde_json::from_str(&read("host.json")).unwrap();
+    assert_eq!(
+        host["customHandler"]["description"]["defaultExecutablePath"],
+        "token-broker"
+    );
+
+    let binary = root().join("target/x86_64-unknown-linux-gnu/release/token-broker");
+    let symbols = Command::new("objdump")
+        .arg("-T")
+        .arg(&binary)
+        .output()
+        .unwrap();
+    let symbols = String::from_utf8_lossy(&symbols.stdout);
+    let newest = symbols
+        .split("GLIBC_")
+        .skip(1)
+        .filter_map(|rest| {
+            let version: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            Some((parts.next()?, parts.next().unwrap_or(0)))
+        })
+        .max()
+        .expect("the binary links glibc");
+    println!(
+        "package: {} bytes; newest glibc symbol version GLIBC_{}.{}",
+        std::fs::metadata(&zip).unwrap().len(),
+        newest.0,
+        newest.1
+    );
+    assert!(newest <= (2, 28), "needs GLIBC_{}.{}", newest.0, newest.1);
+}
