@@ -12,9 +12,10 @@
 //! - [`secret_source`]: the client secret, from Key Vault through the managed identity.
 //!
 //! Around them: [`config`] (the validated `broker.toml`), [`http_client`] (the one outgoing
-//! HTTP stack), [`telemetry`] (JSON logs), [`startup`] (wiring and the listener) and
+//! HTTP stack), [`telemetry`] (JSON logs; [`audit`] writes the per-token line), [`startup`] (wiring and the listener) and
 //! [`rotation`] (Key Vault events that make a rotated secret take effect at once).
 
+pub mod audit;
 pub mod caller_check;
 pub mod config;
 pub mod error;

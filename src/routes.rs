@@ -15,8 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
 use serde::Serialize;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Level;
+use tracing::Instrument;
 
 use crate::caller_check::{self, CallerCheck};
 use crate::config::{ConnectionSettings, is_valid_connection_name, is_valid_scope_token};
@@ -78,30 +77,55 @@ impl AppState {
 
 /// The broker's router, apart from `main` so that tests can drive it in-process.
 pub fn router(state: AppState) -> Router {
-    Router::new().fallback(dispatch).with_state(state).layer(
-        TraceLayer::new_for_http()
-            .make_span_with(request_span)
-            .on_request(())
-            .on_response(DefaultOnResponse::new().level(Level::INFO)),
-    )
+    Router::new().fallback(traced).with_state(state)
 }
 
-/// One span per request. It carries the host's invocation id so the broker's lines join the
-/// host's own in Application Insights; it records the path but never the query string, which
-/// may hold the function key (`code=`), and never a header.
-fn request_span(request: &Request<Body>) -> tracing::Span {
-    let invocation_id = request
-        .headers()
-        .get("x-azure-functions-invocationid")
-        .and_then(|value| value.to_str().ok())
-        .map(|value| truncate(value, 64))
-        .unwrap_or_default();
-    tracing::info_span!(
+/// What identifies a request in its log lines: the host's invocation id (so the broker's lines
+/// join the host's own in Application Insights), the method and the path; never the query
+/// string, which may hold the function key (`code=`), and never a header.
+struct RequestLabel<'a> {
+    invocation_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+}
+
+impl<'a> RequestLabel<'a> {
+    fn of(request: &'a Request<Body>) -> Self {
+        Self {
+            invocation_id: request
+                .headers()
+                .get("x-azure-functions-invocationid")
+                .and_then(|value| value.to_str().ok())
+                .map(|value| truncate(value, 64))
+                .unwrap_or_default(),
+            method: request.method().as_str(),
+            path: truncate(request.uri().path(), 200),
+        }
+    }
+}
+
+/// Runs every request inside one span carrying its label. The host logs each invocation with
+/// status and duration; the broker's own line per response is at DEBUG, and tokens get their
+/// audit line, failures a warning, either way.
+async fn traced(state: State<AppState>, request: Request<Body>) -> Response {
+    let label = RequestLabel::of(&request);
+    let span = tracing::info_span!(
         "request",
-        method = %request.method(),
-        path = %truncate(request.uri().path(), 200),
-        invocation_id = %invocation_id,
-    )
+        invocation_id = label.invocation_id,
+        method = label.method,
+        path = label.path,
+    );
+    let started = tokio::time::Instant::now();
+    let response = dispatch(state, request).instrument(span.clone()).await;
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let _entered = span.enter();
+        tracing::debug!(
+            status = response.status().as_u16(),
+            latency_us = started.elapsed().as_micros() as u64,
+            "finished processing request"
+        );
+    }
+    response
 }
 
 fn truncate(text: &str, max: usize) -> &str {
@@ -115,6 +139,7 @@ async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Resp
     if let Err(error) = check_limits(&request) {
         return error.into_response();
     }
+    let invocation_id = RequestLabel::of(&request).invocation_id.to_string();
     let (parts, body) = request.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     if uri.path() == "/" {
@@ -137,7 +162,12 @@ async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Resp
     if method != Method::GET && method != Method::POST {
         return ApiError::MethodNotAllowed("GET, POST").into_response();
     }
-    match serve_token(&state, connection, uri.query(), &headers).await {
+    let label = RequestLabel {
+        invocation_id: &invocation_id,
+        method: method.as_str(),
+        path: truncate(uri.path(), 200),
+    };
+    match serve_token(&state, connection, uri.query(), &headers, &label).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -210,6 +240,7 @@ async fn serve_token(
     name: &str,
     query: Option<&str>,
     headers: &HeaderMap,
+    label: &RequestLabel<'_>,
 ) -> Result<Response, ApiError> {
     // Who is asking comes first: an unauthenticated caller learns nothing, not even which
     // connections exist.
@@ -243,16 +274,17 @@ async fn serve_token(
         .await
         .map_err(|error| ApiError::from(error.as_ref()))?;
     let now = tokio::time::Instant::now();
-    tracing::info!(
-        target: "audit",
-        connection = %connection.name,
-        caller = %caller.audit_name(),
-        scopes = %key.scopes_display(),
-        cache = outcome.as_str(),
-        expires_on = token.expires_on,
-        fingerprint = %token.fingerprint,
-        "token handed out"
-    );
+    crate::audit::record(&crate::audit::AuditRecord {
+        connection: &connection.name,
+        caller: caller.audit_name(),
+        scopes: key.scopes_display(),
+        cache: outcome.as_str(),
+        expires_on: token.expires_on,
+        fingerprint: &token.fingerprint,
+        invocation_id: label.invocation_id,
+        method: label.method,
+        path: label.path,
+    });
     let body = TokenBody {
         // The token leaves the broker here, in the response body and nowhere else.
         access_token: token.access_token.expose_secret(),

@@ -14,6 +14,8 @@ pub fn init() -> WorkerGuard {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = NonBlockingBuilder::default()
         .lossy(false)
+        // A bounded queue: a burst waits for the writer rather than growing memory.
+        .buffered_lines_limit(8192)
         // The worker drains every queued line, then flushes: under load, one write for many
         // lines instead of one system call per line.
         .finish(std::io::BufWriter::with_capacity(
@@ -27,7 +29,8 @@ pub fn init() -> WorkerGuard {
         .with_span_list(false)
         .with_span_events(FmtSpan::NONE)
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(writer.clone())
         .init();
+    crate::audit::install(writer);
     guard
 }
