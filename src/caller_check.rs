@@ -21,6 +21,7 @@ use url::Url;
 
 use crate::config::{CallerMode, CallerSettings, ConnectionSettings};
 use crate::error::ApiError;
+use crate::http_client::LazyClient;
 
 /// Signature algorithms a caller token may use: asymmetric only. `none` and the HMAC family
 /// (whose "key" would be public JWKS material) are refused.
@@ -66,7 +67,7 @@ pub enum CallerCheck {
 }
 
 impl CallerCheck {
-    pub fn new(settings: &CallerSettings, http: reqwest::Client) -> Self {
+    pub fn new(settings: &CallerSettings, http: Arc<LazyClient>) -> Self {
         match &settings.mode {
             CallerMode::None => CallerCheck::FunctionKeyOnly,
             CallerMode::EasyAuth => CallerCheck::EasyAuth,
@@ -125,7 +126,7 @@ pub fn authorize(caller: &Caller, connection: &ConnectionSettings) -> Result<(),
 
 /// Validates bearer tokens against an issuer's keys.
 pub struct JwtValidator {
-    http: reqwest::Client,
+    http: Arc<LazyClient>,
     issuer: String,
     audience: String,
     configured_jwks_uri: Option<Url>,
@@ -275,8 +276,8 @@ impl JwtValidator {
     }
 
     async fn get_json<T: serde::de::DeserializeOwned>(&self, url: &str) -> Result<T, String> {
-        let response = self
-            .http
+        let http = self.http.get().map_err(str::to_string)?;
+        let response = http
             .get(url)
             .timeout(Duration::from_secs(10))
             .send()

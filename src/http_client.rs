@@ -19,3 +19,30 @@ pub fn build(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
         .redirect(reqwest::redirect::Policy::none())
         .build()
 }
+
+/// A client built on first use. Loading the TLS roots takes milliseconds per client, and the
+/// Functions host's readiness probe (and so every cold start) should not wait for them.
+pub struct LazyClient {
+    connect_timeout: Duration,
+    client: std::sync::OnceLock<Result<reqwest::Client, String>>,
+}
+
+impl LazyClient {
+    pub fn new(connect_timeout: Duration) -> Self {
+        Self {
+            connect_timeout,
+            client: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The client, built now if this is the first use.
+    pub fn get(&self) -> Result<&reqwest::Client, &str> {
+        self.client
+            .get_or_init(|| {
+                build(self.connect_timeout)
+                    .map_err(|error| format!("cannot build the HTTP client: {error}"))
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+}

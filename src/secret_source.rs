@@ -7,7 +7,7 @@
 //! memory keeps serving: a vault hiccup must not become an outage.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
@@ -23,6 +23,7 @@ use secrecy::SecretString;
 use tokio::time::Instant;
 
 use crate::config::{IdentitySettings, KeyVaultSettings, SecretSource};
+use crate::http_client::LazyClient;
 
 /// A client secret and the Key Vault version it came from.
 pub struct ClientSecret {
@@ -49,11 +50,13 @@ pub enum SecretError {
     Unavailable { name: String, detail: String },
     #[error("no Key Vault is configured")]
     NoVault,
+    #[error("the Key Vault client could not be built (the log says why)")]
+    Client,
 }
 
 /// Reads client secrets and keeps them in memory for a TTL.
 pub struct SecretStore {
-    vault: Option<SecretClient>,
+    vault: Option<LazyVault>,
     ttl: Duration,
     /// One slot per Key Vault secret name. The async mutex makes concurrent readers of the same
     /// secret wait for one Key Vault read rather than each making their own.
@@ -100,30 +103,19 @@ impl SecretStore {
     pub fn new(
         key_vault: Option<&KeyVaultSettings>,
         identity: &IdentitySettings,
-        http: &reqwest::Client,
+        http: Arc<LazyClient>,
         ttl: Duration,
-    ) -> azure_core::Result<Self> {
-        let vault = match key_vault {
-            None => None,
-            Some(settings) => {
-                let credential = credential(settings, identity, http)?;
-                let options = SecretClientOptions {
-                    client_options: sdk_client_options(http),
-                    verify_challenge_resource: Some(settings.verify_challenge_resource),
-                    ..Default::default()
-                };
-                Some(SecretClient::new(
-                    settings.uri.as_str(),
-                    credential,
-                    Some(options),
-                )?)
-            }
-        };
-        Ok(Self {
-            vault,
+    ) -> Self {
+        Self {
+            vault: key_vault.map(|settings| LazyVault {
+                settings: settings.clone(),
+                identity: identity.clone(),
+                http,
+                client: OnceLock::new(),
+            }),
             ttl,
             slots: Mutex::default(),
-        })
+        }
     }
 
     /// The secret for `source`, from memory when fresh enough.
@@ -223,7 +215,7 @@ impl SecretStore {
     }
 
     async fn read(&self, name: &str) -> Result<ClientSecret, SecretError> {
-        let vault = self.vault.as_ref().ok_or(SecretError::NoVault)?;
+        let vault = self.vault.as_ref().ok_or(SecretError::NoVault)?.client()?;
         let started = Instant::now();
         let response = vault
             .get_secret(name, None::<SecretClientGetSecretOptions<'_>>)
@@ -253,6 +245,37 @@ impl SecretStore {
             value: SecretString::from(value),
             version,
         })
+    }
+}
+
+/// The Key Vault client, built on first use so that startup does no TLS or credential work.
+struct LazyVault {
+    settings: KeyVaultSettings,
+    identity: IdentitySettings,
+    http: Arc<LazyClient>,
+    client: OnceLock<Result<SecretClient, String>>,
+}
+
+impl LazyVault {
+    fn client(&self) -> Result<&SecretClient, SecretError> {
+        self.client
+            .get_or_init(|| {
+                let http = self.http.get().map_err(str::to_string)?;
+                let credential = credential(&self.settings, &self.identity, http)
+                    .map_err(|error| format!("cannot build the credential: {error}"))?;
+                let options = SecretClientOptions {
+                    client_options: sdk_client_options(http),
+                    verify_challenge_resource: Some(self.settings.verify_challenge_resource),
+                    ..Default::default()
+                };
+                SecretClient::new(self.settings.uri.as_str(), credential, Some(options))
+                    .map_err(|error| format!("cannot build the Key Vault client: {error}"))
+            })
+            .as_ref()
+            .map_err(|detail| {
+                tracing::error!(%detail, "key vault client unavailable");
+                SecretError::Client
+            })
     }
 }
 

@@ -8,6 +8,7 @@ use tokio::net::TcpListener;
 
 use crate::caller_check::CallerCheck;
 use crate::config::Settings;
+use crate::http_client::LazyClient;
 use crate::routes::{AppState, router};
 use crate::secret_source::SecretStore;
 use crate::token_cache::TokenCache;
@@ -22,10 +23,6 @@ pub struct Application {
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
-    #[error("cannot build the HTTP client: {0}")]
-    HttpClient(#[from] reqwest::Error),
-    #[error("cannot build the Key Vault client: {0}")]
-    KeyVault(#[from] azure_core::Error),
     #[error("cannot listen on 127.0.0.1:{port}: {source}")]
     Bind {
         port: u16,
@@ -35,19 +32,20 @@ pub enum StartupError {
 }
 
 impl Application {
-    /// Builds the clients and binds `127.0.0.1:<port>`; the host always calls IPv4 loopback.
-    /// Nothing here touches the network, so the first readiness probe is answered at once.
+    /// Wires the data path and binds `127.0.0.1:<port>`; the host always calls IPv4 loopback.
+    /// Nothing here touches the network or loads TLS roots (the HTTP clients are built on first
+    /// use), so the first readiness probe is answered at once.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
-        let http = crate::http_client::build(std::time::Duration::from_secs(5))?;
+        let http = Arc::new(LazyClient::new(std::time::Duration::from_secs(5)));
         let secrets = Arc::new(SecretStore::new(
             settings.key_vault.as_ref(),
             &settings.identity,
-            &http,
+            http.clone(),
             settings.cache.secret_ttl,
-        )?);
+        ));
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
-        let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections)?);
+        let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections));
         let cache = Arc::new(TokenCache::new(token_client, settings.cache.max_tokens));
         let state = AppState::new(cache, secrets, callers, connections);
 

@@ -22,6 +22,7 @@ use oauth2::{
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::{AuthMethod, ConnectionSettings};
+use crate::http_client::LazyClient;
 use crate::secret_source::{ClientSecret, SecretError, SecretStore};
 use crate::token_cache::{CacheKey, TokenSource};
 use crate::token_response::BrokerTokenResponse;
@@ -93,7 +94,7 @@ pub struct TokenClient {
 
 struct Upstream {
     connection: ConnectionSettings,
-    http: reqwest::Client,
+    http: LazyClient,
     guard: UpstreamGuard,
 }
 
@@ -108,7 +109,7 @@ impl TokenClient {
     pub fn new(
         secrets: Arc<SecretStore>,
         connections: &BTreeMap<String, ConnectionSettings>,
-    ) -> reqwest::Result<Self> {
+    ) -> Self {
         let mut upstreams = BTreeMap::new();
         for (key, connection) in connections {
             let guard = UpstreamGuard::new(GuardSettings {
@@ -117,13 +118,13 @@ impl TokenClient {
                 negative_cache: connection.negative_cache,
             });
             let upstream = Upstream {
-                http: crate::http_client::build(connection.connect_timeout)?,
+                http: LazyClient::new(connection.connect_timeout),
                 connection: connection.clone(),
                 guard,
             };
             upstreams.insert(key.clone(), upstream);
         }
-        Ok(Self { secrets, upstreams })
+        Self { secrets, upstreams }
     }
 
     /// A token for the connection with `scopes`, within the connection's deadline; every
@@ -276,8 +277,12 @@ impl TokenClient {
         for (name, value) in &connection.extra_params {
             request = request.add_extra_param(name.clone(), value.clone());
         }
+        let http = upstream.http.get().map_err(|detail| Failure::Unavailable {
+            detail: detail.to_string(),
+            retry_after: None,
+        })?;
         let transport = OAuthTransport {
-            http: &upstream.http,
+            http,
             timeout: connection.timeout,
         };
         let result = request.request_async(&transport).await;
