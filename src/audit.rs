@@ -1,25 +1,15 @@
 //! The audit line: one JSON record per token handed out.
 //!
 //! It is the one record written on every request, so it has its own writer: the fixed record
-//! is formatted by hand into one buffer and queued on the same background log writer as every
-//! other line (same stream, same order, same JSON shape), instead of going through the generic
+//! is formatted by hand into one buffer and appended to the same log output as every other
+//! line (same stream, same order, same JSON shape), instead of going through the generic
 //! `tracing` JSON formatter, which showed up as the largest user-space cost of a cache hit.
 //! `RUST_LOG` still decides whether it is written (target `audit`, level INFO).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tracing::Level;
-use tracing_appender::non_blocking::NonBlocking;
-
-static WRITER: OnceLock<NonBlocking> = OnceLock::new();
-
-/// Routes audit lines to the process's log writer; called once by `telemetry::init`.
-pub fn install(writer: NonBlocking) {
-    let _ = WRITER.set(writer);
-}
 
 /// What one audit line says. Never the token: its fingerprint only.
 pub struct AuditRecord<'a> {
@@ -39,8 +29,8 @@ pub fn record(record: &AuditRecord<'_>) {
     if !tracing::enabled!(target: "audit", Level::INFO) {
         return;
     }
-    let Some(writer) = WRITER.get() else {
-        // No log writer installed (library use): fall back to an ordinary event.
+    if !crate::telemetry::installed() {
+        // No log output installed (library use): fall back to an ordinary event.
         tracing::info!(
             target: "audit",
             connection = record.connection,
@@ -52,10 +42,9 @@ pub fn record(record: &AuditRecord<'_>) {
             "token handed out"
         );
         return;
-    };
+    }
     let line = format_line(record, SystemTime::now());
-    // One write per line: the writer queues each write as one record.
-    let _ = writer.clone().write_all(line.as_bytes());
+    crate::telemetry::output().write_lines(line.as_bytes());
 }
 
 /// The record as one JSON line, shaped like the other log lines (flattened fields, `target`,

@@ -155,7 +155,8 @@ struct EntryState {
     last_used: Option<Instant>,
 }
 
-/// A stale token is handed out only while it has at least this long to live.
+/// Past its normal window (refresh failing or in flight), a token is handed out only while it
+/// has at least this long to live.
 const STALE_FLOOR: Duration = Duration::from_secs(1);
 
 impl TokenCache {
@@ -180,10 +181,14 @@ impl TokenCache {
             if let Some(token) = state.token.clone() {
                 // While refreshing fails, a token still valid is worth more than an error:
                 // serve it until it really expires.
+                // And while a refresh is in flight, no caller waits for it.
+                let still_valid = now + STALE_FLOOR < token.expires_at;
                 let outcome = if now < token.usable_until {
                     Some(CacheOutcome::Hit)
-                } else if state.failed_refreshes > 0 && now + STALE_FLOOR < token.expires_at {
+                } else if still_valid && state.failed_refreshes > 0 {
                     Some(CacheOutcome::Stale)
+                } else if still_valid && state.fetch.is_some() {
+                    Some(CacheOutcome::Hit)
                 } else {
                     None
                 };

@@ -89,8 +89,8 @@ async fn an_idp_down_during_refresh_is_hidden_until_the_token_expires() {
     let mut after_expiry = Vec::new();
     let calls_before = proxy.requests();
     let mut served_after_a_failed_refresh = 0;
-    // Call every 100 ms for 5.5 s: the 4 s token needs refreshing after 2 to 3 s.
-    for _ in 0..55 {
+    // Call every 100 ms for 7.5 s: the 6 s token needs refreshing after 3 to 4.5 s.
+    for _ in 0..75 {
         let response = tally.call(&app, "/api/token/flaky").await;
         let now = unix_now();
         let status = response.status().as_u16();

@@ -77,7 +77,22 @@ impl Idp {
         Self::launch(dir.join("idp.json"), clients.to_vec(), 0)
     }
 
+    /// Starts the provider; a start that prints nothing within 20 s is retried once (seen
+    /// rarely on a loaded two-core machine), so a slow start cannot hang the suite.
     fn launch(config_path: std::path::PathBuf, clients: Vec<IdpClient>, port: u16) -> Idp {
+        match Self::try_launch(&config_path, &clients, port) {
+            Ok(idp) => idp,
+            Err(reason) => {
+                eprintln!("oidc-provider start failed ({reason}); retrying once");
+                Self::try_launch(&config_path, &clients, port)
+                    .unwrap_or_else(|reason| panic!("{reason}"))
+            }
+        }
+    }
+
+    fn try_launch(config_path: &Path, clients: &[IdpClient], port: u16) -> Result<Idp, String> {
+        let config_path = config_path.to_path_buf();
+        let clients = clients.to_vec();
         let config = serde_json::json!({
             "port": port,
             "resource": RESOURCE,
@@ -109,13 +124,19 @@ impl Idp {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = sender.send(line);
         });
-        let line = receiver
-            .recv_timeout(Duration::from_secs(20))
-            .expect("oidc-provider did not print its ready line within 20 s");
-        let ready: IdpReady = serde_json::from_str(&line).unwrap_or_else(|_| {
-            panic!("oidc-provider did not start (run npm ci in tests/idp): {line}")
-        });
-        Idp {
+        let Ok(line) = receiver.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("oidc-provider did not print its ready line within 20 s".to_string());
+        };
+        let Ok(ready) = serde_json::from_str::<IdpReady>(&line) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "oidc-provider did not start (run npm ci in tests/idp): {line:?}"
+            ));
+        };
+        Ok(Idp {
             child,
             _stdin: stdin,
             config_path,
@@ -124,7 +145,7 @@ impl Idp {
             token_endpoint: ready.token_endpoint,
             jwks_uri: ready.jwks_uri,
             issuer: ready.issuer,
-        }
+        })
     }
 
     /// Restarts the provider on the same port (same issuer) with new signing keys, after
@@ -260,7 +281,7 @@ pub fn setting_secret() -> String {
 /// The provider's clients: the broker's own, and callers that present tokens to the broker.
 pub fn standard_clients() -> Vec<IdpClient> {
     let short = IdpClient {
-        ttl_seconds: 4,
+        ttl_seconds: 6,
         ..IdpClient::new("broker-short", "short-lived-secret", "client_secret_basic")
     };
     let caller_short = IdpClient {

@@ -139,9 +139,9 @@ async fn two_hundred_concurrent_cold_requests_cause_one_token_request() {
 
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_ahead_without_callers_waiting() {
-    // The provider issues 4 s tokens for this client: a refresh is due after 2 to 3 s, and a
-    // token is handed out until 3.6 s. Callers every 50 ms for 6 s must always get a token
-    // from memory (no miss after the first) and see it change without an error.
+    // The provider issues 6 s tokens for this client: a refresh is due after 3 to 4.5 s, and a
+    // token is handed out until 5 s. Callers every 50 ms for 6 s must always get a token from
+    // memory (no miss after the first) and see it change without an error.
     let app = spawn_app().await;
     let mut seen = Vec::<String>::new();
     for _ in 0..120 {
