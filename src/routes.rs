@@ -89,34 +89,33 @@ struct RequestLabel<'a> {
     path: &'a str,
 }
 
-impl<'a> RequestLabel<'a> {
-    fn of(request: &'a Request<Body>) -> Self {
-        Self {
-            invocation_id: request
-                .headers()
-                .get("x-azure-functions-invocationid")
-                .and_then(|value| value.to_str().ok())
-                .map(|value| truncate(value, 64))
-                .unwrap_or_default(),
-            method: request.method().as_str(),
-            path: truncate(request.uri().path(), 200),
-        }
-    }
+/// The host's invocation id header, cut to a length fit for a log line.
+fn invocation_id(invocation: Option<&HeaderValue>) -> &str {
+    invocation
+        .and_then(|value| value.to_str().ok())
+        .map(|value| truncate(value, 64))
+        .unwrap_or_default()
 }
 
 /// Runs every request inside one span carrying its label. The host logs each invocation with
 /// status and duration; the broker's own line per response is at DEBUG, and tokens get their
 /// audit line, failures a warning, either way.
-async fn traced(state: State<AppState>, request: Request<Body>) -> Response {
-    let label = RequestLabel::of(&request);
+async fn traced(State(state): State<AppState>, request: Request<Body>) -> Response {
+    // Read once here and lent to the handler (a header value clone is a reference count).
+    let invocation = request
+        .headers()
+        .get("x-azure-functions-invocationid")
+        .cloned();
     let span = tracing::info_span!(
         "request",
-        invocation_id = label.invocation_id,
-        method = label.method,
-        path = label.path,
+        invocation_id = invocation_id(invocation.as_ref()),
+        method = request.method().as_str(),
+        path = truncate(request.uri().path(), 200),
     );
     let started = tokio::time::Instant::now();
-    let response = dispatch(state, request).instrument(span.clone()).await;
+    let response = dispatch(&state, request, invocation_id(invocation.as_ref()))
+        .instrument(span.clone())
+        .await;
     if tracing::enabled!(tracing::Level::DEBUG) {
         let _entered = span.enter();
         tracing::debug!(
@@ -135,11 +134,10 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Response {
+async fn dispatch(state: &AppState, request: Request<Body>, invocation_id: &str) -> Response {
     if let Err(error) = check_limits(&request) {
         return error.into_response();
     }
-    let invocation_id = RequestLabel::of(&request).invocation_id.to_string();
     let (parts, body) = request.into_parts();
     let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
     if uri.path() == "/" {
@@ -154,7 +152,7 @@ async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Resp
         if method != Method::POST {
             return ApiError::MethodNotAllowed("POST").into_response();
         }
-        return rotation::handle(&state, body).await;
+        return rotation::handle(state, body).await;
     }
     let Some(connection) = token_route(uri.path()) else {
         return ApiError::NotFound.into_response();
@@ -163,11 +161,11 @@ async fn dispatch(State(state): State<AppState>, request: Request<Body>) -> Resp
         return ApiError::MethodNotAllowed("GET, POST").into_response();
     }
     let label = RequestLabel {
-        invocation_id: &invocation_id,
+        invocation_id,
         method: method.as_str(),
         path: truncate(uri.path(), 200),
     };
-    match serve_token(&state, connection, uri.query(), &headers, &label).await {
+    match serve_token(state, connection, uri.query(), &headers, &label).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
