@@ -83,6 +83,9 @@ pub struct CacheSettings {
     pub secret_ttl: Duration,
     /// Most token cache entries kept at once (connection x scope set).
     pub max_tokens: usize,
+    /// How long a secret Key Vault now refuses definitively (disabled, deleted, access
+    /// revoked) is still used from memory before the broker stops using it.
+    pub secret_refusal_grace: Duration,
 }
 
 /// One OAuth client the broker obtains tokens for.
@@ -211,6 +214,7 @@ struct RawCallers {
 struct RawCache {
     secret_ttl_seconds: Option<u64>,
     max_tokens: Option<usize>,
+    secret_refusal_grace_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -342,6 +346,9 @@ impl Validator<'_> {
         let cache = CacheSettings {
             secret_ttl: Duration::from_secs(raw.cache.secret_ttl_seconds.unwrap_or(300)),
             max_tokens: raw.cache.max_tokens.unwrap_or(1024),
+            secret_refusal_grace: Duration::from_secs(
+                raw.cache.secret_refusal_grace_seconds.unwrap_or(300),
+            ),
         };
         if cache.max_tokens == 0 {
             self.problems

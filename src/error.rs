@@ -9,7 +9,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
-use crate::token_client::TokenError;
+use crate::token::TokenError;
+
+/// Longest `Retry-After` the broker gives its callers. An identity provider that asks for an
+/// hour (or a circuit open for long) must not park every caller for that long: they come back
+/// within this, and are answered fast from the circuit breaker or the negative cache.
+pub const MAX_CALLER_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// Every way a request can fail, with the status and code the API documents.
 #[derive(Debug)]
@@ -35,8 +40,13 @@ pub enum ApiError {
     InvalidToken(String),
     /// 403 `access_denied`.
     AccessDenied(String),
-    /// 502 `upstream_rejected`, with the token endpoint's OAuth error code.
-    UpstreamRejected { description: String, code: String },
+    /// 502 `upstream_rejected`, with the token endpoint's OAuth error code when it gave one.
+    UpstreamRejected {
+        description: String,
+        code: Option<String>,
+    },
+    /// 502 `upstream_invalid_response`: a success answer that is not a usable token.
+    UpstreamInvalidResponse(String),
     /// 503 `upstream_unavailable`.
     UpstreamUnavailable {
         description: String,
@@ -64,6 +74,10 @@ impl From<&TokenError> for ApiError {
                 description: error.to_string(),
                 code: code.clone(),
             },
+            TokenError::InvalidResponse { .. } => {
+                ApiError::UpstreamInvalidResponse(error.to_string())
+            }
+            TokenError::Internal { .. } => ApiError::Internal(error.to_string()),
             TokenError::Unavailable { retry_after, .. } => ApiError::UpstreamUnavailable {
                 description: error.to_string(),
                 retry_after: *retry_after,
@@ -137,7 +151,14 @@ impl IntoResponse for ApiError {
                 StatusCode::BAD_GATEWAY,
                 "upstream_rejected",
                 description.as_str(),
-                Some(code.as_str()),
+                code.as_deref(),
+                None,
+            ),
+            ApiError::UpstreamInvalidResponse(text) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_invalid_response",
+                text.as_str(),
+                None,
                 None,
             ),
             ApiError::UpstreamUnavailable {
@@ -215,7 +236,7 @@ impl IntoResponse for ApiError {
             matches!(self, ApiError::UpstreamUnavailable { .. }).then(|| Duration::from_secs(5))
         });
         if let Some(retry_after) = retry_after {
-            let seconds = retry_after.as_secs().max(1);
+            let seconds = retry_after.min(MAX_CALLER_RETRY_AFTER).as_secs().max(1);
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response

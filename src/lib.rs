@@ -5,7 +5,7 @@
 //! - [`routes`]: the HTTP API the Functions host forwards to (`/api/token/{connection}`),
 //!   with [`error`] mapping every failure to the documented JSON contract;
 //! - [`caller_check`]: who is asking (JWT or Easy Auth) and whether they may use the connection;
-//! - [`token_cache`]: tokens in memory, refreshed ahead of expiry, one fetch per cold key;
+//! - [`token_cache`]: tokens in memory ([`token`]: what a fetch yields), refreshed ahead of expiry, one fetch per cold key;
 //! - [`token_client`]: the OAuth 2.0 client-credentials exchange (with [`token_response`]
 //!   parsing what real identity providers send), retried and bounded, behind a per-connection
 //!   [`upstream_guard`] (circuit breaker, retry budget, negative cache);
@@ -25,6 +25,7 @@ pub mod routes;
 pub mod secret_source;
 pub mod startup;
 pub mod telemetry;
+pub mod token;
 pub mod token_cache;
 pub mod token_client;
 pub mod token_response;

@@ -6,6 +6,7 @@
 //! unknown or malformed connection name must be a plain `unknown_connection`, never a 5xx.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use axum::Router;
@@ -13,6 +14,7 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt;
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use tracing::Instrument;
@@ -22,7 +24,7 @@ use crate::config::{ConnectionSettings, is_valid_connection_name, is_valid_scope
 use crate::error::ApiError;
 use crate::rotation;
 use crate::secret_source::SecretStore;
-use crate::token_cache::{CacheKey, TokenCache};
+use crate::token_cache::{CacheKey, TokenCache, panic_message};
 
 /// Most scopes one request may name, and the longest `scope` value accepted.
 const MAX_SCOPES: usize = 32;
@@ -113,9 +115,25 @@ async fn traced(State(state): State<AppState>, request: Request<Body>) -> Respon
         path = truncate(request.uri().path(), 200),
     );
     let started = tokio::time::Instant::now();
-    let response = dispatch(&state, request, invocation_id(invocation.as_ref()))
-        .instrument(span.clone())
-        .await;
+    // A panic anywhere in a request is a bug, but the caller still gets the documented JSON
+    // answer instead of a dropped connection, and the worker lives on.
+    let response = AssertUnwindSafe(
+        dispatch(&state, request, invocation_id(invocation.as_ref())).instrument(span.clone()),
+    )
+    .catch_unwind()
+    .await
+    .unwrap_or_else(|panic| {
+        let _entered = span.enter();
+        tracing::error!(
+            panic = panic_message(panic.as_ref()),
+            "request handler panicked"
+        );
+        ApiError::Internal(
+            "the broker failed unexpectedly on this request (a bug; its log has the details)"
+                .to_string(),
+        )
+        .into_response()
+    });
     if tracing::enabled!(tracing::Level::DEBUG) {
         let _entered = span.enter();
         tracing::debug!(
@@ -165,10 +183,48 @@ async fn dispatch(state: &AppState, request: Request<Body>, invocation_id: &str)
         method: method.as_str(),
         path: truncate(uri.path(), 200),
     };
-    match serve_token(state, connection, uri.query(), &headers, &label).await {
+    let form = if method == Method::POST {
+        match form_body(&headers, body).await {
+            Ok(form) => form,
+            Err(error) => return error.into_response(),
+        }
+    } else {
+        Vec::new()
+    };
+    match serve_token(state, connection, uri.query(), &form, &headers, &label).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
+}
+
+/// A POST's body: empty, or an `application/x-www-form-urlencoded` form (RFC 6749 token
+/// requests are forms) whose `scope` is honoured like the query's. Any other body is refused
+/// rather than silently ignored.
+async fn form_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::TooLarge {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            what: "the request body is larger than the broker accepts (64 KiB)",
+        })?;
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| {
+            media
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !is_form {
+        return Err(ApiError::InvalidRequest(
+            "a POST body must be an application/x-www-form-urlencoded form (or empty)".to_string(),
+        ));
+    }
+    Ok(bytes.to_vec())
 }
 
 /// Refuses requests larger than a token request can need, before any work is done.
@@ -237,6 +293,7 @@ async fn serve_token(
     state: &AppState,
     name: &str,
     query: Option<&str>,
+    form: &[u8],
     headers: &HeaderMap,
     label: &RequestLabel<'_>,
 ) -> Result<Response, ApiError> {
@@ -250,7 +307,7 @@ async fn serve_token(
     }
     let (key_name, connection) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
     caller_check::authorize(&caller, connection)?;
-    let key = match requested_scopes(query)? {
+    let key = match requested_scopes(query, form)? {
         None => state.default_keys[key_name].clone(),
         Some(scopes) => {
             if let Some(refused) = scopes
@@ -298,15 +355,16 @@ async fn serve_token(
     Ok(response)
 }
 
-/// The `scope` query parameter as a scope list, `None` when absent or empty. Repeated
-/// parameters are joined, as are the comma-joined values the Functions host makes of them.
-fn requested_scopes(query: Option<&str>) -> Result<Option<Vec<String>>, ApiError> {
-    let Some(query) = query else {
-        return Ok(None);
-    };
+/// The `scope` parameters of the query and of a POST form, as a scope list; `None` when absent
+/// or empty. Repeated parameters are joined, as are the comma-joined values the Functions host
+/// makes of them.
+fn requested_scopes(query: Option<&str>, form: &[u8]) -> Result<Option<Vec<String>>, ApiError> {
+    let query = query.unwrap_or_default().as_bytes();
     let mut scopes = Vec::new();
     let mut length = 0;
-    for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+    let parameters =
+        url::form_urlencoded::parse(query).chain(url::form_urlencoded::parse(form));
+    for (name, value) in parameters {
         if name != "scope" {
             continue;
         }
@@ -355,10 +413,19 @@ mod tests {
 
     #[test]
     fn scopes_are_split_on_spaces_and_host_commas() {
-        let scopes = requested_scopes(Some("scope=a%20b&code=key&scope=c,d")).unwrap();
+        let scopes = requested_scopes(Some("scope=a%20b&code=key&scope=c,d"), b"").unwrap();
         assert_eq!(scopes.unwrap(), ["a", "b", "c", "d"]);
-        assert_eq!(requested_scopes(Some("scope=")).unwrap(), None);
-        assert_eq!(requested_scopes(None).unwrap(), None);
-        assert!(requested_scopes(Some("scope=a%22b")).is_err());
+        assert_eq!(requested_scopes(Some("scope="), b"").unwrap(), None);
+        assert_eq!(requested_scopes(None, b"").unwrap(), None);
+        assert!(requested_scopes(Some("scope=a%22b"), b"").is_err());
+    }
+
+    #[test]
+    fn a_form_body_scope_counts_like_the_query_scope() {
+        let scopes = requested_scopes(None, b"grant_type=client_credentials&scope=read+write");
+        assert_eq!(scopes.unwrap().unwrap(), ["read", "write"]);
+        let both = requested_scopes(Some("scope=a"), b"scope=b").unwrap().unwrap();
+        assert_eq!(both, ["a", "b"]);
+        assert!(requested_scopes(None, b"scope=a%22b").is_err());
     }
 }

@@ -3,11 +3,17 @@
 //! Key Vault secrets are read through the official Azure SDK with the Function App's managed
 //! identity (or a developer's Azure CLI login on a laptop) and kept in memory for a TTL, as
 //! Microsoft's guidance asks: Key Vault allows a few thousand transactions per 10 s per vault,
-//! and a broker that read per request would throttle itself. When a re-read fails, the copy in
-//! memory keeps serving: a vault hiccup must not become an outage.
+//! and a broker that read per request would throttle itself.
+//!
+//! When a re-read fails, the copy in memory keeps serving: a vault hiccup must not become an
+//! outage. Re-reads with a copy in hand are bounded (`REREAD_WAIT`), made by one caller at a
+//! time while the others use the copy, and after a failure backed off, so that a dead vault
+//! never holds a token fetch up. A definitive refusal (secret disabled or deleted, access
+//! revoked) is different: the copy is used for `secret_refusal_grace` after the first one, and
+//! then no more.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use azure_core::credentials::TokenCredential;
@@ -19,6 +25,7 @@ use azure_identity::{
 use azure_security_keyvault_secrets::{
     SecretClient, SecretClientOptions, models::SecretClientGetSecretOptions,
 };
+use parking_lot::Mutex;
 use secrecy::SecretString;
 use tokio::time::Instant;
 
@@ -33,7 +40,14 @@ pub struct ClientSecret {
     pub version: Option<String>,
 }
 
-/// Why a secret could not be had. Messages are for operators and never hold a secret value.
+/// Longest a re-read may take while a copy is in memory; past it the copy is used.
+const REREAD_WAIT: Duration = Duration::from_secs(2);
+/// Backoff between failed re-reads: doubling from the first, at most the last.
+const REREAD_BACKOFF_FIRST: Duration = Duration::from_secs(5);
+const REREAD_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Why a secret could not be had. Messages are for operators (they go to the log, not to
+/// callers) and never hold a secret value.
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     #[error("Key Vault secret '{name}' was not found")]
@@ -54,13 +68,67 @@ pub enum SecretError {
     Client,
 }
 
+impl SecretError {
+    /// Whether Key Vault said no for good (deleted, disabled, access revoked), as opposed to
+    /// not answering: only then does a copy in memory stop being used.
+    pub fn is_definitive(&self) -> bool {
+        matches!(
+            self,
+            SecretError::NotFound { .. } | SecretError::Forbidden { .. } | SecretError::Empty { .. }
+        )
+    }
+
+    /// The step that failed, as a caller may be told it.
+    pub fn step(&self) -> &'static str {
+        match self {
+            SecretError::Identity => "getting a managed identity token for Key Vault",
+            _ => "reading it from Key Vault",
+        }
+    }
+}
+
 /// Reads client secrets and keeps them in memory for a TTL.
 pub struct SecretStore {
     vault: Option<LazyVault>,
     ttl: Duration,
-    /// One slot per Key Vault secret name. The async mutex makes concurrent readers of the same
-    /// secret wait for one Key Vault read rather than each making their own.
-    slots: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<CachedSecret>>>>>,
+    refusal_grace: Duration,
+    /// One slot per Key Vault secret name.
+    slots: Mutex<HashMap<String, Arc<Slot>>>,
+}
+
+/// One secret: what is known of it, and the right to read it from Key Vault.
+#[derive(Default)]
+struct Slot {
+    /// A blocking mutex: held for field updates only, never across an await.
+    state: Mutex<SlotState>,
+    /// Held for a Key Vault read, so that concurrent readers of a secret make one read; with
+    /// a copy in memory, a caller that finds it taken uses the copy instead of waiting.
+    reading: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    cached: Option<CachedSecret>,
+    /// Consecutive failed re-reads, and when the next may be made.
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// When Key Vault first refused the secret definitively since the last good read.
+    refused_since: Option<Instant>,
+}
+
+impl SlotState {
+    /// The copy, when it is fresh (read within the TTL and not marked by a rotation event).
+    fn fresh(&self, ttl: Duration) -> Option<Arc<ClientSecret>> {
+        self.cached
+            .as_ref()
+            .filter(|entry| !entry.stale && entry.read_at.elapsed() < ttl)
+            .map(|entry| entry.latest.clone())
+    }
+
+    /// Whether a re-read is backing off after a failure.
+    fn backing_off(&self) -> bool {
+        self.retry_at.is_some_and(|at| Instant::now() < at)
+    }
 }
 
 struct CachedSecret {
@@ -105,6 +173,7 @@ impl SecretStore {
         identity: &IdentitySettings,
         http: Arc<LazyClient>,
         ttl: Duration,
+        refusal_grace: Duration,
     ) -> Self {
         Self {
             vault: key_vault.map(|settings| LazyVault {
@@ -114,6 +183,7 @@ impl SecretStore {
                 client: OnceLock::new(),
             }),
             ttl,
+            refusal_grace,
             slots: Mutex::default(),
         }
     }
@@ -134,24 +204,111 @@ impl SecretStore {
 
     async fn key_vault_secret(&self, name: &str) -> Result<Arc<ClientSecret>, SecretError> {
         let slot = self.slot(name);
-        let mut cached = slot.lock().await;
-        if let Some(entry) = cached.as_ref()
-            && !entry.stale
-            && entry.read_at.elapsed() < self.ttl
-        {
-            return Ok(entry.latest.clone());
+        let has_copy = {
+            let state = slot.state.lock();
+            if let Some(fresh) = state.fresh(self.ttl) {
+                return Ok(fresh);
+            }
+            if state.cached.is_some() && state.backing_off() {
+                return self.copy(name, &state, None);
+            }
+            state.cached.is_some()
+        };
+        if !has_copy {
+            // Nothing to serve meanwhile: wait for the one read, then look again.
+            let _reading = slot.reading.lock().await;
+            if let Some(fresh) = slot.state.lock().fresh(self.ttl) {
+                return Ok(fresh);
+            }
+            let result = self.read(name).await;
+            return self.settle(name, &slot, result);
         }
-        match self.read(name).await {
-            Ok(secret) => Ok(remember(&mut cached, secret)),
-            Err(error) => match cached.as_ref() {
-                // Serve the copy we have; the next caller after the TTL tries again.
-                Some(entry) if !matches!(error, SecretError::NotFound { .. }) => {
-                    tracing::warn!(secret = name, reason = %error, "key vault re-read failed; keeping the cached secret");
-                    Ok(entry.latest.clone())
+        let Ok(_reading) = slot.reading.try_lock() else {
+            // Another caller is re-reading; the copy serves until it is done.
+            return self.copy(name, &slot.state.lock(), None);
+        };
+        if let Some(fresh) = slot.state.lock().fresh(self.ttl) {
+            return Ok(fresh);
+        }
+        let result = match tokio::time::timeout(REREAD_WAIT, self.read(name)).await {
+            Ok(result) => result,
+            Err(_) => Err(SecretError::Unavailable {
+                name: name.to_string(),
+                detail: format!("no answer within {}s", REREAD_WAIT.as_secs()),
+            }),
+        };
+        self.settle(name, &slot, result)
+    }
+
+    /// Records the outcome of a read: a new copy, or a failure that backs re-reads off and,
+    /// when there is a copy, is answered from it as long as `copy` allows.
+    fn settle(
+        &self,
+        name: &str,
+        slot: &Slot,
+        result: Result<ClientSecret, SecretError>,
+    ) -> Result<Arc<ClientSecret>, SecretError> {
+        let mut state = slot.state.lock();
+        match result {
+            Ok(secret) => {
+                state.failures = 0;
+                state.retry_at = None;
+                state.refused_since = None;
+                Ok(remember(&mut state.cached, secret))
+            }
+            Err(error) => {
+                state.failures = state.failures.saturating_add(1);
+                let backoff = REREAD_BACKOFF_FIRST
+                    .saturating_mul(1 << (state.failures - 1).min(8))
+                    .min(REREAD_BACKOFF_MAX);
+                state.retry_at = Some(Instant::now() + backoff);
+                if error.is_definitive() && state.refused_since.is_none() {
+                    state.refused_since = Some(Instant::now());
                 }
-                _ => Err(error),
-            },
+                if state.cached.is_none() {
+                    return Err(error);
+                }
+                self.copy(name, &state, Some(error))
+            }
         }
+    }
+
+    /// The copy in memory, unless Key Vault refused the secret definitively longer ago than the
+    /// grace period: a disabled, deleted or revoked secret stops being used.
+    fn copy(
+        &self,
+        name: &str,
+        state: &SlotState,
+        error: Option<SecretError>,
+    ) -> Result<Arc<ClientSecret>, SecretError> {
+        let Some(entry) = state.cached.as_ref() else {
+            return Err(error.unwrap_or(SecretError::Unavailable {
+                name: name.to_string(),
+                detail: "no copy in memory".to_string(),
+            }));
+        };
+        if let Some(since) = state.refused_since
+            && since.elapsed() >= self.refusal_grace
+        {
+            tracing::warn!(
+                secret = name,
+                grace_seconds = self.refusal_grace.as_secs(),
+                "key vault refuses this secret for longer than the grace period; no longer using the copy in memory"
+            );
+            return Err(error.unwrap_or(SecretError::Forbidden {
+                name: name.to_string(),
+                code: "refused".to_string(),
+            }));
+        }
+        if let Some(error) = error {
+            tracing::warn!(
+                secret = name,
+                reason = %error,
+                retry_in_ms = state.retry_at.map_or(0, |at| at.saturating_duration_since(Instant::now()).as_millis() as u64),
+                "key vault re-read failed; using the copy in memory"
+            );
+        }
+        Ok(entry.latest.clone())
     }
 
     /// Called when the token endpoint refused `rejected` as a client secret: re-reads Key
@@ -167,17 +324,22 @@ impl SecretStore {
             return None;
         };
         let slot = self.slot(secret_name);
-        let mut cached = slot.lock().await;
+        let _reading = slot.reading.lock().await;
         let rejected_version = rejected.version.as_deref();
-        match self.read(secret_name).await {
+        let result = self.read(secret_name).await;
+        let mut state = slot.state.lock();
+        match result {
             Ok(secret) => {
-                remember(&mut cached, secret);
+                state.failures = 0;
+                state.retry_at = None;
+                state.refused_since = None;
+                remember(&mut state.cached, secret);
             }
             Err(error) => {
                 tracing::warn!(secret = %secret_name, reason = %error, "key vault re-read after a rejected secret failed");
             }
         }
-        let entry = cached.as_ref()?;
+        let entry = state.cached.as_ref()?;
         if entry.latest.version.as_deref() != rejected_version {
             return Some(entry.latest.clone());
         }
@@ -191,15 +353,13 @@ impl SecretStore {
     /// Makes the next read of `secret_name` go to Key Vault (a rotation event arrived); the
     /// versions already known stay available as fallbacks. Returns whether it was cached.
     pub async fn invalidate(&self, secret_name: &str) -> bool {
-        let slot = {
-            let slots = self.slots.lock().expect("secret slots poisoned");
-            slots.get(secret_name).cloned()
-        };
-        let Some(slot) = slot else {
+        let Some(slot) = self.slots.lock().get(secret_name).cloned() else {
             return false;
         };
-        let mut cached = slot.lock().await;
-        match cached.as_mut() {
+        let mut state = slot.state.lock();
+        // A rotation event is a reason to ask at once, whatever the backoff said.
+        state.retry_at = None;
+        match state.cached.as_mut() {
             Some(entry) => {
                 entry.stale = true;
                 true
@@ -208,10 +368,9 @@ impl SecretStore {
         }
     }
 
-    fn slot(&self, name: &str) -> Arc<tokio::sync::Mutex<Option<CachedSecret>>> {
-        // A std mutex: it is held only to look up or insert the slot, never across an await.
-        let mut slots = self.slots.lock().expect("secret slots poisoned");
-        slots.entry(name.to_string()).or_default().clone()
+    fn slot(&self, name: &str) -> Arc<Slot> {
+        // Held only to look up or insert the slot, never across an await.
+        self.slots.lock().entry(name.to_string()).or_default().clone()
     }
 
     async fn read(&self, name: &str) -> Result<ClientSecret, SecretError> {

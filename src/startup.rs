@@ -42,6 +42,7 @@ impl Application {
             &settings.identity,
             http.clone(),
             settings.cache.secret_ttl,
+            settings.cache.secret_refusal_grace,
         ));
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));

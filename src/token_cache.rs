@@ -6,18 +6,25 @@
 //! expired key is fetched exactly once however many callers ask at the same time: the fetch
 //! is a spawned task whose result every waiter shares, so a caller that disconnects does not
 //! cancel the fetch the others are waiting for.
+//!
+//! Nothing here can take the service down: lifetimes are clamped before any time arithmetic
+//! (`token::clamp_lifetime`), the locks are `parking_lot` mutexes that do not poison, and a
+//! panic inside a fetch becomes an `Internal` error for that fetch's waiters while the entry
+//! stays usable for the next one.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared};
+use parking_lot::Mutex;
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
-use crate::token_client::{FreshToken, TokenError};
+use crate::token::{FreshToken, TokenError, clamp_lifetime};
 
 /// Produces tokens for cache keys; the token client in production, a counting fake in tests.
 pub trait TokenSource: Send + Sync + 'static {
@@ -76,8 +83,11 @@ pub struct CachedToken {
 }
 
 impl CachedToken {
-    fn new(fresh: FreshToken, now: Instant) -> Self {
-        let lifetime = fresh.lifetime;
+    /// The cache's view of a fresh token issued at `now`, its lifetime clamped to the
+    /// documented range first so that no instant below can overflow. Public for the fuzz
+    /// target, which drives hostile token responses through it.
+    pub fn new(fresh: FreshToken, now: Instant) -> Self {
+        let lifetime = clamp_lifetime(fresh.lifetime);
         // Stop handing a token out shortly before it expires, so it is still valid when the
         // caller presents it: a tenth of its life, at least 1 s and at most 30 s (and never
         // more than half of a very short life).
@@ -93,9 +103,9 @@ impl CachedToken {
             access_token: fresh.access_token,
             token_type: fresh.token_type,
             scope: fresh.scope,
-            expires_at: now + lifetime,
+            expires_at: later(now, lifetime),
             expires_on,
-            usable_until: now + lifetime - margin,
+            usable_until: later(now, lifetime.saturating_sub(margin)),
         }
     }
 
@@ -103,6 +113,14 @@ impl CachedToken {
     pub fn expires_in(&self, now: Instant) -> u64 {
         self.expires_at.saturating_duration_since(now).as_secs()
     }
+}
+
+/// `now + after`, or `now` far enough ahead when that would overflow the clock (it cannot with
+/// clamped lifetimes; this keeps it so if a caller forgets).
+fn later(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(crate::token::MAX_LIFETIME))
+        .unwrap_or(now)
 }
 
 /// SHA-256 of the token, first 12 hex digits.
@@ -115,7 +133,8 @@ pub fn fingerprint(token: &str) -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheOutcome {
     Hit,
-    /// Served from memory past its normal hand-out window because refreshing it is failing.
+    /// Served from memory past its normal hand-out window (its last tenth of life, at most
+    /// 30 s), because a refresh is failing or still in flight: still valid for at least 1 s.
     Stale,
     Miss,
 }
@@ -136,23 +155,36 @@ type SharedFetch = Shared<BoxFuture<'static, Result<Arc<CachedToken>, Arc<TokenE
 pub struct TokenCache {
     source: Arc<dyn TokenSource>,
     max_entries: usize,
-    // A std mutex: held only for map look-ups and inserts, never across an await.
+    // A blocking mutex: held only for map look-ups and inserts, never across an await.
     entries: Mutex<HashMap<CacheKey, Arc<Entry>>>,
 }
 
-#[derive(Default)]
 struct Entry {
-    // A std mutex for the same reason: every critical section is a few field updates.
+    // A blocking mutex for the same reason: every critical section is a few field updates.
     state: Mutex<EntryState>,
 }
 
-#[derive(Default)]
 struct EntryState {
     token: Option<Arc<CachedToken>>,
     refresh_at: Option<Instant>,
     fetch: Option<SharedFetch>,
     failed_refreshes: u32,
-    last_used: Option<Instant>,
+    /// Set when the entry is made, so a new entry is never the "least recently used" one.
+    last_used: Instant,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Self {
+        Self {
+            state: Mutex::new(EntryState {
+                token: None,
+                refresh_at: None,
+                fetch: None,
+                failed_refreshes: 0,
+                last_used: now,
+            }),
+        }
+    }
 }
 
 /// Past its normal window (refresh failing or in flight), a token is handed out only while it
@@ -175,20 +207,18 @@ impl TokenCache {
     ) -> Result<(Arc<CachedToken>, CacheOutcome), Arc<TokenError>> {
         let entry = self.entry(key);
         let fetch = {
-            let mut state = entry.state.lock().expect("cache entry poisoned");
+            let mut state = entry.state.lock();
             let now = Instant::now();
-            state.last_used = Some(now);
+            state.last_used = now;
             if let Some(token) = state.token.clone() {
-                // While refreshing fails, a token still valid is worth more than an error:
-                // serve it until it really expires.
-                // And while a refresh is in flight, no caller waits for it.
-                let still_valid = now + STALE_FLOOR < token.expires_at;
+                // Past its normal window, a token still valid is worth more than an error while
+                // refreshing fails, and no caller waits while a refresh is in flight: both are
+                // served, labelled `stale`, until the token has less than `STALE_FLOOR` left.
+                let still_valid = token.expires_at.saturating_duration_since(now) > STALE_FLOOR;
                 let outcome = if now < token.usable_until {
                     Some(CacheOutcome::Hit)
-                } else if still_valid && state.failed_refreshes > 0 {
+                } else if still_valid && (state.failed_refreshes > 0 || state.fetch.is_some()) {
                     Some(CacheOutcome::Stale)
-                } else if still_valid && state.fetch.is_some() {
-                    Some(CacheOutcome::Hit)
                 } else {
                     None
                 };
@@ -215,7 +245,7 @@ impl TokenCache {
     /// Drops every key of the given (lower-cased) connections; returns how many. A fetch in
     /// flight still completes for its waiters, but its result is not kept.
     pub fn evict_connections(&self, connections: &[&str]) -> usize {
-        let mut entries = self.entries.lock().expect("cache poisoned");
+        let mut entries = self.entries.lock();
         let before = entries.len();
         entries.retain(|key, _| !connections.contains(&key.connection()));
         before - entries.len()
@@ -223,7 +253,7 @@ impl TokenCache {
 
     /// Number of keys held; for tests and metrics.
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("cache poisoned").len()
+        self.entries.lock().len()
     }
 
     /// Whether the cache holds no key.
@@ -232,14 +262,15 @@ impl TokenCache {
     }
 
     fn entry(&self, key: &CacheKey) -> Arc<Entry> {
-        let mut entries = self.entries.lock().expect("cache poisoned");
+        let mut entries = self.entries.lock();
         if let Some(entry) = entries.get(key) {
             return entry.clone();
         }
+        let now = Instant::now();
         if entries.len() >= self.max_entries {
-            evict(&mut entries, self.max_entries - 1);
+            evict(&mut entries, self.max_entries - 1, now);
         }
-        let entry = Arc::new(Entry::default());
+        let entry = Arc::new(Entry::new(now));
         entries.insert(key.clone(), entry.clone());
         entry
     }
@@ -249,17 +280,31 @@ impl TokenCache {
     fn spawn_fetch(&self, entry: &Arc<Entry>, key: &CacheKey) -> SharedFetch {
         let source = self.source.clone();
         let entry = entry.clone();
+        let connection = key.connection().to_string();
         let key = key.clone();
         let task = tokio::spawn(async move {
-            let result = source.fetch(key).await;
+            let connection = key.connection().to_string();
+            // A panic in the source must not leave `fetch` set (every later caller would get
+            // the same failed result forever): it becomes an error like any other.
+            let result = AssertUnwindSafe(source.fetch(key))
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|panic| {
+                    tracing::error!(
+                        connection = %connection,
+                        panic = panic_message(panic.as_ref()),
+                        "token fetch panicked"
+                    );
+                    Err(TokenError::Internal { connection })
+                });
             let now = Instant::now();
-            let mut state = entry.state.lock().expect("cache entry poisoned");
+            let mut state = entry.state.lock();
             state.fetch = None;
             match result {
                 Ok(fresh) => {
-                    let refresh_in = refresh_delay(fresh.lifetime, fresh.refresh_in);
+                    let refresh_in = refresh_delay(clamp_lifetime(fresh.lifetime), fresh.refresh_in);
                     let token = Arc::new(CachedToken::new(fresh, now));
-                    state.refresh_at = Some(now + refresh_in);
+                    state.refresh_at = Some(later(now, refresh_in));
                     state.token = Some(token.clone());
                     state.failed_refreshes = 0;
                     Ok(token)
@@ -272,24 +317,28 @@ impl TokenCache {
                         let remaining = token.expires_at.saturating_duration_since(now);
                         let backoff = Duration::from_secs(1 << state.failed_refreshes.min(6));
                         let wait = backoff.min(remaining / 2).max(Duration::from_millis(500));
-                        state.refresh_at = Some(now + wait);
+                        state.refresh_at = Some(later(now, wait));
                     }
                     Err(Arc::new(error))
                 }
             }
         });
-        task.map(|joined| {
-            joined.unwrap_or_else(|_| {
-                Err(Arc::new(TokenError::Unavailable {
-                    connection: String::new(),
-                    detail: "the token request was aborted".to_string(),
-                    retry_after: None,
-                }))
-            })
+        task.map(move |joined| {
+            // The task catches panics itself; a join error means the runtime is shutting down.
+            joined.unwrap_or_else(|_| Err(Arc::new(TokenError::Internal { connection })))
         })
         .boxed()
         .shared()
     }
+}
+
+/// The text of a panic payload, for the log.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message")
 }
 
 /// When to refresh a token of `lifetime`: Entra's `refresh_in` when it gave one, else at a
@@ -302,18 +351,24 @@ fn refresh_delay(lifetime: Duration, refresh_in: Option<Duration>) -> Duration {
 }
 
 /// Shrinks the map to `target` keys: first keys with nothing usable and no fetch running, then
-/// the least recently used.
-fn evict(entries: &mut HashMap<CacheKey, Arc<Entry>>, target: usize) {
-    let now = Instant::now();
+/// the least recently used of those with no fetch running. A key whose fetch is in flight is
+/// never dropped: its waiters and the callers still to come must share that one fetch (single
+/// flight). So the map may exceed its bound by the number of fetches in flight, which the
+/// connections' deadlines keep short-lived.
+fn evict(entries: &mut HashMap<CacheKey, Arc<Entry>>, target: usize, now: Instant) {
     entries.retain(|_, entry| {
-        let state = entry.state.lock().expect("cache entry poisoned");
+        let state = entry.state.lock();
         state.fetch.is_some() || state.token.as_ref().is_some_and(|t| now < t.usable_until)
     });
     while entries.len() > target {
         let oldest = entries
             .iter()
-            .min_by_key(|(_, entry)| entry.state.lock().expect("cache entry poisoned").last_used)
-            .map(|(key, _)| key.clone());
+            .filter_map(|(key, entry)| {
+                let state = entry.state.lock();
+                state.fetch.is_none().then_some((state.last_used, key))
+            })
+            .min_by_key(|(last_used, _)| *last_used)
+            .map(|(_, key)| key.clone());
         match oldest {
             Some(key) => entries.remove(&key),
             None => break,
@@ -333,6 +388,7 @@ mod tests {
         lifetime: Duration,
         gate: Arc<Semaphore>,
         fail: std::sync::atomic::AtomicBool,
+        panic: std::sync::atomic::AtomicBool,
     }
 
     impl CountingSource {
@@ -346,6 +402,7 @@ mod tests {
                     0
                 })),
                 fail: Default::default(),
+                panic: Default::default(),
             })
         }
         fn count(&self) -> usize {
@@ -361,6 +418,9 @@ mod tests {
             Box::pin(async move {
                 let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
                 let _permit = self.gate.acquire().await.expect("gate closed");
+                if self.panic.load(Ordering::SeqCst) {
+                    panic!("a bug in the token source");
+                }
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(TokenError::Unavailable {
                         connection: "c".into(),
@@ -477,21 +537,122 @@ mod tests {
             (token_text(&token), outcome),
             ("token-1", CacheOutcome::Hit)
         );
+        settle(&source, 2).await;
+        // Many callers within the backoff (2 s after the first failure) start no refresh.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..50 {
+            cache.get(&key).await.unwrap();
+        }
         tokio::task::yield_now().await;
+        assert_eq!(source.count(), 2, "refreshes are spaced by backoff");
         // Past the normal hand-out window (100 s less a 10 s margin) but before expiry, the
         // failing refresh means the token is served stale rather than replaced by an error.
-        tokio::time::advance(Duration::from_secs(15)).await;
+        tokio::time::advance(Duration::from_secs(14)).await;
         let (token, outcome) = cache.get(&key).await.unwrap();
         assert_eq!(
             (token_text(&token), outcome),
             ("token-1", CacheOutcome::Stale)
         );
         assert!(token.expires_in(Instant::now()) >= 1);
+        settle(&source, 3).await;
         // At expiry the caller waits for a fetch, which fails.
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(cache.get(&key).await.is_err());
-        // Refresh attempts were spaced by backoff, not made per request.
-        assert!(source.count() < 12, "{} fetches", source.count());
+        assert_eq!(source.count(), 4, "one first fetch, two spaced refreshes, one at expiry");
+    }
+
+    /// Yields until the source has seen `count` fetches and they have finished (bounded).
+    async fn settle(source: &CountingSource, count: usize) {
+        for _ in 0..1000 {
+            if source.count() >= count {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(source.count(), count);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_never_expiring_token_is_clamped_and_does_not_panic() {
+        for lifetime in [Duration::MAX, Duration::from_secs(u64::MAX), Duration::from_secs(i64::MAX as u64)] {
+            let source = CountingSource::new(lifetime, true);
+            let cache = TokenCache::new(source.clone(), 16);
+            let key = CacheKey::new("c", []);
+            let (token, outcome) = cache.get(&key).await.unwrap();
+            assert_eq!(outcome, CacheOutcome::Miss);
+            let left = token.expires_in(Instant::now());
+            assert!(left > 0 && left <= crate::token::MAX_LIFETIME.as_secs(), "{left}");
+            let (_, outcome) = cache.get(&key).await.unwrap();
+            assert_eq!(outcome, CacheOutcome::Hit);
+            // A day later the clamped token has expired and is fetched again.
+            tokio::time::advance(crate::token::MAX_LIFETIME).await;
+            let (_, outcome) = cache.get(&key).await.unwrap();
+            assert_eq!(outcome, CacheOutcome::Miss);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_fetch_is_an_internal_error_and_the_key_recovers() {
+        let source = CountingSource::new(Duration::from_secs(3600), true);
+        let cache = TokenCache::new(source.clone(), 16);
+        let key = CacheKey::new("c", []);
+        source.panic.store(true, Ordering::SeqCst);
+        let error = cache.get(&key).await.err().expect("a panic is an error");
+        assert!(matches!(error.as_ref(), TokenError::Internal { .. }), "{error:?}");
+        source.panic.store(false, Ordering::SeqCst);
+        let (token, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!((token_text(&token), outcome), ("token-2", CacheOutcome::Miss));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refresh_in_flight_serves_the_last_tenth_of_life_as_stale() {
+        let source = CountingSource::new(Duration::from_secs(100), true);
+        let cache = TokenCache::new(source.clone(), 16);
+        let key = CacheKey::new("c", []);
+        cache.get(&key).await.unwrap();
+        source.gate.forget_permits(Semaphore::MAX_PERMITS);
+        tokio::time::advance(Duration::from_secs(80)).await;
+        let (_, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!(outcome, CacheOutcome::Hit);
+        // The refresh is held open; past the hand-out window (90 s) callers still do not wait.
+        tokio::time::advance(Duration::from_secs(12)).await;
+        let (token, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!((token_text(&token), outcome), ("token-1", CacheOutcome::Stale));
+        assert_eq!(source.count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn churn_at_the_bound_never_evicts_a_key_whose_fetch_is_in_flight() {
+        let source = CountingSource::new(Duration::from_secs(3600), false);
+        let cache = Arc::new(TokenCache::new(source.clone(), 2));
+        let get = |key: CacheKey| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.get(&key).await.map(|(t, _)| token_text(&t).to_string()) })
+        };
+        let first = get(CacheKey::new("c", ["a".to_string()]));
+        settle(&source, 1).await;
+        let others: Vec<_> = (0..5)
+            .map(|n| get(CacheKey::new("c", [format!("other-{n}")])))
+            .collect();
+        settle(&source, 6).await;
+        // The key's entry survived five inserts past the bound: this caller joins its fetch.
+        let second = get(CacheKey::new("c", ["a".to_string()]));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(source.count(), 6, "no second fetch for a key in flight");
+        source.gate.add_permits(Semaphore::MAX_PERMITS);
+        let (first, second) = (first.await.unwrap().unwrap(), second.await.unwrap().unwrap());
+        assert_eq!(first, second);
+        for other in others {
+            other.await.unwrap().unwrap();
+        }
+        // Once nothing is in flight, the bound holds again at the next insert.
+        cache.get(&CacheKey::new("c", ["late".to_string()])).await.unwrap();
+        assert_eq!(cache.len(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -7,29 +7,31 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
-use oauth2::basic::{
-    BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType,
-};
+use oauth2::basic::{BasicRevocationErrorResponse, BasicTokenIntrospectionResponse};
 use oauth2::http::{HeaderMap, StatusCode, header};
 use oauth2::{
     AsyncHttpClient, AuthType, ClientId, ClientSecret as OAuthClientSecret, EndpointNotSet,
     EndpointSet, HttpRequest, HttpResponse, RequestTokenError, Scope, StandardRevocableToken,
-    TokenResponse, TokenUrl,
+    TokenUrl,
 };
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
+use tokio::time::Instant;
 
 use crate::config::{AuthMethod, ConnectionSettings};
 use crate::http_client::LazyClient;
-use crate::secret_source::{ClientSecret, SecretError, SecretStore};
+use crate::secret_source::{ClientSecret, SecretStore};
+use crate::token::{FreshToken, TokenError};
 use crate::token_cache::{CacheKey, TokenSource};
 use crate::token_response::BrokerTokenResponse;
-use crate::upstream_guard::{GuardSettings, Refusal, UpstreamGuard};
+use crate::upstream_guard::{GuardSettings, Refusal, Rejection, UpstreamGuard};
 
 /// Largest token-endpoint answer the broker reads; real ones are a few KiB.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+/// Largest error answer the broker reads for its OAuth error code; the rest is not read.
+const MAX_ERROR_BYTES: usize = 16 * 1024;
 
 type OAuthClient = oauth2::Client<
     OAuthErrorBody,
@@ -43,46 +45,6 @@ type OAuthClient = oauth2::Client<
     EndpointNotSet,
     EndpointSet,
 >;
-
-/// A token as the token endpoint issued it.
-pub struct FreshToken {
-    pub access_token: SecretString,
-    pub token_type: String,
-    pub lifetime: Duration,
-    pub refresh_in: Option<Duration>,
-    /// The granted scope when the server said, else the requested one (RFC 6749 §5.1).
-    pub scope: Option<String>,
-}
-
-/// Why no token could be obtained. Every message names the connection and the step, and
-/// none carries a secret, a token or the upstream's raw body.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenError {
-    #[error("unknown connection '{0}'")]
-    UnknownConnection(String),
-    #[error(
-        "the token endpoint of connection '{connection}' rejected the request with '{code}'{}",
-        if *remembered { " (a recent answer, repeated without asking again)" } else { "" }
-    )]
-    Rejected {
-        connection: String,
-        code: String,
-        /// The answer came from the negative cache, not from a new request.
-        remembered: bool,
-    },
-    #[error("the token endpoint of connection '{connection}' is unavailable: {detail}")]
-    Unavailable {
-        connection: String,
-        detail: String,
-        retry_after: Option<Duration>,
-    },
-    #[error("the client secret of connection '{connection}' could not be read: {source}")]
-    Secret {
-        connection: String,
-        #[source]
-        source: SecretError,
-    },
-}
 
 /// Performs token requests for the configured connections.
 pub struct TokenClient {
@@ -127,76 +89,88 @@ impl TokenClient {
         Self { secrets, upstreams }
     }
 
-    /// A token for the connection with `scopes`, within the connection's deadline; every
-    /// outcome is reported to the connection's guard.
+    /// A token for the connection with `scopes`, within the connection's deadline.
+    ///
+    /// The secret is read first, outside the guard: a Key Vault failure says nothing about the
+    /// identity provider, so it neither opens nor closes the circuit. Every outcome of a call
+    /// the guard admitted is reported to it, a deadline that runs out included.
     async fn fetch_within_deadline(
         &self,
         upstream: &Upstream,
         scopes: &[String],
     ) -> Result<FreshToken, TokenError> {
         let connection = &upstream.connection;
+        let deadline = Instant::now() + connection.deadline;
+        let out_of_time = || TokenError::Unavailable {
+            connection: connection.name.clone(),
+            detail: format!(
+                "no token within the {}s deadline",
+                connection.deadline.as_secs()
+            ),
+            retry_after: None,
+        };
+        let secret = tokio::time::timeout_at(
+            deadline,
+            self.secrets.client_secret(&connection.client_secret),
+        )
+        .await
+        .map_err(|_| out_of_time())?
+        .map_err(|source| {
+            tracing::warn!(connection = %connection.name, reason = %source, "client secret unavailable");
+            TokenError::Secret {
+                connection: connection.name.clone(),
+                source,
+            }
+        })?;
         if let Err(refusal) = upstream.guard.admit() {
             return Err(refusal_error(connection, refusal));
         }
         let outcome =
-            match tokio::time::timeout(connection.deadline, self.request_token(upstream, scopes))
+            tokio::time::timeout_at(deadline, self.request_token(upstream, scopes, secret))
                 .await
-            {
-                Ok(outcome) => outcome,
-                Err(_) => Err(TokenError::Unavailable {
-                    connection: connection.name.clone(),
-                    detail: format!(
-                        "no token within the {}s deadline",
-                        connection.deadline.as_secs()
-                    ),
+                .unwrap_or_else(|_| Err(Failure::Unavailable {
+                    detail: format!("no token within the {}s deadline", connection.deadline.as_secs()),
                     retry_after: None,
-                }),
-            };
+                }));
         let guard = &upstream.guard;
         match &outcome {
             Ok(_) => guard.record_success(),
-            Err(TokenError::Unavailable { .. }) => {
+            Err(Failure::Unavailable { .. } | Failure::Invalid { .. }) => {
                 guard.record_unavailable();
             }
-            Err(TokenError::Rejected { code, .. })
-                if code == "invalid_client" || code == "unauthorized_client" =>
-            {
-                guard.record_rejected(code)
+            Err(rejected @ Failure::Rejected { status, body }) if rejected.means_bad_secret() => {
+                guard.record_rejected(Rejection {
+                    status: *status,
+                    code: body.as_ref().map(|body| oauth_error_code(&body.error)),
+                })
             }
-            Err(_) => guard.record_answered(),
+            Err(Failure::Rejected { .. }) => guard.record_answered(),
         }
-        outcome
+        outcome.map_err(|failure| failure.into_error(connection))
     }
 
     /// A token for `connection` with `scopes`. When the token endpoint refuses the client
-    /// secret, Key Vault is read again and one other version (rotated or previous) is tried,
-    /// so a rotation never surfaces as an error to callers.
+    /// secret (401, `invalid_client`, Entra's bad-secret codes), Key Vault is read again and
+    /// one other version (rotated or previous) is tried, so a rotation never surfaces as an
+    /// error to callers.
     async fn request_token(
         &self,
         upstream: &Upstream,
         scopes: &[String],
-    ) -> Result<FreshToken, TokenError> {
+        secret: Arc<ClientSecret>,
+    ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
-        let secret_error = |source| TokenError::Secret {
-            connection: connection.name.clone(),
-            source,
-        };
-        let secret = self
-            .secrets
-            .client_secret(&connection.client_secret)
-            .await
-            .map_err(secret_error)?;
         let first = self.exchange_with_retries(upstream, scopes, &secret).await;
         let rejection = match first {
-            Err(Failure::Rejected(body)) if body.means_bad_secret() => body,
-            other => return other.map_err(|failure| failure.into_error(connection)),
+            Err(rejected @ Failure::Rejected { .. }) if rejected.means_bad_secret() => rejected,
+            other => return other,
         };
         let Some(alternative) = self
             .secrets
             .after_rejection(&connection.client_secret, &secret)
             .await
         else {
-            return Err(Failure::Rejected(rejection).into_error(connection));
+            return Err(rejection);
         };
         tracing::info!(
             connection = %connection.name,
@@ -206,11 +180,11 @@ impl TokenClient {
         );
         self.exchange_with_retries(upstream, scopes, &alternative)
             .await
-            .map_err(|failure| failure.into_error(connection))
     }
 
     /// Exchanges, retrying connection errors, timeouts, 5xx and 429 with exponential backoff
-    /// and full jitter (honouring `Retry-After`), while the retry budget allows.
+    /// and full jitter (honouring `Retry-After`), while the retry budget allows. A rejection
+    /// (3xx, 4xx) or an unusable success answer is never retried: asking again cannot help.
     async fn exchange_with_retries(
         &self,
         upstream: &Upstream,
@@ -227,8 +201,7 @@ impl TokenClient {
             let Failure::Unavailable { retry_after, .. } = &failure else {
                 return Err(failure);
             };
-            let backoff = full_jitter(attempt);
-            let wait = retry_after.map_or(backoff, |hint| hint.max(backoff));
+            let wait = retry_wait(attempt, *retry_after);
             if attempt >= connection.max_retries
                 || wait > MAX_RETRY_WAIT
                 || !upstream.guard.take_retry()
@@ -254,7 +227,7 @@ impl TokenClient {
         secret: &ClientSecret,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
-        let started = tokio::time::Instant::now();
+        let started = Instant::now();
         let client: OAuthClient = oauth2::Client::new(ClientId::new(connection.client_id.clone()))
             // The only place the secret is exposed: oauth2 encodes it into the request.
             .set_client_secret(OAuthClientSecret::new(
@@ -290,7 +263,7 @@ impl TokenClient {
         match result {
             Ok(response) => {
                 tracing::info!(connection = %connection.name, elapsed_ms, "token endpoint issued a token");
-                Ok(fresh_token(response, connection, scopes))
+                Ok(response.into_fresh_token(connection.default_lifetime, scopes))
             }
             Err(error) => {
                 let failure = classify(connection, error);
@@ -313,32 +286,6 @@ impl TokenSource for TokenClient {
     }
 }
 
-fn fresh_token(
-    response: BrokerTokenResponse,
-    connection: &ConnectionSettings,
-    scopes: &[String],
-) -> FreshToken {
-    let scope = response
-        .granted_scope()
-        .map(str::to_string)
-        .or_else(|| (!scopes.is_empty()).then(|| scopes.join(" ")));
-    FreshToken {
-        access_token: SecretString::from(response.access_token().secret().as_str()),
-        // RFC 6750 spells it "Bearer"; callers paste this into an Authorization header.
-        token_type: match response.token_type() {
-            BasicTokenType::Bearer => "Bearer".to_string(),
-            BasicTokenType::Mac => "MAC".to_string(),
-            BasicTokenType::Extension(other) => other.clone(),
-        },
-        lifetime: response
-            .expires_in()
-            .filter(|lifetime| !lifetime.is_zero())
-            .unwrap_or(connection.default_lifetime),
-        refresh_in: response.refresh_in(),
-        scope,
-    }
-}
-
 /// What went wrong on the wire, before oauth2 looked at the body.
 #[derive(Debug, thiserror::Error)]
 enum TransportError {
@@ -346,10 +293,13 @@ enum TransportError {
     Timeout(Duration),
     #[error("connection failed")]
     Connect,
+    /// Any status but 200: oauth2 never sees these, so the status decides, not the body.
     #[error("HTTP {status}")]
     Status {
         status: StatusCode,
         retry_after: Option<Duration>,
+        /// The body as an OAuth error, when it is one.
+        error: Option<OAuthErrorBody>,
     },
     #[error("answer larger than {MAX_RESPONSE_BYTES} bytes")]
     TooLarge,
@@ -372,7 +322,9 @@ impl<'c> AsyncHttpClient<'c> for OAuthTransport<'_> {
     }
 }
 
-/// Sends one oauth2-built request through the shared reqwest client.
+/// Sends one oauth2-built request through the shared reqwest client. Only a 200 goes on to
+/// oauth2 for parsing; any other status becomes `TransportError::Status` with the OAuth error
+/// in its body, if any, read within `MAX_ERROR_BYTES`.
 async fn send(
     http: &reqwest::Client,
     request: HttpRequest,
@@ -385,27 +337,47 @@ async fn send(
         .await
         .map_err(|error| transport_error(&error, timeout))?;
     let status = response.status();
-    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+    if status != StatusCode::OK {
+        let retry_after = retry_after(response.headers(), SystemTime::now());
+        let error = if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
+            read_bounded(&mut response, MAX_ERROR_BYTES, timeout)
+                .await
+                .ok()
+                .and_then(|body| serde_json::from_slice::<OAuthErrorBody>(&body).ok())
+        } else {
+            None
+        };
         return Err(TransportError::Status {
             status,
-            retry_after: retry_after(response.headers()),
+            retry_after,
+            error,
         });
     }
+    let body = read_bounded(&mut response, MAX_RESPONSE_BYTES, timeout).await?;
+    let mut answer = HttpResponse::new(body);
+    *answer.status_mut() = status;
+    *answer.headers_mut() = response.headers().clone();
+    Ok(answer)
+}
+
+/// The body, or `TooLarge` as soon as it passes `limit` bytes (the rest is never read).
+async fn read_bounded(
+    response: &mut reqwest::Response,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Vec<u8>, TransportError> {
     let mut body = Vec::new();
     while let Some(chunk) = response
         .chunk()
         .await
         .map_err(|error| transport_error(&error, timeout))?
     {
-        if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+        if body.len() + chunk.len() > limit {
             return Err(TransportError::TooLarge);
         }
         body.extend_from_slice(&chunk);
     }
-    let mut answer = HttpResponse::new(body);
-    *answer.status_mut() = status;
-    *answer.headers_mut() = response.headers().clone();
-    Ok(answer)
+    Ok(body)
 }
 
 fn transport_error(error: &reqwest::Error, timeout: Duration) -> TransportError {
@@ -418,26 +390,26 @@ fn transport_error(error: &reqwest::Error, timeout: Duration) -> TransportError 
     }
 }
 
-/// `Retry-After` in delay-seconds form; the HTTP-date form is rare from token endpoints and
-/// is treated as unknown.
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    headers
-        .get(header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .map(Duration::from_secs)
+/// `Retry-After` in either form RFC 9110 §10.2.3 allows: delay-seconds, or an HTTP-date
+/// (a date in the past means "now").
+fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
 
-/// A random wait in `[0, min(cap, base * 2^attempt))`: "full jitter", so that callers that
-/// failed together do not retry together.
-fn full_jitter(attempt: u32) -> Duration {
+/// How long to wait before retry `attempt + 1`: the server's `Retry-After` when it gave one
+/// and it is longer, else a random wait in `[0, min(cap, base * 2^attempt))` ("full jitter",
+/// so that callers that failed together do not retry together).
+fn retry_wait(attempt: u32, retry_after: Option<Duration>) -> Duration {
     let ceiling = BACKOFF_BASE
         .saturating_mul(1 << attempt.min(10))
         .min(BACKOFF_CAP);
-    ceiling.mul_f64(rand::random_range(0.0..1.0))
+    let backoff = ceiling.mul_f64(rand::random_range(0.0..1.0));
+    retry_after.map_or(backoff, |hint| hint.max(backoff))
 }
 
 /// The error for a call the guard refused without asking the identity provider.
@@ -449,9 +421,10 @@ fn refusal_error(connection: &ConnectionSettings, refusal: Refusal) -> TokenErro
                 .to_string(),
             retry_after: Some(retry_after),
         },
-        Refusal::RecentlyRejected { code, .. } => TokenError::Rejected {
+        Refusal::RecentlyRejected { rejection, .. } => TokenError::Rejected {
             connection: connection.name.clone(),
-            code,
+            status: rejection.status,
+            code: rejection.code,
             remembered: true,
         },
     }
@@ -491,21 +464,41 @@ impl OAuthErrorBody {
 /// One failed exchange, before it becomes a `TokenError`.
 #[derive(Debug, thiserror::Error)]
 enum Failure {
-    #[error("rejected with '{0}'")]
-    Rejected(OAuthErrorBody),
+    /// A 3xx or 4xx answer (other than 429), or an OAuth error in a 200.
+    #[error("rejected with HTTP {status}{}", body.as_ref().map(|b| format!(" '{b}'")).unwrap_or_default())]
+    Rejected {
+        status: u16,
+        body: Option<OAuthErrorBody>,
+    },
+    /// Unreachable, timed out, 5xx or 429: worth retrying.
     #[error("{detail}")]
     Unavailable {
         detail: String,
         retry_after: Option<Duration>,
     },
+    /// A 200 that is not a token.
+    #[error("{detail}")]
+    Invalid { detail: String },
 }
 
 impl Failure {
+    /// Whether another client secret might succeed: a 401 (RFC 6749 §5.2 uses it for client
+    /// authentication failures, whatever the body says) or an OAuth error that says so.
+    fn means_bad_secret(&self) -> bool {
+        match self {
+            Failure::Rejected { status, body } => {
+                *status == 401 || body.as_ref().is_some_and(OAuthErrorBody::means_bad_secret)
+            }
+            _ => false,
+        }
+    }
+
     fn into_error(self, connection: &ConnectionSettings) -> TokenError {
         match self {
-            Failure::Rejected(body) => TokenError::Rejected {
+            Failure::Rejected { status, body } => TokenError::Rejected {
                 connection: connection.name.clone(),
-                code: oauth_error_code(&body.error),
+                status,
+                code: body.map(|body| oauth_error_code(&body.error)),
                 remembered: false,
             },
             Failure::Unavailable {
@@ -516,10 +509,16 @@ impl Failure {
                 detail,
                 retry_after,
             },
+            Failure::Invalid { detail } => TokenError::InvalidResponse {
+                connection: connection.name.clone(),
+                detail,
+            },
         }
     }
 }
 
+/// Sorts a failed exchange by HTTP status first: 429 and 5xx are unavailable (retried),
+/// any other non-200 is a rejection (not retried), and a 200 that is not a token is invalid.
 fn classify(
     connection: &ConnectionSettings,
     error: RequestTokenError<TransportError, OAuthErrorBody>,
@@ -528,31 +527,68 @@ fn classify(
         detail,
         retry_after,
     };
+    let invalid = |detail: &str| Failure::Invalid {
+        detail: detail.to_string(),
+    };
     match error {
-        RequestTokenError::ServerResponse(body) => {
-            if let Some(description) = &body.error_description {
-                // The IdP's own words help the operator (Entra puts AADSTS codes here); they
-                // go to the log, trimmed, and never to the caller.
-                tracing::warn!(
-                    connection = %connection.name,
-                    upstream_description = %printable_prefix(description, 300),
-                    "token endpoint error description"
-                );
-            }
-            Failure::Rejected(body)
-        }
         RequestTokenError::Request(TransportError::Status {
             status,
             retry_after,
-        }) => unavailable(format!("it answered HTTP {}", status.as_u16()), retry_after),
-        RequestTokenError::Request(transport) => unavailable(transport.to_string(), None),
-        RequestTokenError::Parse(_, _) => unavailable(
-            "its answer is not a valid OAuth token response".to_string(),
-            None,
-        ),
-        RequestTokenError::Other(_) => {
-            unavailable("it answered with an empty error".to_string(), None)
+            error,
+        }) => {
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                return unavailable(format!("it answered HTTP {}", status.as_u16()), retry_after);
+            }
+            log_description(connection, error.as_ref());
+            if error.is_none() && status != StatusCode::BAD_REQUEST && status != StatusCode::UNAUTHORIZED {
+                // Not an OAuth answer: a wrong token_url (404), a firewall or WAF (403), a
+                // redirect to a login page. Asking again will not help; the operator must look.
+                tracing::warn!(
+                    connection = %connection.name,
+                    status = status.as_u16(),
+                    "the token endpoint answered without an OAuth error: likely a configuration error (token_url, network or firewall rules)"
+                );
+            }
+            Failure::Rejected {
+                status: status.as_u16(),
+                body: error,
+            }
         }
+        RequestTokenError::ServerResponse(body) => {
+            log_description(connection, Some(&body));
+            Failure::Rejected {
+                status: 200,
+                body: Some(body),
+            }
+        }
+        RequestTokenError::Request(TransportError::TooLarge) => {
+            invalid("the answer is larger than the broker reads")
+        }
+        RequestTokenError::Request(transport) => unavailable(transport.to_string(), None),
+        RequestTokenError::Parse(_, body) => match serde_json::from_slice::<OAuthErrorBody>(&body) {
+            // Some servers send their OAuth error with a 200.
+            Ok(error) => {
+                log_description(connection, Some(&error));
+                Failure::Rejected {
+                    status: 200,
+                    body: Some(error),
+                }
+            }
+            Err(_) => invalid("the answer is not a valid OAuth token response"),
+        },
+        RequestTokenError::Other(_) => invalid("the answer is not JSON or is empty"),
+    }
+}
+
+/// The IdP's own words help the operator (Entra puts AADSTS codes here); they go to the log,
+/// trimmed, and never to the caller.
+fn log_description(connection: &ConnectionSettings, error: Option<&OAuthErrorBody>) {
+    if let Some(description) = error.and_then(|error| error.error_description.as_deref()) {
+        tracing::warn!(
+            connection = %connection.name,
+            upstream_description = %printable_prefix(description, 300),
+            "token endpoint error description"
+        );
     }
 }
 
@@ -599,14 +635,45 @@ mod tests {
     }
 
     #[test]
-    fn retry_after_is_read_in_seconds() {
+    fn retry_after_is_read_in_seconds_and_as_an_http_date() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_400); // 07:26:40 GMT
         let mut headers = HeaderMap::new();
         headers.insert(header::RETRY_AFTER, "7".parse().unwrap());
-        assert_eq!(retry_after(&headers), Some(Duration::from_secs(7)));
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(7)));
         headers.insert(
             header::RETRY_AFTER,
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
-        assert_eq!(retry_after(&headers), None);
+        assert_eq!(retry_after(&headers, now), Some(Duration::from_secs(80)));
+        headers.insert(
+            header::RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:00:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&headers, now), Some(Duration::ZERO), "a past date means now");
+        headers.insert(header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&headers, now), None);
+    }
+
+    #[test]
+    fn the_retry_wait_honours_retry_after_and_stays_within_the_jitter_ceiling() {
+        for attempt in 0..12 {
+            let wait = retry_wait(attempt, None);
+            assert!(wait < BACKOFF_CAP, "{attempt}: {wait:?}");
+            assert!(wait < BACKOFF_BASE * 2u32.pow(attempt.min(4)), "{attempt}: {wait:?}");
+        }
+        assert_eq!(retry_wait(0, Some(Duration::from_secs(3))), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn a_401_means_a_bad_secret_whatever_its_body_and_other_rejections_do_not() {
+        let rejected = |status, body: Option<&str>| Failure::Rejected {
+            status,
+            body: body.map(|b| serde_json::from_str(b).unwrap()),
+        };
+        assert!(rejected(401, None).means_bad_secret());
+        assert!(rejected(400, Some(r#"{"error":"invalid_client"}"#)).means_bad_secret());
+        assert!(!rejected(400, Some(r#"{"error":"invalid_scope"}"#)).means_bad_secret());
+        assert!(!rejected(403, None).means_bad_secret());
+        assert!(!rejected(404, None).means_bad_secret());
     }
 }

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use oauth2::basic::BasicTokenType;
 use oauth2::{AccessToken, RefreshToken, Scope, TokenResponse};
+use secrecy::SecretString;
 use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::token::{FreshToken, MAX_LIFETIME};
 
 /// A client-credentials token response (RFC 6749 §5.1) with Entra's variations.
 #[derive(Debug, Deserialize, Serialize)]
@@ -43,6 +46,40 @@ impl BrokerTokenResponse {
     /// The scope string as the server granted it, when it said.
     pub fn granted_scope(&self) -> Option<&str> {
         self.scope.as_deref().filter(|scope| !scope.is_empty())
+    }
+
+    /// The token as the cache takes it. A missing, zero or negative `expires_in` means "not
+    /// given": the connection's `default_lifetime` applies. The cache clamps whatever results to
+    /// `[MIN_LIFETIME, MAX_LIFETIME]`; a claim beyond the maximum is logged.
+    pub fn into_fresh_token(self, default_lifetime: Duration, requested: &[String]) -> FreshToken {
+        let scope = self
+            .granted_scope()
+            .map(str::to_string)
+            .or_else(|| (!requested.is_empty()).then(|| requested.join(" ")));
+        let lifetime = self
+            .expires_in()
+            .filter(|lifetime| !lifetime.is_zero())
+            .unwrap_or(default_lifetime);
+        if lifetime > MAX_LIFETIME {
+            tracing::info!(
+                claimed_seconds = lifetime.as_secs(),
+                used_seconds = MAX_LIFETIME.as_secs(),
+                "the token endpoint claims a lifetime beyond the broker's maximum; using the maximum"
+            );
+        }
+        let refresh_in = self.refresh_in();
+        FreshToken {
+            access_token: SecretString::from(self.access_token.into_secret()),
+            // RFC 6750 spells it "Bearer"; callers paste this into an Authorization header.
+            token_type: match self.token_type {
+                BasicTokenType::Bearer => "Bearer".to_string(),
+                BasicTokenType::Mac => "MAC".to_string(),
+                BasicTokenType::Extension(other) => other,
+            },
+            lifetime,
+            refresh_in,
+            scope,
+        }
     }
 }
 
@@ -81,7 +118,11 @@ fn lenient_token_type<'de, D: Deserializer<'de>>(d: D) -> Result<BasicTokenType,
     })
 }
 
-/// A whole number of seconds, sent as a JSON number or a numeric string.
+/// A number of seconds, sent as a JSON number or a numeric string. Identity providers send
+/// all sorts here: `9223372036854775807` or `1e19` for "never", fractions, zero, negatives.
+/// Zero and anything below become 0 (the caller treats that as "not given"); fractions are
+/// cut to whole seconds; anything beyond `u64` saturates. Only text that is not a number at
+/// all is an error. Bounding the lifetime is the cache's job (`token::clamp_lifetime`).
 fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -92,14 +133,28 @@ fn seconds<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
     let parsed = Option::<NumberOrString>::deserialize(d)?;
     let number = match parsed {
         None => return Ok(None),
-        Some(NumberOrString::Number(n)) => n
-            .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
-        Some(NumberOrString::String(s)) => s.trim().parse::<u64>().ok(),
+        Some(NumberOrString::Number(n)) => whole_seconds(&n),
+        Some(NumberOrString::String(s)) => s
+            .trim()
+            .parse::<serde_json::Number>()
+            .ok()
+            .and_then(|n| whole_seconds(&n)),
     };
     number
         .map(Some)
-        .ok_or_else(|| serde::de::Error::custom("expected a non-negative number of seconds"))
+        .ok_or_else(|| serde::de::Error::custom("expected a number of seconds"))
+}
+
+/// A JSON number as whole non-negative seconds, saturating at both ends.
+fn whole_seconds(number: &serde_json::Number) -> Option<u64> {
+    if let Some(n) = number.as_u64() {
+        return Some(n);
+    }
+    if number.as_i64().is_some() {
+        return Some(0);
+    }
+    // `as` saturates: negative floats become 0, huge ones u64::MAX.
+    number.as_f64().filter(|f| f.is_finite()).map(|f| f as u64)
 }
 
 /// Parses a success body; public for the fuzz target and tests.
@@ -139,7 +194,24 @@ mod tests {
         assert!(
             parse(br#"{"access_token":"a","token_type":"bearer","expires_in":"soon"}"#).is_err()
         );
-        assert!(parse(br#"{"access_token":"a","token_type":"bearer","expires_in":-5}"#).is_err());
+    }
+
+    #[test]
+    fn huge_negative_and_fractional_lifetimes_parse_without_error() {
+        let expires = |value: &str| {
+            let body = format!(r#"{{"access_token":"a","token_type":"bearer","expires_in":{value}}}"#);
+            parse(body.as_bytes()).unwrap().expires_in()
+        };
+        let max = Some(Duration::from_secs(u64::MAX));
+        assert_eq!(expires("9223372036854775807"), Some(Duration::from_secs(i64::MAX as u64)));
+        assert_eq!(expires("1e19"), Some(Duration::from_secs(10_000_000_000_000_000_000)));
+        assert_eq!(expires("1e300"), max);
+        assert_eq!(expires("\"1e19\""), Some(Duration::from_secs(10_000_000_000_000_000_000)));
+        assert_eq!(expires("-5"), Some(Duration::ZERO));
+        assert_eq!(expires("-1.5"), Some(Duration::ZERO));
+        assert_eq!(expires("\"-5\""), Some(Duration::ZERO));
+        assert_eq!(expires("0"), Some(Duration::ZERO));
+        assert_eq!(expires("59.9"), Some(Duration::from_secs(59)));
     }
 
     #[test]

@@ -5,13 +5,15 @@
 //!   closes or re-opens the circuit. A dead IdP is not hammered and callers do not queue on it.
 //! - A **retry budget**: retries draw from a bucket refilled by first attempts (one retry per
 //!   five requests, ten in reserve), so retries cannot multiply the load on a struggling IdP.
-//! - **Negative caching**: after `invalid_client`/`unauthorized_client` that a secret re-read
-//!   did not cure, calls fail fast with the same answer for `negative_cache_seconds`.
+//! - **Negative caching**: after a refused client secret (HTTP 401, `invalid_client`, Entra's
+//!   bad-secret codes) that a secret re-read did not cure, calls fail fast with the same answer
+//!   for `negative_cache_seconds`.
 //!
 //! One guard per connection, so one connection's outage never slows another.
 
-use std::sync::Mutex;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use tokio::time::Instant;
 
@@ -32,8 +34,18 @@ pub struct GuardSettings {
 pub enum Refusal {
     /// The circuit is open; try again after the duration.
     CircuitOpen { retry_after: Duration },
-    /// The IdP rejected this client recently with `code`.
-    RecentlyRejected { code: String, retry_after: Duration },
+    /// The IdP rejected this client recently.
+    RecentlyRejected {
+        rejection: Rejection,
+        retry_after: Duration,
+    },
+}
+
+/// How the IdP refused the client: its HTTP status and OAuth error code, if it gave one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub status: u16,
+    pub code: Option<String>,
 }
 
 /// The state of one connection's upstream.
@@ -47,7 +59,7 @@ struct GuardState {
     consecutive_failures: u32,
     open_until: Option<Instant>,
     trial_in_flight: bool,
-    rejected: Option<(String, Instant)>,
+    rejected: Option<(Rejection, Instant)>,
     retry_tokens: f64,
 }
 
@@ -68,11 +80,11 @@ impl UpstreamGuard {
     /// Whether a call may go to the IdP now. Also earns retry budget.
     pub fn admit(&self) -> Result<(), Refusal> {
         let now = Instant::now();
-        let mut state = self.state.lock().expect("guard poisoned");
-        if let Some((code, until)) = &state.rejected {
+        let mut state = self.state.lock();
+        if let Some((rejection, until)) = &state.rejected {
             if now < *until {
                 return Err(Refusal::RecentlyRejected {
-                    code: code.clone(),
+                    rejection: rejection.clone(),
                     retry_after: *until - now,
                 });
             }
@@ -98,7 +110,7 @@ impl UpstreamGuard {
 
     /// Takes one retry from the budget; `false` when it is spent.
     pub fn take_retry(&self) -> bool {
-        let mut state = self.state.lock().expect("guard poisoned");
+        let mut state = self.state.lock();
         if state.retry_tokens >= 1.0 {
             state.retry_tokens -= 1.0;
             true
@@ -109,7 +121,7 @@ impl UpstreamGuard {
 
     /// The IdP issued a token.
     pub fn record_success(&self) {
-        let mut state = self.state.lock().expect("guard poisoned");
+        let mut state = self.state.lock();
         state.consecutive_failures = 0;
         state.open_until = None;
         state.trial_in_flight = false;
@@ -117,7 +129,7 @@ impl UpstreamGuard {
 
     /// The IdP was unreachable, slow, or answered 5xx/429. Returns when the circuit opened.
     pub fn record_unavailable(&self) -> Option<Duration> {
-        let mut state = self.state.lock().expect("guard poisoned");
+        let mut state = self.state.lock();
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         let trial_failed = state.trial_in_flight;
         state.trial_in_flight = false;
@@ -134,16 +146,13 @@ impl UpstreamGuard {
     }
 
     /// The IdP answered, but refused the client: remember it for a while.
-    pub fn record_rejected(&self, code: &str) {
-        let mut state = self.state.lock().expect("guard poisoned");
+    pub fn record_rejected(&self, rejection: Rejection) {
+        let mut state = self.state.lock();
         state.consecutive_failures = 0;
         state.open_until = None;
         state.trial_in_flight = false;
         if !self.settings.negative_cache.is_zero() {
-            state.rejected = Some((
-                code.to_string(),
-                Instant::now() + self.settings.negative_cache,
-            ));
+            state.rejected = Some((rejection, Instant::now() + self.settings.negative_cache));
         }
     }
 
@@ -199,9 +208,13 @@ mod tests {
     async fn a_rejection_is_remembered_for_the_negative_cache_interval() {
         let guard = guard();
         guard.admit().unwrap();
-        guard.record_rejected("invalid_client");
+        let rejection = Rejection {
+            status: 401,
+            code: Some("invalid_client".to_string()),
+        };
+        guard.record_rejected(rejection.clone());
         match guard.admit() {
-            Err(Refusal::RecentlyRejected { code, .. }) => assert_eq!(code, "invalid_client"),
+            Err(Refusal::RecentlyRejected { rejection: seen, .. }) => assert_eq!(seen, rejection),
             other => panic!("{other:?}"),
         }
         tokio::time::advance(Duration::from_secs(30)).await;
