@@ -115,25 +115,11 @@ async fn traced(State(state): State<AppState>, request: Request<Body>) -> Respon
         path = truncate(request.uri().path(), 200),
     );
     let started = tokio::time::Instant::now();
-    // A panic anywhere in a request is a bug, but the caller still gets the documented JSON
-    // answer instead of a dropped connection, and the worker lives on.
-    let response = AssertUnwindSafe(
+    let response = answer_even_on_panic(
         dispatch(&state, request, invocation_id(invocation.as_ref())).instrument(span.clone()),
+        &span,
     )
-    .catch_unwind()
-    .await
-    .unwrap_or_else(|panic| {
-        let _entered = span.enter();
-        tracing::error!(
-            panic = panic_message(panic.as_ref()),
-            "request handler panicked"
-        );
-        ApiError::Internal(
-            "the broker failed unexpectedly on this request (a bug; its log has the details)"
-                .to_string(),
-        )
-        .into_response()
-    });
+    .await;
     if tracing::enabled!(tracing::Level::DEBUG) {
         let _entered = span.enter();
         tracing::debug!(
@@ -143,6 +129,29 @@ async fn traced(State(state): State<AppState>, request: Request<Body>) -> Respon
         );
     }
     response
+}
+
+/// A panic anywhere in a request is a bug, but the caller still gets the documented JSON
+/// answer (500 `internal_error`) instead of a dropped connection, and the worker lives on.
+async fn answer_even_on_panic(
+    handler: impl std::future::Future<Output = Response>,
+    span: &tracing::Span,
+) -> Response {
+    AssertUnwindSafe(handler)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            let _entered = span.enter();
+            tracing::error!(
+                panic = panic_message(panic.as_ref()),
+                "request handler panicked"
+            );
+            ApiError::Internal(
+                "the broker failed unexpectedly on this request (a bug; its log has the details)"
+                    .to_string(),
+            )
+            .into_response()
+        })
 }
 
 fn truncate(text: &str, max: usize) -> &str {
@@ -418,6 +427,20 @@ mod tests {
         assert_eq!(requested_scopes(Some("scope="), b"").unwrap(), None);
         assert_eq!(requested_scopes(None, b"").unwrap(), None);
         assert!(requested_scopes(Some("scope=a%22b"), b"").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_with_a_json_500() {
+        let response = answer_even_on_panic(
+            async { panic!("a bug in a handler") },
+            &tracing::Span::none(),
+        )
+        .await;
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"], "internal_error");
+        assert!(body["error_description"].as_str().unwrap().contains("bug"));
     }
 
     #[test]

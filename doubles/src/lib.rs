@@ -1,6 +1,6 @@
 //! Faithful doubles of the Azure services token-broker talks to that have no local emulator:
-//! the App Service managed identity endpoint and Key Vault's secrets API; and a fault-injecting
-//! proxy to put in front of the real identity provider. They follow the
+//! the App Service managed identity endpoint and Key Vault's secrets API; a fault-injecting
+//! proxy to put in front of the real identity provider; and a hostile token endpoint. They follow the
 //! protocol facts the broker is built against (challenge flow, error bodies, string
 //! `expires_on`, TLS), so the broker reaches them through the real Azure SDK clients.
 //!
@@ -8,12 +8,14 @@
 //! or inject a fault mid-run) and the local demo (the `token-broker-doubles` binary).
 
 pub mod fault_proxy;
+pub mod hostile_idp;
 pub mod key_vault;
 pub mod managed_identity;
 pub mod serve;
 pub mod tls;
 
 pub use fault_proxy::FaultProxy;
+pub use hostile_idp::{Behaviour, HostileIdp};
 pub use key_vault::{Fault, KeyVaultDouble};
 pub use managed_identity::ManagedIdentityDouble;
 

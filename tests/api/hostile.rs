@@ -1,6 +1,6 @@
 //! Hostile input: every refusal is a clear 4xx JSON error, never a 5xx or a crash.
 
-use crate::helpers::{json, spawn_app};
+use crate::helpers::{Setup, json, spawn_app, spawn_app_with};
 
 async fn assert_refused(response: reqwest::Response, status: u16) {
     assert_eq!(response.status(), status);
@@ -75,4 +75,117 @@ async fn no_request_input_reaches_an_outgoing_url() {
         .await;
     assert_eq!(response.status(), 200);
     assert_eq!(app.idp.stats().await.token_requests, 1);
+}
+
+/// A hostile or broken token endpoint, one connection per behaviour: every answer is a
+/// documented JSON answer, a token handed out lives `0 < expires_in <= 24 h`, nothing is
+/// retried that a retry cannot cure, and the broker neither panics nor loses the key.
+#[tokio::test]
+async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
+    use token_broker_doubles::{Behaviour, HostileIdp};
+
+    let hostile = HostileIdp::start().await.unwrap();
+    let mut extra = String::new();
+    for behaviour in Behaviour::ALL {
+        let secret = if behaviour == Behaviour::Empty401 {
+            "hostile-401-secret"
+        } else {
+            "basic-secret"
+        };
+        extra.push_str(&format!(
+            "\n[connections.{name}]\ntoken_url = \"{url}\"\nclient_id = \"broker-basic\"\nclient_secret = {{ key_vault_secret = \"{secret}\" }}\n",
+            name = behaviour.name(),
+            url = hostile.token_url(behaviour),
+        ));
+    }
+    let app = spawn_app_with(Setup {
+        extra_config: extra,
+        ..Setup::default()
+    })
+    .await;
+    app.azure.vault.set_secret("hostile-401-secret", "v1");
+
+    for behaviour in Behaviour::ALL {
+        let reads_before = app.azure.vault.reads();
+        let response = app.token(behaviour.name()).await;
+        let status = response.status().as_u16();
+        assert_eq!(response.headers()["cache-control"], "no-store", "{behaviour:?}");
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+        let body = json(response).await;
+        let requests = hostile.requests(behaviour);
+        match behaviour {
+            Behaviour::HugeExpiresIn | Behaviour::FloatExpiresIn => {
+                assert_eq!(status, 200, "{behaviour:?}: {body}");
+                let expires_in = body["expires_in"].as_u64().unwrap();
+                assert!(expires_in > 0 && expires_in <= 86_400, "{behaviour:?}: {body}");
+                assert_eq!(requests, 1);
+            }
+            Behaviour::NegativeExpiresIn | Behaviour::ZeroExpiresIn => {
+                // "Not given": the connection's default lifetime (300 s) applies.
+                assert_eq!(status, 200, "{behaviour:?}: {body}");
+                let expires_in = body["expires_in"].as_u64().unwrap();
+                assert!(expires_in > 0 && expires_in <= 300, "{behaviour:?}: {body}");
+            }
+            Behaviour::Html200 | Behaviour::Huge200 | Behaviour::NoAccessToken => {
+                assert_eq!(status, 502, "{behaviour:?}: {body}");
+                assert_eq!(body["error"], "upstream_invalid_response", "{behaviour:?}");
+                assert_eq!(requests, 1, "{behaviour:?}: not retried");
+            }
+            Behaviour::Empty401 => {
+                assert_eq!(status, 502, "{body}");
+                assert_eq!(body["error"], "upstream_rejected");
+                assert!(body.get("upstream_error").is_none(), "{body}");
+                assert!(body["error_description"].as_str().unwrap().contains("HTTP 401"));
+                assert_eq!(requests, 1, "not retried: the secret has no other version");
+                assert_eq!(
+                    app.azure.vault.reads() - reads_before,
+                    2,
+                    "a 401 takes the rotation path: the secret is read again"
+                );
+            }
+            Behaviour::NotFound404 | Behaviour::Waf403 | Behaviour::Redirect302 => {
+                assert_eq!(status, 502, "{behaviour:?}: {body}");
+                assert_eq!(body["error"], "upstream_rejected", "{behaviour:?}");
+                assert_eq!(requests, 1, "{behaviour:?}: not retried");
+            }
+            Behaviour::Unavailable503Date => {
+                assert_eq!(status, 503, "{body}");
+                assert_eq!(body["error"], "upstream_unavailable");
+                assert_eq!(requests, 3, "first try and max_retries (2) retries");
+                let retry_after = retry_after.expect("a Retry-After for callers");
+                assert!((1..=60).contains(&retry_after), "{retry_after}");
+            }
+        }
+        assert!(body["error_description"].is_string() || status == 200, "{body}");
+    }
+
+    // A second round: every key still answers (no poisoned entry, no dropped connection).
+    let before = hostile.total_requests();
+    for behaviour in Behaviour::ALL {
+        let response = app.token(behaviour.name()).await;
+        let status = response.status().as_u16();
+        let body = json(response).await;
+        assert!([200, 502, 503].contains(&status), "{behaviour:?}: {status} {body}");
+    }
+    assert_eq!(
+        hostile.requests(Behaviour::Empty401),
+        1,
+        "a refused secret is remembered (negative cache)"
+    );
+    assert_eq!(hostile.requests(Behaviour::HugeExpiresIn), 1, "the clamped token is a hit");
+    assert!(hostile.total_requests() > before, "the failing ones were asked again");
+    let records = app
+        .log_records_when(|r| r["message"].as_str().is_some_and(|m| m.contains("configuration error")))
+        .await;
+    assert!(
+        !records.iter().any(|r| r.to_string().contains("panicked")),
+        "no panic in the log"
+    );
+    assert!(
+        app.logs().iter().all(|line| !line.contains("panicked at")),
+        "no panic on stderr"
+    );
 }
