@@ -443,9 +443,25 @@ fn classify(name: &str, error: &azure_core::Error) -> SecretError {
     use azure_core::error::ErrorKind;
     match error.kind() {
         ErrorKind::HttpResponse {
-            status, error_code, ..
+            status,
+            error_code,
+            raw_response,
         } => {
-            let code = error_code.clone().unwrap_or_else(|| status.to_string());
+            // Key Vault's inner code tells a disabled secret from a missing role
+            // (`Forbidden/SecretDisabled`, `Forbidden/ForbiddenByRbac`): the codes only, never
+            // the message text.
+            let inner = raw_response
+                .as_ref()
+                .and_then(|raw| {
+                    serde_json::from_slice::<azure_core::error::ErrorResponse>(raw.body().as_ref())
+                        .ok()
+                })
+                .and_then(|body| body.error?.inner_error?.code);
+            let outer = error_code.clone().unwrap_or_else(|| status.to_string());
+            let code = match inner {
+                Some(inner) => format!("{outer}/{inner}"),
+                None => outer,
+            };
             match u16::from(*status) {
                 404 => SecretError::NotFound {
                     name: name.to_string(),

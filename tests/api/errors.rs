@@ -86,25 +86,50 @@ async fn a_secret_missing_from_key_vault_is_a_503_secret_unavailable() {
     let body = json(response).await;
     assert_contract(&body, "secret_unavailable");
     let description = body["error_description"].as_str().unwrap();
+    // The caller learns the connection and the step; the Key Vault object is for the log.
     assert!(
-        description.contains("absent-secret") && description.contains("not found"),
+        description.contains("'nosecret'") && description.contains("Key Vault"),
         "{description}"
     );
+    assert!(!description.contains("absent-secret"), "{description}");
+    app.log_records_when(|r| {
+        r["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("absent-secret") && m.contains("not found"))
+    })
+    .await;
     assert_eq!(app.idp.stats().await.token_requests, 0);
 }
 
 #[tokio::test]
-async fn a_disabled_or_forbidden_secret_is_a_503_that_says_so() {
+async fn a_disabled_or_forbidden_secret_is_a_503_that_names_the_step_not_the_secret() {
     let app = spawn_app().await;
     app.azure.vault.set_denied("basic-secret", true);
-    let body = json(app.token("demo").await).await;
-    assert_contract(&body, "secret_unavailable");
-    assert!(
-        body["error_description"]
+    app.azure.vault.set_enabled("post-secret", false);
+    for connection in ["demo", "posty"] {
+        let response = app.token(connection).await;
+        assert_eq!(response.status(), 503, "{connection}");
+        let body = json(response).await;
+        assert_contract(&body, "secret_unavailable");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(description.contains(&format!("'{connection}'")), "{description}");
+        assert!(!description.contains("Key Vault Secrets User"), "{description}");
+        assert!(!description.contains("-secret"), "{description}");
+    }
+    // The operator's hints are in the log.
+    app.log_records_when(|r| {
+        r["reason"]
             .as_str()
-            .unwrap()
-            .contains("Key Vault Secrets User")
-    );
+            .is_some_and(|m| m.contains("basic-secret") && m.contains("Key Vault Secrets User"))
+    })
+    .await;
+    app.log_records_when(|r| {
+        r["reason"]
+            .as_str()
+            .is_some_and(|m| m.contains("post-secret") && m.contains("SecretDisabled"))
+    })
+    .await;
+    assert_eq!(app.idp.stats().await.token_requests, 0);
 }
 
 #[tokio::test]

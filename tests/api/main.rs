@@ -7,6 +7,7 @@ mod faults;
 mod functions_host;
 mod helpers;
 mod hostile;
+mod key_vault;
 mod openapi;
 mod rotation;
 mod secrecy;
