@@ -1,6 +1,10 @@
 //! The token endpoint's answer comes from outside the broker: any bytes must parse or fail
-//! cleanly, and a parsed answer's Debug output must never show the access token.
+//! cleanly, a parsed answer's Debug output must never show the access token, and whatever
+//! lifetime it claims, the cache's insert must not panic and must hand the token out with
+//! `0 < expires_in <= 24 h`.
 #![no_main]
+
+use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 
@@ -26,4 +30,13 @@ fuzz_target!(|data: &[u8]| {
             assert!(!debug.contains(&token), "the access token appears in Debug output");
         }
     }
+    // Through the cache's insert, as a fetched token goes.
+    let fresh = response.into_fresh_token(Duration::from_secs(300), &["read".to_string()]);
+    let now = tokio::time::Instant::now();
+    let cached = token_broker::token_cache::CachedToken::new(fresh, now);
+    let left = cached.expires_in(now);
+    assert!(
+        left > 0 && left <= token_broker::token::MAX_LIFETIME.as_secs(),
+        "a token handed out with expires_in {left}"
+    );
 });
