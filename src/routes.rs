@@ -371,8 +371,7 @@ fn requested_scopes(query: Option<&str>, form: &[u8]) -> Result<Option<Vec<Strin
     let query = query.unwrap_or_default().as_bytes();
     let mut scopes = Vec::new();
     let mut length = 0;
-    let parameters =
-        url::form_urlencoded::parse(query).chain(url::form_urlencoded::parse(form));
+    let parameters = url::form_urlencoded::parse(query).chain(url::form_urlencoded::parse(form));
     for (name, value) in parameters {
         if name != "scope" {
             continue;
@@ -437,7 +436,9 @@ mod tests {
         )
         .await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
-        let body = axum::body::to_bytes(response.into_body(), 4096).await.unwrap();
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
         let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"], "internal_error");
         assert!(body["error_description"].as_str().unwrap().contains("bug"));
@@ -447,7 +448,9 @@ mod tests {
     fn a_form_body_scope_counts_like_the_query_scope() {
         let scopes = requested_scopes(None, b"grant_type=client_credentials&scope=read+write");
         assert_eq!(scopes.unwrap().unwrap(), ["read", "write"]);
-        let both = requested_scopes(Some("scope=a"), b"scope=b").unwrap().unwrap();
+        let both = requested_scopes(Some("scope=a"), b"scope=b")
+            .unwrap()
+            .unwrap();
         assert_eq!(both, ["a", "b"]);
         assert!(requested_scopes(None, b"scope=a%22b").is_err());
     }

@@ -74,7 +74,9 @@ impl SecretError {
     pub fn is_definitive(&self) -> bool {
         matches!(
             self,
-            SecretError::NotFound { .. } | SecretError::Forbidden { .. } | SecretError::Empty { .. }
+            SecretError::NotFound { .. }
+                | SecretError::Forbidden { .. }
+                | SecretError::Empty { .. }
         )
     }
 
@@ -370,7 +372,11 @@ impl SecretStore {
 
     fn slot(&self, name: &str) -> Arc<Slot> {
         // Held only to look up or insert the slot, never across an await.
-        self.slots.lock().entry(name.to_string()).or_default().clone()
+        self.slots
+            .lock()
+            .entry(name.to_string())
+            .or_default()
+            .clone()
     }
 
     async fn read(&self, name: &str) -> Result<ClientSecret, SecretError> {

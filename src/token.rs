@@ -77,7 +77,9 @@ pub enum TokenError {
         source: SecretError,
     },
     /// A bug: a panic while fetching, caught so that the cache entry stays usable.
-    #[error("the token fetch of connection '{connection}' failed unexpectedly (a bug; the broker's log has it)")]
+    #[error(
+        "the token fetch of connection '{connection}' failed unexpectedly (a bug; the broker's log has it)"
+    )]
     Internal { connection: String },
 }
 

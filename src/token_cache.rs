@@ -302,7 +302,8 @@ impl TokenCache {
             state.fetch = None;
             match result {
                 Ok(fresh) => {
-                    let refresh_in = refresh_delay(clamp_lifetime(fresh.lifetime), fresh.refresh_in);
+                    let refresh_in =
+                        refresh_delay(clamp_lifetime(fresh.lifetime), fresh.refresh_in);
                     let token = Arc::new(CachedToken::new(fresh, now));
                     state.refresh_at = Some(later(now, refresh_in));
                     state.token = Some(token.clone());
@@ -558,7 +559,11 @@ mod tests {
         // At expiry the caller waits for a fetch, which fails.
         tokio::time::advance(Duration::from_secs(5)).await;
         assert!(cache.get(&key).await.is_err());
-        assert_eq!(source.count(), 4, "one first fetch, two spaced refreshes, one at expiry");
+        assert_eq!(
+            source.count(),
+            4,
+            "one first fetch, two spaced refreshes, one at expiry"
+        );
     }
 
     /// Yields until the source has seen `count` fetches and they have finished (bounded).
@@ -577,14 +582,21 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_never_expiring_token_is_clamped_and_does_not_panic() {
-        for lifetime in [Duration::MAX, Duration::from_secs(u64::MAX), Duration::from_secs(i64::MAX as u64)] {
+        for lifetime in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX),
+            Duration::from_secs(i64::MAX as u64),
+        ] {
             let source = CountingSource::new(lifetime, true);
             let cache = TokenCache::new(source.clone(), 16);
             let key = CacheKey::new("c", []);
             let (token, outcome) = cache.get(&key).await.unwrap();
             assert_eq!(outcome, CacheOutcome::Miss);
             let left = token.expires_in(Instant::now());
-            assert!(left > 0 && left <= crate::token::MAX_LIFETIME.as_secs(), "{left}");
+            assert!(
+                left > 0 && left <= crate::token::MAX_LIFETIME.as_secs(),
+                "{left}"
+            );
             let (_, outcome) = cache.get(&key).await.unwrap();
             assert_eq!(outcome, CacheOutcome::Hit);
             // A day later the clamped token has expired and is fetched again.
@@ -601,10 +613,16 @@ mod tests {
         let key = CacheKey::new("c", []);
         source.panic.store(true, Ordering::SeqCst);
         let error = cache.get(&key).await.err().expect("a panic is an error");
-        assert!(matches!(error.as_ref(), TokenError::Internal { .. }), "{error:?}");
+        assert!(
+            matches!(error.as_ref(), TokenError::Internal { .. }),
+            "{error:?}"
+        );
         source.panic.store(false, Ordering::SeqCst);
         let (token, outcome) = cache.get(&key).await.unwrap();
-        assert_eq!((token_text(&token), outcome), ("token-2", CacheOutcome::Miss));
+        assert_eq!(
+            (token_text(&token), outcome),
+            ("token-2", CacheOutcome::Miss)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -620,7 +638,10 @@ mod tests {
         // The refresh is held open; past the hand-out window (90 s) callers still do not wait.
         tokio::time::advance(Duration::from_secs(12)).await;
         let (token, outcome) = cache.get(&key).await.unwrap();
-        assert_eq!((token_text(&token), outcome), ("token-1", CacheOutcome::Stale));
+        assert_eq!(
+            (token_text(&token), outcome),
+            ("token-1", CacheOutcome::Stale)
+        );
         assert_eq!(source.count(), 2);
     }
 
@@ -630,7 +651,12 @@ mod tests {
         let cache = Arc::new(TokenCache::new(source.clone(), 2));
         let get = |key: CacheKey| {
             let cache = cache.clone();
-            tokio::spawn(async move { cache.get(&key).await.map(|(t, _)| token_text(&t).to_string()) })
+            tokio::spawn(async move {
+                cache
+                    .get(&key)
+                    .await
+                    .map(|(t, _)| token_text(&t).to_string())
+            })
         };
         let first = get(CacheKey::new("c", ["a".to_string()]));
         settle(&source, 1).await;
@@ -645,13 +671,19 @@ mod tests {
         }
         assert_eq!(source.count(), 6, "no second fetch for a key in flight");
         source.gate.add_permits(Semaphore::MAX_PERMITS);
-        let (first, second) = (first.await.unwrap().unwrap(), second.await.unwrap().unwrap());
+        let (first, second) = (
+            first.await.unwrap().unwrap(),
+            second.await.unwrap().unwrap(),
+        );
         assert_eq!(first, second);
         for other in others {
             other.await.unwrap().unwrap();
         }
         // Once nothing is in flight, the bound holds again at the next insert.
-        cache.get(&CacheKey::new("c", ["late".to_string()])).await.unwrap();
+        cache
+            .get(&CacheKey::new("c", ["late".to_string()]))
+            .await
+            .unwrap();
         assert_eq!(cache.len(), 2);
     }
 

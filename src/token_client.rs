@@ -128,10 +128,15 @@ impl TokenClient {
         let outcome =
             tokio::time::timeout_at(deadline, self.request_token(upstream, scopes, secret))
                 .await
-                .unwrap_or_else(|_| Err(Failure::Unavailable {
-                    detail: format!("no token within the {}s deadline", connection.deadline.as_secs()),
-                    retry_after: None,
-                }));
+                .unwrap_or_else(|_| {
+                    Err(Failure::Unavailable {
+                        detail: format!(
+                            "no token within the {}s deadline",
+                            connection.deadline.as_secs()
+                        ),
+                        retry_after: None,
+                    })
+                });
         let guard = &upstream.guard;
         match &outcome {
             Ok(_) => guard.record_success(),
@@ -540,7 +545,10 @@ fn classify(
                 return unavailable(format!("it answered HTTP {}", status.as_u16()), retry_after);
             }
             log_description(connection, error.as_ref());
-            if error.is_none() && status != StatusCode::BAD_REQUEST && status != StatusCode::UNAUTHORIZED {
+            if error.is_none()
+                && status != StatusCode::BAD_REQUEST
+                && status != StatusCode::UNAUTHORIZED
+            {
                 // Not an OAuth answer: a wrong token_url (404), a firewall or WAF (403), a
                 // redirect to a login page. Asking again will not help; the operator must look.
                 tracing::warn!(
@@ -565,17 +573,19 @@ fn classify(
             invalid("the answer is larger than the broker reads")
         }
         RequestTokenError::Request(transport) => unavailable(transport.to_string(), None),
-        RequestTokenError::Parse(_, body) => match serde_json::from_slice::<OAuthErrorBody>(&body) {
-            // Some servers send their OAuth error with a 200.
-            Ok(error) => {
-                log_description(connection, Some(&error));
-                Failure::Rejected {
-                    status: 200,
-                    body: Some(error),
+        RequestTokenError::Parse(_, body) => {
+            match serde_json::from_slice::<OAuthErrorBody>(&body) {
+                // Some servers send their OAuth error with a 200.
+                Ok(error) => {
+                    log_description(connection, Some(&error));
+                    Failure::Rejected {
+                        status: 200,
+                        body: Some(error),
+                    }
                 }
+                Err(_) => invalid("the answer is not a valid OAuth token response"),
             }
-            Err(_) => invalid("the answer is not a valid OAuth token response"),
-        },
+        }
         RequestTokenError::Other(_) => invalid("the answer is not JSON or is empty"),
     }
 }
@@ -649,7 +659,11 @@ mod tests {
             header::RETRY_AFTER,
             "Wed, 21 Oct 2015 07:00:00 GMT".parse().unwrap(),
         );
-        assert_eq!(retry_after(&headers, now), Some(Duration::ZERO), "a past date means now");
+        assert_eq!(
+            retry_after(&headers, now),
+            Some(Duration::ZERO),
+            "a past date means now"
+        );
         headers.insert(header::RETRY_AFTER, "soon".parse().unwrap());
         assert_eq!(retry_after(&headers, now), None);
     }
@@ -659,9 +673,15 @@ mod tests {
         for attempt in 0..12 {
             let wait = retry_wait(attempt, None);
             assert!(wait < BACKOFF_CAP, "{attempt}: {wait:?}");
-            assert!(wait < BACKOFF_BASE * 2u32.pow(attempt.min(4)), "{attempt}: {wait:?}");
+            assert!(
+                wait < BACKOFF_BASE * 2u32.pow(attempt.min(4)),
+                "{attempt}: {wait:?}"
+            );
         }
-        assert_eq!(retry_wait(0, Some(Duration::from_secs(3))), Duration::from_secs(3));
+        assert_eq!(
+            retry_wait(0, Some(Duration::from_secs(3))),
+            Duration::from_secs(3)
+        );
     }
 
     #[test]

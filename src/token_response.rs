@@ -199,14 +199,24 @@ mod tests {
     #[test]
     fn huge_negative_and_fractional_lifetimes_parse_without_error() {
         let expires = |value: &str| {
-            let body = format!(r#"{{"access_token":"a","token_type":"bearer","expires_in":{value}}}"#);
+            let body =
+                format!(r#"{{"access_token":"a","token_type":"bearer","expires_in":{value}}}"#);
             parse(body.as_bytes()).unwrap().expires_in()
         };
         let max = Some(Duration::from_secs(u64::MAX));
-        assert_eq!(expires("9223372036854775807"), Some(Duration::from_secs(i64::MAX as u64)));
-        assert_eq!(expires("1e19"), Some(Duration::from_secs(10_000_000_000_000_000_000)));
+        assert_eq!(
+            expires("9223372036854775807"),
+            Some(Duration::from_secs(i64::MAX as u64))
+        );
+        assert_eq!(
+            expires("1e19"),
+            Some(Duration::from_secs(10_000_000_000_000_000_000))
+        );
         assert_eq!(expires("1e300"), max);
-        assert_eq!(expires("\"1e19\""), Some(Duration::from_secs(10_000_000_000_000_000_000)));
+        assert_eq!(
+            expires("\"1e19\""),
+            Some(Duration::from_secs(10_000_000_000_000_000_000))
+        );
         assert_eq!(expires("-5"), Some(Duration::ZERO));
         assert_eq!(expires("-1.5"), Some(Duration::ZERO));
         assert_eq!(expires("\"-5\""), Some(Duration::ZERO));

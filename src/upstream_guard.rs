@@ -214,7 +214,9 @@ mod tests {
         };
         guard.record_rejected(rejection.clone());
         match guard.admit() {
-            Err(Refusal::RecentlyRejected { rejection: seen, .. }) => assert_eq!(seen, rejection),
+            Err(Refusal::RecentlyRejected {
+                rejection: seen, ..
+            }) => assert_eq!(seen, rejection),
             other => panic!("{other:?}"),
         }
         tokio::time::advance(Duration::from_secs(30)).await;

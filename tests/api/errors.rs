@@ -112,8 +112,14 @@ async fn a_disabled_or_forbidden_secret_is_a_503_that_names_the_step_not_the_sec
         let body = json(response).await;
         assert_contract(&body, "secret_unavailable");
         let description = body["error_description"].as_str().unwrap();
-        assert!(description.contains(&format!("'{connection}'")), "{description}");
-        assert!(!description.contains("Key Vault Secrets User"), "{description}");
+        assert!(
+            description.contains(&format!("'{connection}'")),
+            "{description}"
+        );
+        assert!(
+            !description.contains("Key Vault Secrets User"),
+            "{description}"
+        );
         assert!(!description.contains("-secret"), "{description}");
     }
     // The operator's hints are in the log.

@@ -109,7 +109,11 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
         let reads_before = app.azure.vault.reads();
         let response = app.token(behaviour.name()).await;
         let status = response.status().as_u16();
-        assert_eq!(response.headers()["cache-control"], "no-store", "{behaviour:?}");
+        assert_eq!(
+            response.headers()["cache-control"],
+            "no-store",
+            "{behaviour:?}"
+        );
         let retry_after = response
             .headers()
             .get("retry-after")
@@ -120,7 +124,10 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
             Behaviour::HugeExpiresIn | Behaviour::FloatExpiresIn => {
                 assert_eq!(status, 200, "{behaviour:?}: {body}");
                 let expires_in = body["expires_in"].as_u64().unwrap();
-                assert!(expires_in > 0 && expires_in <= 86_400, "{behaviour:?}: {body}");
+                assert!(
+                    expires_in > 0 && expires_in <= 86_400,
+                    "{behaviour:?}: {body}"
+                );
                 assert_eq!(requests, 1);
             }
             Behaviour::NegativeExpiresIn | Behaviour::ZeroExpiresIn => {
@@ -138,7 +145,12 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
                 assert_eq!(status, 502, "{body}");
                 assert_eq!(body["error"], "upstream_rejected");
                 assert!(body.get("upstream_error").is_none(), "{body}");
-                assert!(body["error_description"].as_str().unwrap().contains("HTTP 401"));
+                assert!(
+                    body["error_description"]
+                        .as_str()
+                        .unwrap()
+                        .contains("HTTP 401")
+                );
                 assert_eq!(requests, 1, "not retried: the secret has no other version");
                 assert_eq!(
                     app.azure.vault.reads() - reads_before,
@@ -159,7 +171,10 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
                 assert!((1..=60).contains(&retry_after), "{retry_after}");
             }
         }
-        assert!(body["error_description"].is_string() || status == 200, "{body}");
+        assert!(
+            body["error_description"].is_string() || status == 200,
+            "{body}"
+        );
     }
 
     // A second round: every key still answers (no poisoned entry, no dropped connection).
@@ -168,17 +183,31 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
         let response = app.token(behaviour.name()).await;
         let status = response.status().as_u16();
         let body = json(response).await;
-        assert!([200, 502, 503].contains(&status), "{behaviour:?}: {status} {body}");
+        assert!(
+            [200, 502, 503].contains(&status),
+            "{behaviour:?}: {status} {body}"
+        );
     }
     assert_eq!(
         hostile.requests(Behaviour::Empty401),
         1,
         "a refused secret is remembered (negative cache)"
     );
-    assert_eq!(hostile.requests(Behaviour::HugeExpiresIn), 1, "the clamped token is a hit");
-    assert!(hostile.total_requests() > before, "the failing ones were asked again");
+    assert_eq!(
+        hostile.requests(Behaviour::HugeExpiresIn),
+        1,
+        "the clamped token is a hit"
+    );
+    assert!(
+        hostile.total_requests() > before,
+        "the failing ones were asked again"
+    );
     let records = app
-        .log_records_when(|r| r["message"].as_str().is_some_and(|m| m.contains("configuration error")))
+        .log_records_when(|r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("configuration error"))
+        })
         .await;
     assert!(
         !records.iter().any(|r| r.to_string().contains("panicked")),

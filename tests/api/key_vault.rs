@@ -81,8 +81,14 @@ async fn a_disabled_or_revoked_secret_stops_being_used_after_the_grace_period() 
     })
     .await;
     for (connection, secret, refuse) in [
-        ("demo", "basic-secret", (|app: &TestApp| app.azure.vault.set_enabled("basic-secret", false)) as fn(&TestApp)),
-        ("posty", "post-secret", |app: &TestApp| app.azure.vault.set_denied("post-secret", true)),
+        (
+            "demo",
+            "basic-secret",
+            (|app: &TestApp| app.azure.vault.set_enabled("basic-secret", false)) as fn(&TestApp),
+        ),
+        ("posty", "post-secret", |app: &TestApp| {
+            app.azure.vault.set_denied("post-secret", true)
+        }),
     ] {
         assert_eq!(app.token(connection).await.status(), 200);
         refuse(&app);
@@ -92,9 +98,18 @@ async fn a_disabled_or_revoked_secret_stops_being_used_after_the_grace_period() 
         let body = body_json(response).await;
         assert_eq!(body["error"], "secret_unavailable", "{body}");
         let description = body["error_description"].as_str().unwrap();
-        assert!(description.contains(&format!("'{connection}'")), "{description}");
-        assert!(!description.contains(secret), "no Key Vault object name: {description}");
+        assert!(
+            description.contains(&format!("'{connection}'")),
+            "{description}"
+        );
+        assert!(
+            !description.contains(secret),
+            "no Key Vault object name: {description}"
+        );
     }
     let idp_requests = app.idp.stats().await.token_requests;
-    assert_eq!(idp_requests, 2, "the refused secrets were never sent to the provider again");
+    assert_eq!(
+        idp_requests, 2,
+        "the refused secrets were never sent to the provider again"
+    );
 }

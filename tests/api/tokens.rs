@@ -178,3 +178,44 @@ async fn short_lived_tokens_are_refreshed_ahead_without_callers_waiting() {
         "one request per refresh"
     );
 }
+
+#[tokio::test]
+async fn a_scope_in_a_post_form_is_honoured_and_any_other_body_is_refused() {
+    let app = spawn_app().await;
+    let post = |body: &'static str, content_type: &'static str| {
+        app.http
+            .post(app.url("/api/token/demo"))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let response = post(
+        "scope=write",
+        "application/x-www-form-urlencoded; charset=utf-8",
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(json(response).await["scope"], "write");
+    let response = post("scope=admin", "application/x-www-form-urlencoded")
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        400,
+        "a form scope is checked like a query scope"
+    );
+    assert_eq!(json(response).await["error"], "invalid_scope");
+    let response = post(r#"{"scope":"write"}"#, "application/json")
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400, "not silently ignored");
+    assert_eq!(json(response).await["error"], "invalid_request");
+    let response = post("", "application/json").await.unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "an empty body is a plain token request"
+    );
+    assert_eq!(json(response).await["scope"], "read");
+}
