@@ -47,20 +47,19 @@ struct Shared {
     discovered_jwks_uri: Mutex<Option<String>>,
 }
 
-/// A running key endpoint with one signing key.
-pub struct EntraKeysDouble {
-    shared: Arc<Shared>,
-    key_pair: rcgen::KeyPair,
+/// An ES256 signing key with its id and its public half as a JWKS; usable without a server
+/// (unit tests) or served by [`EntraKeysDouble`].
+pub struct SigningKey {
+    pair: rcgen::KeyPair,
     kid: String,
-    _server: Server,
+    jwks: Value,
 }
 
-impl EntraKeysDouble {
-    /// Generates a key and serves it on any free loopback port.
-    pub async fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+impl SigningKey {
+    pub fn generate() -> Result<Self, rcgen::Error> {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         // An uncompressed P-256 point: 0x04, then X and Y of 32 bytes each.
-        let point = key_pair.public_key_raw();
+        let point = pair.public_key_raw();
         let (x, y) = (&point[1..33], &point[33..65]);
         let kid = random_hex(10);
         let jwks = json!({"keys": [{
@@ -72,8 +71,49 @@ impl EntraKeysDouble {
             "y": URL_SAFE_NO_PAD.encode(y),
             "alg": "ES256",
         }]});
+        Ok(Self { pair, kid, jwks })
+    }
+
+    /// The key's id (`kid` in tokens and in the key set).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The key set that publishes this key.
+    pub fn jwks(&self) -> &Value {
+        &self.jwks
+    }
+
+    /// The private key, PKCS#8 DER, for signing ES256 tokens.
+    pub fn private_key_pkcs8_der(&self) -> &[u8] {
+        self.pair.serialized_der()
+    }
+
+    /// The public key as PEM (SubjectPublicKeyInfo): what an algorithm-confusion attacker
+    /// would use as an HMAC secret.
+    pub fn public_key_pem(&self) -> String {
+        self.pair.public_key_pem()
+    }
+
+    /// The public key's raw point bytes.
+    pub fn public_key_raw(&self) -> &[u8] {
+        self.pair.public_key_raw()
+    }
+}
+
+/// A running key endpoint with one signing key.
+pub struct EntraKeysDouble {
+    shared: Arc<Shared>,
+    key: SigningKey,
+    _server: Server,
+}
+
+impl EntraKeysDouble {
+    /// Generates a key and serves it on any free loopback port.
+    pub async fn start() -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let key = SigningKey::generate()?;
         let shared = Arc::new(Shared {
-            jwks,
+            jwks: key.jwks().clone(),
             base: OnceLock::new(),
             downloads: AtomicUsize::new(0),
             discovery_requests: AtomicUsize::new(0),
@@ -89,10 +129,14 @@ impl EntraKeysDouble {
         let _ = shared.base.set(format!("http://{}", server.address));
         Ok(Self {
             shared,
-            key_pair,
-            kid,
+            key,
             _server: server,
         })
+    }
+
+    /// The key the served set publishes.
+    pub fn key(&self) -> &SigningKey {
+        &self.key
     }
 
     /// Base URL; as an issuer, its discovery document is at `{base}/.well-known/...`.
@@ -103,27 +147,6 @@ impl EntraKeysDouble {
     /// The key set's URL.
     pub fn jwks_uri(&self) -> String {
         format!("{}{JWKS_PATH}", self.shared.base())
-    }
-
-    /// The signing key's id (`kid` in tokens and in the key set).
-    pub fn kid(&self) -> &str {
-        &self.kid
-    }
-
-    /// The private key, PKCS#8 DER, for signing ES256 tokens.
-    pub fn private_key_pkcs8_der(&self) -> &[u8] {
-        self.key_pair.serialized_der()
-    }
-
-    /// The public key as PEM (SubjectPublicKeyInfo): what an algorithm-confusion attacker
-    /// would use as an HMAC secret.
-    pub fn public_key_pem(&self) -> String {
-        self.key_pair.public_key_pem()
-    }
-
-    /// The public key's raw point bytes.
-    pub fn public_key_raw(&self) -> &[u8] {
-        self.key_pair.public_key_raw()
     }
 
     /// Key set downloads so far (faulty answers included).
