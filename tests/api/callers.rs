@@ -312,7 +312,8 @@ async fn easy_auth_mode_takes_the_caller_from_the_platform_header() {
     assert_eq!(app.token("guarded").await.status(), 401);
 }
 
-/// Sends `count` requests with `bearer(i)` at once; returns each status, description and wait.
+/// Sends `count` requests for the guarded connection with `bearer(i)` at once; returns each
+/// status, body and wait.
 async fn concurrently(
     app: &TestApp,
     count: usize,
@@ -322,7 +323,7 @@ async fn concurrently(
         let bearer = bearer(i);
         async move {
             let start = Instant::now();
-            let response = app.get_as("/api/token/demo", &bearer).await;
+            let response = app.get_as("/api/token/guarded", &bearer).await;
             let status = response.status().as_u16();
             (status, json(response).await, start.elapsed())
         }
@@ -361,7 +362,7 @@ async fn forty_concurrent_cold_callers_share_one_key_set_download() {
 async fn twenty_callers_with_unknown_key_ids_are_refused_at_once_with_one_reload() {
     let app = jwt_app().await;
     let bearer = app.idp.caller_token("caller-app").await;
-    assert_eq!(app.get_as("/api/token/demo", &bearer).await.status(), 200);
+    assert_eq!(app.get_as("/api/token/guarded", &bearer).await.status(), 200);
     let loaded = app.idp.key_stats().await.jwks_requests;
     assert_eq!(loaded, 1);
     let rest = bearer.split_once('.').unwrap().1.to_string();
@@ -390,7 +391,7 @@ async fn twenty_callers_with_unknown_key_ids_are_refused_at_once_with_one_reload
         "twenty unknown key ids cause one reload"
     );
     // The keys held still serve.
-    assert_eq!(app.get_as("/api/token/demo", &bearer).await.status(), 200);
+    assert_eq!(app.get_as("/api/token/guarded", &bearer).await.status(), 200);
 }
 
 // ---- Entra-shaped tokens ---------------------------------------------------------------
