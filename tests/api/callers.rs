@@ -362,7 +362,10 @@ async fn forty_concurrent_cold_callers_share_one_key_set_download() {
 async fn twenty_callers_with_unknown_key_ids_are_refused_at_once_with_one_reload() {
     let app = jwt_app().await;
     let bearer = app.idp.caller_token("caller-app").await;
-    assert_eq!(app.get_as("/api/token/guarded", &bearer).await.status(), 200);
+    assert_eq!(
+        app.get_as("/api/token/guarded", &bearer).await.status(),
+        200
+    );
     let loaded = app.idp.key_stats().await.jwks_requests;
     assert_eq!(loaded, 1);
     let rest = bearer.split_once('.').unwrap().1.to_string();
@@ -391,7 +394,10 @@ async fn twenty_callers_with_unknown_key_ids_are_refused_at_once_with_one_reload
         "twenty unknown key ids cause one reload"
     );
     // The keys held still serve.
-    assert_eq!(app.get_as("/api/token/guarded", &bearer).await.status(), 200);
+    assert_eq!(
+        app.get_as("/api/token/guarded", &bearer).await.status(),
+        200
+    );
 }
 
 // ---- Entra-shaped tokens ---------------------------------------------------------------
