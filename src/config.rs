@@ -53,6 +53,14 @@ pub enum IdentitySettings {
     DeveloperCli,
 }
 
+/// Most leeway `clock_skew_seconds` may give on `exp` and `nbf`: more would keep expired
+/// caller tokens usable for long, and no sane clock is that far off.
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 300;
+
+/// The caller list entry that opens a connection to every authenticated caller, stated on
+/// purpose rather than implied by an empty list.
+pub const ANY_CALLER: &str = "*";
+
 /// How callers are authenticated.
 #[derive(Debug, Clone)]
 pub struct CallerSettings {
@@ -66,9 +74,13 @@ pub enum CallerMode {
     None,
     /// `Authorization: Bearer` validated against the issuer's keys.
     Jwt {
-        issuer: String,
-        audience: String,
-        /// When absent, read from the issuer's OpenID discovery document.
+        /// Accepted `iss` values: Entra's v1 and v2 issuers differ for the same tenant.
+        issuers: Vec<String>,
+        /// Accepted `aud` values: v1 tokens carry the app ID URI, v2 tokens the client id.
+        audiences: Vec<String>,
+        /// When set, the `tid` claim must equal it.
+        tenant: Option<String>,
+        /// When absent, read from the first issuer's OpenID discovery document.
         jwks_uri: Option<Url>,
         clock_skew: Duration,
     },
@@ -101,7 +113,8 @@ pub struct ConnectionSettings {
     pub audience: Option<String>,
     pub resource: Option<String>,
     pub extra_params: BTreeMap<String, String>,
-    /// Caller ids (`oid`, `azp`/`appid` or `sub`) allowed to use this connection.
+    /// Callers allowed to use this connection, by object id (`oid`) or client id (`azp`,
+    /// `appid`); `"*"` is any authenticated caller.
     pub allowed_callers: Vec<String>,
     /// Roles (`roles` claim) allowed to use this connection.
     pub allowed_roles: Vec<String>,
@@ -203,10 +216,28 @@ struct RawKeyVault {
 #[serde(deny_unknown_fields)]
 struct RawCallers {
     mode: Option<String>,
-    issuer: Option<String>,
-    audience: Option<String>,
+    issuer: Option<OneOrMany>,
+    audience: Option<OneOrMany>,
+    tenant: Option<String>,
     jwks_uri: Option<String>,
     clock_skew_seconds: Option<u64>,
+}
+
+/// A setting written as one string or a list of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(one) => vec![one],
+            OneOrMany::Many(many) => many,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -373,16 +404,7 @@ impl Validator<'_> {
                 connections.insert(key, connection);
             }
         }
-        if matches!(callers.mode, CallerMode::None) {
-            for connection in connections.values() {
-                if !connection.allowed_callers.is_empty() || !connection.allowed_roles.is_empty() {
-                    self.problems.push(format!(
-                        "connections.{}.allowed_callers/allowed_roles: need [callers] mode \"jwt\" or \"easy_auth\" to know who the caller is",
-                        connection.name
-                    ));
-                }
-            }
-        }
+        self.caller_lists(&callers, &connections);
         let needs_vault = connections
             .values()
             .any(|c| matches!(c.client_secret, SecretSource::KeyVault { .. }));
@@ -409,48 +431,131 @@ impl Validator<'_> {
         let Some(raw) = raw else {
             return none;
         };
-        match raw.mode.as_deref().unwrap_or("none") {
+        let mode = raw.mode.as_deref().unwrap_or("none");
+        if mode != "jwt" {
+            // Settings that only `jwt` reads would be silently ignored: an operator who sets
+            // `tenant` believes it is checked.
+            for (field, set) in [
+                ("issuer", raw.issuer.is_some()),
+                ("audience", raw.audience.is_some()),
+                ("tenant", raw.tenant.is_some()),
+                ("jwks_uri", raw.jwks_uri.is_some()),
+                ("clock_skew_seconds", raw.clock_skew_seconds.is_some()),
+            ] {
+                if set {
+                    self.problems
+                        .push(format!("callers.{field}: only used in mode \"jwt\""));
+                }
+            }
+        }
+        match mode {
             "none" => none,
-            "easy_auth" => CallerSettings {
-                mode: CallerMode::EasyAuth,
-            },
+            "easy_auth" => {
+                // Without App Service Authentication the platform does not strip
+                // client-supplied X-MS-CLIENT-PRINCIPAL headers: anyone could claim anyone.
+                let enabled = self
+                    .env
+                    .var("WEBSITE_AUTH_ENABLED")
+                    .is_some_and(|value| value.trim().eq_ignore_ascii_case("true"));
+                if !enabled {
+                    self.problems.push(
+                        "callers.mode: \"easy_auth\" trusts X-MS-CLIENT-PRINCIPAL, which is safe only with App Service Authentication on, and WEBSITE_AUTH_ENABLED is not \"true\"; turn authentication on or use mode \"jwt\"".to_string(),
+                    );
+                }
+                CallerSettings {
+                    mode: CallerMode::EasyAuth,
+                }
+            }
             "jwt" => {
-                let issuer = raw
-                    .issuer
+                let issuers = self.expand_list("callers.issuer", raw.issuer);
+                for (index, issuer) in issuers.iter().enumerate() {
+                    self.endpoint_url(&format!("callers.issuer[{index}]"), issuer);
+                }
+                let audiences: Vec<String> = self.expand_list("callers.audience", raw.audience);
+                if audiences.iter().any(String::is_empty) {
+                    self.problems
+                        .push("callers.audience: must not be empty".to_string());
+                }
+                let tenant = raw
+                    .tenant
                     .as_deref()
-                    .and_then(|v| self.expand("callers.issuer", v));
-                let audience = raw
-                    .audience
-                    .as_deref()
-                    .and_then(|v| self.expand("callers.audience", v));
+                    .and_then(|v| self.expand("callers.tenant", v));
+                if tenant.as_deref() == Some("") {
+                    self.problems
+                        .push("callers.tenant: must not be empty".to_string());
+                }
                 let jwks_uri = raw
                     .jwks_uri
                     .as_deref()
                     .and_then(|v| self.expand("callers.jwks_uri", v))
                     .and_then(|v| self.endpoint_url("callers.jwks_uri", &v));
-                if let Some(issuer) = &issuer {
-                    self.endpoint_url("callers.issuer", issuer);
+                let clock_skew_seconds = raw.clock_skew_seconds.unwrap_or(60);
+                if clock_skew_seconds > MAX_CLOCK_SKEW_SECONDS {
+                    self.problems.push(format!(
+                        "callers.clock_skew_seconds: at most {MAX_CLOCK_SKEW_SECONDS} (leeway on exp and nbf)"
+                    ));
                 }
-                match (issuer, audience) {
-                    (Some(issuer), Some(audience)) if !audience.is_empty() => CallerSettings {
-                        mode: CallerMode::Jwt {
-                            issuer,
-                            audience,
-                            jwks_uri,
-                            clock_skew: Duration::from_secs(raw.clock_skew_seconds.unwrap_or(60)),
-                        },
+                if issuers.is_empty() || audiences.is_empty() {
+                    self.problems.push(
+                        "callers: mode \"jwt\" needs issuer and audience (a string or a list)"
+                            .to_string(),
+                    );
+                    return none;
+                }
+                CallerSettings {
+                    mode: CallerMode::Jwt {
+                        issuers,
+                        audiences,
+                        tenant,
+                        jwks_uri,
+                        clock_skew: Duration::from_secs(
+                            clock_skew_seconds.min(MAX_CLOCK_SKEW_SECONDS),
+                        ),
                     },
-                    _ => {
-                        self.problems
-                            .push("callers: mode \"jwt\" needs issuer and audience".to_string());
-                        none
-                    }
                 }
             }
             _ => {
                 self.problems
                     .push("callers.mode: must be \"none\", \"jwt\" or \"easy_auth\"".to_string());
                 none
+            }
+        }
+    }
+
+    /// Expands each entry of a string-or-list setting; entries that fail are reported and left out.
+    fn expand_list(&mut self, field: &str, raw: Option<OneOrMany>) -> Vec<String> {
+        let values = raw.map(OneOrMany::into_vec).unwrap_or_default();
+        let mut expanded = Vec::new();
+        for (index, value) in values.iter().enumerate() {
+            if let Some(value) = self.expand(&format!("{field}[{index}]"), value) {
+                expanded.push(value);
+            }
+        }
+        expanded
+    }
+
+    /// Fails closed: where callers are identified, every connection says who may use it, and
+    /// where they are not, no connection pretends to restrict them.
+    fn caller_lists(
+        &mut self,
+        callers: &CallerSettings,
+        connections: &BTreeMap<String, ConnectionSettings>,
+    ) {
+        let identified = !matches!(callers.mode, CallerMode::None);
+        for connection in connections.values() {
+            let listed =
+                !connection.allowed_callers.is_empty() || !connection.allowed_roles.is_empty();
+            if !identified && listed {
+                self.problems.push(format!(
+                    "connections.{}.allowed_callers/allowed_roles: need [callers] mode \"jwt\" or \"easy_auth\" to know who the caller is",
+                    connection.name
+                ));
+            }
+            if identified && !listed {
+                self.problems.push(format!(
+                    "connections.{}.allowed_callers: required in [callers] mode \"jwt\" or \"easy_auth\" (or allowed_roles); write allowed_callers = [\"*\"] to serve every authenticated caller",
+                    connection.name
+                ));
             }
         }
     }
@@ -1019,6 +1124,164 @@ mod tests {
         let debug = format!("{settings:?}");
         assert!(!debug.contains("s3cret"), "{debug}");
         assert!(debug.contains("AppSetting(LOCAL_SECRET)"), "{debug}");
+    }
+
+    /// `FULL` with a `[callers]` section; `lists` goes into every connection.
+    fn with_callers(callers: &str, lists: &str) -> String {
+        let text = FULL.replace(
+            "[connections.Contoso]",
+            &format!("[callers]\n{callers}\n[connections.Contoso]"),
+        );
+        text.replace(
+            "client_secret = { app_setting = \"LOCAL_SECRET\" }",
+            &format!("client_secret = {{ app_setting = \"LOCAL_SECRET\" }}\n{lists}"),
+        )
+        .replace(
+            "extra_params = { tenant = \"x\" }",
+            &format!("extra_params = {{ tenant = \"x\" }}\n{lists}"),
+        )
+    }
+
+    const JWT: &str = r#"mode = "jwt"
+        issuer = "https://login.microsoftonline.com/t/v2.0"
+        audience = "api://token-broker""#;
+
+    #[test]
+    fn identified_callers_need_every_connection_to_say_who_may_use_it() {
+        let error = parse_with(&with_callers(JWT, ""), &full_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("connections.Contoso.allowed_callers: required in [callers] mode"),
+            "{error}"
+        );
+        assert!(
+            error.contains("connections.local.allowed_callers"),
+            "{error}"
+        );
+        for lists in [
+            r#"allowed_callers = ["*"]"#,
+            r#"allowed_roles = ["Tokens.Contoso"]"#,
+        ] {
+            parse_with(&with_callers(JWT, lists), &full_env()).expect(lists);
+        }
+        // Lists without a caller mode restrict nobody, and say so.
+        let error = parse_with(&with_callers("", r#"allowed_callers = ["*"]"#), &full_env())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("need [callers] mode"), "{error}");
+    }
+
+    #[test]
+    fn easy_auth_needs_app_service_authentication_on() {
+        let text = with_callers(r#"mode = "easy_auth""#, r#"allowed_callers = ["*"]"#);
+        let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+        assert!(error.contains("WEBSITE_AUTH_ENABLED"), "{error}");
+        for off in ["false", "", "1"] {
+            let mut pairs = full_env();
+            pairs.push(("WEBSITE_AUTH_ENABLED", off));
+            let error = parse_with(&text, &pairs).unwrap_err().to_string();
+            assert!(error.contains("WEBSITE_AUTH_ENABLED"), "{off}: {error}");
+        }
+        for on in ["true", "True", "TRUE"] {
+            let mut pairs = full_env();
+            pairs.push(("WEBSITE_AUTH_ENABLED", on));
+            let settings = parse_with(&text, &pairs).expect(on);
+            assert!(matches!(settings.callers.mode, CallerMode::EasyAuth));
+        }
+    }
+
+    #[test]
+    fn issuer_and_audience_take_a_string_or_a_list_and_tenant_is_optional() {
+        let callers = r#"mode = "jwt"
+            issuer = ["https://sts.windows.net/${TENANT}/", "https://login.microsoftonline.com/${TENANT}/v2.0"]
+            audience = ["api://token-broker", "6e1f3a2b-0000-4000-8000-00000000b20c"]
+            tenant = "${TENANT}""#;
+        let mut pairs = full_env();
+        pairs.push(("TENANT", "72f988bf-86f1-41af-91ab-2d7cd011db47"));
+        let settings =
+            parse_with(&with_callers(callers, r#"allowed_callers = ["*"]"#), &pairs).unwrap();
+        let CallerMode::Jwt {
+            issuers,
+            audiences,
+            tenant,
+            clock_skew,
+            ..
+        } = settings.callers.mode
+        else {
+            panic!("jwt mode expected");
+        };
+        assert_eq!(
+            issuers,
+            [
+                "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/",
+                "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+            ]
+        );
+        assert_eq!(audiences.len(), 2);
+        assert_eq!(
+            tenant.as_deref(),
+            Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
+        );
+        assert_eq!(clock_skew, Duration::from_secs(60));
+        let settings = parse_with(
+            &with_callers(JWT, r#"allowed_callers = ["*"]"#),
+            &full_env(),
+        )
+        .unwrap();
+        assert!(matches!(
+            settings.callers.mode,
+            CallerMode::Jwt { ref issuers, ref audiences, tenant: None, .. }
+                if issuers.len() == 1 && audiences.len() == 1
+        ));
+        let error = parse_with(
+            &with_callers(
+                r#"mode = "jwt"
+                issuer = []
+                audience = "api://token-broker""#,
+                r#"allowed_callers = ["*"]"#,
+            ),
+            &full_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("needs issuer and audience"), "{error}");
+    }
+
+    #[test]
+    fn clock_skew_is_bounded_and_jwt_settings_are_refused_in_other_modes() {
+        let skewed = format!("{JWT}\nclock_skew_seconds = 301");
+        let error = parse_with(
+            &with_callers(&skewed, r#"allowed_callers = ["*"]"#),
+            &full_env(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("callers.clock_skew_seconds: at most 300"),
+            "{error}"
+        );
+        let at_most = format!("{JWT}\nclock_skew_seconds = 300");
+        parse_with(
+            &with_callers(&at_most, r#"allowed_callers = ["*"]"#),
+            &full_env(),
+        )
+        .expect("300 is allowed");
+        let mut pairs = full_env();
+        pairs.push(("WEBSITE_AUTH_ENABLED", "true"));
+        let error = parse_with(
+            &with_callers(
+                "mode = \"easy_auth\"\ntenant = \"t\"",
+                r#"allowed_callers = ["*"]"#,
+            ),
+            &pairs,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("callers.tenant: only used in mode \"jwt\""),
+            "{error}"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::caller_check::CallerError;
 use crate::token::TokenError;
 
 /// Longest `Retry-After` the broker gives its callers. An identity provider that asks for an
@@ -54,6 +55,12 @@ pub enum ApiError {
     },
     /// 503 `secret_unavailable`.
     SecretUnavailable(String),
+    /// 503 `caller_keys_unavailable`: caller tokens cannot be checked, for want of the
+    /// issuer's signing keys.
+    CallerKeysUnavailable {
+        description: String,
+        retry_after: Duration,
+    },
     /// 500 `internal_error`.
     Internal(String),
 }
@@ -83,6 +90,20 @@ impl From<&TokenError> for ApiError {
                 retry_after: *retry_after,
             },
             TokenError::Secret { .. } => ApiError::SecretUnavailable(error.to_string()),
+        }
+    }
+}
+
+impl From<CallerError> for ApiError {
+    fn from(error: CallerError) -> Self {
+        match error {
+            CallerError::Missing => ApiError::MissingToken,
+            CallerError::InvalidToken(_) => ApiError::InvalidToken(error.to_string()),
+            CallerError::Denied { .. } => ApiError::AccessDenied(error.to_string()),
+            CallerError::KeysUnavailable { retry_after } => ApiError::CallerKeysUnavailable {
+                description: error.to_string(),
+                retry_after,
+            },
         }
     }
 }
@@ -177,6 +198,16 @@ impl IntoResponse for ApiError {
                 text.as_str(),
                 None,
                 None,
+            ),
+            ApiError::CallerKeysUnavailable {
+                description,
+                retry_after,
+            } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "caller_keys_unavailable",
+                description.as_str(),
+                None,
+                Some(*retry_after),
             ),
             ApiError::Internal(text) => (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -7,6 +7,7 @@
 //! One place, shared by the integration tests (in-process, so a test can add a secret version
 //! or inject a fault mid-run) and the local demo (the `token-broker-doubles` binary).
 
+pub mod entra_keys;
 pub mod fault_proxy;
 pub mod hostile_idp;
 pub mod key_vault;

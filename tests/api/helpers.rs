@@ -72,6 +72,13 @@ pub struct IdpStats {
 
 pub const RESOURCE: &str = "api://demo";
 
+/// Counters the provider keeps of its key set and discovery document downloads.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdpKeyStats {
+    pub jwks_requests: u64,
+    pub discovery_requests: u64,
+}
+
 impl Idp {
     pub fn start(dir: &Path, clients: &[IdpClient]) -> Idp {
         Self::launch(dir.join("idp.json"), clients.to_vec(), 0)
@@ -160,6 +167,12 @@ impl Idp {
     }
 
     pub async fn stats(&self) -> IdpStats {
+        let url = self.issuer.clone() + "/_test/stats";
+        reqwest::get(url).await.unwrap().json().await.unwrap()
+    }
+
+    /// How often the provider's key set and discovery document were downloaded.
+    pub async fn key_stats(&self) -> IdpKeyStats {
         let url = self.issuer.clone() + "/_test/stats";
         reqwest::get(url).await.unwrap().json().await.unwrap()
     }
@@ -346,6 +359,13 @@ pub async fn spawn_app_with(setup: Setup) -> TestApp {
     let proxy_url = proxy.as_ref().map(|p| p.url()).unwrap_or_default();
     let token_url = &idp.token_endpoint;
     let closed_port = free_port();
+    // Caller modes fail closed: the standard connections then serve every authenticated
+    // caller, on purpose.
+    let open = if setup.extra_config.contains("[callers]") {
+        r#"allowed_callers = ["*"]"#
+    } else {
+        ""
+    };
     let config = format!(
         r#"
 [key_vault]
@@ -356,6 +376,7 @@ verify_challenge_resource = false
 token_url = "{token_url}"
 client_id = "${{DEMO_CLIENT_ID}}"
 client_secret = {{ key_vault_secret = "basic-secret" }}
+{open}
 scopes = ["read"]
 allowed_scopes = ["read", "write"]
 
@@ -363,6 +384,7 @@ allowed_scopes = ["read", "write"]
 token_url = "{token_url}"
 client_id = "broker-post"
 client_secret = {{ key_vault_secret = "post-secret" }}
+{open}
 auth_method = "client_secret_post"
 scopes = ["read", "write"]
 
@@ -370,38 +392,45 @@ scopes = ["read", "write"]
 token_url = "{token_url}"
 client_id = "broker-short"
 client_secret = {{ key_vault_secret = "short-secret" }}
+{open}
 
 [connections.setting]
 token_url = "{token_url}"
 client_id = "broker-setting"
 client_secret = {{ app_setting = "SETTING_SECRET" }}
+{open}
 
 [connections.wrong]
 token_url = "{token_url}"
 client_id = "broker-basic"
 client_secret = {{ key_vault_secret = "wrong-secret" }}
+{open}
 
 [connections.nosecret]
 token_url = "{token_url}"
 client_id = "broker-basic"
 client_secret = {{ key_vault_secret = "absent-secret" }}
+{open}
 
 [connections.rotating]
 token_url = "{token_url}"
 client_id = "broker-rotating"
 client_secret = {{ key_vault_secret = "rotating-secret" }}
+{open}
 allowed_scopes = ["read"]
 
 [connections.badresource]
 token_url = "{token_url}"
 client_id = "broker-setting"
 client_secret = {{ app_setting = "SETTING_SECRET" }}
+{open}
 resource = "api://unknown"
 
 [connections.down]
 token_url = "http://127.0.0.1:{closed_port}/token"
 client_id = "broker-basic"
 client_secret = {{ app_setting = "SETTING_SECRET" }}
+{open}
 {extra}
 "#,
         extra = setup

@@ -1,7 +1,8 @@
 // The OAuth server the broker's tests and demo talk to: the real `oidc-provider` (an OpenID
 // Certified implementation), configured for the client-credentials grant with JWT access
 // tokens. Nothing here imitates OAuth; this file only configures the real server and adds a
-// read-only counter endpoint so tests can prove how many token requests the broker made.
+// read-only counter endpoint so tests can prove how many token requests and key set (JWKS) and
+// discovery downloads the broker made.
 //
 // Usage: node server.mjs <config.json>
 //   config: {
@@ -30,7 +31,9 @@ const resources = new Set([config.resource, ...(config.extra_resources ?? [])]);
 const { privateKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
 const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(), alg: 'RS256', use: 'sig' };
 
-const stats = { token_requests: 0, token_issued: 0, token_errors: 0 };
+const stats = {
+  token_requests: 0, token_issued: 0, token_errors: 0, jwks_requests: 0, discovery_requests: 0,
+};
 
 const server = createServer();
 server.on('error', (error) => {
@@ -86,6 +89,10 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
     if (ctx.path === '/_test/stats' && ctx.method === 'GET') {
       ctx.body = stats;
       return;
+    }
+    if (ctx.method === 'GET' && ctx.path === '/jwks') stats.jwks_requests += 1;
+    if (ctx.method === 'GET' && ctx.path === '/.well-known/openid-configuration') {
+      stats.discovery_requests += 1;
     }
     const isToken = ctx.path === '/token' && ctx.method === 'POST';
     if (isToken) stats.token_requests += 1;

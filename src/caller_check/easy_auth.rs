@@ -1,0 +1,99 @@
+//! `easy_auth` mode: the caller App Service Authentication validated and injected as
+//! `X-MS-CLIENT-PRINCIPAL` (base64 JSON). Configuration refuses this mode unless the platform
+//! says authentication is on (`WEBSITE_AUTH_ENABLED`), because only then does the platform strip
+//! client-supplied copies of the header; without it the header is whatever the client sent.
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+
+use super::{Caller, CallerError};
+
+#[derive(Deserialize)]
+struct ClientPrincipal {
+    #[serde(default)]
+    claims: Vec<PrincipalClaim>,
+    role_typ: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PrincipalClaim {
+    typ: String,
+    val: String,
+}
+
+const OBJECT_ID_CLAIM: &str = "http://schemas.microsoft.com/identity/claims/objectidentifier";
+const ROLE_CLAIM: &str = "http://schemas.microsoft.com/ws/2008/06/identity/claims/role";
+
+/// The caller named by the platform's headers.
+pub(super) fn caller(headers: &HeaderMap) -> Result<Caller, CallerError> {
+    let encoded = headers
+        .get("x-ms-client-principal")
+        .ok_or(CallerError::Missing)?
+        .to_str()
+        .map_err(|_| CallerError::InvalidToken("X-MS-CLIENT-PRINCIPAL is not text"))?;
+    let decoded = BASE64
+        .decode(encoded.trim())
+        .map_err(|_| CallerError::InvalidToken("X-MS-CLIENT-PRINCIPAL is not base64"))?;
+    let principal: ClientPrincipal = serde_json::from_slice(&decoded).map_err(|_| {
+        CallerError::InvalidToken("X-MS-CLIENT-PRINCIPAL is not a client principal")
+    })?;
+    let claim = |types: &[&str]| {
+        principal
+            .claims
+            .iter()
+            .find(|c| types.contains(&c.typ.as_str()))
+            .map(|c| c.val.clone())
+    };
+    let object_id = claim(&[OBJECT_ID_CLAIM, "oid"]);
+    let client_id = claim(&["azp", "appid"]);
+    let principal_id = headers
+        .get("x-ms-client-principal-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let role_type = principal.role_typ.as_deref().unwrap_or(ROLE_CLAIM);
+    let roles = principal
+        .claims
+        .iter()
+        .filter(|c| c.typ == role_type || c.typ == "roles" || c.typ == ROLE_CLAIM)
+        .map(|c| c.val.clone())
+        .collect();
+    Caller::identified(object_id, client_id, principal_id, roles).ok_or(CallerError::InvalidToken(
+        "X-MS-CLIENT-PRINCIPAL names no caller",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(json: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            "x-ms-client-principal",
+            BASE64.encode(json).parse().unwrap(),
+        );
+        headers
+    }
+
+    #[test]
+    fn easy_auth_reads_the_object_id_client_id_and_roles() {
+        let headers = principal(
+            r#"{"auth_typ":"aad","claims":[{"typ":"http://schemas.microsoft.com/identity/claims/objectidentifier","val":"oid-1"},{"typ":"azp","val":"client-1"},{"typ":"roles","val":"Tokens.Contoso"}],"name_typ":"name","role_typ":"roles"}"#,
+        );
+        let caller = caller(&headers).unwrap();
+        assert_eq!(caller.id.as_deref(), Some("oid-1"));
+        assert_eq!(caller.ids, ["oid-1", "client-1"]);
+        assert_eq!(caller.roles, ["Tokens.Contoso"]);
+    }
+
+    #[test]
+    fn easy_auth_without_the_header_is_unauthenticated() {
+        assert_eq!(caller(&HeaderMap::new()).unwrap_err(), CallerError::Missing);
+        assert!(matches!(
+            caller(&principal("not json")),
+            Err(CallerError::InvalidToken(_))
+        ));
+    }
+}

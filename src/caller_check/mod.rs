@@ -1,0 +1,252 @@
+//! Who is asking: the step between the HTTP request and the token cache.
+//!
+//! A function key is a shared string; a broker that hands out credentials for other APIs
+//! should know *which* caller it serves. In `jwt` mode the caller presents its own Entra (or
+//! any OpenID) access token for the broker's audience ([`jwt`], keys from [`jwks`]); in
+//! `easy_auth` mode App Service Authentication has already validated it and injected
+//! `X-MS-CLIENT-PRINCIPAL` ([`easy_auth`]). Each connection then names the callers or roles
+//! allowed to use it. Failures are a [`CallerError`], which `error.rs` maps to the HTTP contract.
+
+mod easy_auth;
+mod jwks;
+mod jwt;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+
+use crate::config::{ANY_CALLER, CallerMode, CallerSettings, ConnectionSettings};
+use crate::http_client::LazyClient;
+
+pub use jwt::JwtValidator;
+
+/// Why a caller is not served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallerError {
+    /// No credentials at all (401 without an error code, RFC 6750 §3.1).
+    #[error("the request carries no caller credentials")]
+    Missing,
+    /// Credentials that do not validate (401 `invalid_token`).
+    #[error("{0}")]
+    InvalidToken(&'static str),
+    /// A valid caller that may not use this connection (403 `access_denied`).
+    #[error("the caller is not allowed to use connection '{connection}'")]
+    Denied { connection: String },
+    /// The issuer's signing keys cannot be read, so no token can be checked (503): the
+    /// broker's or the issuer's trouble, not the caller's.
+    #[error("the caller token issuer's signing keys cannot be read; try again shortly")]
+    KeysUnavailable { retry_after: Duration },
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// How the audit line names the caller: the object id, else the client id, else `sub`;
+    /// `None` in mode `none`.
+    pub id: Option<String>,
+    /// Every identifier `allowed_callers` may name: the object id (`oid`) and the client id
+    /// (`azp` in v2 tokens, `appid` in v1, `client_id` in RFC 9068 tokens), or `sub` for
+    /// issuers whose tokens carry neither.
+    pub ids: Vec<String>,
+    pub roles: Vec<String>,
+}
+
+impl Caller {
+    /// How the audit line names the caller.
+    pub fn audit_name(&self) -> &str {
+        self.id.as_deref().unwrap_or("function-key")
+    }
+
+    /// A caller known by `object_id` and `client_id`, falling back to `subject` when the
+    /// token names neither.
+    fn identified(
+        object_id: Option<String>,
+        client_id: Option<String>,
+        subject: Option<String>,
+        roles: Vec<String>,
+    ) -> Option<Caller> {
+        let mut ids: Vec<String> = object_id.into_iter().chain(client_id).collect();
+        if ids.is_empty() {
+            ids.extend(subject);
+        }
+        ids.dedup();
+        Some(Caller {
+            id: Some(ids.first()?.clone()),
+            ids,
+            roles,
+        })
+    }
+}
+
+/// Authenticates callers the configured way.
+pub enum CallerCheck {
+    /// The function key (checked by the host) is the only gate.
+    FunctionKeyOnly,
+    Jwt(Box<JwtValidator>),
+    EasyAuth,
+}
+
+impl CallerCheck {
+    pub fn new(settings: &CallerSettings, http: Arc<LazyClient>) -> Self {
+        match &settings.mode {
+            CallerMode::None => CallerCheck::FunctionKeyOnly,
+            CallerMode::EasyAuth => CallerCheck::EasyAuth,
+            CallerMode::Jwt {
+                issuers,
+                audiences,
+                tenant,
+                jwks_uri,
+                clock_skew,
+            } => CallerCheck::Jwt(Box::new(JwtValidator::new(
+                jwt::JwtSettings {
+                    issuers: issuers.clone(),
+                    audiences: audiences.clone(),
+                    tenant: tenant.clone(),
+                    clock_skew: *clock_skew,
+                },
+                jwks::HttpKeySource::new(http, &issuers[0], jwks_uri.clone()),
+            ))),
+        }
+    }
+
+    /// Who sent `headers`.
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
+        match self {
+            CallerCheck::FunctionKeyOnly => Ok(Caller::default()),
+            CallerCheck::Jwt(validator) => validator.authenticate(headers).await,
+            CallerCheck::EasyAuth => easy_auth::caller(headers),
+        }
+    }
+}
+
+/// Whether `caller` may use `connection`: `allowed_callers` holds `"*"` or one of the caller's
+/// ids, or the caller holds one of `allowed_roles`. A connection that lists neither serves
+/// only in mode `none`, where there is no caller to check (configuration refuses the rest).
+pub fn authorize(caller: &Caller, connection: &ConnectionSettings) -> Result<(), CallerError> {
+    if caller.id.is_none() {
+        // Mode `none`: the function key was the gate.
+        return Ok(());
+    }
+    let by_id = connection
+        .allowed_callers
+        .iter()
+        .any(|allowed| allowed == ANY_CALLER || caller.ids.contains(allowed));
+    let by_role = caller
+        .roles
+        .iter()
+        .any(|role| connection.allowed_roles.contains(role));
+    if by_id || by_role {
+        Ok(())
+    } else {
+        Err(CallerError::Denied {
+            connection: connection.name.clone(),
+        })
+    }
+}
+
+/// The bearer token of `Authorization`, strictly: scheme `Bearer` (any case) and one token.
+fn bearer(headers: &HeaderMap) -> Result<&str, CallerError> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or(CallerError::Missing)?
+        .to_str()
+        .map_err(|_| CallerError::InvalidToken("the Authorization header is not text"))?;
+    let not_bearer = CallerError::InvalidToken("the Authorization header is not a bearer token");
+    let (scheme, token) = value.split_once(' ').ok_or(not_bearer.clone())?;
+    if !scheme.eq_ignore_ascii_case("bearer") || token.trim().is_empty() {
+        return Err(not_bearer);
+    }
+    Ok(token.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connection(callers: &[&str], roles: &[&str]) -> ConnectionSettings {
+        let text = format!(
+            r#"
+            [callers]
+            mode = "jwt"
+            issuer = "https://login.microsoftonline.com/t/v2.0"
+            audience = "api://token-broker"
+            [connections.c]
+            token_url = "https://idp.example.com/token"
+            client_id = "c"
+            client_secret = {{ app_setting = "S" }}
+            allowed_callers = {callers:?}
+            allowed_roles = {roles:?}
+            "#
+        );
+        let env = |name: &str| (name == "S").then(|| "s".to_string());
+        let settings = crate::config::parse(&text, std::path::Path::new("t.toml"), &env)
+            .expect("valid configuration");
+        settings.connections["c"].clone()
+    }
+
+    fn caller(ids: &[&str], roles: &[&str]) -> Caller {
+        Caller {
+            id: ids.first().map(|id| id.to_string()),
+            ids: ids.iter().map(|id| id.to_string()).collect(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_caller_is_allowed_by_object_id_or_client_id() {
+        let by_client_id = connection(&["apim-client-id"], &[]);
+        let apim = caller(&["apim-object-id", "apim-client-id"], &[]);
+        assert_eq!(authorize(&apim, &by_client_id), Ok(()));
+        let by_object_id = connection(&["apim-object-id"], &[]);
+        assert_eq!(authorize(&apim, &by_object_id), Ok(()));
+        let other = caller(&["other-object-id", "other-client-id"], &[]);
+        assert_eq!(
+            authorize(&other, &by_client_id),
+            Err(CallerError::Denied {
+                connection: "c".to_string()
+            })
+        );
+    }
+
+    #[test]
+    fn a_star_serves_every_authenticated_caller_and_roles_are_matched() {
+        let open = connection(&["*"], &[]);
+        assert_eq!(authorize(&caller(&["anyone"], &[]), &open), Ok(()));
+        let by_role = connection(&[], &["Tokens.Contoso"]);
+        assert_eq!(
+            authorize(&caller(&["x"], &["Tokens.Contoso"]), &by_role),
+            Ok(())
+        );
+        assert!(authorize(&caller(&["x"], &["Other"]), &by_role).is_err());
+    }
+
+    #[test]
+    fn the_subject_names_the_caller_only_when_no_object_or_client_id_does() {
+        let entra = Caller::identified(
+            Some("oid".into()),
+            Some("azp".into()),
+            Some("sub".into()),
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(entra.ids, ["oid", "azp"]);
+        assert_eq!(entra.audit_name(), "oid");
+        let other = Caller::identified(None, None, Some("sub".into()), vec![]).unwrap();
+        assert_eq!(other.ids, ["sub"]);
+        assert!(Caller::identified(None, None, None, vec![]).is_none());
+    }
+
+    #[test]
+    fn bearer_parsing_is_strict_about_the_scheme() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(bearer(&headers), Err(CallerError::Missing));
+        headers.insert("authorization", "Basic abc".parse().unwrap());
+        assert!(matches!(
+            bearer(&headers),
+            Err(CallerError::InvalidToken(_))
+        ));
+        headers.insert("authorization", "bearer abc".parse().unwrap());
+        assert_eq!(bearer(&headers).unwrap(), "abc");
+    }
+}
