@@ -3,6 +3,7 @@
 
 mod audit;
 mod callers;
+mod demo;
 mod errors;
 mod faults;
 mod functions_host;
