@@ -1,17 +1,19 @@
 //! The audit line: one JSON record per token handed out.
 //!
-//! It is the one record written on every request, so it has its own writer: the fixed record
-//! is formatted by hand into one buffer and appended to the same log output as every other
-//! line (same stream, same order, same JSON shape), instead of going through the generic
-//! `tracing` JSON formatter, which showed up as the largest user-space cost of a cache hit.
-//! `RUST_LOG` still decides whether it is written (target `audit`, level INFO).
+//! It is written whatever `RUST_LOG` says: an audit trail that a log level can switch off is
+//! not one. The record has its own path to the log output: serialized straight into one line
+//! (same stream, same order, same JSON shape as the other lines) and queued without waiting,
+//! instead of going through the generic `tracing` JSON formatter, which showed up as the
+//! largest user-space cost of a cache hit. The queue never blocks a request; a record it has
+//! no room for is counted and reported (see `telemetry`).
 
-use std::fmt::Write as _;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use tracing::Level;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
 
 /// What one audit line says. Never the token: its fingerprint only.
+#[derive(Serialize)]
 pub struct AuditRecord<'a> {
     pub connection: &'a str,
     pub caller: &'a str,
@@ -19,16 +21,16 @@ pub struct AuditRecord<'a> {
     pub cache: &'a str,
     pub expires_on: u64,
     pub fingerprint: &'a str,
+    #[serde(skip)]
     pub invocation_id: &'a str,
+    #[serde(skip)]
     pub method: &'a str,
+    #[serde(skip)]
     pub path: &'a str,
 }
 
-/// Writes the record, when `RUST_LOG` enables target `audit` at INFO.
+/// Writes the record (queued; see `telemetry`).
 pub fn record(record: &AuditRecord<'_>) {
-    if !tracing::enabled!(target: "audit", Level::INFO) {
-        return;
-    }
     if !crate::telemetry::installed() {
         // No log output installed (library use): fall back to an ordinary event.
         tracing::info!(
@@ -43,95 +45,61 @@ pub fn record(record: &AuditRecord<'_>) {
         );
         return;
     }
-    let line = format_line(record, SystemTime::now());
-    crate::telemetry::output().write_lines(line.as_bytes());
+    crate::telemetry::write_audit(format_line(record, SystemTime::now()));
 }
 
-/// The record as one JSON line, shaped like the other log lines (flattened fields, `target`,
-/// and the request's `span`).
-fn format_line(record: &AuditRecord<'_>, now: SystemTime) -> String {
-    let mut line = String::with_capacity(384);
-    line.push_str("{\"timestamp\":\"");
-    push_timestamp(&mut line, now);
-    line.push_str("\",\"level\":\"INFO\",\"message\":\"token handed out\",\"connection\":");
-    push_json_string(&mut line, record.connection);
-    line.push_str(",\"caller\":");
-    push_json_string(&mut line, record.caller);
-    line.push_str(",\"scopes\":");
-    push_json_string(&mut line, record.scopes);
-    line.push_str(",\"cache\":");
-    push_json_string(&mut line, record.cache);
-    let _ = write!(line, ",\"expires_on\":{}", record.expires_on);
-    line.push_str(",\"fingerprint\":");
-    push_json_string(&mut line, record.fingerprint);
-    line.push_str(",\"target\":\"audit\",\"span\":{\"invocation_id\":");
-    push_json_string(&mut line, record.invocation_id);
-    line.push_str(",\"method\":");
-    push_json_string(&mut line, record.method);
-    line.push_str(",\"path\":");
-    push_json_string(&mut line, record.path);
-    line.push_str(",\"name\":\"request\"}}\n");
-    line
+/// The line as written: the other log lines' shape (flattened fields, `target`, and the
+/// request's `span`).
+#[derive(Serialize)]
+struct Line<'a> {
+    timestamp: String,
+    level: &'static str,
+    message: &'static str,
+    #[serde(flatten)]
+    record: &'a AuditRecord<'a>,
+    target: &'static str,
+    span: Span<'a>,
 }
 
-/// A JSON string literal: quotes, backslashes and control characters escaped.
-fn push_json_string(out: &mut String, text: &str) {
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 || c == '\u{2028}' || c == '\u{2029}' => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+#[derive(Serialize)]
+struct Span<'a> {
+    invocation_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+    name: &'static str,
+}
+
+/// The record as one JSON line, newline included.
+fn format_line(record: &AuditRecord<'_>, now: SystemTime) -> Vec<u8> {
+    let line = Line {
+        timestamp: rfc3339_micros(now),
+        level: "INFO",
+        message: "token handed out",
+        record,
+        target: "audit",
+        span: Span {
+            invocation_id: record.invocation_id,
+            method: record.method,
+            path: record.path,
+            name: "request",
+        },
+    };
+    let mut bytes = Vec::with_capacity(384);
+    // Serializing borrowed strings and integers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut bytes, &line);
+    bytes.push(b'\n');
+    bytes
 }
 
 /// RFC 3339 UTC with microseconds, as the other log lines have it.
-fn push_timestamp(out: &mut String, now: SystemTime) {
-    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let seconds = since.as_secs();
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60,
-        since.subsec_micros()
-    );
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * month_index + 2) / 5 + 1) as u32;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
+pub(crate) fn rfc3339_micros(now: SystemTime) -> String {
+    DateTime::<Utc>::from(now).to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn the_line_is_json_with_the_documented_fields() {
@@ -148,19 +116,38 @@ mod tests {
         };
         let now = UNIX_EPOCH + Duration::from_micros(1_795_842_871_123_456);
         let line = format_line(&record, now);
-        assert!(line.ends_with('\n'));
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(line.ends_with(b"\n"));
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
         assert_eq!(value["timestamp"], "2026-11-28T05:14:31.123456Z");
         assert_eq!(value["target"], "audit");
         assert_eq!(value["caller"], "weird \"caller\"\n\u{1}");
         assert_eq!(value["expires_on"], 1_795_846_471u64);
         assert_eq!(value["span"]["invocation_id"], "inv-1");
+        assert_eq!(value["span"]["name"], "request");
+        // The other log lines' order, as written (a parsed `Value` would sort the keys).
+        let text = String::from_utf8(line).unwrap();
+        let positions: Vec<usize> = [
+            "timestamp",
+            "level",
+            "message",
+            "connection",
+            "caller",
+            "scopes",
+            "cache",
+            "expires_on",
+            "fingerprint",
+            "target",
+            "span",
+        ]
+        .iter()
+        .map(|key| text.find(&format!("\"{key}\":")).unwrap())
+        .collect();
+        assert!(positions.is_sorted(), "{text}");
     }
 
     #[test]
-    fn dates_match_the_calendar() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
-        assert_eq!(civil_from_days(20_785), (2026, 11, 28));
+    fn timestamps_have_microseconds_and_a_z() {
+        let leap_day = UNIX_EPOCH + Duration::from_secs(11_016 * 86_400);
+        assert_eq!(rfc3339_micros(leap_day), "2000-02-29T00:00:00.000000Z");
     }
 }

@@ -15,6 +15,7 @@
 //! HTTP stack), [`telemetry`] (JSON logs; [`audit`] writes the per-token line), [`startup`] (wiring and the listener) and
 //! [`rotation`] (Key Vault events that make a rotated secret take effect at once).
 
+pub mod app_state;
 pub mod audit;
 pub mod caller_check;
 pub mod config;

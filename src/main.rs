@@ -44,6 +44,7 @@ fn check() -> ExitCode {
 }
 
 fn serve() -> ExitCode {
+    // Dropped last: writes out the log, audit records included, before the process exits.
     let _log_writer = token_broker::telemetry::init();
     let settings = match config::load(&ProcessEnvironment) {
         Ok(settings) => settings,

@@ -2,20 +2,30 @@
 //! delivers them to a custom handler (`POST /function-rotation`, JSON payload format).
 //!
 //! `SecretNewVersionCreated`, `SecretNearExpiry` and `SecretExpired` for a secret the broker
-//! serves make the next use read Key Vault again and drop the tokens minted with the old
-//! version, so a rotation takes effect in seconds instead of at the next cache TTL.
+//! serves make the next use read Key Vault again, drop the tokens minted with the old version
+//! and forget a rejection the connection's negative cache holds, so a rotation (or a repaired
+//! secret) takes effect in seconds instead of at the next cache TTL.
 
 use axum::Json;
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
+use crate::app_state::AppState;
 use crate::config::SecretSource;
 use crate::error::ApiError;
-use crate::routes::{AppState, MAX_BODY_BYTES};
 
 /// The function's folder name, which is its path.
 pub const PATH: &str = "/function-rotation";
+
+/// Largest invocation read. The request limits refuse a larger declared body before this
+/// runs; this bounds one sent without `Content-Length`. Real events are a few hundred bytes.
+const MAX_INVOCATION_BYTES: usize = 64 * 1024;
+
+/// How many times a trigger value may be JSON-encoded as a string: the host encodes a string
+/// value once more (an Event Grid event the binding hands over as a string arrives as a
+/// string of a string); one level of margin beyond that.
+const MAX_STRING_ENCODINGS: usize = 3;
 
 /// Event types that mean "the secret you hold is about to change or has changed".
 const ROTATION_EVENTS: &[&str] = &[
@@ -27,7 +37,7 @@ const ROTATION_EVENTS: &[&str] = &[
 /// Handles one invocation. Malformed JSON is a 400 (the host never sends it); an event that
 /// is not for this broker is acknowledged with a log line, since retrying it cannot help.
 pub async fn handle(state: &AppState, body: Body) -> Response {
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_BODY_BYTES).await else {
+    let Ok(bytes) = axum::body::to_bytes(body, MAX_INVOCATION_BYTES).await else {
         return ApiError::InvalidRequest("the invocation body is too large or incomplete".into())
             .into_response();
     };
@@ -44,16 +54,20 @@ pub async fn handle(state: &AppState, body: Body) -> Response {
     Json(json!({ "Outputs": {}, "Logs": logs, "ReturnValue": null })).into_response()
 }
 
-/// The event in `{"Data": {<binding>: event}}`; the event may be an object or a JSON string.
+/// The event in `{"Data": {<binding>: event}}`. The event may be an object, a JSON string
+/// holding it, or a JSON string holding such a string (the Functions host serializes a string
+/// trigger value once more before sending it).
 fn event_of(payload: &Value) -> Option<Map<String, Value>> {
     let data = get(payload.as_object()?, "data")?.as_object()?;
-    let event = get(data, "event").or_else(|| data.values().next())?;
+    let mut event = get(data, "event").or_else(|| data.values().next())?.clone();
+    for _ in 0..MAX_STRING_ENCODINGS {
+        match event {
+            Value::String(text) => event = serde_json::from_str::<Value>(&text).ok()?,
+            _ => break,
+        }
+    }
     match event {
-        Value::Object(map) => Some(map.clone()),
-        Value::String(text) => match serde_json::from_str::<Value>(text).ok()? {
-            Value::Object(map) => Some(map),
-            _ => None,
-        },
+        Value::Object(map) => Some(map),
         _ => None,
     }
 }
@@ -105,6 +119,9 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
         })
         .unwrap_or_default();
     state.secrets.invalidate(&configured_name).await;
+    for connection in &connections {
+        state.token_client.connection_rotated(connection);
+    }
     let evicted = state.cache.evict_connections(&connections);
     vec![format!(
         "{}: secret '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
@@ -131,5 +148,20 @@ mod tests {
         let string = json!({"data": {"event": "{\"eventType\":\"x\"}"}});
         assert_eq!(get(&event_of(&string).unwrap(), "EVENTTYPE").unwrap(), "x");
         assert!(event_of(&json!({"Data": {}})).is_none());
+    }
+
+    #[test]
+    fn a_string_of_a_string_is_decoded_as_the_host_sends_it() {
+        let event = json!({"eventType": "Microsoft.KeyVault.SecretNewVersionCreated"});
+        let once = Value::String(event.to_string());
+        let twice = Value::String(once.to_string());
+        for value in [event.clone(), once, twice] {
+            let decoded = event_of(&json!({"Data": {"event": value}})).expect("decoded");
+            assert_eq!(Value::Object(decoded), event);
+        }
+        // Nesting beyond what the host does, and a string that is not an event, are ignored.
+        let deep = (0..4).fold(event, |value, _| Value::String(value.to_string()));
+        assert!(event_of(&json!({"Data": {"event": deep}})).is_none());
+        assert!(event_of(&json!({"Data": {"event": "\"plain text\""}})).is_none());
     }
 }

@@ -5,9 +5,7 @@
 //! routes case-insensitively (`/API/Token/x` reaches us as the client typed it) and because an
 //! unknown or malformed connection name must be a plain `unknown_connection`, never a 5xx.
 
-use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -19,12 +17,12 @@ use secrecy::ExposeSecret;
 use serde::Serialize;
 use tracing::Instrument;
 
-use crate::caller_check::{self, CallerCheck};
-use crate::config::{ConnectionSettings, is_valid_connection_name, is_valid_scope_token};
+use crate::app_state::AppState;
+use crate::caller_check;
+use crate::config::{is_valid_connection_name, is_valid_scope_token};
 use crate::error::ApiError;
 use crate::rotation;
-use crate::secret_source::SecretStore;
-use crate::token_cache::{CacheKey, TokenCache, panic_message};
+use crate::token_cache::{CacheKey, panic_message};
 
 /// Most scopes one request may name, and the longest `scope` value accepted.
 const MAX_SCOPES: usize = 32;
@@ -35,47 +33,6 @@ const MAX_URI: usize = 4096;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest body accepted: token requests need none, Key Vault events are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
-
-/// What every request handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    pub cache: Arc<TokenCache>,
-    pub secrets: Arc<SecretStore>,
-    pub callers: Arc<CallerCheck>,
-    /// Connections by lower-cased name.
-    pub connections: Arc<BTreeMap<String, ConnectionSettings>>,
-    /// Each connection's cache key for its default scopes, built once: most requests name no
-    /// scope, and this keeps their path free of allocations.
-    pub default_keys: Arc<BTreeMap<String, CacheKey>>,
-}
-
-impl AppState {
-    pub fn new(
-        cache: Arc<TokenCache>,
-        secrets: Arc<SecretStore>,
-        callers: Arc<CallerCheck>,
-        connections: Arc<BTreeMap<String, ConnectionSettings>>,
-    ) -> Self {
-        let default_keys = connections
-            .iter()
-            .map(|(key, connection)| (key.clone(), CacheKey::new(key, connection.scopes.clone())))
-            .collect();
-        Self {
-            cache,
-            secrets,
-            callers,
-            connections,
-            default_keys: Arc::new(default_keys),
-        }
-    }
-
-    /// The connection called `name`, any casing, without allocating.
-    fn connection(&self, name: &str) -> Option<(&String, &ConnectionSettings)> {
-        self.connections
-            .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
-    }
-}
 
 /// The broker's router, apart from `main` so that tests can drive it in-process.
 pub fn router(state: AppState) -> Router {

@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::app_state::AppState;
 use crate::caller_check::CallerCheck;
 use crate::config::Settings;
 use crate::http_client::LazyClient;
-use crate::routes::{AppState, router};
+use crate::routes::router;
 use crate::secret_source::SecretStore;
 use crate::token_cache::TokenCache;
 use crate::token_client::TokenClient;
@@ -47,8 +48,11 @@ impl Application {
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
         let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections));
-        let cache = Arc::new(TokenCache::new(token_client, settings.cache.max_tokens));
-        let state = AppState::new(cache, secrets, callers, connections);
+        let cache = Arc::new(TokenCache::new(
+            token_client.clone(),
+            settings.cache.max_tokens,
+        ));
+        let state = AppState::new(cache, secrets, callers, token_client, connections);
 
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
         let listener = TcpListener::bind(address)

@@ -1,65 +1,157 @@
 //! Logging: `tracing` JSON lines on stdout, which the Functions host collects (stderr lines
-//! would be logged as errors), at the level `RUST_LOG` asks for (default `info`).
+//! would be logged as errors), at the level `RUST_LOG` asks for (default `info`), and the
+//! audit records, which are written whatever `RUST_LOG` says.
 //!
-//! Lines go into one in-memory buffer that is written out when it fills and at least every
-//! 200 ms (and at exit). Under load that is one `write` for hundreds of lines and no thread
-//! wake-up per line: the profile of a cache hit showed per-line writes and wake-ups of a
-//! writer thread as the largest cost after the network itself.
+//! No request ever waits for stdout. Every line goes into a bounded queue (`try_send`, never a
+//! blocking send) and one writer thread empties it every 100 ms, or as soon as it is half full,
+//! in one `write` per batch: under load that is one write for hundreds of lines and no thread
+//! wake-up per line (the profile of a cache hit showed per-line writes and wake-ups of a writer
+//! thread as the largest cost after the network itself). When stdout cannot keep up (a full
+//! pipe, a stalled collector), the queue fills and lines are dropped, never waited for; log
+//! lines are dropped first, so that they cannot crowd out audit records. Every loss is counted
+//! and reported by the writer in a line of its own as soon as it can write again:
+//! `"audit records lost"` (target `audit`, fields `dropped` and `write_errors`) and
+//! `"log lines lost"` (field `dropped`).
+//!
+//! A hand-made pipeline rather than `tracing-appender`'s non-blocking writer: that one drops
+//! silently on write errors, cannot tell audit records from other lines, and wakes its worker
+//! for every line when idle.
 
-use std::io::{BufWriter, Stdout, Write};
-use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::io::{ErrorKind, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant, SystemTime};
 
+use serde::Serialize;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::FmtSpan;
 
-/// How often buffered lines are written out when the buffer does not fill first.
-const FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// How often queued lines are written out when the queue does not reach half full first.
+/// Records must reach stdout within a second; this leaves a wide margin.
+const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Lines the queue holds by default: at the benchmark's peak rate, several flush intervals.
+pub const DEFAULT_QUEUE_LINES: usize = 16_384;
+/// The app setting that changes the queue's size (lines, 16 to 1,048,576).
+pub const QUEUE_LINES_SETTING: &str = "TOKEN_BROKER_LOG_QUEUE_LINES";
+/// Bytes gathered before a write when the queue holds more.
+const BATCH_BYTES: usize = 256 * 1024;
+/// How long shutdown waits for the log to be written out (stdout may be a full pipe).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
-/// The process's log output: stdout behind a 64 KiB buffer.
-pub struct LogOutput {
-    // A std mutex: held for one memory copy per line (or one write when the buffer is full).
-    out: Mutex<BufWriter<Stdout>>,
+/// What a queued line is, for the loss accounting.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Audit,
+    Log,
+    /// A loss report: regenerated until written, never counted as lost itself.
+    Report,
 }
 
-static OUTPUT: OnceLock<LogOutput> = OnceLock::new();
-static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+struct Line {
+    bytes: Vec<u8>,
+    kind: Kind,
+}
+
+/// The producer side, shared by every thread.
+struct Pipeline {
+    sender: SyncSender<Line>,
+    capacity: usize,
+    /// Lines sent and not yet taken by the writer (an upper bound of the queue's length).
+    pending: AtomicUsize,
+    writer: Thread,
+    audit_dropped: AtomicU64,
+    log_dropped: AtomicU64,
+    /// Flush requests made and completed, so that `flush` can wait for its own.
+    flush_requested: AtomicU64,
+    flush_completed: Mutex<u64>,
+    flushed: Condvar,
+}
+
+static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
+static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether `init` ran (the audit writer falls back to `tracing` events otherwise).
 pub fn installed() -> bool {
-    INSTALLED.load(std::sync::atomic::Ordering::Relaxed)
+    INSTALLED.load(Ordering::Relaxed)
 }
 
-/// The log output, shared by `tracing` and the audit writer.
-pub fn output() -> &'static LogOutput {
-    OUTPUT.get_or_init(|| LogOutput {
-        out: Mutex::new(BufWriter::with_capacity(64 * 1024, std::io::stdout())),
-    })
-}
-
-impl LogOutput {
-    /// Appends whole lines (the caller passes complete records).
-    pub fn write_lines(&self, lines: &[u8]) {
-        if let Ok(mut out) = self.out.lock() {
-            let _ = out.write_all(lines);
-        }
-    }
-
-    /// Writes out everything buffered.
-    pub fn flush(&self) {
-        if let Ok(mut out) = self.out.lock() {
-            let _ = out.flush();
-        }
+/// Queues one audit record (a whole line). Never blocks; a record that finds the queue full
+/// is counted and reported by the writer.
+pub fn write_audit(line: Vec<u8>) {
+    if let Some(pipeline) = PIPELINE.get() {
+        pipeline.send(line, Kind::Audit);
     }
 }
 
-/// One formatted event, handed to `LogOutput` in one piece.
-pub struct LineWriter(&'static LogOutput);
+impl Pipeline {
+    fn send(&self, bytes: Vec<u8>, kind: Kind) {
+        let before = self.pending.fetch_add(1, Ordering::Relaxed);
+        // Log lines leave the last quarter of the queue to audit records.
+        let room = match kind {
+            Kind::Log => self.capacity - self.capacity / 4,
+            Kind::Audit | Kind::Report => self.capacity,
+        };
+        let sent = before < room
+            && match self.sender.try_send(Line { bytes, kind }) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+            };
+        if !sent {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            let counter = match kind {
+                Kind::Audit | Kind::Report => &self.audit_dropped,
+                Kind::Log => &self.log_dropped,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        } else if before + 1 == self.capacity / 2 {
+            // Half full: write now rather than at the next tick.
+            self.writer.unpark();
+        }
+    }
+
+    /// Waits until every line queued before the call was written out (or failed), at most
+    /// `timeout`. Returns whether it finished.
+    fn flush(&self, timeout: Duration) -> bool {
+        let request = self.flush_requested.fetch_add(1, Ordering::SeqCst) + 1;
+        self.writer.unpark();
+        let deadline = Instant::now() + timeout;
+        let mut completed = self
+            .flush_completed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while *completed < request {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                return false;
+            };
+            completed = self
+                .flushed
+                .wait_timeout(completed, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
+        }
+        true
+    }
+}
+
+/// Writes out everything queued so far, waiting at most `timeout`; `false` when it could not
+/// (stdout blocked). Nothing to do before `init`.
+pub fn flush(timeout: Duration) -> bool {
+    PIPELINE
+        .get()
+        .is_none_or(|pipeline| pipeline.flush(timeout))
+}
+
+/// One formatted `tracing` event, queued in one piece.
+pub struct LineWriter;
 
 impl Write for LineWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.write_lines(buf);
+        if let Some(pipeline) = PIPELINE.get() {
+            pipeline.send(buf.to_vec(), Kind::Log);
+        }
         Ok(buf.len())
     }
 
@@ -75,21 +167,29 @@ impl<'a> MakeWriter<'a> for MakeLineWriter {
     type Writer = LineWriter;
 
     fn make_writer(&'a self) -> Self::Writer {
-        LineWriter(output())
+        LineWriter
     }
 }
 
-/// Flushes the log output when dropped: keep it until exit.
+/// Writes the log out when dropped (at most 5 s, as stdout may be blocked): keep it until exit.
 pub struct FlushGuard;
 
 impl Drop for FlushGuard {
     fn drop(&mut self) {
-        output().flush();
+        flush(SHUTDOWN_FLUSH);
     }
 }
 
-/// Installs the global subscriber and the periodic flush. Called once from `main`.
+/// Installs the global subscriber and starts the writer thread. Called once from `main`.
 pub fn init() -> FlushGuard {
+    let (capacity, bad_setting) = match std::env::var(QUEUE_LINES_SETTING) {
+        Err(_) => (DEFAULT_QUEUE_LINES, false),
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(lines) if (16..=1_048_576).contains(&lines) => (lines, false),
+            _ => (DEFAULT_QUEUE_LINES, true),
+        },
+    };
+    start(capacity, std::io::stdout);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .json()
@@ -100,14 +200,312 @@ pub fn init() -> FlushGuard {
         .with_env_filter(filter)
         .with_writer(MakeLineWriter)
         .init();
-    INSTALLED.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = std::thread::Builder::new()
-        .name("log-flush".to_string())
-        .spawn(|| {
-            loop {
-                std::thread::sleep(FLUSH_INTERVAL);
-                output().flush();
-            }
-        });
+    INSTALLED.store(true, Ordering::Relaxed);
+    if bad_setting {
+        tracing::warn!(
+            setting = QUEUE_LINES_SETTING,
+            default = DEFAULT_QUEUE_LINES,
+            "not a number of lines from 16 to 1048576; using the default"
+        );
+    }
     FlushGuard
+}
+
+/// Starts the writer thread on `output` (a factory, as `Stdout` handles are cheap and the
+/// writer takes one per batch). Only the first call has an effect.
+fn start<W: Write + 'static>(capacity: usize, output: fn() -> W) {
+    let (sender, receiver) = std::sync::mpsc::sync_channel(capacity);
+    let handle = std::thread::Builder::new()
+        .name("log-writer".to_string())
+        .spawn(move || {
+            // The pipeline is set before the thread can be unparked for anything.
+            let pipeline = loop {
+                match PIPELINE.get() {
+                    Some(pipeline) => break pipeline,
+                    None => std::thread::park(),
+                }
+            };
+            Writer::new(output).run(pipeline, &receiver);
+        });
+    let Ok(handle) = handle else {
+        // No thread, no log: the process still serves (lines are counted as dropped).
+        return;
+    };
+    let writer = handle.thread().clone();
+    let _ = PIPELINE.set(Pipeline {
+        sender,
+        capacity,
+        pending: AtomicUsize::new(0),
+        writer: writer.clone(),
+        audit_dropped: AtomicU64::new(0),
+        log_dropped: AtomicU64::new(0),
+        flush_requested: AtomicU64::new(0),
+        flush_completed: Mutex::new(0),
+        flushed: Condvar::new(),
+    });
+    writer.unpark();
+}
+
+/// The consumer side, owned by the writer thread.
+struct Writer<W> {
+    output: fn() -> W,
+    batch: Vec<u8>,
+    /// Where each line of the batch ends, and what it is.
+    lines: Vec<(usize, Kind)>,
+    /// Losses not yet reported (a report that could not be written keeps them here).
+    audit_lost: u64,
+    log_lost: u64,
+    write_errors: u64,
+    /// The last failed write stopped inside a line: start the next one on a new line.
+    mid_line: bool,
+}
+
+/// The report of lost lines, shaped like the other log lines.
+#[derive(Serialize)]
+struct LossReport<'a> {
+    timestamp: String,
+    level: &'static str,
+    message: &'static str,
+    dropped: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write_errors: Option<u64>,
+    target: &'a str,
+}
+
+impl<W: Write> Writer<W> {
+    fn new(output: fn() -> W) -> Self {
+        Self {
+            output,
+            batch: Vec::with_capacity(BATCH_BYTES),
+            lines: Vec::new(),
+            audit_lost: 0,
+            log_lost: 0,
+            write_errors: 0,
+            mid_line: false,
+        }
+    }
+
+    fn run(mut self, pipeline: &Pipeline, receiver: &Receiver<Line>) {
+        loop {
+            std::thread::park_timeout(FLUSH_INTERVAL);
+            // Lines queued before this load are all taken below: flush waits on it.
+            let flush_request = pipeline.flush_requested.load(Ordering::SeqCst);
+            while let Ok(line) = receiver.try_recv() {
+                pipeline.pending.fetch_sub(1, Ordering::Relaxed);
+                self.push(&line.bytes, line.kind);
+                if self.batch.len() >= BATCH_BYTES {
+                    self.write_batch();
+                }
+            }
+            self.audit_lost += pipeline.audit_dropped.swap(0, Ordering::Relaxed);
+            self.log_lost += pipeline.log_dropped.swap(0, Ordering::Relaxed);
+            self.push_reports();
+            self.write_batch();
+            let mut completed = pipeline
+                .flush_completed
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if *completed < flush_request {
+                *completed = flush_request;
+                pipeline.flushed.notify_all();
+            }
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8], kind: Kind) {
+        self.batch.extend_from_slice(bytes);
+        if !bytes.ends_with(b"\n") {
+            self.batch.push(b'\n');
+        }
+        self.lines.push((self.batch.len(), kind));
+    }
+
+    /// Appends the loss reports last: they are written only if everything before them was,
+    /// so the counts they carry are cleared only once they are out.
+    fn push_reports(&mut self) {
+        let timestamp = || crate::audit::rfc3339_micros(SystemTime::now());
+        if self.audit_lost > 0 || self.write_errors > 0 {
+            let report = LossReport {
+                timestamp: timestamp(),
+                level: "WARN",
+                message: "audit records lost",
+                dropped: self.audit_lost,
+                write_errors: Some(self.write_errors),
+                target: "audit",
+            };
+            self.push_report(&report);
+        }
+        if self.log_lost > 0 {
+            let report = LossReport {
+                timestamp: timestamp(),
+                level: "WARN",
+                message: "log lines lost",
+                dropped: self.log_lost,
+                write_errors: None,
+                target: module_path!(),
+            };
+            self.push_report(&report);
+        }
+    }
+
+    fn push_report(&mut self, report: &LossReport<'_>) {
+        if let Ok(bytes) = serde_json::to_vec(report) {
+            self.push(&bytes, Kind::Report);
+        }
+    }
+
+    /// Writes the batch. A failed write counts the lines it did not get out as lost and is
+    /// itself counted; a would-block answer (stdout set non-blocking by the parent) is waited
+    /// out here, on the writer thread, where waiting costs no request anything.
+    fn write_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut output = (self.output)();
+        let mut written = 0;
+        if self.mid_line && output.write_all(b"\n").is_ok() {
+            self.mid_line = false;
+        }
+        let mut failed = false;
+        while written < self.batch.len() {
+            match output.write(&self.batch[written..]) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(count) => written += count,
+                Err(error) if error.kind() == ErrorKind::Interrupted => {}
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(_) => {
+                    failed = true;
+                    break;
+                }
+            }
+        }
+        if output.flush().is_err() {
+            failed = true;
+        }
+        let reports_written = !failed;
+        if failed {
+            self.write_errors += 1;
+            self.mid_line = written > 0 && self.batch[written - 1] != b'\n';
+            for &(end, kind) in &self.lines {
+                if end > written {
+                    match kind {
+                        Kind::Audit => self.audit_lost += 1,
+                        Kind::Log => self.log_lost += 1,
+                        Kind::Report => {}
+                    }
+                }
+            }
+        }
+        if reports_written && self.lines.iter().any(|(_, kind)| *kind == Kind::Report) {
+            self.audit_lost = 0;
+            self.log_lost = 0;
+            self.write_errors = 0;
+        }
+        self.batch.clear();
+        self.lines.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An output that fails its first `failures` writes after writing `partial` bytes once.
+    struct Flaky {
+        written: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
+        failures: std::rc::Rc<std::cell::Cell<u32>>,
+    }
+
+    impl Write for Flaky {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if self.failures.get() > 0 {
+                self.failures.set(self.failures.get() - 1);
+                return Err(std::io::Error::other("disk full"));
+            }
+            self.written.borrow_mut().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    thread_local! {
+        static WRITTEN: std::rc::Rc<std::cell::RefCell<Vec<u8>>> = Default::default();
+        static FAILURES: std::rc::Rc<std::cell::Cell<u32>> = Default::default();
+    }
+
+    fn flaky() -> Flaky {
+        Flaky {
+            written: WRITTEN.with(Clone::clone),
+            failures: FAILURES.with(Clone::clone),
+        }
+    }
+
+    fn written_lines() -> Vec<serde_json::Value> {
+        let text = WRITTEN.with(|w| String::from_utf8(w.borrow().clone()).unwrap());
+        text.lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_write_is_counted_and_reported_with_the_records_it_lost() {
+        let mut writer = Writer::new(flaky);
+        FAILURES.with(|f| f.set(1));
+        writer.push(b"{\"n\":1}\n", Kind::Audit);
+        writer.push(b"{\"n\":2}", Kind::Audit);
+        writer.push(b"{\"n\":3}\n", Kind::Log);
+        writer.write_batch();
+        assert_eq!((writer.audit_lost, writer.log_lost), (2, 1));
+        assert_eq!(writer.write_errors, 1);
+        // The next batch carries the reports, and once they are out the counts start over.
+        writer.push(b"{\"n\":4}\n", Kind::Audit);
+        writer.push_reports();
+        writer.write_batch();
+        let lines = written_lines();
+        assert_eq!(lines[0]["n"], 4);
+        assert_eq!(lines[1]["message"], "audit records lost");
+        assert_eq!(lines[1]["target"], "audit");
+        assert_eq!(
+            (
+                lines[1]["dropped"].as_u64(),
+                lines[1]["write_errors"].as_u64()
+            ),
+            (Some(2), Some(1))
+        );
+        assert_eq!(lines[2]["message"], "log lines lost");
+        assert_eq!(lines[2]["dropped"], 1);
+        assert_eq!(
+            (writer.audit_lost, writer.log_lost, writer.write_errors),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn a_report_that_cannot_be_written_keeps_its_counts() {
+        let mut writer = Writer::new(flaky);
+        writer.audit_lost = 3;
+        FAILURES.with(|f| f.set(1));
+        writer.push_reports();
+        writer.write_batch();
+        assert_eq!((writer.audit_lost, writer.write_errors), (3, 1));
+        writer.push_reports();
+        writer.write_batch();
+        let lines = written_lines();
+        assert_eq!(lines.len(), 1);
+        assert_eq!(
+            (
+                lines[0]["dropped"].as_u64(),
+                lines[0]["write_errors"].as_u64()
+            ),
+            (Some(3), Some(1))
+        );
+    }
 }

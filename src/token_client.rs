@@ -89,6 +89,14 @@ impl TokenClient {
         Self { secrets, upstreams }
     }
 
+    /// A rotation event named `connection` (lower-cased name): a rejection remembered by its
+    /// negative cache no longer holds, so the repaired secret is tried at the next request.
+    pub fn connection_rotated(&self, connection: &str) {
+        if let Some(upstream) = self.upstreams.get(connection) {
+            upstream.guard.clear_rejection();
+        }
+    }
+
     /// A token for the connection with `scopes`, within the connection's deadline.
     ///
     /// The secret is read first, outside the guard: a Key Vault failure says nothing about the

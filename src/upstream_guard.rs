@@ -160,6 +160,11 @@ impl UpstreamGuard {
     pub fn record_answered(&self) {
         self.record_success();
     }
+
+    /// Forgets a remembered rejection: the secret was rotated, so the next call may succeed.
+    pub fn clear_rejection(&self) {
+        self.state.lock().rejected = None;
+    }
 }
 
 #[cfg(test)]

@@ -12,17 +12,13 @@ fn read_json(path: &str) -> Value {
     serde_json::from_str(&std::fs::read_to_string(&full).unwrap()).unwrap()
 }
 
-/// SchemaStore's schemas, kept beside the repository in `shared/schemas`.
+/// SchemaStore's schemas, vendored in `tests/schemas` (source and licence noted there).
 fn schema(name: &str) -> jsonschema::Validator {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/schemas")
+        .join("tests/schemas")
         .join(name);
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!(
-            "{} is needed to validate the Functions files",
-            path.display()
-        )
-    });
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
 }
 
@@ -59,10 +55,25 @@ fn host_json_starts_the_broker_binary_and_forwards_http() {
     // The broker expects the default route prefix.
     let prefix = &host["extensions"]["http"]["routePrefix"];
     assert!(prefix.is_null() || prefix == "api", "{prefix}");
-    let binary = Path::new(env!("CARGO_BIN_EXE_token-broker"));
+    // The file host.json names, looked up where the package puts it (beside the built binary,
+    // as at the zip root), is the broker, and it serves with no arguments.
+    let arguments = handler["description"]["arguments"].as_array().unwrap();
+    assert!(
+        arguments.is_empty() || arguments == &["serve"],
+        "the broker serves only without arguments or with 'serve': {arguments:?}"
+    );
+    let named = handler["description"]["defaultExecutablePath"]
+        .as_str()
+        .unwrap();
+    let built = Path::new(env!("CARGO_BIN_EXE_token-broker"));
+    let output = std::process::Command::new(built.with_file_name(named))
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|error| panic!("host.json names '{named}', which is not built: {error}"));
+    let version = String::from_utf8_lossy(&output.stdout);
     assert_eq!(
-        binary.file_name().unwrap(),
-        "token-broker",
+        version.trim(),
+        format!("token-broker {}", env!("CARGO_PKG_VERSION")),
         "the binary the host starts"
     );
 }
@@ -138,17 +149,27 @@ async fn readiness_is_answered_and_forwarded_requests_are_served() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let spans: Vec<Value> = app
-        .log_records_when(|record| {
-            record["span"]["invocation_id"] == "11111111-2222-3333-4444-555555555555"
-        })
+    // The token's audit record carries the host's invocation id, the method and the path as
+    // the client typed it, and nothing of the query string (it holds the function key).
+    let audit: Vec<Value> = app
+        .log_records_when(|record| record["target"] == "audit")
         .await
         .into_iter()
-        .filter(|record| record["span"]["invocation_id"] == "11111111-2222-3333-4444-555555555555")
+        .filter(|record| record["target"] == "audit")
         .collect();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    let span = &audit[0]["span"];
+    assert_eq!(
+        span["invocation_id"],
+        "11111111-2222-3333-4444-555555555555"
+    );
+    assert_eq!(span["method"], "POST");
+    assert_eq!(span["path"], "/API/Token/Demo");
+    assert_eq!(audit[0]["connection"], "demo");
+    let logs = app.logs().join("\n");
     assert!(
-        !spans.is_empty(),
-        "the request's lines carry the invocation id"
+        !logs.contains("somekey") && !logs.contains("code="),
+        "{logs}"
     );
 }
 
@@ -185,6 +206,29 @@ fn check_validates_the_configuration_and_names_problems() {
     let good = run(true);
     assert!(good.status.success());
     assert!(String::from_utf8_lossy(&good.stdout).contains("valid (1 connection)"));
+    // A problem reported while the secret is set must not echo it.
+    std::fs::write(
+        &config,
+        "[connections.x]\ntoken_url = \"http://idp.example.com/token\"\nclient_id = \"${X_ID}\"\nclient_secret = { app_setting = \"X_SECRET\" }\n",
+    )
+    .unwrap();
+    let refused = run(true);
+    assert!(!refused.status.success());
+    let refusal = String::from_utf8_lossy(&refused.stderr);
+    assert!(refusal.contains("connections.x.token_url"), "{refusal}");
+    for output in [&good, &refused] {
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(!printed.contains("do-not-print-me"), "{printed}");
+    }
+    std::fs::write(
+        &config,
+        "[connections.x]\ntoken_url = \"https://idp.example.com/token\"\nclient_id = \"${X_ID}\"\nclient_secret = { app_setting = \"X_SECRET\" }\n",
+    )
+    .unwrap();
     let bad = run(false);
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);

@@ -218,6 +218,8 @@ pub struct TestApp {
     pub address: String,
     pub http: reqwest::Client,
     logs: Arc<Mutex<Vec<String>>>,
+    /// While `true`, the broker's stdout is not read (its pipe fills, as a stalled collector's).
+    stdout_paused: Arc<(Mutex<bool>, std::sync::Condvar)>,
     pub idp: Idp,
     pub azure: AzureDoubles,
     pub proxy: Option<token_broker_doubles::FaultProxy>,
@@ -465,15 +467,34 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
     }
     let mut child = command.spawn().unwrap();
     let logs = Arc::new(Mutex::new(Vec::new()));
+    let stdout_paused = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
     let mut log_readers = Vec::new();
-    for stream in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
+    for (stream, gated) in [
+        (
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            true,
+        ),
+        (Box::new(child.stderr.take().unwrap()), false),
     ] {
         let logs = logs.clone();
+        let paused = stdout_paused.clone();
         log_readers.push(std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                logs.lock().unwrap().push(line);
+            let mut reader = BufReader::new(stream);
+            loop {
+                if gated {
+                    let (lock, resumed) = &*paused;
+                    let _running = resumed
+                        .wait_while(lock.lock().unwrap(), |paused| *paused)
+                        .unwrap();
+                }
+                let mut line = String::new();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => logs
+                        .lock()
+                        .unwrap()
+                        .push(line.trim_end_matches(['\n', '\r']).to_string()),
+                }
             }
         }));
     }
@@ -486,6 +507,7 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
             .build()
             .unwrap(),
         logs,
+        stdout_paused,
         idp,
         azure,
         proxy,
@@ -603,6 +625,18 @@ impl TestApp {
             .collect()
     }
 
+    /// Stops reading the broker's stdout: its pipe fills and its writes block, as when the
+    /// host's log collector stalls.
+    pub fn pause_stdout(&self) {
+        *self.stdout_paused.0.lock().unwrap() = true;
+    }
+
+    /// Reads the broker's stdout again.
+    pub fn resume_stdout(&self) {
+        *self.stdout_paused.0.lock().unwrap() = false;
+        self.stdout_paused.1.notify_all();
+    }
+
     /// Sends SIGTERM and waits for the process to end; returns its exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
@@ -666,6 +700,7 @@ pub fn contains_jwt(text: &str) -> bool {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        self.resume_stdout();
         // SIGTERM first, so the broker flushes its log; the scan below must see every line.
         if matches!(self.child.try_wait(), Ok(None)) {
             let pid = self.child.id().to_string();

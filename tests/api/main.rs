@@ -1,7 +1,9 @@
 //! End-to-end tests: the real `token-broker` binary, started the way the Functions host
 //! starts it, against the real oidc-provider and the Key Vault / managed identity doubles.
 
+mod audit;
 mod callers;
+mod demo;
 mod errors;
 mod faults;
 mod functions_host;

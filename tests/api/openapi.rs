@@ -66,9 +66,24 @@ async fn every_answer_to_generated_requests_matches_the_openapi_document() {
         "schemathesis found problems:\n{report}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // The broker took real traffic, tokens included.
+    // The broker took real traffic, tokens included, and handed them only to the caller whose
+    // token schemathesis presented: generated requests without it never got one.
+    let mut app = app;
+    assert!(app.terminate().success());
+    let records = app.audit_records();
+    let callers: std::collections::BTreeSet<&str> = records
+        .iter()
+        .map(|record| record["caller"].as_str().unwrap_or("(none)"))
+        .collect();
     assert!(
-        !app.audit_records_when(1).await.is_empty(),
-        "no token was handed out during the run"
+        records.len() >= 2,
+        "schemathesis got {} token(s); its positive cases should get several",
+        records.len()
+    );
+    assert_eq!(callers, ["caller-app"].into(), "tokens went to {callers:?}");
+    let issued = app.idp.stats().await.token_issued;
+    assert!(
+        issued >= 2,
+        "the broker fetched no token of its own ({issued} issued, one was the caller's)"
     );
 }

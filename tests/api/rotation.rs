@@ -3,7 +3,9 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{ROTATION_V2, TestApp, json as body_json, spawn_app};
+use crate::helpers::{
+    ROTATION_V1, ROTATION_V2, Setup, TestApp, json as body_json, spawn_app, spawn_app_with,
+};
 
 /// Invokes `function-rotation` the way the Functions host does (JSON payload format).
 async fn deliver(app: &TestApp, event: Value) -> Value {
@@ -148,4 +150,66 @@ async fn unrelated_events_are_acknowledged_and_change_nothing() {
         .await
         .unwrap();
     assert_eq!(response.status(), 400);
+}
+
+/// `Data.event` as the Functions host sends an event the binding holds as a string: the JSON
+/// text encoded as a JSON string once more (a string of a string).
+fn as_the_host_sends_a_string(event: &Value) -> Value {
+    Value::String(Value::String(event.to_string()).to_string())
+}
+
+#[tokio::test]
+async fn a_double_encoded_rotation_event_makes_the_broker_read_key_vault_again() {
+    let app = spawn_app().await;
+    assert_eq!(app.token("rotating").await.status(), 200);
+    assert_eq!(app.token("rotating").await.status(), 200);
+    assert_eq!(app.azure.vault.reads(), 1, "the secret is cached");
+    let version = app.azure.vault.set_secret("rotating-secret", ROTATION_V1);
+    let body = deliver(
+        &app,
+        as_the_host_sends_a_string(&new_version_event("rotating-secret", &version)),
+    )
+    .await;
+    let log = body["Logs"][0].as_str().unwrap();
+    assert!(log.contains("dropped 1 cached token"), "{log}");
+    assert_eq!(app.token("rotating").await.status(), 200);
+    assert_eq!(app.azure.vault.reads(), 2, "Key Vault was read again");
+    let caches: Vec<String> = app
+        .audit_records_when(3)
+        .await
+        .iter()
+        .map(|record| record["cache"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(caches, ["miss", "hit", "miss"]);
+}
+
+#[tokio::test]
+async fn after_a_rejection_a_rotation_event_makes_the_repaired_secret_work_at_once() {
+    let app = spawn_app_with(Setup {
+        extra_config: r#"
+[connections.repair]
+token_url = "{token_url}"
+client_id = "broker-rotating"
+client_secret = { key_vault_secret = "repair-secret" }
+negative_cache_seconds = 300
+"#
+        .to_string(),
+        ..Setup::default()
+    })
+    .await;
+    app.azure
+        .vault
+        .set_secret("repair-secret", "a mistyped secret");
+    let refused = app.token("repair").await;
+    assert_eq!(refused.status(), 502, "{}", refused.text().await.unwrap());
+    let asked = app.idp.stats().await.token_requests;
+    // The negative cache answers now, without asking the provider.
+    assert_eq!(app.token("repair").await.status(), 502);
+    assert_eq!(app.idp.stats().await.token_requests, asked);
+
+    // An event as an object, so that only the negative cache stands in the way.
+    let version = app.azure.vault.set_secret("repair-secret", ROTATION_V1);
+    deliver(&app, new_version_event("repair-secret", &version)).await;
+    let repaired = app.token("repair").await;
+    assert_eq!(repaired.status(), 200, "{}", repaired.text().await.unwrap());
 }

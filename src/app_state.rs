@@ -1,0 +1,57 @@
+//! What every request handler shares, in a module of its own so that the handlers beside the
+//! router (`rotation`) can use it without importing the router.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::caller_check::CallerCheck;
+use crate::config::ConnectionSettings;
+use crate::secret_source::SecretStore;
+use crate::token_cache::{CacheKey, TokenCache};
+use crate::token_client::TokenClient;
+
+/// What every request handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub cache: Arc<TokenCache>,
+    pub secrets: Arc<SecretStore>,
+    pub callers: Arc<CallerCheck>,
+    /// The token client behind the cache, held here so that a rotation event can reach its
+    /// per-connection guards (a rotated secret must not stay refused by the negative cache).
+    pub token_client: Arc<TokenClient>,
+    /// Connections by lower-cased name.
+    pub connections: Arc<BTreeMap<String, ConnectionSettings>>,
+    /// Each connection's cache key for its default scopes, built once: most requests name no
+    /// scope, and this keeps their path free of allocations.
+    pub default_keys: Arc<BTreeMap<String, CacheKey>>,
+}
+
+impl AppState {
+    pub fn new(
+        cache: Arc<TokenCache>,
+        secrets: Arc<SecretStore>,
+        callers: Arc<CallerCheck>,
+        token_client: Arc<TokenClient>,
+        connections: Arc<BTreeMap<String, ConnectionSettings>>,
+    ) -> Self {
+        let default_keys = connections
+            .iter()
+            .map(|(key, connection)| (key.clone(), CacheKey::new(key, connection.scopes.clone())))
+            .collect();
+        Self {
+            cache,
+            secrets,
+            callers,
+            token_client,
+            connections,
+            default_keys: Arc::new(default_keys),
+        }
+    }
+
+    /// The connection called `name`, any casing, without allocating.
+    pub fn connection(&self, name: &str) -> Option<(&String, &ConnectionSettings)> {
+        self.connections
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+    }
+}
