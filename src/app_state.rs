@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::caller_check::CallerCheck;
-use crate::config::ConnectionSettings;
+use crate::config::{ConnectionName, ConnectionSettings};
 use crate::secret_source::SecretStore;
 use crate::token_cache::{CacheKey, TokenCache};
 use crate::token_client::TokenClient;
@@ -20,10 +20,10 @@ pub struct AppState {
     /// per-connection guards (a rotated secret must not stay refused by the negative cache).
     pub token_client: Arc<TokenClient>,
     /// Connections by lower-cased name.
-    pub connections: Arc<BTreeMap<String, ConnectionSettings>>,
+    pub connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
     /// Each connection's cache key for its default scopes, built once: most requests name no
     /// scope, and this keeps their path free of allocations.
-    pub default_keys: Arc<BTreeMap<String, CacheKey>>,
+    pub default_keys: Arc<BTreeMap<ConnectionName, CacheKey>>,
 }
 
 impl AppState {
@@ -32,7 +32,7 @@ impl AppState {
         secrets: Arc<SecretStore>,
         callers: Arc<CallerCheck>,
         token_client: Arc<TokenClient>,
-        connections: Arc<BTreeMap<String, ConnectionSettings>>,
+        connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
     ) -> Self {
         let default_keys = connections
             .iter()
@@ -48,10 +48,11 @@ impl AppState {
         }
     }
 
-    /// The connection called `name`, any casing, without allocating.
-    pub fn connection(&self, name: &str) -> Option<(&String, &ConnectionSettings)> {
+    /// The connection called `name`, any casing, without allocating. Configured names are
+    /// valid by construction, so a malformed name (a traversal attempt included) matches none.
+    pub fn connection(&self, name: &str) -> Option<(&ConnectionName, &ConnectionSettings)> {
         self.connections
             .iter()
-            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .find(|(key, _)| key.as_str().eq_ignore_ascii_case(name))
     }
 }

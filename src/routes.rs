@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::app_state::AppState;
 use crate::caller_check;
-use crate::config::{is_valid_connection_name, is_valid_scope_token};
+use crate::config::ScopeToken;
 use crate::error::ApiError;
 use crate::rotation;
 use crate::token_cache::{CacheKey, panic_message};
@@ -266,11 +266,8 @@ async fn serve_token(
     // Who is asking comes first: an unauthenticated caller learns nothing, not even which
     // connections exist.
     let caller = state.callers.authenticate(headers).await?;
-    // Anything that is not a well-formed name, a traversal attempt included, is simply not a
-    // configured connection.
-    if !is_valid_connection_name(name) {
-        return Err(ApiError::UnknownConnection);
-    }
+    // Configured names are valid by construction: anything malformed, a traversal attempt
+    // included, is simply not a configured connection.
     let (key_name, connection) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
     caller_check::authorize(&caller, connection)?;
     let key = match requested_scopes(query, form)? {
@@ -324,7 +321,7 @@ async fn serve_token(
 /// The `scope` parameters of the query and of a POST form, as a scope list; `None` when absent
 /// or empty. Repeated parameters are joined, as are the comma-joined values the Functions host
 /// makes of them.
-fn requested_scopes(query: Option<&str>, form: &[u8]) -> Result<Option<Vec<String>>, ApiError> {
+fn requested_scopes(query: Option<&str>, form: &[u8]) -> Result<Option<Vec<ScopeToken>>, ApiError> {
     let query = query.unwrap_or_default().as_bytes();
     let mut scopes = Vec::new();
     let mut length = 0;
@@ -340,13 +337,13 @@ fn requested_scopes(query: Option<&str>, form: &[u8]) -> Result<Option<Vec<Strin
             )));
         }
         for scope in value.split([' ', ',']).filter(|s| !s.is_empty()) {
-            if !is_valid_scope_token(scope) {
-                return Err(ApiError::InvalidRequest(
+            let scope = ScopeToken::parse(scope).ok_or_else(|| {
+                ApiError::InvalidRequest(
                     "the scope parameter holds a character RFC 6749 does not allow in a scope"
                         .to_string(),
-                ));
-            }
-            scopes.push(scope.to_string());
+                )
+            })?;
+            scopes.push(scope);
         }
     }
     if scopes.len() > MAX_SCOPES {
@@ -373,13 +370,14 @@ mod tests {
     #[test]
     fn traversal_is_just_an_invalid_name() {
         let name = token_route("/api/token/../../secrets").unwrap();
-        assert!(!is_valid_connection_name(name));
+        assert!(crate::config::ConnectionName::parse(name).is_none());
     }
 
     #[test]
     fn scopes_are_split_on_spaces_and_host_commas() {
         let scopes = requested_scopes(Some("scope=a%20b&code=key&scope=c,d"), b"").unwrap();
-        assert_eq!(scopes.unwrap(), ["a", "b", "c", "d"]);
+        let scopes: Vec<String> = scopes.unwrap().iter().map(|s| s.to_string()).collect();
+        assert_eq!(scopes, ["a", "b", "c", "d"]);
         assert_eq!(requested_scopes(Some("scope="), b"").unwrap(), None);
         assert_eq!(requested_scopes(None, b"").unwrap(), None);
         assert!(requested_scopes(Some("scope=a%22b"), b"").is_err());
@@ -403,12 +401,15 @@ mod tests {
 
     #[test]
     fn a_form_body_scope_counts_like_the_query_scope() {
+        let text = |scopes: Vec<ScopeToken>| -> Vec<String> {
+            scopes.iter().map(|s| s.to_string()).collect()
+        };
         let scopes = requested_scopes(None, b"grant_type=client_credentials&scope=read+write");
-        assert_eq!(scopes.unwrap().unwrap(), ["read", "write"]);
+        assert_eq!(text(scopes.unwrap().unwrap()), ["read", "write"]);
         let both = requested_scopes(Some("scope=a"), b"scope=b")
             .unwrap()
             .unwrap();
-        assert_eq!(both, ["a", "b"]);
+        assert_eq!(text(both), ["a", "b"]);
         assert!(requested_scopes(None, b"scope=a%22b").is_err());
     }
 }

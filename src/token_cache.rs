@@ -24,6 +24,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use crate::config::{ConnectionName, ScopeToken};
 use crate::token::{FreshToken, TokenError, clamp_lifetime};
 
 /// Produces tokens for cache keys; the token client in production, a counting fake in tests.
@@ -34,20 +35,25 @@ pub trait TokenSource: Send + Sync + 'static {
 /// A connection (lower-cased name) and a sorted, de-duplicated scope set.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct CacheKey {
-    connection: Arc<str>,
-    scopes: Arc<[String]>,
+    connection: ConnectionName,
+    scopes: Arc<[ScopeToken]>,
     /// The scopes joined by spaces, for the audit line; computed once per key, not per request.
     display: Arc<str>,
 }
 
 impl CacheKey {
-    pub fn new(connection: &str, scopes: impl IntoIterator<Item = String>) -> Self {
-        let mut scopes: Vec<String> = scopes.into_iter().collect();
+    pub fn new(connection: &ConnectionName, scopes: impl IntoIterator<Item = ScopeToken>) -> Self {
+        let mut scopes: Vec<ScopeToken> = scopes.into_iter().collect();
         scopes.sort();
         scopes.dedup();
+        let display = scopes
+            .iter()
+            .map(ScopeToken::as_str)
+            .collect::<Vec<_>>()
+            .join(" ");
         Self {
-            connection: Arc::from(connection),
-            display: Arc::from(scopes.join(" ")),
+            connection: connection.clone(),
+            display: Arc::from(display),
             scopes: Arc::from(scopes),
         }
     }
@@ -58,10 +64,10 @@ impl CacheKey {
     }
 
     pub fn connection(&self) -> &str {
-        &self.connection
+        self.connection.as_str()
     }
 
-    pub fn scopes(&self) -> &[String] {
+    pub fn scopes(&self) -> &[ScopeToken] {
         &self.scopes
     }
 }
@@ -383,6 +389,15 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::Semaphore;
 
+    /// A key of connection `c` with `scopes`.
+    fn key_of<'a>(scopes: impl IntoIterator<Item = &'a str>) -> CacheKey {
+        let connection = ConnectionName::parse("c").unwrap();
+        CacheKey::new(
+            &connection,
+            scopes.into_iter().map(|s| ScopeToken::parse(s).unwrap()),
+        )
+    }
+
     /// Counts fetches and hands out numbered tokens; `gate` lets a test hold a fetch open.
     struct CountingSource {
         fetches: AtomicUsize,
@@ -448,7 +463,7 @@ mod tests {
     async fn many_concurrent_callers_for_a_cold_key_cause_one_fetch() {
         let source = CountingSource::new(Duration::from_secs(3600), false);
         let cache = Arc::new(TokenCache::new(source.clone(), 16));
-        let key = CacheKey::new("c", ["b".to_string(), "a".to_string()]);
+        let key = key_of(["b", "a"]);
         let callers: Vec<_> = (0..500)
             .map(|_| {
                 let cache = cache.clone();
@@ -477,8 +492,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn scope_order_and_duplicates_do_not_make_a_new_key() {
-        let a = CacheKey::new("c", ["x".to_string(), "y".to_string()]);
-        let b = CacheKey::new("c", ["y".to_string(), "x".to_string(), "x".to_string()]);
+        let a = key_of(["x", "y"]);
+        let b = key_of(["y", "x", "x"]);
         assert_eq!(a, b);
     }
 
@@ -486,7 +501,7 @@ mod tests {
     async fn a_token_is_refreshed_in_the_background_while_callers_get_the_cached_one() {
         let source = CountingSource::new(Duration::from_secs(100), true);
         let cache = TokenCache::new(source.clone(), 16);
-        let key = CacheKey::new("c", []);
+        let key = key_of([]);
         let (first, _) = cache.get(&key).await.unwrap();
         assert_eq!(token_text(&first), "token-1");
 
@@ -529,7 +544,7 @@ mod tests {
     async fn a_failed_refresh_keeps_serving_the_cached_token_until_it_expires() {
         let source = CountingSource::new(Duration::from_secs(100), true);
         let cache = TokenCache::new(source.clone(), 16);
-        let key = CacheKey::new("c", []);
+        let key = key_of([]);
         cache.get(&key).await.unwrap();
         source.fail.store(true, Ordering::SeqCst);
         tokio::time::advance(Duration::from_secs(80)).await;
@@ -589,7 +604,7 @@ mod tests {
         ] {
             let source = CountingSource::new(lifetime, true);
             let cache = TokenCache::new(source.clone(), 16);
-            let key = CacheKey::new("c", []);
+            let key = key_of([]);
             let (token, outcome) = cache.get(&key).await.unwrap();
             assert_eq!(outcome, CacheOutcome::Miss);
             let left = token.expires_in(Instant::now());
@@ -610,7 +625,7 @@ mod tests {
     async fn a_panicking_fetch_is_an_internal_error_and_the_key_recovers() {
         let source = CountingSource::new(Duration::from_secs(3600), true);
         let cache = TokenCache::new(source.clone(), 16);
-        let key = CacheKey::new("c", []);
+        let key = key_of([]);
         source.panic.store(true, Ordering::SeqCst);
         let error = cache.get(&key).await.err().expect("a panic is an error");
         assert!(
@@ -629,7 +644,7 @@ mod tests {
     async fn a_refresh_in_flight_serves_the_last_tenth_of_life_as_stale() {
         let source = CountingSource::new(Duration::from_secs(100), true);
         let cache = TokenCache::new(source.clone(), 16);
-        let key = CacheKey::new("c", []);
+        let key = key_of([]);
         cache.get(&key).await.unwrap();
         source.gate.forget_permits(Semaphore::MAX_PERMITS);
         tokio::time::advance(Duration::from_secs(80)).await;
@@ -658,14 +673,14 @@ mod tests {
                     .map(|(t, _)| token_text(&t).to_string())
             })
         };
-        let first = get(CacheKey::new("c", ["a".to_string()]));
+        let first = get(key_of(["a"]));
         settle(&source, 1).await;
         let others: Vec<_> = (0..5)
-            .map(|n| get(CacheKey::new("c", [format!("other-{n}")])))
+            .map(|n| get(key_of([format!("other-{n}").as_str()])))
             .collect();
         settle(&source, 6).await;
         // The key's entry survived five inserts past the bound: this caller joins its fetch.
-        let second = get(CacheKey::new("c", ["a".to_string()]));
+        let second = get(key_of(["a"]));
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
@@ -680,10 +695,7 @@ mod tests {
             other.await.unwrap().unwrap();
         }
         // Once nothing is in flight, the bound holds again at the next insert.
-        cache
-            .get(&CacheKey::new("c", ["late".to_string()]))
-            .await
-            .unwrap();
+        cache.get(&key_of(["late"])).await.unwrap();
         assert_eq!(cache.len(), 2);
     }
 
@@ -691,7 +703,7 @@ mod tests {
     async fn an_expired_token_is_never_handed_out() {
         let source = CountingSource::new(Duration::from_secs(10), true);
         let cache = TokenCache::new(source.clone(), 16);
-        let key = CacheKey::new("c", []);
+        let key = key_of([]);
         cache.get(&key).await.unwrap();
         tokio::time::advance(Duration::from_secs(11)).await;
         let (token, outcome) = cache.get(&key).await.unwrap();
@@ -705,7 +717,7 @@ mod tests {
         let cache = TokenCache::new(source.clone(), 8);
         for n in 0..50 {
             cache
-                .get(&CacheKey::new("c", [format!("scope-{n}")]))
+                .get(&key_of([format!("scope-{n}").as_str()]))
                 .await
                 .unwrap();
         }
@@ -716,7 +728,7 @@ mod tests {
     async fn a_caller_that_goes_away_does_not_cancel_the_shared_fetch() {
         let source = CountingSource::new(Duration::from_secs(3600), false);
         let cache = Arc::new(TokenCache::new(source.clone(), 16));
-        let key = CacheKey::new("c", []);
+        let key = key_of([]);
         let impatient = {
             let (cache, key) = (cache.clone(), key.clone());
             tokio::spawn(async move { cache.get(&key).await.map(|_| ()) })

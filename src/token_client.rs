@@ -20,7 +20,7 @@ use oauth2::{
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
-use crate::config::{AuthMethod, ConnectionSettings};
+use crate::config::{AuthMethod, ConnectionName, ConnectionSettings, ScopeToken};
 use crate::http_client::LazyClient;
 use crate::secret_source::{ClientSecret, SecretStore};
 use crate::token::{FreshToken, TokenError};
@@ -51,7 +51,7 @@ pub struct TokenClient {
     secrets: Arc<SecretStore>,
     /// Connections by lower-cased name, as in `Settings`, each with its own HTTP client and
     /// guard so that one identity provider's trouble stays its own.
-    upstreams: BTreeMap<String, Upstream>,
+    upstreams: BTreeMap<ConnectionName, Upstream>,
 }
 
 struct Upstream {
@@ -70,7 +70,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 impl TokenClient {
     pub fn new(
         secrets: Arc<SecretStore>,
-        connections: &BTreeMap<String, ConnectionSettings>,
+        connections: &BTreeMap<ConnectionName, ConnectionSettings>,
     ) -> Self {
         let mut upstreams = BTreeMap::new();
         for (key, connection) in connections {
@@ -105,7 +105,7 @@ impl TokenClient {
     async fn fetch_within_deadline(
         &self,
         upstream: &Upstream,
-        scopes: &[String],
+        scopes: &[ScopeToken],
     ) -> Result<FreshToken, TokenError> {
         let connection = &upstream.connection;
         let deadline = Instant::now() + connection.deadline;
@@ -169,7 +169,7 @@ impl TokenClient {
     async fn request_token(
         &self,
         upstream: &Upstream,
-        scopes: &[String],
+        scopes: &[ScopeToken],
         secret: Arc<ClientSecret>,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
@@ -201,7 +201,7 @@ impl TokenClient {
     async fn exchange_with_retries(
         &self,
         upstream: &Upstream,
-        scopes: &[String],
+        scopes: &[ScopeToken],
         secret: &ClientSecret,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
@@ -236,7 +236,7 @@ impl TokenClient {
     async fn exchange(
         &self,
         upstream: &Upstream,
-        scopes: &[String],
+        scopes: &[ScopeToken],
         secret: &ClientSecret,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
@@ -246,14 +246,16 @@ impl TokenClient {
             .set_client_secret(OAuthClientSecret::new(
                 secret.value.expose_secret().to_string(),
             ))
-            .set_token_uri(TokenUrl::from_url(connection.token_url.clone()))
+            .set_token_uri(TokenUrl::from_url(connection.token_url.url().clone()))
             .set_auth_type(match connection.auth_method {
                 AuthMethod::ClientSecretBasic => AuthType::BasicAuth,
                 AuthMethod::ClientSecretPost => AuthType::RequestBody,
             });
-        let mut request = client
-            .exchange_client_credentials()
-            .add_scopes(scopes.iter().cloned().map(Scope::new));
+        let mut request = client.exchange_client_credentials().add_scopes(
+            scopes
+                .iter()
+                .map(|scope| Scope::new(scope.as_str().to_string())),
+        );
         if let Some(audience) = &connection.audience {
             request = request.add_extra_param("audience", audience.clone());
         }

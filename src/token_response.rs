@@ -51,11 +51,17 @@ impl BrokerTokenResponse {
     /// The token as the cache takes it. A missing, zero or negative `expires_in` means "not
     /// given": the connection's `default_lifetime` applies. The cache clamps whatever results to
     /// `[MIN_LIFETIME, MAX_LIFETIME]`; a claim beyond the maximum is logged.
-    pub fn into_fresh_token(self, default_lifetime: Duration, requested: &[String]) -> FreshToken {
-        let scope = self
-            .granted_scope()
-            .map(str::to_string)
-            .or_else(|| (!requested.is_empty()).then(|| requested.join(" ")));
+    pub fn into_fresh_token<S: AsRef<str>>(
+        self,
+        default_lifetime: Duration,
+        requested: &[S],
+    ) -> FreshToken {
+        let scope = self.granted_scope().map(str::to_string).or_else(|| {
+            (!requested.is_empty()).then(|| {
+                let scopes: Vec<&str> = requested.iter().map(AsRef::as_ref).collect();
+                scopes.join(" ")
+            })
+        });
         let lifetime = self
             .expires_in()
             .filter(|lifetime| !lifetime.is_zero())

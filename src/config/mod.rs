@@ -1,0 +1,256 @@
+//! The broker's configuration: one TOML file, validated whole at startup.
+//!
+//! The file is parsed in two passes. Serde first checks the *shape* of the raw file (unknown
+//! keys, wrong types), which is safe to report verbatim because the raw file holds `${NAME}`
+//! references, not values. Then every string is expanded from the environment and checked by
+//! hand, with messages that name the connection and field but never echo an expanded value:
+//! an app setting may hold a secret, and a startup error lands in the host's log.
+
+mod expand;
+mod raw;
+#[cfg(test)]
+mod tests;
+mod types;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+pub use types::{ConnectionName, EndpointUrl, EndpointUrlError, ScopeToken};
+use validate::{Validator, shape_error};
+
+/// Where the configuration file is read from when `TOKEN_BROKER_CONFIG` is unset.
+pub const DEFAULT_CONFIG_PATH: &str = "broker.toml";
+/// Port used when the Functions host did not pass `FUNCTIONS_CUSTOMHANDLER_PORT`.
+pub const DEFAULT_PORT: u16 = 8080;
+
+/// The validated configuration the broker runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub port: u16,
+    pub key_vault: Option<KeyVaultSettings>,
+    pub identity: IdentitySettings,
+    pub cache: CacheSettings,
+    pub callers: CallerSettings,
+    /// Connections by their lower-cased name: the URL's casing is the client's.
+    pub connections: BTreeMap<ConnectionName, ConnectionSettings>,
+}
+
+/// How the broker reaches Key Vault.
+#[derive(Debug, Clone)]
+pub struct KeyVaultSettings {
+    pub uri: Url,
+    pub managed_identity_client_id: Option<String>,
+    pub verify_challenge_resource: bool,
+}
+
+/// Which credential the Azure SDK uses to read Key Vault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySettings {
+    /// `IDENTITY_ENDPOINT` and `IDENTITY_HEADER` are set: App Service managed identity.
+    ManagedIdentity,
+    /// Neither is set: a developer's Azure CLI login (`func start` on a laptop).
+    DeveloperCli,
+}
+
+/// Most leeway `clock_skew_seconds` may give on `exp` and `nbf`: more would keep expired
+/// caller tokens usable for long, and no sane clock is that far off.
+pub const MAX_CLOCK_SKEW_SECONDS: u64 = 300;
+
+/// The caller list entry that opens a connection to every authenticated caller, stated on
+/// purpose rather than implied by an empty list.
+pub const ANY_CALLER: &str = "*";
+
+/// How callers are authenticated.
+#[derive(Debug, Clone)]
+pub struct CallerSettings {
+    pub mode: CallerMode,
+}
+
+/// `[callers] mode`.
+#[derive(Debug, Clone)]
+pub enum CallerMode {
+    /// The function key, checked by the host, is the only gate.
+    None,
+    /// `Authorization: Bearer` validated against the issuer's keys.
+    Jwt {
+        /// Accepted `iss` values: Entra's v1 and v2 issuers differ for the same tenant.
+        issuers: Vec<String>,
+        /// Accepted `aud` values: v1 tokens carry the app ID URI, v2 tokens the client id.
+        audiences: Vec<String>,
+        /// When set, the `tid` claim must equal it.
+        tenant: Option<String>,
+        /// When absent, read from the first issuer's OpenID discovery document.
+        jwks_uri: Option<EndpointUrl>,
+        clock_skew: Duration,
+    },
+    /// `X-MS-CLIENT-PRINCIPAL` from App Service Authentication.
+    EasyAuth,
+}
+
+/// Lifetimes and bounds of the in-memory caches.
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    /// How long a client secret read from Key Vault is reused before it is read again.
+    pub secret_ttl: Duration,
+    /// Most token cache entries kept at once (connection x scope set).
+    pub max_tokens: usize,
+    /// How long a secret Key Vault now refuses definitively (disabled, deleted, access
+    /// revoked) is still used from memory before the broker stops using it.
+    pub secret_refusal_grace: Duration,
+}
+
+/// One OAuth client the broker obtains tokens for.
+#[derive(Clone)]
+pub struct ConnectionSettings {
+    /// The name as written in the configuration file.
+    pub name: String,
+    pub token_url: EndpointUrl,
+    pub client_id: String,
+    pub client_secret: SecretSource,
+    pub auth_method: AuthMethod,
+    pub scopes: Vec<ScopeToken>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+    pub extra_params: BTreeMap<String, String>,
+    /// Callers allowed to use this connection, by object id (`oid`) or client id (`azp`,
+    /// `appid`); `"*"` is any authenticated caller.
+    pub allowed_callers: Vec<String>,
+    /// Roles (`roles` claim) allowed to use this connection.
+    pub allowed_roles: Vec<String>,
+    /// Scopes a caller may ask for; the default scopes when not configured.
+    pub allowed_scopes: Vec<ScopeToken>,
+    /// Lifetime assumed when the token endpoint omits `expires_in`.
+    pub default_lifetime: Duration,
+    /// Bound on establishing a connection to the token endpoint.
+    pub connect_timeout: Duration,
+    /// Bound on one token-endpoint call, connect to last byte.
+    pub timeout: Duration,
+    /// Retries after a connection error, a timeout, 5xx or 429.
+    pub max_retries: u32,
+    /// Bound on everything one token fetch may take (secret, attempts, backoff): no caller
+    /// waits longer for a token.
+    pub deadline: Duration,
+    /// How long an `invalid_client`/`unauthorized_client` answer is remembered.
+    pub negative_cache: Duration,
+    /// Consecutive unavailable answers that open the circuit, and how long it stays open.
+    pub breaker_failures: u32,
+    pub breaker_open: Duration,
+}
+
+impl fmt::Debug for ConnectionSettings {
+    // Written by hand so that an app-setting secret can never be printed, even by a careless
+    // `{:?}` somewhere up the stack.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionSettings")
+            .field("name", &self.name)
+            .field("token_url", &self.token_url.as_str())
+            .field("client_id", &self.client_id)
+            .field("client_secret", &self.client_secret)
+            .field("auth_method", &self.auth_method)
+            .field("scopes", &self.scopes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where a connection's client secret comes from.
+#[derive(Clone)]
+pub enum SecretSource {
+    /// A secret in the configured Key Vault, read through the managed identity.
+    KeyVault { secret_name: String },
+    /// An app setting (environment variable), already read at startup.
+    AppSetting {
+        setting: String,
+        value: SecretString,
+    },
+}
+
+impl fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretSource::KeyVault { secret_name } => {
+                write!(f, "KeyVault({secret_name})")
+            }
+            SecretSource::AppSetting { setting, .. } => write!(f, "AppSetting({setting})"),
+        }
+    }
+}
+
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    ClientSecretBasic,
+    ClientSecretPost,
+}
+
+/// Every problem found in the configuration, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration in {path}:\n  - {}", problems.join("\n  - "))]
+pub struct ConfigError {
+    pub path: String,
+    pub problems: Vec<String>,
+}
+
+/// The environment the configuration is resolved against. A trait object rather than
+/// `std::env` so that validation can be tested without touching the process environment.
+pub trait Environment {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment (app settings in Azure).
+pub struct ProcessEnvironment;
+
+impl Environment for ProcessEnvironment {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Environment for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+/// The configuration file's path: `TOKEN_BROKER_CONFIG`, else `broker.toml`.
+pub fn config_path(env: &dyn Environment) -> PathBuf {
+    env.var("TOKEN_BROKER_CONFIG")
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+/// Reads and validates the configuration the way the broker does at startup.
+pub fn load(env: &dyn Environment) -> Result<Settings, ConfigError> {
+    let path = config_path(env);
+    let text = std::fs::read_to_string(&path).map_err(|error| ConfigError {
+        path: path.display().to_string(),
+        problems: vec![format!("cannot read the file: {error}")],
+    })?;
+    parse(&text, &path, env)
+}
+
+/// Validates configuration text; `path` is only used in messages.
+pub fn parse(text: &str, path: &Path, env: &dyn Environment) -> Result<Settings, ConfigError> {
+    let fail = |problems: Vec<String>| ConfigError {
+        path: path.display().to_string(),
+        problems,
+    };
+    let raw: raw::RawFile =
+        toml::from_str(text).map_err(|error| fail(vec![shape_error(&error)]))?;
+    let mut validator = Validator {
+        env,
+        problems: Vec::new(),
+    };
+    let settings = validator.settings(raw);
+    if validator.problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(fail(validator.problems))
+    }
+}

@@ -1,0 +1,368 @@
+//! The configuration's validation, pass by pass.
+
+use super::*;
+use secrecy::ExposeSecret;
+
+fn env(pairs: &[(&str, &str)]) -> impl Environment {
+    let pairs: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    move |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+}
+
+fn parse_with(text: &str, pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    parse(text, Path::new("broker.toml"), &env(pairs))
+}
+
+const FULL: &str = r#"
+        [key_vault]
+        uri = "${KEY_VAULT_URI}"
+        managed_identity_client_id = "${MI_CLIENT_ID}"
+
+        [connections.Contoso]
+        token_url = "https://login.contoso.com/oauth2/token"
+        client_id = "${CONTOSO_CLIENT_ID}"
+        client_secret = { key_vault_secret = "contoso-client-secret" }
+        auth_method = "client_secret_post"
+        scopes = ["api://contoso/.default"]
+        audience = "https://api.contoso.com"
+        resource = "https://api.contoso.com"
+        extra_params = { tenant = "x" }
+
+        [connections.local]
+        token_url = "http://127.0.0.1:9000/token"
+        client_id = "local"
+        client_secret = { app_setting = "LOCAL_SECRET" }
+    "#;
+
+fn full_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("KEY_VAULT_URI", "https://kv.vault.azure.net"),
+        ("MI_CLIENT_ID", "00000000-0000-0000-0000-000000000001"),
+        ("CONTOSO_CLIENT_ID", "contoso-app"),
+        ("LOCAL_SECRET", "s3cret"),
+    ]
+}
+
+#[test]
+fn a_complete_file_resolves_settings_and_lowercases_connection_names() {
+    let settings = parse_with(FULL, &full_env()).expect("valid");
+    let contoso = &settings.connections["contoso"];
+    assert_eq!(contoso.name, "Contoso");
+    assert_eq!(contoso.client_id, "contoso-app");
+    assert_eq!(contoso.auth_method, AuthMethod::ClientSecretPost);
+    assert_eq!(contoso.extra_params["tenant"], "x");
+    assert_eq!(settings.port, DEFAULT_PORT);
+    assert_eq!(settings.identity, IdentitySettings::DeveloperCli);
+    let kv = settings.key_vault.expect("key vault");
+    assert!(kv.verify_challenge_resource);
+    assert_eq!(
+        kv.managed_identity_client_id.as_deref(),
+        Some("00000000-0000-0000-0000-000000000001")
+    );
+    match &settings.connections["local"].client_secret {
+        SecretSource::AppSetting { value, .. } => assert_eq!(value.expose_secret(), "s3cret"),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn an_unset_variable_is_an_error_that_names_it() {
+    let mut pairs = full_env();
+    pairs.retain(|(k, _)| *k != "CONTOSO_CLIENT_ID");
+    let error = parse_with(FULL, &pairs).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("connections.Contoso.client_id: app setting CONTOSO_CLIENT_ID is not set"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_unresolved_key_vault_reference_is_refused_without_printing_it() {
+    let mut pairs = full_env();
+    pairs.retain(|(k, _)| *k != "LOCAL_SECRET");
+    pairs.push((
+        "LOCAL_SECRET",
+        "@Microsoft.KeyVault(SecretUri=https://kv.vault.azure.net/secrets/x/)",
+    ));
+    let error = parse_with(FULL, &pairs).unwrap_err().to_string();
+    assert!(error.contains("connections.local.client_secret.app_setting: app setting LOCAL_SECRET still holds an unresolved @Microsoft.KeyVault(...) reference"), "{error}");
+    assert!(!error.contains("SecretUri"), "{error}");
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    let text = FULL.replace("audience =", "audiense =");
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(error.contains("unknown field `audiense`"), "{error}");
+}
+
+#[test]
+fn a_literal_secret_is_refused_and_never_echoed() {
+    let text = FULL.replace(
+        "client_secret = { app_setting = \"LOCAL_SECRET\" }",
+        "client_secret = \"hunter2-literal\"",
+    );
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(error.contains("connections.local.client_secret"), "{error}");
+    assert!(!error.contains("hunter2-literal"), "{error}");
+}
+
+#[test]
+fn a_missing_secret_source_names_the_connection() {
+    let text = FULL.replace("client_secret = { app_setting = \"LOCAL_SECRET\" }", "");
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(
+        error.contains("connections.local.client_secret: must be"),
+        "{error}"
+    );
+}
+
+#[test]
+fn plain_http_token_urls_are_only_accepted_on_loopback() {
+    let text = FULL.replace(
+        "http://127.0.0.1:9000/token",
+        "http://idp.example.com/token",
+    );
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(
+        error.contains("connections.local.token_url: must be an https URL"),
+        "{error}"
+    );
+    for loopback in [
+        "http://localhost:1/t",
+        "http://[::1]:1/t",
+        "http://127.0.0.2/t",
+    ] {
+        let text = FULL.replace("http://127.0.0.1:9000/token", loopback);
+        parse_with(&text, &full_env()).expect(loopback);
+    }
+}
+
+#[test]
+fn a_bad_url_is_reported_with_its_field() {
+    let text = FULL.replace("https://login.contoso.com/oauth2/token", "not a url");
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(
+        error.contains("connections.Contoso.token_url: not a valid URL"),
+        "{error}"
+    );
+}
+
+#[test]
+fn key_vault_is_required_when_a_connection_reads_from_it() {
+    let text = FULL.replace("[key_vault]\n        uri = \"${KEY_VAULT_URI}\"\n        managed_identity_client_id = \"${MI_CLIENT_ID}\"", "");
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(error.contains("key_vault.uri: required"), "{error}");
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let text = FULL
+        .replace("client_secret_post", "client_secret_jwt")
+        .replace("http://127.0.0.1:9000/token", "ftp://x");
+    let error = parse_with(&text, &full_env()).unwrap_err();
+    assert_eq!(error.problems.len(), 2, "{error}");
+}
+
+#[test]
+fn reserved_form_fields_cannot_be_overridden() {
+    let text = FULL.replace("tenant = \"x\"", "grant_type = \"password\"");
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(error.contains("extra_params.grant_type"), "{error}");
+}
+
+#[test]
+fn the_port_comes_from_the_host() {
+    let mut pairs = full_env();
+    pairs.push(("FUNCTIONS_CUSTOMHANDLER_PORT", "34567"));
+    assert_eq!(parse_with(FULL, &pairs).unwrap().port, 34567);
+    pairs.pop();
+    pairs.push(("FUNCTIONS_CUSTOMHANDLER_PORT", "http"));
+    assert!(parse_with(FULL, &pairs).is_err());
+}
+
+#[test]
+fn managed_identity_is_chosen_when_app_service_sets_its_variables() {
+    let mut pairs = full_env();
+    pairs.push(("IDENTITY_ENDPOINT", "http://127.0.0.1:41741/msi/token"));
+    pairs.push(("IDENTITY_HEADER", "h"));
+    assert_eq!(
+        parse_with(FULL, &pairs).unwrap().identity,
+        IdentitySettings::ManagedIdentity
+    );
+}
+
+#[test]
+fn debug_output_never_shows_an_app_setting_secret() {
+    let settings = parse_with(FULL, &full_env()).unwrap();
+    let debug = format!("{settings:?}");
+    assert!(!debug.contains("s3cret"), "{debug}");
+    assert!(debug.contains("AppSetting(LOCAL_SECRET)"), "{debug}");
+}
+
+/// `FULL` with a `[callers]` section; `lists` goes into every connection.
+fn with_callers(callers: &str, lists: &str) -> String {
+    let text = FULL.replace(
+        "[connections.Contoso]",
+        &format!("[callers]\n{callers}\n[connections.Contoso]"),
+    );
+    text.replace(
+        "client_secret = { app_setting = \"LOCAL_SECRET\" }",
+        &format!("client_secret = {{ app_setting = \"LOCAL_SECRET\" }}\n{lists}"),
+    )
+    .replace(
+        "extra_params = { tenant = \"x\" }",
+        &format!("extra_params = {{ tenant = \"x\" }}\n{lists}"),
+    )
+}
+
+const JWT: &str = r#"mode = "jwt"
+        issuer = "https://login.microsoftonline.com/t/v2.0"
+        audience = "api://token-broker""#;
+
+#[test]
+fn identified_callers_need_every_connection_to_say_who_may_use_it() {
+    let error = parse_with(&with_callers(JWT, ""), &full_env())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("connections.Contoso.allowed_callers: required in [callers] mode"),
+        "{error}"
+    );
+    assert!(
+        error.contains("connections.local.allowed_callers"),
+        "{error}"
+    );
+    for lists in [
+        r#"allowed_callers = ["*"]"#,
+        r#"allowed_roles = ["Tokens.Contoso"]"#,
+    ] {
+        parse_with(&with_callers(JWT, lists), &full_env()).expect(lists);
+    }
+    // Lists without a caller mode restrict nobody, and say so.
+    let error = parse_with(&with_callers("", r#"allowed_callers = ["*"]"#), &full_env())
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("need [callers] mode"), "{error}");
+}
+
+#[test]
+fn easy_auth_needs_app_service_authentication_on() {
+    let text = with_callers(r#"mode = "easy_auth""#, r#"allowed_callers = ["*"]"#);
+    let error = parse_with(&text, &full_env()).unwrap_err().to_string();
+    assert!(error.contains("WEBSITE_AUTH_ENABLED"), "{error}");
+    for off in ["false", "", "1"] {
+        let mut pairs = full_env();
+        pairs.push(("WEBSITE_AUTH_ENABLED", off));
+        let error = parse_with(&text, &pairs).unwrap_err().to_string();
+        assert!(error.contains("WEBSITE_AUTH_ENABLED"), "{off}: {error}");
+    }
+    for on in ["true", "True", "TRUE"] {
+        let mut pairs = full_env();
+        pairs.push(("WEBSITE_AUTH_ENABLED", on));
+        let settings = parse_with(&text, &pairs).expect(on);
+        assert!(matches!(settings.callers.mode, CallerMode::EasyAuth));
+    }
+}
+
+#[test]
+fn issuer_and_audience_take_a_string_or_a_list_and_tenant_is_optional() {
+    let callers = r#"mode = "jwt"
+            issuer = ["https://sts.windows.net/${TENANT}/", "https://login.microsoftonline.com/${TENANT}/v2.0"]
+            audience = ["api://token-broker", "6e1f3a2b-0000-4000-8000-00000000b20c"]
+            tenant = "${TENANT}""#;
+    let mut pairs = full_env();
+    pairs.push(("TENANT", "72f988bf-86f1-41af-91ab-2d7cd011db47"));
+    let settings =
+        parse_with(&with_callers(callers, r#"allowed_callers = ["*"]"#), &pairs).unwrap();
+    let CallerMode::Jwt {
+        issuers,
+        audiences,
+        tenant,
+        clock_skew,
+        ..
+    } = settings.callers.mode
+    else {
+        panic!("jwt mode expected");
+    };
+    assert_eq!(
+        issuers,
+        [
+            "https://sts.windows.net/72f988bf-86f1-41af-91ab-2d7cd011db47/",
+            "https://login.microsoftonline.com/72f988bf-86f1-41af-91ab-2d7cd011db47/v2.0"
+        ]
+    );
+    assert_eq!(audiences.len(), 2);
+    assert_eq!(
+        tenant.as_deref(),
+        Some("72f988bf-86f1-41af-91ab-2d7cd011db47")
+    );
+    assert_eq!(clock_skew, Duration::from_secs(60));
+    let settings = parse_with(
+        &with_callers(JWT, r#"allowed_callers = ["*"]"#),
+        &full_env(),
+    )
+    .unwrap();
+    assert!(matches!(
+        settings.callers.mode,
+        CallerMode::Jwt { ref issuers, ref audiences, tenant: None, .. }
+            if issuers.len() == 1 && audiences.len() == 1
+    ));
+    let error = parse_with(
+        &with_callers(
+            r#"mode = "jwt"
+                issuer = []
+                audience = "api://token-broker""#,
+            r#"allowed_callers = ["*"]"#,
+        ),
+        &full_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("needs issuer and audience"), "{error}");
+}
+
+#[test]
+fn clock_skew_is_bounded_and_jwt_settings_are_refused_in_other_modes() {
+    let skewed = format!("{JWT}\nclock_skew_seconds = 301");
+    let error = parse_with(
+        &with_callers(&skewed, r#"allowed_callers = ["*"]"#),
+        &full_env(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("callers.clock_skew_seconds: at most 300"),
+        "{error}"
+    );
+    let at_most = format!("{JWT}\nclock_skew_seconds = 300");
+    parse_with(
+        &with_callers(&at_most, r#"allowed_callers = ["*"]"#),
+        &full_env(),
+    )
+    .expect("300 is allowed");
+    let mut pairs = full_env();
+    pairs.push(("WEBSITE_AUTH_ENABLED", "true"));
+    let error = parse_with(
+        &with_callers(
+            "mode = \"easy_auth\"\ntenant = \"t\"",
+            r#"allowed_callers = ["*"]"#,
+        ),
+        &pairs,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        error.contains("callers.tenant: only used in mode \"jwt\""),
+        "{error}"
+    );
+}
