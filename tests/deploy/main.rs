@@ -1,6 +1,9 @@
 //! Deployment checks: the Bicep passes checkov, the shipped configuration only uses app settings
 //! the Bicep sets, the APIM fragment matches the broker's API, and the package holds exactly
-//! what the Functions host needs, with a binary old Linux images can run.
+//! what the Functions host needs, with a binary old Linux images can run; `smoke_test` runs
+//! `scripts/smoke-test` against a stand-in for the deployed app.
+
+mod smoke_test;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
