@@ -1,7 +1,7 @@
 // token-broker on Azure: a Linux Flex Consumption Function App (runtime `custom`) with a
 // user-assigned managed identity, identity-based storage, Application Insights on Log Analytics,
 // a Key Vault (RBAC, soft delete, purge protection, audit logs) whose listed secrets the
-// broker's identity may read one by one, and optionally API Management calling the broker.
+// broker's identity may read one by one. API Management is wired separately, by `apim.bicep`.
 //
 //   az deployment group create -g <rg> -f infra/main.bicep -p infra/main.parameters.json
 //
@@ -36,23 +36,6 @@ param keyVaultPublicNetworkAccess bool = true
 
 @description('Subnet for a Key Vault private endpoint; empty for none.')
 param privateEndpointSubnetId string = ''
-
-@description('Create API Management (`new`), use an existing one (`existing`), or skip it (`none`).')
-@allowed(['none', 'new', 'existing'])
-param apimMode string = 'none'
-
-@description('Name of the API Management instance (new or existing).')
-param apimName string = '${baseName}-apim-${uniqueString(resourceGroup().id)}'
-
-@description('Publisher e-mail, required when creating API Management.')
-param apimPublisherEmail string = 'platform@example.com'
-
-@description('A function key for API Management to call the broker with (32+ random characters; `openssl rand -base64 32`). Stored as the function key `apim` and as a Key Vault secret that the APIM named value references.')
-@secure()
-param apimFunctionKey string = ''
-
-@description('Expiry of the function key secret in Key Vault (default: a year from deployment).')
-param functionKeyExpiry string = dateTimeAdd(utcNow(), 'P365D')
 
 var suffix = uniqueString(resourceGroup().id, baseName)
 var tags = { application: 'token-broker' }
@@ -120,22 +103,6 @@ module functionApp 'modules/functionapp.bicep' = {
     appInsightsId: monitoring.outputs.appInsightsId
     keyVaultUri: vault.outputs.uri
     connectionSettings: connectionSettings
-    apimFunctionKey: apimFunctionKey
-  }
-}
-
-module apim 'modules/apim.bicep' = if (apimMode != 'none') {
-  name: 'apim'
-  params: {
-    name: apimName
-    createNew: apimMode == 'new'
-    location: location
-    tags: tags
-    publisherEmail: apimPublisherEmail
-    brokerUrl: 'https://${functionApp.outputs.defaultHostName}'
-    vaultName: vault.outputs.name
-    apimFunctionKey: apimFunctionKey
-    functionKeyExpiry: dateTimeToEpoch(functionKeyExpiry)
   }
 }
 
