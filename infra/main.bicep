@@ -3,14 +3,14 @@
 // a Key Vault (RBAC, soft delete, purge protection, audit logs) whose listed secrets the
 // broker's identity may read one by one. API Management is wired separately, by `apim.bicep`.
 //
-//   az deployment group create -g <rg> -f infra/main.bicep -p infra/main.parameters.json
+//   az deployment group create -g <rg> -n token-broker -f infra/main.bicep -p infra/main.parameters.json
 //
 // Deploy twice on first use: once to create the vault, then (after putting the secret values,
 // see the README) with `clientSecretNames` listing them, which grants per-secret read access.
 
 targetScope = 'resourceGroup'
 
-@description('Short name used to derive resource names (letters and digits).')
+@description('Short name used to derive resource names: letters and digits, starting with a letter. Lower-cased here, since storage account and vault names must be lower case.')
 @minLength(3)
 @maxLength(12)
 param baseName string = 'tokbroker'
@@ -31,26 +31,23 @@ param deployerPrincipalId string
 @allowed(['User', 'ServicePrincipal', 'Group'])
 param deployerPrincipalType string = 'User'
 
-@description('Whether the vault accepts traffic from public networks. Disable it and use `privateEndpointSubnetId` for a private vault.')
-param keyVaultPublicNetworkAccess bool = true
-
-@description('Subnet for a Key Vault private endpoint; empty for none.')
-param privateEndpointSubnetId string = ''
-
-var suffix = uniqueString(resourceGroup().id, baseName)
+// Storage account names allow lower-case letters and digits only; vault names are
+// case-insensitive but conventionally lower case. Every name below derives from `base`.
+var base = toLower(baseName)
+var suffix = uniqueString(resourceGroup().id, base)
 var tags = { application: 'token-broker' }
 
 module monitoring 'modules/monitoring.bicep' = {
   name: 'monitoring'
   params: {
-    name: '${baseName}-${suffix}'
+    name: '${base}-${suffix}'
     location: location
     tags: tags
   }
 }
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
-  name: '${baseName}-id-${suffix}'
+  name: '${base}-id-${suffix}'
   location: location
   tags: tags
 }
@@ -58,7 +55,7 @@ resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' 
 module storage 'modules/storage.bicep' = {
   name: 'storage'
   params: {
-    name: take('${baseName}st${suffix}', 24)
+    name: take('${replace(base, '-', '')}st${suffix}', 24)
     location: location
     tags: tags
     principalId: identity.properties.principalId
@@ -68,12 +65,10 @@ module storage 'modules/storage.bicep' = {
 module vault 'modules/keyvault.bicep' = {
   name: 'keyvault'
   params: {
-    name: take('${baseName}-kv-${suffix}', 24)
+    name: take('${base}-kv-${suffix}', 24)
     location: location
     tags: tags
     workspaceId: monitoring.outputs.workspaceId
-    publicNetworkAccess: keyVaultPublicNetworkAccess
-    privateEndpointSubnetId: privateEndpointSubnetId
     deployerPrincipalId: deployerPrincipalId
     deployerPrincipalType: deployerPrincipalType
   }
@@ -91,7 +86,7 @@ module secretAccess 'modules/secret-access.bicep' = {
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
-    name: '${baseName}-func-${suffix}'
+    name: '${base}-func-${suffix}'
     location: location
     tags: tags
     identityId: identity.id

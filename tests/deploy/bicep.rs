@@ -177,3 +177,8 @@ fn the_reader_finds_bodies_conditions_and_nested_braces() {
     assert_eq!(found[1].property("parent").as_deref(), Some("one"));
     assert!(!found[0].body.contains("parent"));
 }
+
+/// A path under the repository.
+pub fn root_file(path: &str) -> PathBuf {
+    root().join(path)
+}

@@ -1,7 +1,7 @@
 //! Deployment checks: the Bicep passes checkov, the shipped configuration only uses app settings
-//! the Bicep sets, the API Management wiring (`apim`), the smoke test (`smoke_test`), and the
-//! package holds exactly what the Functions host needs, with a binary linked against glibc 2.28
-//! at most.
+//! the Bicep sets, names are lower-cased where Azure needs it, the API Management wiring
+//! (`apim`), the smoke test (`smoke_test`), and the package holds exactly what the Functions
+//! host needs, with a binary linked against glibc 2.28 at most.
 
 mod apim;
 mod bicep;
@@ -155,6 +155,45 @@ fn checkov_finds_no_failed_check_and_every_skip_says_why() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn names_built_from_base_name_are_lower_cased() {
+    let main = read("infra/main.bicep");
+    assert!(main.contains("var base = toLower(baseName)"));
+    // `baseName` itself is used only to declare it and to lower-case it.
+    let uses: Vec<&str> = main
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//") && line.contains("baseName"))
+        .collect();
+    assert_eq!(uses.len(), 2, "{uses:#?}");
+    assert!(uses[0].starts_with("param baseName string"));
+    let params_name = |path: &str| -> String {
+        let module = bicep::declarations_in(&bicep::root_file("infra/main.bicep"), "module")
+            .into_iter()
+            .find(|m| m.target == path)
+            .unwrap_or_else(|| panic!("{path}"));
+        let params = &module.body[module.body.find("params:").unwrap()..];
+        params
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("name: "))
+            .unwrap()
+            .to_string()
+    };
+    // Storage accounts: 3-24 lower-case letters and digits.
+    let storage = params_name("modules/storage.bicep");
+    assert_eq!(
+        storage, "take('${replace(base, '-', '')}st${suffix}', 24)",
+        "storage account name"
+    );
+    // Key Vault: 3-24 letters, digits and hyphens, lower-cased here too.
+    let vault = params_name("modules/keyvault.bicep");
+    assert_eq!(vault, "take('${base}-kv-${suffix}', 24)", "vault name");
+    // uniqueString() is lower case already; every other resource name derives from `base`.
+    assert!(main.contains("var suffix = uniqueString(resourceGroup().id, base)"));
+    for name_line in main.lines().filter(|l| l.trim().starts_with("name: '$")) {
+        assert!(name_line.contains("${base}"), "{name_line}");
     }
 }
 
