@@ -228,7 +228,10 @@ fn the_package_holds_exactly_what_the_host_needs_and_runs_on_glibc_2_28() {
         "token-broker"
     );
 
-    let binary = root().join("target/x86_64-unknown-linux-gnu/release/token-broker");
+    // Where scripts/package found it: CARGO_TARGET_DIR when set, else target/.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), |dir| root().join(dir));
+    let binary = target_dir.join("x86_64-unknown-linux-gnu/release/token-broker");
     let symbols = Command::new("objdump")
         .arg("-T")
         .arg(&binary)
