@@ -1,12 +1,15 @@
 // token-broker on Azure: a Linux Flex Consumption Function App (runtime `custom`) with a
 // user-assigned managed identity, identity-based storage, Application Insights on Log Analytics,
 // a Key Vault (RBAC, soft delete, purge protection, audit logs) whose listed secrets the
-// broker's identity may read one by one. API Management is wired separately, by `apim.bicep`.
+// broker's identity may read one by one, and, once the package is deployed, the vault's Event
+// Grid system topic subscribed to `function-rotation`. API Management is wired separately, by
+// `apim.bicep`.
 //
 //   az deployment group create -g <rg> -n token-broker -f infra/main.bicep -p infra/main.parameters.json
 //
-// Deploy twice on first use: once to create the vault, then (after putting the secret values,
-// see the README) with `clientSecretNames` listing them, which grants per-secret read access.
+// Deploy three times on first use (the README's "Step by step"): once to create the vault; then,
+// after putting the secret values, with `clientSecretNames` listing them, which grants per-secret
+// read access; then, after deploying the package, with `subscribeRotationEvents=true`.
 
 targetScope = 'resourceGroup'
 
@@ -30,6 +33,9 @@ param deployerPrincipalId string
 @description('Principal type of the deployer.')
 @allowed(['User', 'ServicePrincipal', 'Group'])
 param deployerPrincipalType string = 'User'
+
+@description('Subscribe `function-rotation` to the vault\'s secret, key and certificate events. Set it only once the package is deployed: Event Grid checks that the destination function exists when it creates the subscription.')
+param subscribeRotationEvents bool = false
 
 // Storage account names allow lower-case letters and digits only; vault names are
 // case-insensitive but conventionally lower case. Every name below derives from `base`.
@@ -98,6 +104,17 @@ module functionApp 'modules/functionapp.bicep' = {
     appInsightsId: monitoring.outputs.appInsightsId
     keyVaultUri: vault.outputs.uri
     connectionSettings: connectionSettings
+  }
+}
+
+// After the package is deployed: Key Vault events to `function-rotation`.
+module rotationEvents 'modules/rotation-events.bicep' = if (subscribeRotationEvents) {
+  name: 'rotation-events'
+  params: {
+    vaultName: vault.outputs.name
+    functionAppName: functionApp.outputs.name
+    location: location
+    tags: tags
   }
 }
 

@@ -157,6 +157,17 @@ pub fn param(file: &str, name: &str) -> String {
     lines[first..=at].join("\n")
 }
 
+/// Strings of a Bicep array literal that starts at `[` in `text`.
+pub fn string_array(text: &str) -> Vec<String> {
+    let open = text.find('[').expect("an array literal");
+    let close = open + text[open..].find(']').expect("a closed array literal");
+    text[open + 1..close]
+        .split(['\n', ','])
+        .map(|item| item.trim().trim_matches('\'').to_string())
+        .filter(|item| !item.is_empty())
+        .collect()
+}
+
 #[test]
 fn the_reader_finds_bodies_conditions_and_nested_braces() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,10 +1,12 @@
 //! Deployment checks: the Bicep passes checkov, the shipped configuration only uses app settings
-//! the Bicep sets, names are lower-cased where Azure needs it, the API Management wiring
-//! (`apim`), the smoke test (`smoke_test`), and the package holds exactly what the Functions
-//! host needs, with a binary linked against glibc 2.28 at most.
+//! the Bicep sets, names are lower-cased where Azure needs it, Key Vault's events reach
+//! `function-rotation` (`rotation`), the API Management wiring (`apim`), the smoke test
+//! (`smoke_test`), the README's deployment commands, and the package holds exactly what the
+//! Functions host needs, with a binary linked against glibc 2.28 at most.
 
 mod apim;
 mod bicep;
+mod rotation;
 mod smoke_test;
 
 use std::collections::BTreeSet;
@@ -19,6 +21,31 @@ fn root() -> &'static Path {
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A README section: from its heading to the next heading of the same or a higher level
+/// (lines starting with `#` inside fenced code blocks are shell comments, not headings).
+fn readme_section(heading: &str) -> String {
+    let readme = read("README.md");
+    let level = heading.chars().take_while(|c| *c == '#').count();
+    let mut lines = readme.lines().skip_while(|line| *line != heading);
+    let mut section = lines
+        .next()
+        .unwrap_or_else(|| panic!("README has no section {heading}"))
+        .to_string();
+    let mut in_code = false;
+    for line in lines {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        let hashes = line.chars().take_while(|c| *c == '#').count();
+        if !in_code && hashes > 0 && hashes <= level && line[hashes..].starts_with(' ') {
+            break;
+        }
+        section.push('\n');
+        section.push_str(line);
+    }
+    section
 }
 
 /// Every `${NAME}` in a configuration text.
@@ -195,6 +222,66 @@ fn names_built_from_base_name_are_lower_cased() {
     for name_line in main.lines().filter(|l| l.trim().starts_with("name: '$")) {
         assert!(name_line.contains("${base}"), "{name_line}");
     }
+}
+
+#[test]
+fn the_func_start_steps_start_azurite_and_export_the_local_settings_for_check() {
+    let section = readme_section("## Running under `func start` against a real Key Vault");
+    assert!(section.contains("npx azurite"), "Azurite is started");
+    assert!(section.contains("UseDevelopmentStorage=true"));
+    let export = section
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("eval ") && line.contains("local.settings.json"))
+        .expect("a command exports local.settings.json's values");
+    assert!(section.contains("./token-broker check"));
+    // The documented command exports every value, whatever characters it holds.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("local.settings.json"),
+        r#"{"IsEncrypted": false, "Values": {"FUNCTIONS_WORKER_RUNTIME": "custom",
+            "KEY_VAULT_URI": "https://kv.vault.azure.net/", "CONTOSO_CLIENT_ID": "a b'c\"d$e"}}"#,
+    )
+    .unwrap();
+    let output = Command::new("bash")
+        .current_dir(dir.path())
+        .arg("-c")
+        .arg(format!(
+            "set -eu; {export}; bash -c 'printf \"%s|%s|%s\" \"$FUNCTIONS_WORKER_RUNTIME\" \"$KEY_VAULT_URI\" \"$CONTOSO_CLIENT_ID\"'"
+        ))
+        .env_remove("KEY_VAULT_URI")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "custom|https://kv.vault.azure.net/|a b'c\"d$e"
+    );
+}
+
+#[test]
+fn the_deployment_steps_take_names_and_the_url_from_the_deployment_outputs() {
+    let steps = readme_section("### Step by step");
+    assert!(steps.contains("out functionAppUrl"), "{steps}");
+    assert!(
+        !steps.contains(".azurewebsites.net"),
+        "no URL built by hand"
+    );
+    assert!(!steps.contains("<functionAppName>"));
+    let main = read("infra/main.bicep");
+    for output in ["functionAppUrl", "functionAppName", "keyVaultName"] {
+        assert!(
+            main.contains(&format!("output {output} string")),
+            "{output}"
+        );
+        assert!(steps.contains(&format!("out {output}")), "{output}");
+    }
+    // The key reaches the smoke test through a pipe.
+    assert!(steps.contains("-o tsv | scripts/smoke-test"), "{steps}");
 }
 
 #[test]
