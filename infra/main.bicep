@@ -1,16 +1,19 @@
 // token-broker on Azure: a Linux Flex Consumption Function App (runtime `custom`) with a
 // user-assigned managed identity, identity-based storage, Application Insights on Log Analytics,
 // a Key Vault (RBAC, soft delete, purge protection, audit logs) whose listed secrets the
-// broker's identity may read one by one, and optionally API Management calling the broker.
+// broker's identity may read one by one, and, once the package is deployed, the vault's Event
+// Grid system topic subscribed to `function-rotation`. API Management is wired separately, by
+// `apim.bicep`.
 //
-//   az deployment group create -g <rg> -f infra/main.bicep -p infra/main.parameters.json
+//   az deployment group create -g <rg> -n token-broker -f infra/main.bicep -p infra/main.parameters.json
 //
-// Deploy twice on first use: once to create the vault, then (after putting the secret values,
-// see the README) with `clientSecretNames` listing them, which grants per-secret read access.
+// Deploy three times on first use (the README's "Step by step"): once to create the vault; then,
+// after putting the secret values, with `clientSecretNames` listing them, which grants per-secret
+// read access; then, after deploying the package, with `subscribeRotationEvents=true`.
 
 targetScope = 'resourceGroup'
 
-@description('Short name used to derive resource names (letters and digits).')
+@description('Short name used to derive resource names: letters and digits, starting with a letter. Lower-cased here, since storage account and vault names must be lower case.')
 @minLength(3)
 @maxLength(12)
 param baseName string = 'tokbroker'
@@ -31,43 +34,26 @@ param deployerPrincipalId string
 @allowed(['User', 'ServicePrincipal', 'Group'])
 param deployerPrincipalType string = 'User'
 
-@description('Whether the vault accepts traffic from public networks. Disable it and use `privateEndpointSubnetId` for a private vault.')
-param keyVaultPublicNetworkAccess bool = true
+@description('Subscribe `function-rotation` to the vault\'s secret, key and certificate events. Set it only once the package is deployed: Event Grid checks that the destination function exists when it creates the subscription.')
+param subscribeRotationEvents bool = false
 
-@description('Subnet for a Key Vault private endpoint; empty for none.')
-param privateEndpointSubnetId string = ''
-
-@description('Create API Management (`new`), use an existing one (`existing`), or skip it (`none`).')
-@allowed(['none', 'new', 'existing'])
-param apimMode string = 'none'
-
-@description('Name of the API Management instance (new or existing).')
-param apimName string = '${baseName}-apim-${uniqueString(resourceGroup().id)}'
-
-@description('Publisher e-mail, required when creating API Management.')
-param apimPublisherEmail string = 'platform@example.com'
-
-@description('A function key for API Management to call the broker with (32+ random characters; `openssl rand -base64 32`). Stored as the function key `apim` and as a Key Vault secret that the APIM named value references.')
-@secure()
-param apimFunctionKey string = ''
-
-@description('Expiry of the function key secret in Key Vault (default: a year from deployment).')
-param functionKeyExpiry string = dateTimeAdd(utcNow(), 'P365D')
-
-var suffix = uniqueString(resourceGroup().id, baseName)
+// Storage account names allow lower-case letters and digits only; vault names are
+// case-insensitive but conventionally lower case. Every name below derives from `base`.
+var base = toLower(baseName)
+var suffix = uniqueString(resourceGroup().id, base)
 var tags = { application: 'token-broker' }
 
 module monitoring 'modules/monitoring.bicep' = {
   name: 'monitoring'
   params: {
-    name: '${baseName}-${suffix}'
+    name: '${base}-${suffix}'
     location: location
     tags: tags
   }
 }
 
 resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' = {
-  name: '${baseName}-id-${suffix}'
+  name: '${base}-id-${suffix}'
   location: location
   tags: tags
 }
@@ -75,7 +61,7 @@ resource identity 'Microsoft.ManagedIdentity/userAssignedIdentities@2023-01-31' 
 module storage 'modules/storage.bicep' = {
   name: 'storage'
   params: {
-    name: take('${baseName}st${suffix}', 24)
+    name: take('${replace(base, '-', '')}st${suffix}', 24)
     location: location
     tags: tags
     principalId: identity.properties.principalId
@@ -85,12 +71,10 @@ module storage 'modules/storage.bicep' = {
 module vault 'modules/keyvault.bicep' = {
   name: 'keyvault'
   params: {
-    name: take('${baseName}-kv-${suffix}', 24)
+    name: take('${base}-kv-${suffix}', 24)
     location: location
     tags: tags
     workspaceId: monitoring.outputs.workspaceId
-    publicNetworkAccess: keyVaultPublicNetworkAccess
-    privateEndpointSubnetId: privateEndpointSubnetId
     deployerPrincipalId: deployerPrincipalId
     deployerPrincipalType: deployerPrincipalType
   }
@@ -108,7 +92,7 @@ module secretAccess 'modules/secret-access.bicep' = {
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
   params: {
-    name: '${baseName}-func-${suffix}'
+    name: '${base}-func-${suffix}'
     location: location
     tags: tags
     identityId: identity.id
@@ -120,22 +104,17 @@ module functionApp 'modules/functionapp.bicep' = {
     appInsightsId: monitoring.outputs.appInsightsId
     keyVaultUri: vault.outputs.uri
     connectionSettings: connectionSettings
-    apimFunctionKey: apimFunctionKey
   }
 }
 
-module apim 'modules/apim.bicep' = if (apimMode != 'none') {
-  name: 'apim'
+// After the package is deployed: Key Vault events to `function-rotation`.
+module rotationEvents 'modules/rotation-events.bicep' = if (subscribeRotationEvents) {
+  name: 'rotation-events'
   params: {
-    name: apimName
-    createNew: apimMode == 'new'
+    vaultName: vault.outputs.name
+    functionAppName: functionApp.outputs.name
     location: location
     tags: tags
-    publisherEmail: apimPublisherEmail
-    brokerUrl: 'https://${functionApp.outputs.defaultHostName}'
-    vaultName: vault.outputs.name
-    apimFunctionKey: apimFunctionKey
-    functionKeyExpiry: dateTimeToEpoch(functionKeyExpiry)
   }
 }
 

@@ -15,8 +15,6 @@ param appInsightsId string
 param keyVaultUri string
 @description('Extra app settings referenced by broker.toml.')
 param connectionSettings object
-@secure()
-param apimFunctionKey string
 
 var monitoringMetricsPublisher = '3913510d-42f4-4e42-8a64-420c390055eb'
 
@@ -47,7 +45,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
 }
 
 resource site 'Microsoft.Web/sites@2024-04-01' = {
-  // checkov:skip=CKV_AZURE_222: callers (API Management Consumption, services) reach the broker publicly; every call needs the function key, and in jwt mode an Entra token
+  // checkov:skip=CKV_AZURE_222: callers (API Management Consumption, services) reach the broker publicly; every call needs a function key, and in jwt mode an Entra token
   // checkov:skip=CKV_AZURE_17: callers authenticate with function keys and Entra tokens; API Management Consumption cannot present a client certificate per backend call
   // checkov:skip=CKV_AZURE_212: Flex Consumption scales per request and has no worker count; a minimum is set with alwaysReady instead
   // checkov:skip=CKV_AZURE_213: Flex Consumption has no App Service health check; the Functions host probes the custom handler itself
@@ -103,15 +101,6 @@ resource scmCredentials 'Microsoft.Web/sites/basicPublishingCredentialsPolicies@
   parent: site
   name: 'scm'
   properties: { allow: false }
-}
-
-// A function key for API Management, when one is given (also stored in Key Vault by apim.bicep).
-resource apimKey 'Microsoft.Web/sites/host/functionKeys@2023-12-01' = if (!empty(apimFunctionKey)) {
-  name: '${site.name}/default/apim'
-  properties: {
-    name: 'apim'
-    value: apimFunctionKey
-  }
 }
 
 resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {

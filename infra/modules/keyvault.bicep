@@ -1,23 +1,24 @@
 // The vault holding the OAuth client secrets: RBAC authorization (no access policies), soft
-// delete and purge protection, audit logs (who read which secret) to Log Analytics, and an
-// optional private endpoint.
+// delete and purge protection, audit logs (who read which secret) to Log Analytics.
+//
+// The vault is reached over its public endpoint, and every read is authorized per secret by
+// RBAC. A private vault is not offered: it needs the Function App integrated into a virtual
+// network, a private endpoint with a private DNS zone group for privatelink.vaultcore.azure.net,
+// and a way for the deployer to put secrets from inside that network, none of which these
+// templates build.
 
 param name string
 param location string
 param tags object
 param workspaceId string
-param publicNetworkAccess bool
-param privateEndpointSubnetId string
 param deployerPrincipalId string
 param deployerPrincipalType string
 
 var keyVaultSecretsOfficer = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
 
-var publicNetworkAccessValue = publicNetworkAccess ? 'Enabled' : 'Disabled'
-
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
-  // checkov:skip=CKV_AZURE_109: the firewall is open only in the public-access mode (see networkAcls); the private mode denies all but the private endpoint
-  // checkov:skip=CKV_AZURE_189: public access is a parameter (keyVaultPublicNetworkAccess) because Flex Consumption without a virtual network needs it
+  // checkov:skip=CKV_AZURE_109: Flex Consumption without virtual network integration reaches the vault over its public endpoint; every read is authorized per secret by RBAC
+  // checkov:skip=CKV_AZURE_189: same reason: no virtual network, so public access stays on; access is by Entra ID and per-secret role assignments only
   name: name
   location: location
   tags: tags
@@ -28,12 +29,11 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
     enableSoftDelete: true
     softDeleteRetentionInDays: 90
     enablePurgeProtection: true
-    publicNetworkAccess: publicNetworkAccessValue
+    publicNetworkAccess: 'Enabled'
     networkAcls: {
       // Functions are not a "trusted service" for the firewall bypass: without a virtual
-      // network the broker reaches the vault over its public endpoint, and every read is
-      // authorized per secret by RBAC. With public access off, only the private endpoint.
-      defaultAction: publicNetworkAccess ? 'Allow' : 'Deny'
+      // network the broker reaches the vault over its public endpoint.
+      defaultAction: 'Allow'
       bypass: 'AzureServices'
     }
   }
@@ -61,24 +61,6 @@ resource deployerOfficer 'Microsoft.Authorization/roleAssignments@2022-04-01' = 
     roleDefinitionId: subscriptionResourceId('Microsoft.Authorization/roleDefinitions', keyVaultSecretsOfficer)
     principalId: deployerPrincipalId
     principalType: deployerPrincipalType
-  }
-}
-
-resource privateEndpoint 'Microsoft.Network/privateEndpoints@2023-11-01' = if (!empty(privateEndpointSubnetId)) {
-  name: 'pe-${name}'
-  location: location
-  tags: tags
-  properties: {
-    subnet: { id: privateEndpointSubnetId }
-    privateLinkServiceConnections: [
-      {
-        name: 'vault'
-        properties: {
-          privateLinkServiceId: vault.id
-          groupIds: ['vault']
-        }
-      }
-    ]
   }
 }
 

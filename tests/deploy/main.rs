@@ -1,6 +1,13 @@
 //! Deployment checks: the Bicep passes checkov, the shipped configuration only uses app settings
-//! the Bicep sets, the APIM fragment matches the broker's API, and the package holds exactly
-//! what the Functions host needs, with a binary old Linux images can run.
+//! the Bicep sets, names are lower-cased where Azure needs it, Key Vault's events reach
+//! `function-rotation` (`rotation`), the API Management wiring (`apim`), the smoke test
+//! (`smoke_test`), the README's deployment commands, and the package holds exactly what the
+//! Functions host needs, with a binary linked against glibc 2.28 at most.
+
+mod apim;
+mod bicep;
+mod rotation;
+mod smoke_test;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -14,6 +21,31 @@ fn root() -> &'static Path {
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// A README section: from its heading to the next heading of the same or a higher level
+/// (lines starting with `#` inside fenced code blocks are shell comments, not headings).
+fn readme_section(heading: &str) -> String {
+    let readme = read("README.md");
+    let level = heading.chars().take_while(|c| *c == '#').count();
+    let mut lines = readme.lines().skip_while(|line| *line != heading);
+    let mut section = lines
+        .next()
+        .unwrap_or_else(|| panic!("README has no section {heading}"))
+        .to_string();
+    let mut in_code = false;
+    for line in lines {
+        if line.starts_with("```") {
+            in_code = !in_code;
+        }
+        let hashes = line.chars().take_while(|c| *c == '#').count();
+        if !in_code && hashes > 0 && hashes <= level && line[hashes..].starts_with(' ') {
+            break;
+        }
+        section.push('\n');
+        section.push_str(line);
+    }
+    section
 }
 
 /// Every `${NAME}` in a configuration text.
@@ -139,8 +171,7 @@ fn checkov_finds_no_failed_check_and_every_skip_says_why() {
         failed.join("\n")
     );
     // Each inline skip carries a reason a reviewer can read.
-    for entry in std::fs::read_dir(root().join("infra/modules")).unwrap() {
-        let path = entry.unwrap().path();
+    for path in bicep::files() {
         for line in std::fs::read_to_string(&path).unwrap().lines() {
             if let Some(skip) = line.trim().strip_prefix("// checkov:skip=") {
                 let (_, reason) = skip.split_once(':').expect("checkov:skip=ID: reason");
@@ -155,61 +186,102 @@ fn checkov_finds_no_failed_check_and_every_skip_says_why() {
 }
 
 #[test]
-fn the_apim_fragment_is_well_formed_and_uses_the_brokers_names() {
-    let text = read("infra/apim/token-broker-fragment.xml");
-    let document = roxmltree::Document::parse(&text).expect("well-formed XML");
-    let fragment = document.root_element();
-    assert_eq!(fragment.tag_name().name(), "fragment");
-    let elements = |name: &str| {
-        fragment
-            .descendants()
-            .filter(|n| n.tag_name().name() == name)
-            .collect::<Vec<_>>()
-    };
-    let url = elements("set-url")[0].text().unwrap();
-    assert!(url.contains("{{token-broker-url}}/api/token/"), "{url}");
-    let headers: Vec<&str> = elements("set-header")
-        .iter()
-        .filter_map(|h| h.attribute("name"))
+fn names_built_from_base_name_are_lower_cased() {
+    let main = read("infra/main.bicep");
+    assert!(main.contains("var base = toLower(baseName)"));
+    // `baseName` itself is used only to declare it and to lower-case it.
+    let uses: Vec<&str> = main
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("//") && line.contains("baseName"))
         .collect();
-    assert!(headers.contains(&"x-functions-key") && headers.contains(&"Authorization"));
-    assert_eq!(
-        elements("authentication-managed-identity")[0].attribute("resource"),
-        Some("{{token-broker-audience}}")
-    );
-    assert_eq!(elements("cache-lookup-value").len(), 1);
-    let store = elements("cache-store-value")[0];
-    assert!(
-        store
-            .attribute("duration")
+    assert_eq!(uses.len(), 2, "{uses:#?}");
+    assert!(uses[0].starts_with("param baseName string"));
+    let params_name = |path: &str| -> String {
+        let module = bicep::declarations_in(&bicep::root_file("infra/main.bicep"), "module")
+            .into_iter()
+            .find(|m| m.target == path)
+            .unwrap_or_else(|| panic!("{path}"));
+        let params = &module.body[module.body.find("params:").unwrap()..];
+        params
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("name: "))
             .unwrap()
-            .contains("[\"expires_in\"] - 60")
+            .to_string()
+    };
+    // Storage accounts: 3-24 lower-case letters and digits.
+    let storage = params_name("modules/storage.bicep");
+    assert_eq!(
+        storage, "take('${replace(base, '-', '')}st${suffix}', 24)",
+        "storage account name"
     );
-    assert!(text.contains("[\"access_token\"]"));
-    let status = elements("set-status")[0].attribute("code").unwrap();
-    assert!(status.contains("502") && status.contains("503"), "{status}");
-    assert!(
-        !text.contains("tokenBrokerResponse\"]).Body.As<string>"),
-        "never passes the broker's body on"
-    );
-    // The names it uses are the broker's: the route and the token fields of the OpenAPI document.
-    let openapi = read("openapi.yaml");
-    assert!(openapi.contains("/api/token/{connection}:"));
-    assert!(openapi.contains("required: [access_token, token_type, expires_in, expires_on]"));
-    // And the named values it uses are the ones the Bicep creates.
-    let apim = read("infra/modules/apim.bicep");
-    for value in [
-        "token-broker-url",
-        "token-broker-function-key",
-        "token-broker-audience",
-    ] {
-        assert!(text.contains(&format!("{{{{{value}}}}}")), "{value} used");
-        assert!(
-            apim.contains(&format!("name: '{value}'")),
-            "{value} created"
-        );
+    // Key Vault: 3-24 letters, digits and hyphens, lower-cased here too.
+    let vault = params_name("modules/keyvault.bicep");
+    assert_eq!(vault, "take('${base}-kv-${suffix}', 24)", "vault name");
+    // uniqueString() is lower case already; every other resource name derives from `base`.
+    assert!(main.contains("var suffix = uniqueString(resourceGroup().id, base)"));
+    for name_line in main.lines().filter(|l| l.trim().starts_with("name: '$")) {
+        assert!(name_line.contains("${base}"), "{name_line}");
     }
-    roxmltree::Document::parse(&read("infra/apim/broker-api-policy.xml")).expect("well-formed XML");
+}
+
+#[test]
+fn the_func_start_steps_start_azurite_and_export_the_local_settings_for_check() {
+    let section = readme_section("## Running under `func start` against a real Key Vault");
+    assert!(section.contains("npx azurite"), "Azurite is started");
+    assert!(section.contains("UseDevelopmentStorage=true"));
+    let export = section
+        .lines()
+        .map(str::trim)
+        .find(|line| line.starts_with("eval ") && line.contains("local.settings.json"))
+        .expect("a command exports local.settings.json's values");
+    assert!(section.contains("./token-broker check"));
+    // The documented command exports every value, whatever characters it holds.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("local.settings.json"),
+        r#"{"IsEncrypted": false, "Values": {"FUNCTIONS_WORKER_RUNTIME": "custom",
+            "KEY_VAULT_URI": "https://kv.vault.azure.net/", "CONTOSO_CLIENT_ID": "a b'c\"d$e"}}"#,
+    )
+    .unwrap();
+    let output = Command::new("bash")
+        .current_dir(dir.path())
+        .arg("-c")
+        .arg(format!(
+            "set -eu; {export}; bash -c 'printf \"%s|%s|%s\" \"$FUNCTIONS_WORKER_RUNTIME\" \"$KEY_VAULT_URI\" \"$CONTOSO_CLIENT_ID\"'"
+        ))
+        .env_remove("KEY_VAULT_URI")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "custom|https://kv.vault.azure.net/|a b'c\"d$e"
+    );
+}
+
+#[test]
+fn the_deployment_steps_take_names_and_the_url_from_the_deployment_outputs() {
+    let steps = readme_section("### Step by step");
+    assert!(steps.contains("out functionAppUrl"), "{steps}");
+    assert!(
+        !steps.contains(".azurewebsites.net"),
+        "no URL built by hand"
+    );
+    assert!(!steps.contains("<functionAppName>"));
+    let main = read("infra/main.bicep");
+    for output in ["functionAppUrl", "functionAppName", "keyVaultName"] {
+        assert!(
+            main.contains(&format!("output {output} string")),
+            "{output}"
+        );
+        assert!(steps.contains(&format!("out {output}")), "{output}");
+    }
+    // The key reaches the smoke test through a pipe.
+    assert!(steps.contains("-o tsv | scripts/smoke-test"), "{steps}");
 }
 
 #[test]
@@ -243,7 +315,10 @@ fn the_package_holds_exactly_what_the_host_needs_and_runs_on_glibc_2_28() {
         "token-broker"
     );
 
-    let binary = root().join("target/x86_64-unknown-linux-gnu/release/token-broker");
+    // Where scripts/package found it: CARGO_TARGET_DIR when set, else target/.
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| root().join("target"), |dir| root().join(dir));
+    let binary = target_dir.join("x86_64-unknown-linux-gnu/release/token-broker");
     let symbols = Command::new("objdump")
         .arg("-T")
         .arg(&binary)
