@@ -4,7 +4,10 @@
 //! `SecretNewVersionCreated`, `SecretNearExpiry` and `SecretExpired` for a secret the broker
 //! serves make the next use read Key Vault again, drop the tokens minted with the old version
 //! and forget a rejection the connection's negative cache holds, so a rotation (or a repaired
-//! secret) takes effect in seconds instead of at the next cache TTL.
+//! secret) takes effect at once in the process that receives the event instead of at the next
+//! cache TTL. On Flex Consumption that process serves no token requests (per-function
+//! scaling): there, HTTP instances pick the new version up at their next re-read (see the
+//! README's "How it runs on Flex Consumption").
 
 use axum::Json;
 use axum::body::Body;
