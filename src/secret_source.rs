@@ -42,13 +42,19 @@ pub struct ClientSecret {
 
 /// Longest a re-read may take while a copy is in memory; past it the copy is used.
 const REREAD_WAIT: Duration = Duration::from_secs(2);
-/// Backoff between failed re-reads: doubling from the first, at most the last.
+/// Backoff between failed re-reads while a copy serves: doubling from the first, at most the
+/// last. The vault's limit is shared by every caller of the vault, so a sick vault is asked
+/// rarely.
 const REREAD_BACKOFF_FIRST: Duration = Duration::from_secs(5);
 const REREAD_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Backoff between failed first reads (no copy: callers see the error meanwhile), shorter so
+/// that a repaired vault or identity is noticed soon.
+const COLD_BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const COLD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Why a secret could not be had. Messages are for operators (they go to the log, not to
 /// callers) and never hold a secret value.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SecretError {
     #[error("Key Vault secret '{name}' was not found")]
     NotFound { name: String },
@@ -116,11 +122,20 @@ struct SlotState {
     retry_at: Option<Instant>,
     /// When Key Vault first refused the secret definitively since the last good read.
     refused_since: Option<Instant>,
+    /// The last read's error, answered without a new read while backing off (no copy).
+    last_error: Option<SecretError>,
+    /// Reads settled so far: a caller that waited for another's read shares its outcome.
+    generation: u64,
 }
 
 impl SlotState {
-    /// The copy, when it is fresh (read within the TTL and not marked by a rotation event).
+    /// The copy, when it is fresh: read within the TTL, not marked by a rotation event, and
+    /// not refused by Key Vault since (a refusal seen by the rotation path must not be
+    /// ignored until the TTL runs out).
     fn fresh(&self, ttl: Duration) -> Option<Arc<ClientSecret>> {
+        if self.refused_since.is_some() {
+            return None;
+        }
         self.cached
             .as_ref()
             .filter(|entry| !entry.stale && entry.read_at.elapsed() < ttl)
@@ -206,21 +221,36 @@ impl SecretStore {
 
     async fn key_vault_secret(&self, name: &str) -> Result<Arc<ClientSecret>, SecretError> {
         let slot = self.slot(name);
-        let has_copy = {
+        let (has_copy, generation) = {
             let state = slot.state.lock();
             if let Some(fresh) = state.fresh(self.ttl) {
                 return Ok(fresh);
             }
-            if state.cached.is_some() && state.backing_off() {
-                return self.copy(name, &state, None);
+            if state.backing_off() {
+                if state.cached.is_some() {
+                    return self.copy(name, &state, None);
+                }
+                if let Some(error) = &state.last_error {
+                    return Err(error.clone());
+                }
             }
-            state.cached.is_some()
+            (state.cached.is_some(), state.generation)
         };
         if !has_copy {
-            // Nothing to serve meanwhile: wait for the one read, then look again.
+            // Nothing to serve meanwhile: wait for the one read. A read that settled while
+            // this caller waited is its answer too: callers never queue up reads one after
+            // another, each burning its own deadline.
             let _reading = slot.reading.lock().await;
-            if let Some(fresh) = slot.state.lock().fresh(self.ttl) {
-                return Ok(fresh);
+            {
+                let state = slot.state.lock();
+                if let Some(fresh) = state.fresh(self.ttl) {
+                    return Ok(fresh);
+                }
+                if state.generation != generation
+                    && let Some(error) = &state.last_error
+                {
+                    return Err(error.clone());
+                }
             }
             let result = self.read(name).await;
             return self.settle(name, &slot, result);
@@ -251,22 +281,30 @@ impl SecretStore {
         result: Result<ClientSecret, SecretError>,
     ) -> Result<Arc<ClientSecret>, SecretError> {
         let mut state = slot.state.lock();
+        state.generation = state.generation.wrapping_add(1);
         match result {
             Ok(secret) => {
                 state.failures = 0;
                 state.retry_at = None;
                 state.refused_since = None;
+                state.last_error = None;
                 Ok(remember(&mut state.cached, secret))
             }
             Err(error) => {
                 state.failures = state.failures.saturating_add(1);
-                let backoff = REREAD_BACKOFF_FIRST
+                let (first, max) = if state.cached.is_some() {
+                    (REREAD_BACKOFF_FIRST, REREAD_BACKOFF_MAX)
+                } else {
+                    (COLD_BACKOFF_FIRST, COLD_BACKOFF_MAX)
+                };
+                let backoff = first
                     .saturating_mul(1 << (state.failures - 1).min(8))
-                    .min(REREAD_BACKOFF_MAX);
+                    .min(max);
                 state.retry_at = Some(Instant::now() + backoff);
                 if error.is_definitive() && state.refused_since.is_none() {
                     state.refused_since = Some(Instant::now());
                 }
+                state.last_error = Some(error.clone());
                 if state.cached.is_none() {
                     return Err(error);
                 }
@@ -328,19 +366,23 @@ impl SecretStore {
         let slot = self.slot(secret_name);
         let _reading = slot.reading.lock().await;
         let rejected_version = rejected.version.as_deref();
-        let result = self.read(secret_name).await;
-        let mut state = slot.state.lock();
-        match result {
-            Ok(secret) => {
-                state.failures = 0;
-                state.retry_at = None;
-                state.refused_since = None;
-                remember(&mut state.cached, secret);
-            }
-            Err(error) => {
+        // Read again unless re-reads are backing off; bounded like any re-read with a copy,
+        // and settled the same way (backoff, refusal grace), so this path cannot hammer a sick
+        // vault or eat the token fetch's deadline.
+        if !slot.state.lock().backing_off() {
+            let result = match tokio::time::timeout(REREAD_WAIT, self.read(secret_name)).await {
+                Ok(result) => result,
+                Err(_) => Err(SecretError::Unavailable {
+                    name: secret_name.to_string(),
+                    detail: format!("no answer within {}s", REREAD_WAIT.as_secs()),
+                }),
+            };
+            if let Err(error) = self.settle(secret_name, &slot, result) {
                 tracing::warn!(secret = %secret_name, reason = %error, "key vault re-read after a rejected secret failed");
+                return None;
             }
         }
+        let state = slot.state.lock();
         let entry = state.cached.as_ref()?;
         if entry.latest.version.as_deref() != rejected_version {
             return Some(entry.latest.clone());
@@ -355,7 +397,12 @@ impl SecretStore {
     /// Makes the next read of `secret_name` go to Key Vault (a rotation event arrived); the
     /// versions already known stay available as fallbacks. Returns whether it was cached.
     pub async fn invalidate(&self, secret_name: &str) -> bool {
-        let Some(slot) = self.slots.lock().get(secret_name).cloned() else {
+        let Some(slot) = self
+            .slots
+            .lock()
+            .get(&secret_name.to_ascii_lowercase())
+            .cloned()
+        else {
             return false;
         };
         let mut state = slot.state.lock();
@@ -374,7 +421,8 @@ impl SecretStore {
         // Held only to look up or insert the slot, never across an await.
         self.slots
             .lock()
-            .entry(name.to_string())
+            // Key Vault names are case-insensitive: one slot per secret, however spelled.
+            .entry(name.to_ascii_lowercase())
             .or_default()
             .clone()
     }
@@ -528,4 +576,111 @@ fn credential(
         }
         IdentitySettings::DeveloperCli => AzureCliCredential::new(None)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store whose vault always fails (none configured): every read is `NoVault`.
+    fn failing_store(grace: Duration) -> SecretStore {
+        SecretStore::new(
+            None,
+            &IdentitySettings::DeveloperCli,
+            Arc::new(LazyClient::new(Duration::from_secs(1))),
+            Duration::from_secs(300),
+            grace,
+        )
+    }
+
+    fn reads(store: &SecretStore, name: &str) -> u64 {
+        store.slot(name).state.lock().generation
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_first_reads_back_off_and_waiters_share_one_read() {
+        let store = Arc::new(failing_store(Duration::from_secs(300)));
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let store = store.clone();
+                tokio::spawn(async move { store.key_vault_secret("s").await })
+            })
+            .collect();
+        for caller in callers {
+            assert!(matches!(caller.await.unwrap(), Err(SecretError::NoVault)));
+        }
+        assert_eq!(reads(&store, "s"), 1, "twenty concurrent callers, one read");
+        for _ in 0..10 {
+            assert!(store.key_vault_secret("S").await.is_err());
+        }
+        assert_eq!(
+            reads(&store, "s"),
+            1,
+            "within the backoff, no read (any spelling)"
+        );
+        tokio::time::advance(COLD_BACKOFF_FIRST).await;
+        assert!(store.key_vault_secret("s").await.is_err());
+        assert_eq!(reads(&store, "s"), 2, "after the backoff, one more");
+        // The backoff doubles.
+        tokio::time::advance(COLD_BACKOFF_FIRST).await;
+        assert!(store.key_vault_secret("s").await.is_err());
+        assert_eq!(reads(&store, "s"), 2);
+        tokio::time::advance(COLD_BACKOFF_FIRST).await;
+        assert!(store.key_vault_secret("s").await.is_err());
+        assert_eq!(reads(&store, "s"), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_definitive_refusal_serves_the_copy_only_within_the_grace_period() {
+        let grace = Duration::from_secs(120);
+        let store = failing_store(grace);
+        let slot = store.slot("s");
+        {
+            let mut state = slot.state.lock();
+            remember(
+                &mut state.cached,
+                ClientSecret {
+                    value: SecretString::from("v1"),
+                    version: Some("1".into()),
+                },
+            );
+        }
+        let refusal = || SecretError::Forbidden {
+            name: "s".into(),
+            code: "Forbidden/SecretDisabled".into(),
+        };
+        assert!(
+            store.settle("s", &slot, Err(refusal())).is_ok(),
+            "within the grace"
+        );
+        tokio::time::advance(grace - Duration::from_secs(1)).await;
+        assert!(
+            store.key_vault_secret("s").await.is_ok(),
+            "still within the grace"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(
+            store.key_vault_secret("s").await.is_err(),
+            "past the grace the copy is no longer used"
+        );
+        // A vault that merely does not answer never ends the copy's use.
+        let slot = store.slot("t");
+        {
+            let mut state = slot.state.lock();
+            remember(
+                &mut state.cached,
+                ClientSecret {
+                    value: SecretString::from("v1"),
+                    version: Some("1".into()),
+                },
+            );
+        }
+        let outage = || SecretError::Unavailable {
+            name: "t".into(),
+            detail: "HTTP 503".into(),
+        };
+        assert!(store.settle("t", &slot, Err(outage())).is_ok());
+        tokio::time::advance(grace * 10).await;
+        assert!(store.settle("t", &slot, Err(outage())).is_ok());
+    }
 }

@@ -13,8 +13,9 @@ use crate::secret_source::SecretError;
 /// arithmetic on the monotonic clock stays far from overflow, and a token is refreshed at least
 /// daily whatever the provider claims.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
-/// The shortest lifetime: a token must live at least a second to be worth handing out.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(1);
+/// The shortest lifetime: two seconds, so that a token handed out in its last second of
+/// hand-out window still has `expires_in >= 1` when the caller reads it.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(2);
 
 /// A lifetime as the cache uses it: within `[MIN_LIFETIME, MAX_LIFETIME]`.
 pub fn clamp_lifetime(lifetime: Duration) -> Duration {
@@ -91,6 +92,10 @@ mod tests {
     fn lifetimes_are_clamped_to_the_documented_range() {
         assert_eq!(clamp_lifetime(Duration::MAX), MAX_LIFETIME);
         assert_eq!(clamp_lifetime(Duration::ZERO), MIN_LIFETIME);
+        assert_eq!(
+            clamp_lifetime(Duration::from_secs(1)),
+            Duration::from_secs(2)
+        );
         assert_eq!(
             clamp_lifetime(Duration::from_secs(3599)),
             Duration::from_secs(3599)

@@ -115,9 +115,14 @@ impl CachedToken {
         }
     }
 
-    /// Whole seconds of life left at `now`.
+    /// Whole seconds of life left at `now`, at least 1: a token is only handed out while it
+    /// has more than `STALE_FLOOR` to live, but a caller that waited for a slow fetch may read
+    /// it a moment later, and `0` would tell it the token is already dead.
     pub fn expires_in(&self, now: Instant) -> u64 {
-        self.expires_at.saturating_duration_since(now).as_secs()
+        self.expires_at
+            .saturating_duration_since(now)
+            .as_secs()
+            .max(1)
     }
 }
 
@@ -350,9 +355,11 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 
 /// When to refresh a token of `lifetime`: Entra's `refresh_in` when it gave one, else at a
 /// random point between half and three quarters of the lifetime.
+/// A `refresh_in` below a tenth of the lifetime is raised to it, so that a provider's
+/// `refresh_in: 1` cannot make the broker refresh every second.
 fn refresh_delay(lifetime: Duration, refresh_in: Option<Duration>) -> Duration {
     if let Some(refresh_in) = refresh_in.filter(|r| !r.is_zero() && *r < lifetime) {
-        return refresh_in;
+        return refresh_in.max(lifetime / 10);
     }
     lifetime.mul_f64(rand::random_range(0.5..0.75))
 }
@@ -754,6 +761,11 @@ mod tests {
         assert_eq!(
             refresh_delay(hour, Some(Duration::from_secs(600))),
             Duration::from_secs(600)
+        );
+        assert_eq!(
+            refresh_delay(hour, Some(Duration::from_secs(1))),
+            Duration::from_secs(360),
+            "a tenth of the life at least"
         );
         for _ in 0..1000 {
             let delay = refresh_delay(hour, None);

@@ -6,9 +6,11 @@
 //! classify on its own: throttling, server errors and timeouts, with their `Retry-After`.
 
 use std::collections::BTreeMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use oauth2::basic::{BasicRevocationErrorResponse, BasicTokenIntrospectionResponse};
 use oauth2::http::{HeaderMap, StatusCode, header};
@@ -133,22 +135,37 @@ impl TokenClient {
         if let Err(refusal) = upstream.guard.admit() {
             return Err(refusal_error(connection, refusal));
         }
-        let outcome =
-            tokio::time::timeout_at(deadline, self.request_token(upstream, scopes, secret))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Failure::Unavailable {
-                        detail: format!(
-                            "no token within the {}s deadline",
-                            connection.deadline.as_secs()
-                        ),
-                        retry_after: None,
-                    })
-                });
         let guard = &upstream.guard;
+        // A panic past admission must still report an outcome, or a half-open circuit would
+        // wait for its trial call forever; the cache turns the panic into a 500 for callers.
+        let attempt = AssertUnwindSafe(tokio::time::timeout_at(
+            deadline,
+            self.request_token(upstream, scopes, secret),
+        ))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| {
+            guard.record_unavailable();
+            std::panic::resume_unwind(panic)
+        });
+        let outcome = attempt.unwrap_or_else(|_| {
+            Err(Failure::Unavailable {
+                detail: format!(
+                    "no token within the {}s deadline",
+                    connection.deadline.as_secs()
+                ),
+                retry_after: None,
+            })
+        });
         match &outcome {
             Ok(_) => guard.record_success(),
-            Err(Failure::Unavailable { .. } | Failure::Invalid { .. }) => {
+            Err(Failure::Unavailable { retry_after, .. }) => {
+                guard.record_unavailable();
+                if let Some(wait) = retry_after {
+                    guard.asked_to_wait(*wait);
+                }
+            }
+            Err(Failure::Invalid { .. }) => {
                 guard.record_unavailable();
             }
             Err(rejected @ Failure::Rejected { status, body }) if rejected.means_bad_secret() => {
@@ -276,6 +293,13 @@ impl TokenClient {
         let result = request.request_async(&transport).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match result {
+            Ok(response) if !response.has_access_token() => {
+                let failure = Failure::Invalid {
+                    detail: "the answer's access_token is empty".to_string(),
+                };
+                tracing::warn!(connection = %connection.name, elapsed_ms, reason = %failure, "token request failed");
+                Err(failure)
+            }
             Ok(response) => {
                 tracing::info!(connection = %connection.name, elapsed_ms, "token endpoint issued a token");
                 Ok(response.into_fresh_token(connection.default_lifetime, scopes))
@@ -434,6 +458,13 @@ fn refusal_error(connection: &ConnectionSettings, refusal: Refusal) -> TokenErro
             connection: connection.name.clone(),
             detail: "it failed repeatedly, so calls fail fast for a while (circuit open)"
                 .to_string(),
+            retry_after: Some(retry_after),
+        },
+        Refusal::AskedToWait { retry_after } => TokenError::Unavailable {
+            connection: connection.name.clone(),
+            detail:
+                "it asked the broker to wait (Retry-After), so it is not asked again before then"
+                    .to_string(),
             retry_after: Some(retry_after),
         },
         Refusal::RecentlyRejected { rejection, .. } => TokenError::Rejected {

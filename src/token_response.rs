@@ -43,6 +43,11 @@ impl BrokerTokenResponse {
         self.refresh_in.map(Duration::from_secs)
     }
 
+    /// Whether the answer carries a token at all: `"access_token": ""` is not one.
+    pub fn has_access_token(&self) -> bool {
+        !self.access_token.secret().is_empty()
+    }
+
     /// The scope string as the server granted it, when it said.
     pub fn granted_scope(&self) -> Option<&str> {
         self.scope.as_deref().filter(|scope| !scope.is_empty())

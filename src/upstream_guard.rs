@@ -17,6 +17,10 @@ use parking_lot::Mutex;
 
 use tokio::time::Instant;
 
+/// Longest `Retry-After` the guard honours across requests: a provider that asks for an hour
+/// is asked again within this (and the breaker takes over if it still refuses).
+const MAX_HOLD_OFF: Duration = Duration::from_secs(60);
+
 /// Retries held in reserve, and the share of a retry each first attempt earns.
 const RETRY_BUDGET_MAX: f64 = 10.0;
 const RETRY_BUDGET_PER_REQUEST: f64 = 0.2;
@@ -34,6 +38,8 @@ pub struct GuardSettings {
 pub enum Refusal {
     /// The circuit is open; try again after the duration.
     CircuitOpen { retry_after: Duration },
+    /// The IdP asked the broker to wait (`Retry-After` on a 429 or 503): no call before then.
+    AskedToWait { retry_after: Duration },
     /// The IdP rejected this client recently.
     RecentlyRejected {
         rejection: Rejection,
@@ -60,6 +66,8 @@ struct GuardState {
     open_until: Option<Instant>,
     trial_in_flight: bool,
     rejected: Option<(Rejection, Instant)>,
+    /// No call before this: the IdP's own `Retry-After`.
+    not_before: Option<Instant>,
     retry_tokens: f64,
 }
 
@@ -72,6 +80,7 @@ impl UpstreamGuard {
                 open_until: None,
                 trial_in_flight: false,
                 rejected: None,
+                not_before: None,
                 retry_tokens: RETRY_BUDGET_MAX,
             }),
         }
@@ -89,6 +98,14 @@ impl UpstreamGuard {
                 });
             }
             state.rejected = None;
+        }
+        if let Some(not_before) = state.not_before {
+            if now < not_before {
+                return Err(Refusal::AskedToWait {
+                    retry_after: not_before - now,
+                });
+            }
+            state.not_before = None;
         }
         if let Some(open_until) = state.open_until {
             if now < open_until {
@@ -143,6 +160,15 @@ impl UpstreamGuard {
             return Some(self.settings.breaker_open);
         }
         None
+    }
+
+    /// The IdP asked for `wait` before the next call (its `Retry-After`, at most a minute is
+    /// honoured): every request for this connection is answered without asking it until then,
+    /// instead of only the request that got the answer.
+    pub fn asked_to_wait(&self, wait: Duration) {
+        let until = Instant::now() + wait.min(MAX_HOLD_OFF);
+        let mut state = self.state.lock();
+        state.not_before = Some(state.not_before.map_or(until, |at| at.max(until)));
     }
 
     /// The IdP answered, but refused the client: remember it for a while.
@@ -226,6 +252,26 @@ mod tests {
         }
         tokio::time::advance(Duration::from_secs(30)).await;
         guard.admit().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_after_holds_every_call_off_until_it_passes_at_most_a_minute() {
+        let guard = guard();
+        guard.admit().unwrap();
+        guard.asked_to_wait(Duration::from_secs(3));
+        match guard.admit() {
+            Err(Refusal::AskedToWait { retry_after }) => {
+                assert_eq!(retry_after, Duration::from_secs(3))
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_secs(3)).await;
+        guard.admit().expect("the wait is over");
+        guard.asked_to_wait(Duration::from_secs(3600));
+        tokio::time::advance(MAX_HOLD_OFF).await;
+        guard
+            .admit()
+            .expect("an hour is honoured for a minute only");
     }
 
     #[test]

@@ -40,6 +40,8 @@ pub enum Behaviour {
     Huge200,
     /// 200 JSON without `access_token`.
     NoAccessToken,
+    /// 200 JSON with `"access_token": ""`.
+    EmptyAccessToken,
     /// 302 to another address (a redirect must never be followed with credentials).
     Redirect302,
     /// 503 with `Retry-After` as an HTTP-date in the past (retry now).
@@ -47,7 +49,7 @@ pub enum Behaviour {
 }
 
 impl Behaviour {
-    pub const ALL: [Behaviour; 12] = [
+    pub const ALL: [Behaviour; 13] = [
         Behaviour::HugeExpiresIn,
         Behaviour::FloatExpiresIn,
         Behaviour::NegativeExpiresIn,
@@ -58,6 +60,7 @@ impl Behaviour {
         Behaviour::Waf403,
         Behaviour::Huge200,
         Behaviour::NoAccessToken,
+        Behaviour::EmptyAccessToken,
         Behaviour::Redirect302,
         Behaviour::Unavailable503Date,
     ];
@@ -75,6 +78,7 @@ impl Behaviour {
             Behaviour::Waf403 => "waf-403",
             Behaviour::Huge200 => "huge-200",
             Behaviour::NoAccessToken => "no-access-token",
+            Behaviour::EmptyAccessToken => "empty-access-token",
             Behaviour::Redirect302 => "redirect-302",
             Behaviour::Unavailable503Date => "unavailable-503-date",
         }
@@ -194,6 +198,10 @@ async fn answer(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> 
         Behaviour::NoAccessToken => json_body(
             StatusCode::OK,
             r#"{"token_type":"Bearer","expires_in":3600}"#.to_string(),
+        ),
+        Behaviour::EmptyAccessToken => json_body(
+            StatusCode::OK,
+            r#"{"access_token":"","token_type":"Bearer","expires_in":3600}"#.to_string(),
         ),
         Behaviour::Redirect302 => {
             let mut response = StatusCode::FOUND.into_response();

@@ -38,10 +38,16 @@ impl Validator<'_> {
             IdentitySettings::DeveloperCli
         };
         let cache = CacheSettings {
-            secret_ttl: Duration::from_secs(raw.cache.secret_ttl_seconds.unwrap_or(300)),
+            secret_ttl: self.seconds(
+                "cache.secret_ttl_seconds",
+                raw.cache.secret_ttl_seconds.unwrap_or(300),
+                0..=86_400,
+            ),
             max_tokens: raw.cache.max_tokens.unwrap_or(1024),
-            secret_refusal_grace: Duration::from_secs(
+            secret_refusal_grace: self.seconds(
+                "cache.secret_refusal_grace_seconds",
                 raw.cache.secret_refusal_grace_seconds.unwrap_or(300),
+                0..=86_400,
             ),
         };
         if cache.max_tokens == 0 {
@@ -353,29 +359,37 @@ impl Validator<'_> {
                 extra_params.insert(key.clone(), value);
             }
         }
-        let default_lifetime = Duration::from_secs(raw.default_lifetime_seconds.unwrap_or(300));
-        if default_lifetime.is_zero() {
-            self.problems.push(format!(
-                "{}: must be at least 1",
-                at("default_lifetime_seconds")
-            ));
-        }
-        let mut at_least_one = |field: &str, value: u64| {
-            if value == 0 {
-                self.problems
-                    .push(format!("{}: must be at least 1", at(field)));
-            }
-            Duration::from_secs(value)
-        };
-        let connect_timeout = at_least_one(
-            "connect_timeout_seconds",
-            raw.connect_timeout_seconds.unwrap_or(3),
+        // Every duration is bounded: no configured value can overflow the clock, and none can
+        // outlast what the platform allows a request (230 s at the Functions front end).
+        let default_lifetime = self.seconds(
+            &at("default_lifetime_seconds"),
+            raw.default_lifetime_seconds.unwrap_or(300),
+            1..=86_400,
         );
-        let timeout = at_least_one("timeout_seconds", raw.timeout_seconds.unwrap_or(10));
-        let deadline = at_least_one("deadline_seconds", raw.deadline_seconds.unwrap_or(20));
-        let breaker_open = at_least_one(
-            "breaker_open_seconds",
+        let connect_timeout = self.seconds(
+            &at("connect_timeout_seconds"),
+            raw.connect_timeout_seconds.unwrap_or(3),
+            1..=60,
+        );
+        let timeout = self.seconds(
+            &at("timeout_seconds"),
+            raw.timeout_seconds.unwrap_or(10),
+            1..=120,
+        );
+        let deadline = self.seconds(
+            &at("deadline_seconds"),
+            raw.deadline_seconds.unwrap_or(20),
+            1..=230,
+        );
+        let breaker_open = self.seconds(
+            &at("breaker_open_seconds"),
             raw.breaker_open_seconds.unwrap_or(15),
+            1..=3600,
+        );
+        let negative_cache = self.seconds(
+            &at("negative_cache_seconds"),
+            raw.negative_cache_seconds.unwrap_or(30),
+            0..=3600,
         );
         let breaker_failures = raw.breaker_failures.unwrap_or(5);
         if breaker_failures == 0 {
@@ -410,10 +424,28 @@ impl Validator<'_> {
             timeout,
             max_retries: raw.max_retries.unwrap_or(2),
             deadline,
-            negative_cache: Duration::from_secs(raw.negative_cache_seconds.unwrap_or(30)),
+            negative_cache,
             breaker_failures,
             breaker_open,
         })
+    }
+
+    /// A number of seconds within `range`, reported (naming the field and the bounds, which
+    /// are not secret) when outside it.
+    fn seconds(
+        &mut self,
+        field: &str,
+        value: u64,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Duration {
+        if !range.contains(&value) {
+            self.problems.push(format!(
+                "{field}: must be between {} and {}",
+                range.start(),
+                range.end()
+            ));
+        }
+        Duration::from_secs(value.clamp(*range.start(), *range.end()))
     }
 
     /// An https URL, or http on loopback only (a local identity provider).

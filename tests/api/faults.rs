@@ -288,9 +288,28 @@ async fn an_identity_endpoint_outage_on_a_cold_start_is_a_clean_bounded_503() {
     assert_eq!(response.status(), 503);
     assert_eq!(body_json(response).await["error"], "secret_unavailable");
     tally.report("identity endpoint 502, cold", app.azure.identity.requests());
-    // Once it is back, the next call succeeds.
+    // Once it is back, callers succeed again within the cold backoff (1 s after one failure),
+    // and meanwhile the failed read is not repeated per request.
     app.azure.identity.set_failure(None);
-    assert_eq!(app.token("stable").await.status(), 200);
+    let requests_before = app.azure.identity.requests();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let status = app.token("stable").await.status();
+        if status == 200 {
+            break;
+        }
+        assert_eq!(
+            status, 503,
+            "only the remembered failure until the backoff passes"
+        );
+        assert!(attempts < 100, "no recovery after 100 attempts 50 ms apart");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        app.azure.identity.requests() - requests_before <= 2,
+        "the identity endpoint was asked once (or twice) by {attempts} attempts"
+    );
 }
 
 #[tokio::test]
