@@ -305,3 +305,101 @@ async fn a_wrong_redis_password_leaves_each_instance_working_alone() {
             .any(|line| line.contains(REDIS_PASSWORD))
     );
 }
+
+/// How long one `200` answer takes, seen by the caller.
+async fn timed(broker: &Broker, path: &str) -> Duration {
+    let started = Instant::now();
+    assert_eq!(broker.token(path).await.status(), 200);
+    started.elapsed()
+}
+
+/// The numbers in BENCHMARKS.md's "Fleet" section, printed (`--no-capture`) and checked: token
+/// requests per key per lifetime for 1, 3 and 6 instances with and without the shared tier
+/// (4 s tokens, 8 s of traffic: two lifetimes, scaled down from the 10 s / 24 s so
+/// that six runs take under a minute), and the latency, seen by a caller, of a memory hit, a
+/// shared-tier hit and a fetch from the identity provider.
+#[tokio::test]
+async fn fleet_measurements() {
+    let fleet = Fleet::start(4).await;
+    let mut table = Vec::new();
+    for instances in [1, 3, 6] {
+        for shared in [false, true] {
+            let redis = RedisServer::start(RedisOptions::default());
+            let brokers = if shared {
+                fleet.shared_brokers(&redis, instances).await
+            } else {
+                let config = fleet.config("fleet-a", None);
+                let mut brokers = Vec::new();
+                for _ in 0..instances {
+                    brokers.push(fleet.broker(&config, &[]).await);
+                }
+                brokers
+            };
+            let before = fleet.token_requests().await;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(8) {
+                burst(&brokers, "demo", 1).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let requests = fleet.token_requests().await - before;
+            // Refresh-ahead renews a token at half to three quarters of its life, so one
+            // broker makes 3 or 4 requests in two lifetimes; a fleet with the shared tier
+            // makes as many as one broker, and without it each instance makes its own.
+            if shared {
+                assert!(requests <= 4, "{instances} shared: {requests}");
+            } else {
+                assert!(requests >= 3 * instances as u64, "{instances}: {requests}");
+            }
+            table.push(format!(
+                "| {instances} | {} | {requests} | {:.1} |",
+                if shared {
+                    "memory + shared"
+                } else {
+                    "memory only"
+                },
+                requests as f64 / 2.0
+            ));
+        }
+    }
+    println!(
+        "| instances | tiers | token requests in 8 s | per key per lifetime |\n|---:|---|---:|---:|"
+    );
+    println!("{}", table.join("\n"));
+
+    // Latency: a long-lived token so that nothing refreshes while measuring.
+    let fleet = Fleet::start(3600).await;
+    let redis = RedisServer::start(RedisOptions::default());
+    let mut idp = Vec::new();
+    let mut shared_hits = Vec::new();
+    let mut memory_hits = Vec::new();
+    for path in [
+        "demo",
+        "demo?scope=write",
+        "demo?scope=read%20write",
+        "other",
+    ] {
+        let brokers = fleet.shared_brokers(&redis, 2).await;
+        // Warm each broker's connections with the health endpoint, then time.
+        for broker in &brokers {
+            broker.http.get(&broker.address).send().await.unwrap();
+        }
+        idp.push(timed(&brokers[0], path).await);
+        shared_hits.push(timed(&brokers[1], path).await);
+        for _ in 0..25 {
+            memory_hits.push(timed(&brokers[1], path).await);
+        }
+        let _: () = redis::cmd("FLUSHALL").query(&mut redis.inspect()).unwrap();
+    }
+    let median = |mut samples: Vec<Duration>| {
+        samples.sort();
+        samples[samples.len() / 2].as_secs_f64() * 1000.0
+    };
+    let (memory, shared, fetched) = (median(memory_hits), median(shared_hits), median(idp));
+    println!(
+        "| memory hit | {memory:.2} ms |\n| shared-tier hit | {shared:.2} ms |\n| identity provider fetch | {fetched:.2} ms |"
+    );
+    assert!(
+        memory < shared && shared < fetched,
+        "{memory} {shared} {fetched}"
+    );
+}
