@@ -2,8 +2,9 @@
 // user-assigned managed identity, identity-based storage, Application Insights on Log Analytics,
 // a Key Vault (RBAC, soft delete, purge protection, audit logs) whose listed secrets the
 // broker's identity may read one by one, and, once the package is deployed, the vault's Event
-// Grid system topic subscribed to `function-rotation`. API Management is wired separately, by
-// `apim.bicep`.
+// Grid system topic subscribed to `function-rotation`, and, with `sharedCache`, an Azure Managed
+// Redis the instances share tokens and rotations through. API Management is wired separately,
+// by `apim.bicep`.
 //
 //   az deployment group create -g <rg> -n token-broker -f infra/main.bicep -p infra/main.parameters.json
 //
@@ -36,6 +37,15 @@ param deployerPrincipalType string = 'User'
 
 @description('Subscribe `function-rotation` to the vault\'s secret, key and certificate events. Set it only once the package is deployed: Event Grid checks that the destination function exists when it creates the subscription.')
 param subscribeRotationEvents bool = false
+
+@description('Deploy the shared token tier (Azure Managed Redis, Entra authentication only). Put the encryption key in the vault first, as secret `sharedCacheKeySecretName` (base64 of 32 random bytes: `openssl rand -base64 32`), and add the [shared_cache] block to broker.toml.')
+param sharedCache bool = false
+
+@description('Key Vault secret holding the shared cache\'s encryption key; the broker\'s identity may read it when sharedCache is on.')
+param sharedCacheKeySecretName string = 'token-cache-key'
+
+@description('Azure Managed Redis SKU of the shared cache.')
+param sharedCacheSku string = 'Balanced_B0'
 
 // Storage account names allow lower-case letters and digits only; vault names are
 // case-insensitive but conventionally lower case. Every name below derives from `base`.
@@ -84,10 +94,28 @@ module secretAccess 'modules/secret-access.bicep' = {
   name: 'secret-access'
   params: {
     vaultName: vault.outputs.name
-    secretNames: clientSecretNames
+    secretNames: sharedCache ? union(clientSecretNames, [sharedCacheKeySecretName]) : clientSecretNames
     principalId: identity.properties.principalId
   }
 }
+
+module redis 'modules/shared-cache.bicep' = if (sharedCache) {
+  name: 'shared-cache'
+  params: {
+    name: '${base}-redis-${suffix}'
+    location: location
+    tags: tags
+    principalId: identity.properties.principalId
+    skuName: sharedCacheSku
+  }
+}
+
+// What broker.toml's [shared_cache] block reads: the Redis URL, and the identity's object id,
+// which is its Redis user name under Entra authentication.
+var sharedCacheSettings = sharedCache ? {
+  REDIS_URL: redis.outputs.url
+  AZURE_PRINCIPAL_ID: identity.properties.principalId
+} : {}
 
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'
@@ -103,7 +131,7 @@ module functionApp 'modules/functionapp.bicep' = {
     appInsightsConnectionString: monitoring.outputs.appInsightsConnectionString
     appInsightsId: monitoring.outputs.appInsightsId
     keyVaultUri: vault.outputs.uri
-    connectionSettings: connectionSettings
+    connectionSettings: union(connectionSettings, sharedCacheSettings)
   }
 }
 
@@ -124,4 +152,5 @@ output keyVaultName string = vault.outputs.name
 output keyVaultUri string = vault.outputs.uri
 output identityClientId string = identity.properties.clientId
 output identityPrincipalId string = identity.properties.principalId
+output redisUrl string = sharedCache ? redis.outputs.url : ''
 output deploymentContainerUrl string = storage.outputs.deploymentContainerUrl

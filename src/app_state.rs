@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::cache::{CacheKey, SharedTier, TokenCache};
 use crate::caller_check::CallerCheck;
 use crate::config::{ConnectionName, ConnectionSettings};
 use crate::secret_source::SecretStore;
-use crate::token_cache::{CacheKey, TokenCache};
 use crate::token_client::TokenClient;
 
 /// What every request handler shares.
@@ -24,6 +24,9 @@ pub struct AppState {
     /// Each connection's cache key for its default scopes, built once: most requests name no
     /// scope, and this keeps their path free of allocations.
     pub default_keys: Arc<BTreeMap<ConnectionName, CacheKey>>,
+    /// The shared Redis tier under the cache, when configured: a rotation event is announced
+    /// through it to every instance.
+    pub shared: Option<Arc<SharedTier>>,
 }
 
 impl AppState {
@@ -45,7 +48,14 @@ impl AppState {
             token_client,
             connections,
             default_keys: Arc::new(default_keys),
+            shared: None,
         }
+    }
+
+    /// The same state with the shared tier the cache fetches through.
+    pub fn with_shared_tier(mut self, shared: Option<Arc<SharedTier>>) -> Self {
+        self.shared = shared;
+        self
     }
 
     /// The connection called `name`, any casing, without allocating. Configured names are

@@ -5,7 +5,8 @@
 //! - [`routes`]: the HTTP API the Functions host forwards to (`/api/token/{connection}`),
 //!   with [`error`] mapping every failure to the documented JSON contract;
 //! - [`caller_check`]: who is asking (JWT or Easy Auth) and whether they may use the connection;
-//! - [`token_cache`]: tokens in memory ([`token`]: what a fetch yields), refreshed ahead of expiry, one fetch per cold key;
+//! - [`cache`]: tokens in memory ([`token`]: what a fetch yields), refreshed ahead of expiry, one
+//!   fetch per cold key, over an optional shared Redis tier that makes a fleet fetch once;
 //! - [`token_client`]: the OAuth 2.0 client-credentials exchange (with [`token_response`]
 //!   parsing what real identity providers send), retried and bounded, behind a per-connection
 //!   [`upstream_guard`] (circuit breaker, retry budget, negative cache);
@@ -17,6 +18,7 @@
 
 pub mod app_state;
 pub mod audit;
+pub mod cache;
 pub mod caller_check;
 pub mod config;
 pub mod error;
@@ -27,7 +29,8 @@ pub mod secret_source;
 pub mod startup;
 pub mod telemetry;
 pub mod token;
-pub mod token_cache;
+/// The cache's former path, kept for the fuzz target and other outside users.
+pub use cache as token_cache;
 pub mod token_client;
 pub mod token_response;
 pub mod upstream_guard;

@@ -100,6 +100,53 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
         .or_else(|| get(event, "subject"))
         .and_then(Value::as_str)
         .unwrap_or_default();
+    let Some(rotated) = rotate_locally(state, secret_name).await else {
+        return vec![format!(
+            "ignored: no connection uses secret '{}'",
+            printable(secret_name)
+        )];
+    };
+    let mut line = format!(
+        "{}: secret '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
+        printable(event_type),
+        rotated.secret_name,
+        rotated.evicted,
+        rotated.connections.join(", ")
+    );
+    // On Flex Consumption this process serves no token request (the rotation function runs
+    // on instances of its own): only the shared tier carries the rotation to those that do.
+    if let Some(shared) = &state.shared {
+        let connections: Vec<&str> = rotated.connections.iter().map(String::as_str).collect();
+        match shared
+            .announce_rotation(&rotated.secret_name, &connections)
+            .await
+        {
+            Ok(deleted) => line.push_str(&format!(
+                "; told every instance through the shared cache and deleted {deleted} shared token(s)"
+            )),
+            Err(reason) => {
+                tracing::warn!(target: "rotation", reason, "rotation not announced to the other instances");
+                line.push_str(&format!(
+                    "; not announced to the other instances ({reason}): they read the secret again within secret_ttl_seconds or at their first refusal"
+                ));
+            }
+        }
+    }
+    vec![line]
+}
+
+/// What a rotation changed in this process.
+struct Rotated {
+    /// The secret's name as configured.
+    secret_name: String,
+    connections: Vec<String>,
+    evicted: usize,
+}
+
+/// Makes this process read `secret_name` again before its next use, forget a rejection the
+/// negative cache holds for the connections using it, and drop their tokens from memory.
+/// `None` when no connection uses that secret.
+async fn rotate_locally(state: &AppState, secret_name: &str) -> Option<Rotated> {
     let connections: Vec<&str> = state
         .connections
         .iter()
@@ -108,31 +155,36 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
         })
         .map(|(key, _)| key.as_str())
         .collect();
-    if connections.is_empty() {
-        return vec![format!(
-            "ignored: no connection uses secret '{}'",
-            printable(secret_name)
-        )];
-    }
-    let configured_name = connections
-        .first()
-        .and_then(|key| match &state.connections[*key].client_secret {
-            SecretSource::KeyVault { secret_name } => Some(secret_name.clone()),
-            SecretSource::AppSetting { .. } => None,
-        })
-        .unwrap_or_default();
+    let configured_name =
+        connections
+            .first()
+            .and_then(|key| match &state.connections[*key].client_secret {
+                SecretSource::KeyVault { secret_name } => Some(secret_name.clone()),
+                SecretSource::AppSetting { .. } => None,
+            })?;
     state.secrets.invalidate(&configured_name).await;
     for connection in &connections {
         state.token_client.connection_rotated(connection);
     }
     let evicted = state.cache.evict_connections(&connections);
-    vec![format!(
-        "{}: secret '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
-        printable(event_type),
-        configured_name,
+    Some(Rotated {
+        secret_name: configured_name,
+        connections: connections.iter().map(|name| name.to_string()).collect(),
         evicted,
-        connections.join(", ")
-    )]
+    })
+}
+
+/// Applies a rotation another instance announced through the shared cache.
+pub async fn apply_announced(state: &AppState, secret_name: &str) {
+    if let Some(rotated) = rotate_locally(state, secret_name).await {
+        tracing::info!(
+            target: "rotation",
+            secret = %rotated.secret_name,
+            connections = %rotated.connections.join(", "),
+            dropped = rotated.evicted,
+            "rotation announced by another instance: the secret will be read again"
+        );
+    }
 }
 
 /// Event fields come from outside: keep log lines plain.

@@ -18,11 +18,11 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app_state::AppState;
+use crate::cache::{CacheKey, panic_message};
 use crate::caller_check;
 use crate::config::ScopeToken;
 use crate::error::ApiError;
 use crate::rotation;
-use crate::token_cache::{CacheKey, panic_message};
 
 /// Most scopes one request may name, and the longest `scope` value accepted.
 const MAX_SCOPES: usize = 32;

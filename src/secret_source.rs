@@ -544,7 +544,7 @@ fn classify(name: &str, error: &azure_core::Error) -> SecretError {
 
 /// The SDK options every Azure client shares: the broker's one HTTP client, and retries
 /// bounded so that a caller never waits for minutes on a sick vault.
-fn sdk_client_options(http: &reqwest::Client) -> ClientOptions {
+pub(crate) fn sdk_client_options(http: &reqwest::Client) -> ClientOptions {
     ClientOptions {
         transport: Some(Transport::new(Arc::new(http.clone()))),
         retry: RetryOptions::exponential(ExponentialRetryOptions {

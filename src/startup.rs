@@ -7,12 +7,12 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use crate::app_state::AppState;
+use crate::cache::{SharedTier, SharedTierParts, TokenCache, TokenSource};
 use crate::caller_check::CallerCheck;
 use crate::config::Settings;
 use crate::http_client::LazyClient;
 use crate::routes::router;
 use crate::secret_source::SecretStore;
-use crate::token_cache::TokenCache;
 use crate::token_client::TokenClient;
 
 /// A broker bound to its port, ready to serve.
@@ -48,11 +48,34 @@ impl Application {
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
         let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections));
-        let cache = Arc::new(TokenCache::new(
-            token_client.clone(),
-            settings.cache.max_tokens,
-        ));
-        let state = AppState::new(cache, secrets, callers, token_client, connections);
+        // With `[shared_cache]`, the memory tier fetches through the shared tier, which
+        // fetches through the token client; it connects in the background.
+        let (source, shared, rotated): (Arc<dyn TokenSource>, _, _) = match &settings.shared_cache {
+            Some(shared_settings) => {
+                let (tier, rotated) = SharedTier::start(SharedTierParts {
+                    settings: shared_settings,
+                    source: token_client.clone(),
+                    connections: connections.clone(),
+                    secrets: secrets.clone(),
+                    identity: &settings.identity,
+                    key_vault: settings.key_vault.as_ref(),
+                    http: http.clone(),
+                });
+                (tier.clone(), Some(tier), Some(rotated))
+            }
+            None => (token_client.clone(), None, None),
+        };
+        let cache = Arc::new(TokenCache::new(source, settings.cache.max_tokens));
+        let state = AppState::new(cache, secrets, callers, token_client, connections)
+            .with_shared_tier(shared);
+        if let Some(mut rotated) = rotated {
+            let state = state.clone();
+            tokio::spawn(async move {
+                while let Some(secret_name) = rotated.recv().await {
+                    crate::rotation::apply_announced(&state, &secret_name).await;
+                }
+            });
+        }
 
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
         let listener = TcpListener::bind(address)

@@ -22,11 +22,11 @@ use oauth2::{
 use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
+use crate::cache::{CacheKey, TokenSource};
 use crate::config::{AuthMethod, ConnectionName, ConnectionSettings, ScopeToken};
 use crate::http_client::LazyClient;
 use crate::secret_source::{ClientSecret, SecretStore};
 use crate::token::{FreshToken, TokenError};
-use crate::token_cache::{CacheKey, TokenSource};
 use crate::token_response::BrokerTokenResponse;
 use crate::upstream_guard::{GuardSettings, Refusal, Rejection, UpstreamGuard};
 

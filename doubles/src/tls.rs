@@ -40,6 +40,10 @@ pub fn create(dir: &Path) -> Result<TestTls, Box<dyn std::error::Error + Send + 
     let issuer = Issuer::from_params(&ca_params, &ca_key);
     let server_cert = server_params.signed_by(&server_key, &issuer)?;
 
+    // Beside the CA, for servers the tests start that read PEM files (redis-server's TLS).
+    std::fs::write(dir.join("server-cert.pem"), server_cert.pem())?;
+    std::fs::write(dir.join("server-key.pem"), server_key.serialize_pem())?;
+
     let chain = vec![CertificateDer::from(server_cert.der().to_vec())];
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der()));
     let config = ServerConfig::builder()

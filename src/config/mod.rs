@@ -39,7 +39,55 @@ pub struct Settings {
     pub callers: CallerSettings,
     /// Connections by their lower-cased name: the URL's casing is the client's.
     pub connections: BTreeMap<ConnectionName, ConnectionSettings>,
+    /// The Redis tier every instance shares; `None` keeps each instance to its own memory.
+    pub shared_cache: Option<SharedCacheSettings>,
 }
+
+/// `[shared_cache]`: where the fleet's shared, encrypted token tier lives.
+#[derive(Clone)]
+pub struct SharedCacheSettings {
+    /// `redis://` or `rediss://` (TLS), host and port, with no credentials in it.
+    pub redis_url: Url,
+    /// Base64 of 32 random bytes: seals the values and keys the hashed key names.
+    pub encryption_key: SecretSource,
+    pub auth: RedisAuth,
+    /// Every key the broker writes starts with this and a colon.
+    pub key_prefix: String,
+    /// Bound on one Redis operation; past it Redis counts as absent.
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for SharedCacheSettings {
+    // By hand, like `ConnectionSettings`: the key and the password must never be printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedCacheSettings")
+            .field("redis_url", &self.redis_url.as_str())
+            .field("encryption_key", &self.encryption_key)
+            .field("auth", &self.auth)
+            .field("key_prefix", &self.key_prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// How the broker authenticates to Redis.
+#[derive(Clone, Debug)]
+pub enum RedisAuth {
+    None,
+    /// `AUTH [username] password`, the password from Key Vault or an app setting.
+    Password {
+        username: Option<String>,
+        password: SecretSource,
+    },
+    /// Microsoft Entra: the managed identity's token for Redis as the password, its object id
+    /// as the user name (Azure Managed Redis, Azure Cache for Redis with Entra enabled).
+    Entra {
+        username: String,
+    },
+}
+
+/// Bytes in a shared cache encryption key (AES-256).
+pub const ENCRYPTION_KEY_BYTES: usize = 32;
 
 /// How the broker reaches Key Vault.
 #[derive(Debug, Clone)]

@@ -15,6 +15,21 @@ pub(super) struct RawFile {
     pub(super) callers: Option<RawCallers>,
     #[serde(default)]
     pub(super) connections: BTreeMap<String, RawConnection>,
+    pub(super) shared_cache: Option<RawSharedCache>,
+}
+
+/// `[shared_cache]`: the optional Redis tier shared by every instance.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSharedCache {
+    pub(super) redis_url: String,
+    /// Kept untyped for the same reason as `client_secret`: a literal key is refused unechoed.
+    pub(super) encryption_key: Option<toml::Value>,
+    pub(super) auth: Option<String>,
+    pub(super) password: Option<toml::Value>,
+    pub(super) username: Option<String>,
+    pub(super) key_prefix: Option<String>,
+    pub(super) timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]

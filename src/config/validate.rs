@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::raw::{OneOrMany, RESERVED_PARAMS, RawCallers, RawConnection, RawFile, RawKeyVault};
+use super::raw::{
+    OneOrMany, RESERVED_PARAMS, RawCallers, RawConnection, RawFile, RawKeyVault, RawSharedCache,
+};
 use super::types::{ConnectionName, EndpointUrl, ScopeToken, is_valid_key_vault_name};
 use super::*;
 
@@ -79,12 +81,24 @@ impl Validator<'_> {
             }
         }
         self.caller_lists(&callers, &connections);
-        let needs_vault = connections
-            .values()
-            .any(|c| matches!(c.client_secret, SecretSource::KeyVault { .. }));
+        let shared_cache = raw.shared_cache.and_then(|raw| self.shared_cache(raw));
+        let shared_cache_vault = shared_cache.as_ref().is_some_and(|shared| {
+            matches!(shared.encryption_key, SecretSource::KeyVault { .. })
+                || matches!(
+                    shared.auth,
+                    RedisAuth::Password {
+                        password: SecretSource::KeyVault { .. },
+                        ..
+                    }
+                )
+        });
+        let needs_vault = shared_cache_vault
+            || connections
+                .values()
+                .any(|c| matches!(c.client_secret, SecretSource::KeyVault { .. }));
         if needs_vault && key_vault.is_none() && self.problems.is_empty() {
             self.problems.push(
-                "key_vault.uri: required because a connection reads its secret from Key Vault"
+                "key_vault.uri: required because a connection or the shared cache reads a secret from Key Vault"
                     .into(),
             );
         }
@@ -95,7 +109,125 @@ impl Validator<'_> {
             cache,
             callers,
             connections,
+            shared_cache,
         }
+    }
+
+    /// `[shared_cache]`: messages name the field, never the URL's or a secret's value.
+    fn shared_cache(&mut self, raw: RawSharedCache) -> Option<SharedCacheSettings> {
+        let before = self.problems.len();
+        let redis_url = self
+            .expand("shared_cache.redis_url", &raw.redis_url)
+            .and_then(|url| match Url::parse(&url) {
+                Ok(url)
+                    if matches!(url.scheme(), "redis" | "rediss")
+                        && url.host_str().is_some_and(|host| !host.is_empty()) =>
+                {
+                    if !url.username().is_empty() || url.password().is_some() {
+                        self.problems.push(
+                            "shared_cache.redis_url: must not hold credentials; use auth, username and password".into(),
+                        );
+                        return None;
+                    }
+                    Some(url)
+                }
+                Ok(_) => {
+                    self.problems.push(
+                        "shared_cache.redis_url: must be redis://host:port or rediss://host:port (TLS)"
+                            .into(),
+                    );
+                    None
+                }
+                Err(error) => {
+                    self.problems
+                        .push(format!("shared_cache.redis_url: not a valid URL ({error})"));
+                    None
+                }
+            });
+        let encryption_key =
+            self.secret_source_at("shared_cache.encryption_key", raw.encryption_key);
+        if let Some(SecretSource::AppSetting { setting, value }) = &encryption_key
+            && crate::cache::decode_encryption_key(value).is_none()
+        {
+            self.problems.push(format!(
+                "shared_cache.encryption_key.app_setting: app setting {setting} is not base64 of {ENCRYPTION_KEY_BYTES} bytes"
+            ));
+        }
+        let username = raw
+            .username
+            .as_deref()
+            .and_then(|name| self.expand("shared_cache.username", name))
+            .filter(|name| !name.is_empty());
+        let auth = match raw.auth.as_deref().unwrap_or("none") {
+            "none" => {
+                for (field, set) in [
+                    ("password", raw.password.is_some()),
+                    ("username", raw.username.is_some()),
+                ] {
+                    if set {
+                        self.problems.push(format!(
+                            "shared_cache.{field}: only used with auth \"password\" or \"entra\""
+                        ));
+                    }
+                }
+                Some(RedisAuth::None)
+            }
+            "password" => self
+                .secret_source_at("shared_cache.password", raw.password)
+                .map(|password| RedisAuth::Password { username, password }),
+            "entra" => {
+                if raw.password.is_some() {
+                    self.problems.push(
+                        "shared_cache.password: not used with auth \"entra\" (the identity's token is the password)".into(),
+                    );
+                }
+                match username {
+                    Some(username) => Some(RedisAuth::Entra { username }),
+                    None => {
+                        self.problems.push(
+                            "shared_cache.username: auth \"entra\" needs the identity's object (principal) id".into(),
+                        );
+                        None
+                    }
+                }
+            }
+            _ => {
+                self.problems
+                    .push("shared_cache.auth: must be \"none\", \"password\" or \"entra\"".into());
+                None
+            }
+        };
+        let key_prefix = match raw.key_prefix {
+            None => "token-broker".to_string(),
+            Some(prefix) => self
+                .expand("shared_cache.key_prefix", &prefix)
+                .unwrap_or_default(),
+        };
+        if key_prefix.is_empty()
+            || key_prefix.len() > 64
+            || !key_prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+        {
+            self.problems.push(
+                "shared_cache.key_prefix: 1 to 64 letters, digits, '-', '_', '.' or ':'".into(),
+            );
+        }
+        let timeout_ms = raw.timeout_ms.unwrap_or(100);
+        if !(1..=10_000).contains(&timeout_ms) {
+            self.problems
+                .push("shared_cache.timeout_ms: between 1 and 10000".into());
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(SharedCacheSettings {
+            redis_url: redis_url?,
+            encryption_key: encryption_key?,
+            auth: auth?,
+            key_prefix,
+            timeout: Duration::from_millis(timeout_ms),
+        })
     }
 
     fn callers(&mut self, raw: Option<RawCallers>) -> CallerSettings {
@@ -456,7 +588,11 @@ impl Validator<'_> {
     }
 
     fn secret_source(&mut self, name: &str, raw: Option<toml::Value>) -> Option<SecretSource> {
-        let field = format!("connections.{name}.client_secret");
+        self.secret_source_at(&format!("connections.{name}.client_secret"), raw)
+    }
+
+    /// A `{ key_vault_secret = .. }` or `{ app_setting = .. }` table at `field`.
+    fn secret_source_at(&mut self, field: &str, raw: Option<toml::Value>) -> Option<SecretSource> {
         let expected = "must be { key_vault_secret = \"<secret name>\" } or { app_setting = \"<NAME>\" }; a literal secret is not accepted";
         let Some(toml::Value::Table(table)) = raw else {
             self.problems.push(format!("{field}: {expected}"));

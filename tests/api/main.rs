@@ -6,6 +6,8 @@ mod callers;
 mod demo;
 mod errors;
 mod faults;
+mod fleet;
+mod fleet_helpers;
 mod functions_host;
 mod helpers;
 mod hostile;

@@ -1,4 +1,4 @@
-//! The token cache: the reason the broker is as fast as a static response.
+//! The memory tier: the reason the broker is as fast as a static response.
 //!
 //! Entries are keyed by connection and the sorted scope set. Each entry is refreshed in the
 //! background once it is between half and three quarters through its life (jittered so that
@@ -94,12 +94,7 @@ impl CachedToken {
     /// target, which drives hostile token responses through it.
     pub fn new(fresh: FreshToken, now: Instant) -> Self {
         let lifetime = clamp_lifetime(fresh.lifetime);
-        // Stop handing a token out shortly before it expires, so it is still valid when the
-        // caller presents it: a tenth of its life, at least 1 s and at most 30 s (and never
-        // more than half of a very short life).
-        let margin = (lifetime / 10)
-            .clamp(Duration::from_secs(1), Duration::from_secs(30))
-            .min(lifetime / 2);
+        let margin = hand_out_margin(lifetime);
         let expires_on = SystemTime::now()
             .checked_add(lifetime)
             .and_then(|at| at.duration_since(UNIX_EPOCH).ok())
@@ -124,6 +119,16 @@ impl CachedToken {
             .as_secs()
             .max(1)
     }
+}
+
+/// How long before expiry a token of (clamped) `lifetime` stops being handed out, so it is
+/// still valid when the caller presents it: a tenth of its life, at least 1 s and at most 30 s
+/// (and never more than half of a very short life). The shared tier keeps an entry in Redis
+/// exactly as long as that.
+pub(crate) fn hand_out_margin(lifetime: Duration) -> Duration {
+    (lifetime / 10)
+        .clamp(Duration::from_secs(1), Duration::from_secs(30))
+        .min(lifetime / 2)
 }
 
 /// `now + after`, or `now` far enough ahead when that would overflow the clock (it cannot with
@@ -357,7 +362,7 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
 /// random point between half and three quarters of the lifetime.
 /// A `refresh_in` below a tenth of the lifetime is raised to it, so that a provider's
 /// `refresh_in: 1` cannot make the broker refresh every second.
-fn refresh_delay(lifetime: Duration, refresh_in: Option<Duration>) -> Duration {
+pub(crate) fn refresh_delay(lifetime: Duration, refresh_in: Option<Duration>) -> Duration {
     if let Some(refresh_in) = refresh_in.filter(|r| !r.is_zero() && *r < lifetime) {
         return refresh_in.max(lifetime / 10);
     }

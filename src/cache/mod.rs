@@ -1,0 +1,24 @@
+//! The token cache, in two tiers.
+//!
+//! - [`memory`]: each instance's own tokens, refreshed ahead of expiry, one fetch per cold
+//!   key; every request is served from here when it can be.
+//! - [`shared`]: an optional Redis tier under it (`[shared_cache]`), so that a fleet of
+//!   instances fetches each token once, refreshes it once, and hears of rotations; values are
+//!   sealed and key names hashed ([`seal`]), and Redis trouble never reaches a caller
+//!   ([`redis_link`]). Entra authentication to Azure's Redis lives in [`entra`].
+//!
+//! The cache depends only on the leaf module [`crate::token`] for what a fetch yields, never
+//! on the OAuth client above it.
+
+pub mod entra;
+pub mod memory;
+pub mod redis_link;
+pub mod seal;
+pub mod shared;
+
+pub use memory::{
+    CacheKey, CacheOutcome, CachedToken, TokenCache, TokenSource, fingerprint, panic_message,
+};
+pub use redis_link::SharedCacheCounters;
+pub use seal::decode_encryption_key;
+pub use shared::{SharedTier, SharedTierParts};

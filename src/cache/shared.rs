@@ -1,0 +1,522 @@
+//! The shared tier: Redis under every instance's memory tier, so that a fleet of instances
+//! makes one token request per key per token lifetime, as one broker would.
+//!
+//! It is the memory tier's token source. On a memory miss (or a due refresh) it reads Redis; a
+//! fresh entry is used. Otherwise it takes a fleet-wide lock for the key (`SET NX` with a lease
+//! no longer than the connection's fetch deadline), reads once more (another instance may have
+//! just written it), fetches from the identity provider, writes the sealed entry with an
+//! expiry equal to the token's usable life, and announces it on the broker's channel. Instances
+//! that lose the lock wait for that announcement (or a short poll), at most the fetch deadline,
+//! and then fetch themselves rather than fail. Every entry carries the fleet's refresh time,
+//! which the memory tiers adopt, so the refresh-ahead happens once, under the same lock.
+//!
+//! Redis can only ever make things faster: when it is absent, slow or failing (see
+//! [`RedisLink`]), every path here falls through to the token client at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use parking_lot::Mutex;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+
+use super::entra::EntraCredentials;
+use super::memory::{CacheKey, TokenSource, hand_out_margin, refresh_delay};
+use super::redis_link::{LinkAuth, Message, RedisLink, SharedCacheCounters};
+use super::seal::{Sealer, decode_encryption_key};
+use crate::config::{
+    AuthMethod, ConnectionName, ConnectionSettings, IdentitySettings, KeyVaultSettings, RedisAuth,
+    SecretSource, SharedCacheSettings,
+};
+use crate::http_client::LazyClient;
+use crate::secret_source::SecretStore;
+use crate::token::{FreshToken, MAX_LIFETIME, TokenError, clamp_lifetime};
+
+/// How often a waiting instance looks at Redis even without an announcement (one may be
+/// lost while a connection is re-established).
+const WAIT_POLL: Duration = Duration::from_millis(100);
+/// Longest a rotation waits for the shared tier to be configured and connected: the
+/// rotation function's instance may have just started.
+const ROTATION_WAIT: Duration = Duration::from_secs(10);
+/// Wait between attempts to read the encryption key or the password at startup.
+const SETUP_RETRY: Duration = Duration::from_secs(5);
+
+/// A token as Redis holds it, inside the seal. Times are unix milliseconds, so that every
+/// instance reads them alike.
+#[derive(Serialize, Deserialize)]
+struct StoredToken {
+    access_token: String,
+    token_type: String,
+    scope: Option<String>,
+    expires_at_ms: u64,
+    refresh_at_ms: u64,
+}
+
+/// The Redis names of one cache key.
+struct Names {
+    /// The keyed hash that stands for the key in announcements.
+    id: String,
+    entry: String,
+    lock: String,
+    /// The set of a connection's entries, for rotations.
+    index: String,
+}
+
+/// What the tier has once its key is read and its link built.
+struct Ready {
+    sealer: Sealer,
+    link: Arc<RedisLink>,
+    /// Key Vault secret names the connections use, by their keyed hash (rotation messages).
+    secrets_by_hash: HashMap<String, String>,
+}
+
+/// Everything the shared tier needs from startup.
+pub struct SharedTierParts<'a> {
+    pub settings: &'a SharedCacheSettings,
+    pub source: Arc<dyn TokenSource>,
+    pub connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
+    pub secrets: Arc<SecretStore>,
+    pub identity: &'a IdentitySettings,
+    pub key_vault: Option<&'a KeyVaultSettings>,
+    pub http: Arc<LazyClient>,
+}
+
+/// The shared tier; see the module documentation.
+pub struct SharedTier {
+    source: Arc<dyn TokenSource>,
+    connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
+    prefix: String,
+    ready: OnceLock<Ready>,
+    ready_signal: watch::Sender<bool>,
+    /// One `Notify` per key some caller of this instance is waiting for.
+    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    counters: Arc<SharedCacheCounters>,
+    /// Tells this instance's own rotation announcements from the others'.
+    instance: String,
+}
+
+impl SharedTier {
+    /// Builds the tier and starts, in the background, reading its key (and password) and
+    /// connecting: startup never waits for Key Vault or Redis, and until both are there the
+    /// tier simply passes every fetch to the token client. Returns the tier and the Key Vault
+    /// secret names other instances announce as rotated.
+    pub fn start(parts: SharedTierParts<'_>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+        let (rotations, rotated) = mpsc::unbounded_channel();
+        let tier = Arc::new(Self {
+            source: parts.source,
+            connections: parts.connections,
+            prefix: parts.settings.key_prefix.clone(),
+            ready: OnceLock::new(),
+            ready_signal: watch::Sender::new(false),
+            waiters: Mutex::default(),
+            counters: Arc::default(),
+            instance: random_hex(8),
+        });
+        let settings = parts.settings.clone();
+        let secrets = parts.secrets;
+        let identity = parts.identity.clone();
+        let client_id = parts
+            .key_vault
+            .and_then(|vault| vault.managed_identity_client_id.clone());
+        let http = parts.http;
+        let weak = Arc::downgrade(&tier);
+        tokio::spawn(async move {
+            let (encryption_key, password) = loop {
+                match read_secrets(&settings, &secrets).await {
+                    Ok(read) => break read,
+                    Err(problem) => {
+                        tracing::warn!(target: "shared_cache", problem, "shared cache not ready: retrying; until then this instance works alone");
+                        tokio::time::sleep(SETUP_RETRY).await;
+                    }
+                }
+            };
+            let Some(tier) = weak.upgrade() else { return };
+            let auth = match (&settings.auth, password) {
+                (RedisAuth::Password { username, .. }, Some(password)) => LinkAuth::Password {
+                    username: username.clone(),
+                    password,
+                },
+                (RedisAuth::Entra { username }, _) => {
+                    match super::entra::credential(&identity, client_id, &http) {
+                        Ok(credential) => {
+                            LinkAuth::Entra(EntraCredentials::start(credential, username.clone()))
+                        }
+                        Err(problem) => {
+                            tracing::error!(target: "shared_cache", problem, "shared cache disabled: no credential for redis");
+                            return;
+                        }
+                    }
+                }
+                _ => LinkAuth::None,
+            };
+            let (messages, mut received) = mpsc::unbounded_channel::<Message>();
+            let channel = format!("{}:events", tier.prefix);
+            let link =
+                match RedisLink::start(&settings, auth, channel, tier.counters.clone(), messages) {
+                    Ok(link) => link,
+                    Err(problem) => {
+                        tracing::error!(target: "shared_cache", problem, "shared cache disabled");
+                        return;
+                    }
+                };
+            let sealer = Sealer::new(&encryption_key);
+            let secrets_by_hash = tier
+                .connections
+                .values()
+                .filter_map(|connection| match &connection.client_secret {
+                    SecretSource::KeyVault { secret_name } => {
+                        Some((secret_hash(&sealer, secret_name), secret_name.clone()))
+                    }
+                    SecretSource::AppSetting { .. } => None,
+                })
+                .collect();
+            let _ = tier.ready.set(Ready {
+                sealer,
+                link,
+                secrets_by_hash,
+            });
+            tier.ready_signal.send_replace(true);
+            tracing::info!(target: "shared_cache", "shared cache configured; connecting in the background");
+            let weak = Arc::downgrade(&tier);
+            drop(tier);
+            while let Some(message) = received.recv().await {
+                let Some(tier) = weak.upgrade() else { return };
+                tier.on_message(&message, &rotations);
+            }
+        });
+        (tier, rotated)
+    }
+
+    /// What the tier has done so far.
+    pub fn counters(&self) -> &SharedCacheCounters {
+        &self.counters
+    }
+
+    fn on_message(&self, message: &str, rotations: &mpsc::UnboundedSender<String>) {
+        if let Some(id) = message.strip_prefix("t:") {
+            if let Some(notify) = self.waiters.lock().get(id) {
+                notify.notify_waiters();
+            }
+        } else if let Some(rest) = message.strip_prefix("r:") {
+            let Some((hash, instance)) = rest.split_once(':') else {
+                return;
+            };
+            if instance == self.instance {
+                return;
+            }
+            if let Some(name) = self
+                .ready
+                .get()
+                .and_then(|ready| ready.secrets_by_hash.get(hash))
+            {
+                let _ = rotations.send(name.clone());
+            }
+        }
+    }
+
+    /// Tells every instance that `secret_name` was rotated, after deleting the shared entries
+    /// of `connections` (tokens minted with the old secret). Waits a bounded time for the
+    /// tier to be ready, since the rotation function's instance may have just started.
+    pub async fn announce_rotation(
+        &self,
+        secret_name: &str,
+        connections: &[&str],
+    ) -> Result<usize, &'static str> {
+        let mut ready_signal = self.ready_signal.subscribe();
+        if tokio::time::timeout(ROTATION_WAIT, ready_signal.wait_for(|ready| *ready))
+            .await
+            .is_err()
+        {
+            return Err("the shared cache is not configured yet");
+        }
+        let ready = self
+            .ready
+            .get()
+            .ok_or("the shared cache is not configured")?;
+        if !ready.link.wait_until_up(ROTATION_WAIT).await {
+            return Err("the shared cache is unavailable");
+        }
+        let mut deleted = 0;
+        for name in connections {
+            if let Some(connection) = self.connections.get(*name) {
+                let index = self.index_name(&ready.sealer, connection);
+                deleted += ready
+                    .link
+                    .delete_indexed(&index)
+                    .await
+                    .ok_or("the shared cache is unavailable")?;
+            }
+        }
+        let message = format!(
+            "r:{}:{}",
+            secret_hash(&ready.sealer, secret_name),
+            self.instance
+        );
+        ready
+            .link
+            .publish(&message)
+            .await
+            .ok_or("the shared cache is unavailable")?;
+        Ok(deleted)
+    }
+
+    async fn fetch_shared(self: Arc<Self>, key: CacheKey) -> Result<FreshToken, TokenError> {
+        let ready = match self.ready.get() {
+            Some(ready) if ready.link.is_up() => ready,
+            _ => return self.source.clone().fetch(key).await,
+        };
+        let Some(connection) = self.connections.get(key.connection()) else {
+            return self.source.clone().fetch(key).await;
+        };
+        let names = self.names(&ready.sealer, connection, &key);
+        if let Some(fresh) = self.read_fresh(ready, &names).await {
+            return Ok(fresh);
+        }
+        let holder = random_hex(16);
+        let lease = connection.deadline;
+        let give_up = Instant::now() + connection.deadline;
+        let notify = self.waiter(&names.id);
+        let mut waited = false;
+        let result = loop {
+            match ready.link.lock(&names.lock, &holder, lease).await {
+                None => break self.source.clone().fetch(key).await,
+                Some(true) => break self.fetch_locked(ready, &names, &holder, key).await,
+                Some(false) => {}
+            }
+            if !waited {
+                SharedCacheCounters::add(&self.counters.waits);
+                waited = true;
+            }
+            // Armed before the read, so an announcement between the two is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(fresh) = self.read_fresh(ready, &names).await {
+                break Ok(fresh);
+            }
+            if !ready.link.is_up() {
+                break self.source.clone().fetch(key).await;
+            }
+            if Instant::now() >= give_up {
+                SharedCacheCounters::add(&self.counters.impatient_fetches);
+                break self.fetch_and_store(ready, &names, key).await;
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(WAIT_POLL) => {}
+                () = tokio::time::sleep_until(give_up) => {}
+            }
+        };
+        drop(notify);
+        self.forget_waiter(&names.id);
+        result
+    }
+
+    /// Holding the lock: reads once more, else fetches, stores, releases and announces.
+    async fn fetch_locked(
+        &self,
+        ready: &Ready,
+        names: &Names,
+        holder: &str,
+        key: CacheKey,
+    ) -> Result<FreshToken, TokenError> {
+        let result = match self.read_fresh(ready, names).await {
+            Some(fresh) => Ok(fresh),
+            None => {
+                SharedCacheCounters::add(&self.counters.locked_fetches);
+                self.fetch_and_store(ready, names, key).await
+            }
+        };
+        ready.link.unlock(&names.lock, holder).await;
+        // Announced on failure too: the waiters then take the lock at once instead of polling.
+        ready.link.publish(&format!("t:{}", names.id)).await;
+        result
+    }
+
+    /// Fetches from the token client and stores a success in Redis.
+    async fn fetch_and_store(
+        &self,
+        ready: &Ready,
+        names: &Names,
+        key: CacheKey,
+    ) -> Result<FreshToken, TokenError> {
+        let fresh = self.source.clone().fetch(key).await?;
+        let lifetime = clamp_lifetime(fresh.lifetime);
+        let refresh_in = refresh_delay(lifetime, fresh.refresh_in);
+        let now = unix_millis();
+        let stored = StoredToken {
+            access_token: fresh.access_token.expose_secret().to_string(),
+            token_type: fresh.token_type.clone(),
+            scope: fresh.scope.clone(),
+            expires_at_ms: now.saturating_add(millis(lifetime)),
+            refresh_at_ms: now.saturating_add(millis(refresh_in)),
+        };
+        let sealed = serde_json::to_vec(&stored)
+            .ok()
+            .and_then(|plain| ready.sealer.seal(&names.entry, &plain));
+        if let Some(sealed) = sealed {
+            let usable = lifetime.saturating_sub(hand_out_margin(lifetime));
+            ready
+                .link
+                .put(&names.entry, &sealed, usable, &names.index, MAX_LIFETIME)
+                .await;
+        }
+        Ok(FreshToken {
+            lifetime,
+            refresh_in: Some(refresh_in),
+            ..fresh
+        })
+    }
+
+    /// The entry at `names`, when it opens and is before the fleet's refresh time.
+    async fn read_fresh(&self, ready: &Ready, names: &Names) -> Option<FreshToken> {
+        let sealed = ready.link.get(&names.entry).await??;
+        let stored = ready
+            .sealer
+            .open(&names.entry, &sealed)
+            .and_then(|plain| serde_json::from_slice::<StoredToken>(&plain).ok());
+        let Some(stored) = stored else {
+            SharedCacheCounters::add(&self.counters.unreadable_entries);
+            return None;
+        };
+        let now = unix_millis();
+        // A second of life at least, like the memory tier's floor.
+        if now >= stored.refresh_at_ms || stored.expires_at_ms <= now.saturating_add(1000) {
+            return None;
+        }
+        SharedCacheCounters::add(&self.counters.hits);
+        Some(FreshToken {
+            access_token: SecretString::from(stored.access_token),
+            token_type: stored.token_type,
+            scope: stored.scope,
+            lifetime: Duration::from_millis(stored.expires_at_ms - now),
+            refresh_in: Some(Duration::from_millis(stored.refresh_at_ms - now)),
+        })
+    }
+
+    /// Names bound to everything that makes a token differ: never the connection's name,
+    /// which two deployments may use for different clients.
+    fn names(&self, sealer: &Sealer, connection: &ConnectionSettings, key: &CacheKey) -> Names {
+        let connection_id = connection_hash(sealer, connection);
+        let mut parts: Vec<&[u8]> = vec![b"token", connection_id.as_bytes()];
+        parts.extend(key.scopes().iter().map(|scope| scope.as_str().as_bytes()));
+        let id = sealer.name(&parts);
+        Names {
+            entry: format!("{}:t:{id}", self.prefix),
+            lock: format!("{}:l:{id}", self.prefix),
+            index: format!("{}:c:{connection_id}", self.prefix),
+            id,
+        }
+    }
+
+    fn index_name(&self, sealer: &Sealer, connection: &ConnectionSettings) -> String {
+        format!("{}:c:{}", self.prefix, connection_hash(sealer, connection))
+    }
+
+    fn waiter(&self, id: &str) -> Arc<Notify> {
+        self.waiters
+            .lock()
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Drops the key's `Notify` once no caller holds it any more.
+    fn forget_waiter(&self, id: &str) {
+        let mut waiters = self.waiters.lock();
+        if waiters
+            .get(id)
+            .is_some_and(|notify| Arc::strong_count(notify) == 1)
+        {
+            waiters.remove(id);
+        }
+    }
+}
+
+impl TokenSource for SharedTier {
+    fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
+        Box::pin(self.fetch_shared(key))
+    }
+}
+
+/// The keyed hash of a connection's identity at its token endpoint.
+fn connection_hash(sealer: &Sealer, connection: &ConnectionSettings) -> String {
+    let auth: &[u8] = match connection.auth_method {
+        AuthMethod::ClientSecretBasic => b"client_secret_basic",
+        AuthMethod::ClientSecretPost => b"client_secret_post",
+    };
+    let optional = |value: &Option<String>| match value {
+        None => Vec::new(),
+        Some(value) => [b"=".as_slice(), value.as_bytes()].concat(),
+    };
+    let audience = optional(&connection.audience);
+    let resource = optional(&connection.resource);
+    let mut parts: Vec<&[u8]> = vec![
+        b"connection",
+        connection.token_url.as_str().as_bytes(),
+        connection.client_id.as_bytes(),
+        auth,
+        &audience,
+        &resource,
+    ];
+    for (name, value) in &connection.extra_params {
+        parts.push(name.as_bytes());
+        parts.push(value.as_bytes());
+    }
+    sealer.name(&parts)
+}
+
+fn secret_hash(sealer: &Sealer, secret_name: &str) -> String {
+    sealer.name(&[b"secret", secret_name.to_ascii_lowercase().as_bytes()])
+}
+
+/// The encryption key, and the Redis password when there is one.
+async fn read_secrets(
+    settings: &SharedCacheSettings,
+    secrets: &SecretStore,
+) -> Result<
+    (
+        secrecy::SecretBox<[u8; crate::config::ENCRYPTION_KEY_BYTES]>,
+        Option<SecretString>,
+    ),
+    String,
+> {
+    let key = secrets
+        .client_secret(&settings.encryption_key)
+        .await
+        .map_err(|error| format!("encryption key: {} failed", error.step()))?;
+    let key = decode_encryption_key(&key.value)
+        .ok_or_else(|| "encryption key: not base64 of 32 bytes".to_string())?;
+    let password = match &settings.auth {
+        RedisAuth::Password { password, .. } => Some(
+            secrets
+                .client_secret(password)
+                .await
+                .map_err(|error| format!("redis password: {} failed", error.step()))?
+                .value
+                .clone(),
+        ),
+        _ => None,
+    };
+    Ok((key, password))
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn random_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
