@@ -2,7 +2,8 @@
 //! delivers them to a custom handler (`POST /function-rotation`, JSON payload format).
 //!
 //! `SecretNewVersionCreated`, `SecretNearExpiry` and `SecretExpired` for a secret the broker
-//! serves make the next use read Key Vault again, drop the tokens minted with the old version
+//! serves (and the same events of a signing key or certificate a `private_key_jwt` connection
+//! uses) make the next use read Key Vault again, drop the tokens minted with the old version
 //! and forget a rejection the connection's negative cache holds, so a rotation (or a repaired
 //! secret) takes effect in seconds instead of at the next cache TTL.
 
@@ -12,7 +13,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use crate::app_state::AppState;
-use crate::config::SecretSource;
+use crate::config::{AssertionKey, ConnectionSettings, CredentialSource, SecretSource};
+use crate::credentials::ObjectKind;
 use crate::error::ApiError;
 
 /// The function's folder name, which is its path.
@@ -27,12 +29,46 @@ const MAX_INVOCATION_BYTES: usize = 64 * 1024;
 /// string of a string); one level of margin beyond that.
 const MAX_STRING_ENCODINGS: usize = 3;
 
-/// Event types that mean "the secret you hold is about to change or has changed".
-const ROTATION_EVENTS: &[&str] = &[
-    "microsoft.keyvault.secretnewversioncreated",
-    "microsoft.keyvault.secretnearexpiry",
-    "microsoft.keyvault.secretexpired",
+/// Event types that mean "the object you hold is about to change or has changed", with the
+/// kind of object they are about.
+const ROTATION_EVENTS: &[(&str, ObjectKind)] = &[
+    (
+        "microsoft.keyvault.secretnewversioncreated",
+        ObjectKind::Secret,
+    ),
+    ("microsoft.keyvault.secretnearexpiry", ObjectKind::Secret),
+    ("microsoft.keyvault.secretexpired", ObjectKind::Secret),
+    ("microsoft.keyvault.keynewversioncreated", ObjectKind::Key),
+    ("microsoft.keyvault.keynearexpiry", ObjectKind::Key),
+    ("microsoft.keyvault.keyexpired", ObjectKind::Key),
+    (
+        "microsoft.keyvault.certificatenewversioncreated",
+        ObjectKind::Certificate,
+    ),
+    (
+        "microsoft.keyvault.certificatenearexpiry",
+        ObjectKind::Certificate,
+    ),
+    (
+        "microsoft.keyvault.certificateexpired",
+        ObjectKind::Certificate,
+    ),
 ];
+
+/// The Key Vault object of `kind` the connection uses, if any.
+fn object_of(connection: &ConnectionSettings, kind: ObjectKind) -> Option<&str> {
+    match (&connection.credential, kind) {
+        (CredentialSource::Secret(SecretSource::KeyVault { secret_name }), ObjectKind::Secret) => {
+            Some(secret_name)
+        }
+        (CredentialSource::Assertion(settings), _) => match (&settings.key, kind) {
+            (AssertionKey::KeyVaultKey(name), ObjectKind::Key)
+            | (AssertionKey::KeyVaultCertificate(name), ObjectKind::Certificate) => Some(name),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 /// Handles one invocation. Malformed JSON is a 400 (the host never sends it); an event that
 /// is not for this broker is acknowledged with a log line, since retrying it cannot help.
@@ -85,14 +121,15 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
         .or_else(|| get(event, "type"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if !ROTATION_EVENTS.contains(&event_type.to_ascii_lowercase().as_str()) {
+    let lowered = event_type.to_ascii_lowercase();
+    let Some(&(_, kind)) = ROTATION_EVENTS.iter().find(|(name, _)| *name == lowered) else {
         return vec![format!(
-            "ignored: event type '{}' is not a secret rotation",
+            "ignored: event type '{}' is not a secret, key or certificate rotation",
             printable(event_type)
         )];
-    }
+    };
     let data = get(event, "data").and_then(Value::as_object);
-    let secret_name = data
+    let object_name = data
         .and_then(|data| get(data, "ObjectName"))
         .or_else(|| get(event, "subject"))
         .and_then(Value::as_str)
@@ -101,30 +138,28 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
         .connections
         .iter()
         .filter(|(_, connection)| {
-            matches!(&connection.client_secret, SecretSource::KeyVault { secret_name: name } if name.eq_ignore_ascii_case(secret_name))
+            object_of(connection, kind).is_some_and(|name| name.eq_ignore_ascii_case(object_name))
         })
         .map(|(key, _)| key.as_str())
         .collect();
     if connections.is_empty() {
         return vec![format!(
-            "ignored: no connection uses secret '{}'",
-            printable(secret_name)
+            "ignored: no connection uses {kind} '{}'",
+            printable(object_name)
         )];
     }
     let configured_name = connections
         .first()
-        .and_then(|key| match &state.connections[*key].client_secret {
-            SecretSource::KeyVault { secret_name } => Some(secret_name.clone()),
-            SecretSource::AppSetting { .. } => None,
-        })
-        .unwrap_or_default();
-    state.secrets.invalidate(&configured_name).await;
+        .and_then(|key| object_of(&state.connections[*key], kind))
+        .unwrap_or_default()
+        .to_string();
+    state.credentials.invalidate(kind, &configured_name);
     for connection in &connections {
         state.token_client.connection_rotated(connection);
     }
     let evicted = state.cache.evict_connections(&connections);
     vec![format!(
-        "{}: secret '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
+        "{}: {kind} '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
         printable(event_type),
         configured_name,
         evicted,

@@ -9,9 +9,9 @@ use tokio::net::TcpListener;
 use crate::app_state::AppState;
 use crate::caller_check::CallerCheck;
 use crate::config::Settings;
+use crate::credentials::Credentials;
 use crate::http_client::LazyClient;
 use crate::routes::router;
-use crate::secret_source::SecretStore;
 use crate::token_cache::TokenCache;
 use crate::token_client::TokenClient;
 
@@ -38,7 +38,7 @@ impl Application {
     /// use), so the first readiness probe is answered at once.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let http = Arc::new(LazyClient::new(std::time::Duration::from_secs(5)));
-        let secrets = Arc::new(SecretStore::new(
+        let credentials = Arc::new(Credentials::new(
             settings.key_vault.as_ref(),
             &settings.identity,
             http.clone(),
@@ -47,12 +47,12 @@ impl Application {
         ));
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
-        let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections));
+        let token_client = Arc::new(TokenClient::new(credentials.clone(), &connections));
         let cache = Arc::new(TokenCache::new(
             token_client.clone(),
             settings.cache.max_tokens,
         ));
-        let state = AppState::new(cache, secrets, callers, token_client, connections);
+        let state = AppState::new(cache, credentials, callers, token_client, connections);
 
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
         let listener = TcpListener::bind(address)

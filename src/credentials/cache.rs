@@ -1,44 +1,28 @@
-//! The last step of the data path: where a connection's client secret comes from.
+//! Key Vault objects kept in memory: client secrets, and the public metadata of signing keys
+//! and certificates. One machinery for all three, so that they share the behaviour an
+//! operator has learnt for secrets.
 //!
-//! Key Vault secrets are read through the official Azure SDK with the Function App's managed
-//! identity (or a developer's Azure CLI login on a laptop) and kept in memory for a TTL, as
-//! Microsoft's guidance asks: Key Vault allows a few thousand transactions per 10 s per vault,
-//! and a broker that read per request would throttle itself.
+//! Objects are read through the official Azure SDK with the Function App's managed identity
+//! (or a developer's Azure CLI login on a laptop) and kept in memory for a TTL, as Microsoft's
+//! guidance asks: Key Vault allows a few thousand transactions per 10 s per vault, and a broker
+//! that read per request would throttle itself.
 //!
 //! When a re-read fails, the copy in memory keeps serving: a vault hiccup must not become an
 //! outage. Re-reads with a copy in hand are bounded (`REREAD_WAIT`), made by one caller at a
 //! time while the others use the copy, and after a failure backed off, so that a dead vault
-//! never holds a token fetch up. A definitive refusal (secret disabled or deleted, access
-//! revoked) is different: the copy is used for `secret_refusal_grace` after the first one, and
+//! never holds a token fetch up. A definitive refusal (object disabled or deleted, access
+//! revoked) is different: the copy is used for `refusal_grace` after the first one, and
 //! then no more.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use azure_core::credentials::TokenCredential;
-use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
-use azure_core::time::Duration as SdkDuration;
-use azure_identity::{
-    AzureCliCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
-};
-use azure_security_keyvault_secrets::{
-    SecretClient, SecretClientOptions, models::SecretClientGetSecretOptions,
-};
 use parking_lot::Mutex;
-use secrecy::SecretString;
 use tokio::time::Instant;
 
-use crate::config::{IdentitySettings, KeyVaultSettings, SecretSource};
-use crate::http_client::LazyClient;
-
-/// A client secret and the Key Vault version it came from.
-pub struct ClientSecret {
-    pub value: SecretString,
-    /// The Key Vault version, `None` for app settings. Used to tell whether a re-read found
-    /// a rotated secret.
-    pub version: Option<String>,
-}
+use super::error::{CredentialError, ObjectKind};
 
 /// Longest a re-read may take while a copy is in memory; past it the copy is used.
 const REREAD_WAIT: Duration = Duration::from_secs(2);
@@ -46,81 +30,56 @@ const REREAD_WAIT: Duration = Duration::from_secs(2);
 const REREAD_BACKOFF_FIRST: Duration = Duration::from_secs(5);
 const REREAD_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
-/// Why a secret could not be had. Messages are for operators (they go to the log, not to
-/// callers) and never hold a secret value.
-#[derive(Debug, thiserror::Error)]
-pub enum SecretError {
-    #[error("Key Vault secret '{name}' was not found")]
-    NotFound { name: String },
-    #[error(
-        "Key Vault refused to read secret '{name}' ({code}); check the identity's 'Key Vault Secrets User' role and that the secret is enabled"
-    )]
-    Forbidden { name: String, code: String },
-    #[error("Key Vault secret '{name}' has no value")]
-    Empty { name: String },
-    #[error("the managed identity could not obtain a token for Key Vault")]
-    Identity,
-    #[error("Key Vault did not answer reading secret '{name}' ({detail})")]
-    Unavailable { name: String, detail: String },
-    #[error("no Key Vault is configured")]
-    NoVault,
-    #[error("the Key Vault client could not be built (the log says why)")]
-    Client,
+/// What the cache needs to know of an object: which Key Vault version it is, to tell whether a
+/// re-read found a rotated one.
+pub(crate) trait Versioned {
+    fn version(&self) -> Option<&str>;
 }
 
-impl SecretError {
-    /// Whether Key Vault said no for good (deleted, disabled, access revoked), as opposed to
-    /// not answering: only then does a copy in memory stop being used.
-    pub fn is_definitive(&self) -> bool {
-        matches!(
-            self,
-            SecretError::NotFound { .. }
-                | SecretError::Forbidden { .. }
-                | SecretError::Empty { .. }
-        )
-    }
-
-    /// The step that failed, as a caller may be told it.
-    pub fn step(&self) -> &'static str {
-        match self {
-            SecretError::Identity => "getting a managed identity token for Key Vault",
-            _ => "reading it from Key Vault",
-        }
-    }
-}
-
-/// Reads client secrets and keeps them in memory for a TTL.
-pub struct SecretStore {
-    vault: Option<LazyVault>,
+/// Objects of one kind, by Key Vault name, each read at most once per TTL.
+pub(crate) struct VaultCache<T> {
+    kind: ObjectKind,
     ttl: Duration,
     refusal_grace: Duration,
-    /// One slot per Key Vault secret name.
-    slots: Mutex<HashMap<String, Arc<Slot>>>,
+    /// One slot per Key Vault object name.
+    slots: Mutex<HashMap<String, Arc<Slot<T>>>>,
 }
 
-/// One secret: what is known of it, and the right to read it from Key Vault.
-#[derive(Default)]
-struct Slot {
+/// One object: what is known of it, and the right to read it from Key Vault.
+struct Slot<T> {
     /// A blocking mutex: held for field updates only, never across an await.
-    state: Mutex<SlotState>,
-    /// Held for a Key Vault read, so that concurrent readers of a secret make one read; with
+    state: Mutex<SlotState<T>>,
+    /// Held for a Key Vault read, so that concurrent readers of an object make one read; with
     /// a copy in memory, a caller that finds it taken uses the copy instead of waiting.
     reading: tokio::sync::Mutex<()>,
 }
 
-#[derive(Default)]
-struct SlotState {
-    cached: Option<CachedSecret>,
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Self {
+            state: Mutex::new(SlotState {
+                cached: None,
+                failures: 0,
+                retry_at: None,
+                refused_since: None,
+            }),
+            reading: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+struct SlotState<T> {
+    cached: Option<CachedObject<T>>,
     /// Consecutive failed re-reads, and when the next may be made.
     failures: u32,
     retry_at: Option<Instant>,
-    /// When Key Vault first refused the secret definitively since the last good read.
+    /// When Key Vault first refused the object definitively since the last good read.
     refused_since: Option<Instant>,
 }
 
-impl SlotState {
+impl<T> SlotState<T> {
     /// The copy, when it is fresh (read within the TTL and not marked by a rotation event).
-    fn fresh(&self, ttl: Duration) -> Option<Arc<ClientSecret>> {
+    fn fresh(&self, ttl: Duration) -> Option<Arc<T>> {
         self.cached
             .as_ref()
             .filter(|entry| !entry.stale && entry.read_at.elapsed() < ttl)
@@ -133,78 +92,32 @@ impl SlotState {
     }
 }
 
-struct CachedSecret {
+struct CachedObject<T> {
     /// The version Key Vault returned last.
-    latest: Arc<ClientSecret>,
+    latest: Arc<T>,
     /// The version before it, kept through a rotation as a fallback.
-    previous: Option<Arc<ClientSecret>>,
+    previous: Option<Arc<T>>,
     read_at: Instant,
     /// Set by a rotation event: read again before the next use.
     stale: bool,
 }
 
-/// Records a fresh read, keeping the version it replaces as `previous`.
-fn remember(cached: &mut Option<CachedSecret>, secret: ClientSecret) -> Arc<ClientSecret> {
-    let secret = Arc::new(secret);
-    let previous = match cached.take() {
-        Some(old) if old.latest.version != secret.version => {
-            tracing::info!(
-                from = old.latest.version.as_deref().unwrap_or("unknown"),
-                to = secret.version.as_deref().unwrap_or("unknown"),
-                "client secret has a new version"
-            );
-            Some(old.latest)
-        }
-        Some(old) => old.previous,
-        None => None,
-    };
-    *cached = Some(CachedSecret {
-        latest: secret.clone(),
-        previous,
-        read_at: Instant::now(),
-        stale: false,
-    });
-    secret
-}
-
-impl SecretStore {
-    /// Builds the Key Vault client when one is configured. No network call happens here:
-    /// startup must stay fast for the host's readiness probe.
-    pub fn new(
-        key_vault: Option<&KeyVaultSettings>,
-        identity: &IdentitySettings,
-        http: Arc<LazyClient>,
-        ttl: Duration,
-        refusal_grace: Duration,
-    ) -> Self {
+impl<T: Versioned> VaultCache<T> {
+    pub(crate) fn new(kind: ObjectKind, ttl: Duration, refusal_grace: Duration) -> Self {
         Self {
-            vault: key_vault.map(|settings| LazyVault {
-                settings: settings.clone(),
-                identity: identity.clone(),
-                http,
-                client: OnceLock::new(),
-            }),
+            kind,
             ttl,
             refusal_grace,
             slots: Mutex::default(),
         }
     }
 
-    /// The secret for `source`, from memory when fresh enough.
-    pub async fn client_secret(
-        &self,
-        source: &SecretSource,
-    ) -> Result<Arc<ClientSecret>, SecretError> {
-        match source {
-            SecretSource::AppSetting { value, .. } => Ok(Arc::new(ClientSecret {
-                value: value.clone(),
-                version: None,
-            })),
-            SecretSource::KeyVault { secret_name } => self.key_vault_secret(secret_name).await,
-        }
-    }
-
-    async fn key_vault_secret(&self, name: &str) -> Result<Arc<ClientSecret>, SecretError> {
+    /// The object called `name`, from memory when fresh enough, else from `read`.
+    pub(crate) async fn get<F, Fut>(&self, name: &str, read: F) -> Result<Arc<T>, CredentialError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, CredentialError>>,
+    {
         let slot = self.slot(name);
         let has_copy = {
             let state = slot.state.lock();
@@ -222,7 +135,7 @@ impl SecretStore {
             if let Some(fresh) = slot.state.lock().fresh(self.ttl) {
                 return Ok(fresh);
             }
-            let result = self.read(name).await;
+            let result = read().await;
             return self.settle(name, &slot, result);
         }
         let Ok(_reading) = slot.reading.try_lock() else {
@@ -232,9 +145,10 @@ impl SecretStore {
         if let Some(fresh) = slot.state.lock().fresh(self.ttl) {
             return Ok(fresh);
         }
-        let result = match tokio::time::timeout(REREAD_WAIT, self.read(name)).await {
+        let result = match tokio::time::timeout(REREAD_WAIT, read()).await {
             Ok(result) => result,
-            Err(_) => Err(SecretError::Unavailable {
+            Err(_) => Err(CredentialError::Unavailable {
+                kind: self.kind,
                 name: name.to_string(),
                 detail: format!("no answer within {}s", REREAD_WAIT.as_secs()),
             }),
@@ -247,16 +161,16 @@ impl SecretStore {
     fn settle(
         &self,
         name: &str,
-        slot: &Slot,
-        result: Result<ClientSecret, SecretError>,
-    ) -> Result<Arc<ClientSecret>, SecretError> {
+        slot: &Slot<T>,
+        result: Result<T, CredentialError>,
+    ) -> Result<Arc<T>, CredentialError> {
         let mut state = slot.state.lock();
         match result {
-            Ok(secret) => {
+            Ok(object) => {
                 state.failures = 0;
                 state.retry_at = None;
                 state.refused_since = None;
-                Ok(remember(&mut state.cached, secret))
+                Ok(self.remember(&mut state.cached, object))
             }
             Err(error) => {
                 state.failures = state.failures.saturating_add(1);
@@ -275,16 +189,17 @@ impl SecretStore {
         }
     }
 
-    /// The copy in memory, unless Key Vault refused the secret definitively longer ago than the
-    /// grace period: a disabled, deleted or revoked secret stops being used.
+    /// The copy in memory, unless Key Vault refused the object definitively longer ago than
+    /// the grace period: a disabled, deleted or revoked object stops being used.
     fn copy(
         &self,
         name: &str,
-        state: &SlotState,
-        error: Option<SecretError>,
-    ) -> Result<Arc<ClientSecret>, SecretError> {
+        state: &SlotState<T>,
+        error: Option<CredentialError>,
+    ) -> Result<Arc<T>, CredentialError> {
         let Some(entry) = state.cached.as_ref() else {
-            return Err(error.unwrap_or(SecretError::Unavailable {
+            return Err(error.unwrap_or(CredentialError::Unavailable {
+                kind: self.kind,
                 name: name.to_string(),
                 detail: "no copy in memory".to_string(),
             }));
@@ -293,18 +208,21 @@ impl SecretStore {
             && since.elapsed() >= self.refusal_grace
         {
             tracing::warn!(
-                secret = name,
+                object = self.kind.as_str(),
+                name,
                 grace_seconds = self.refusal_grace.as_secs(),
-                "key vault refuses this secret for longer than the grace period; no longer using the copy in memory"
+                "key vault refuses this object for longer than the grace period; no longer using the copy in memory"
             );
-            return Err(error.unwrap_or(SecretError::Forbidden {
+            return Err(error.unwrap_or(CredentialError::Forbidden {
+                kind: self.kind,
                 name: name.to_string(),
                 code: "refused".to_string(),
             }));
         }
         if let Some(error) = error {
             tracing::warn!(
-                secret = name,
+                object = self.kind.as_str(),
+                name,
                 reason = %error,
                 retry_in_ms = state.retry_at.map_or(0, |at| at.saturating_duration_since(Instant::now()).as_millis() as u64),
                 "key vault re-read failed; using the copy in memory"
@@ -313,49 +231,50 @@ impl SecretStore {
         Ok(entry.latest.clone())
     }
 
-    /// Called when the token endpoint refused `rejected` as a client secret: re-reads Key
-    /// Vault at once and offers another version to try, the new one when the secret was
-    /// rotated, else the previous one (the identity provider may not accept the new one yet).
-    /// `None` when there is nothing else to try.
-    pub async fn after_rejection(
+    /// Called when the token endpoint refused the credential made from `rejected_version`:
+    /// re-reads Key Vault at once and offers another version to try, the new one when the
+    /// object was rotated, else the previous one (the identity provider may not accept the new
+    /// one yet). `None` when there is nothing else to try.
+    pub(crate) async fn after_rejection<F, Fut>(
         &self,
-        source: &SecretSource,
-        rejected: &ClientSecret,
-    ) -> Option<Arc<ClientSecret>> {
-        let SecretSource::KeyVault { secret_name } = source else {
-            return None;
-        };
-        let slot = self.slot(secret_name);
+        name: &str,
+        rejected_version: Option<&str>,
+        read: F,
+    ) -> Option<Arc<T>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, CredentialError>>,
+    {
+        let slot = self.slot(name);
         let _reading = slot.reading.lock().await;
-        let rejected_version = rejected.version.as_deref();
-        let result = self.read(secret_name).await;
+        let result = read().await;
         let mut state = slot.state.lock();
         match result {
-            Ok(secret) => {
+            Ok(object) => {
                 state.failures = 0;
                 state.retry_at = None;
                 state.refused_since = None;
-                remember(&mut state.cached, secret);
+                self.remember(&mut state.cached, object);
             }
             Err(error) => {
-                tracing::warn!(secret = %secret_name, reason = %error, "key vault re-read after a rejected secret failed");
+                tracing::warn!(object = self.kind.as_str(), name, reason = %error, "key vault re-read after a rejected credential failed");
             }
         }
         let entry = state.cached.as_ref()?;
-        if entry.latest.version.as_deref() != rejected_version {
+        if entry.latest.version() != rejected_version {
             return Some(entry.latest.clone());
         }
         entry
             .previous
             .as_ref()
-            .filter(|previous| previous.version.as_deref() != rejected_version)
+            .filter(|previous| previous.version() != rejected_version)
             .cloned()
     }
 
-    /// Makes the next read of `secret_name` go to Key Vault (a rotation event arrived); the
-    /// versions already known stay available as fallbacks. Returns whether it was cached.
-    pub async fn invalidate(&self, secret_name: &str) -> bool {
-        let Some(slot) = self.slots.lock().get(secret_name).cloned() else {
+    /// Makes the next use of `name` go to Key Vault (a rotation event arrived); the versions
+    /// already known stay available as fallbacks. Returns whether it was cached.
+    pub(crate) fn invalidate(&self, name: &str) -> bool {
+        let Some(slot) = self.slots.lock().get(name).cloned() else {
             return false;
         };
         let mut state = slot.state.lock();
@@ -370,7 +289,32 @@ impl SecretStore {
         }
     }
 
-    fn slot(&self, name: &str) -> Arc<Slot> {
+    /// Records a fresh read, keeping the version it replaces as `previous`.
+    fn remember(&self, cached: &mut Option<CachedObject<T>>, object: T) -> Arc<T> {
+        let object = Arc::new(object);
+        let previous = match cached.take() {
+            Some(old) if old.latest.version() != object.version() => {
+                tracing::info!(
+                    object = self.kind.as_str(),
+                    from = old.latest.version().unwrap_or("unknown"),
+                    to = object.version().unwrap_or("unknown"),
+                    "key vault object has a new version"
+                );
+                Some(old.latest)
+            }
+            Some(old) => old.previous,
+            None => None,
+        };
+        *cached = Some(CachedObject {
+            latest: object.clone(),
+            previous,
+            read_at: Instant::now(),
+            stale: false,
+        });
+        object
+    }
+
+    fn slot(&self, name: &str) -> Arc<Slot<T>> {
         // Held only to look up or insert the slot, never across an await.
         self.slots
             .lock()
@@ -378,154 +322,4 @@ impl SecretStore {
             .or_default()
             .clone()
     }
-
-    async fn read(&self, name: &str) -> Result<ClientSecret, SecretError> {
-        let vault = self.vault.as_ref().ok_or(SecretError::NoVault)?.client()?;
-        let started = Instant::now();
-        let response = vault
-            .get_secret(name, None::<SecretClientGetSecretOptions<'_>>)
-            .await
-            .map_err(|error| classify(name, &error))?;
-        let secret = response
-            .into_model()
-            .map_err(|error| classify(name, &error))?;
-        let version = secret
-            .id
-            .as_deref()
-            .and_then(|id| id.trim_end_matches('/').rsplit('/').next())
-            .map(str::to_string);
-        let value = secret
-            .value
-            .filter(|value| !value.is_empty())
-            .ok_or_else(|| SecretError::Empty {
-                name: name.to_string(),
-            })?;
-        tracing::info!(
-            secret = name,
-            version = version.as_deref().unwrap_or("unknown"),
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "read client secret from key vault"
-        );
-        Ok(ClientSecret {
-            value: SecretString::from(value),
-            version,
-        })
-    }
-}
-
-/// The Key Vault client, built on first use so that startup does no TLS or credential work.
-struct LazyVault {
-    settings: KeyVaultSettings,
-    identity: IdentitySettings,
-    http: Arc<LazyClient>,
-    client: OnceLock<Result<SecretClient, String>>,
-}
-
-impl LazyVault {
-    fn client(&self) -> Result<&SecretClient, SecretError> {
-        self.client
-            .get_or_init(|| {
-                let http = self.http.get().map_err(str::to_string)?;
-                let credential = credential(&self.settings, &self.identity, http)
-                    .map_err(|error| format!("cannot build the credential: {error}"))?;
-                let options = SecretClientOptions {
-                    client_options: sdk_client_options(http),
-                    verify_challenge_resource: Some(self.settings.verify_challenge_resource),
-                    ..Default::default()
-                };
-                SecretClient::new(self.settings.uri.as_str(), credential, Some(options))
-                    .map_err(|error| format!("cannot build the Key Vault client: {error}"))
-            })
-            .as_ref()
-            .map_err(|detail| {
-                tracing::error!(%detail, "key vault client unavailable");
-                SecretError::Client
-            })
-    }
-}
-
-/// Maps an SDK error to what an operator needs to know, without the raw response body.
-fn classify(name: &str, error: &azure_core::Error) -> SecretError {
-    use azure_core::error::ErrorKind;
-    match error.kind() {
-        ErrorKind::HttpResponse {
-            status,
-            error_code,
-            raw_response,
-        } => {
-            // Key Vault's inner code tells a disabled secret from a missing role
-            // (`Forbidden/SecretDisabled`, `Forbidden/ForbiddenByRbac`): the codes only, never
-            // the message text.
-            let inner = raw_response
-                .as_ref()
-                .and_then(|raw| {
-                    serde_json::from_slice::<azure_core::error::ErrorResponse>(raw.body().as_ref())
-                        .ok()
-                })
-                .and_then(|body| body.error?.inner_error?.code);
-            let outer = error_code.clone().unwrap_or_else(|| status.to_string());
-            let code = match inner {
-                Some(inner) => format!("{outer}/{inner}"),
-                None => outer,
-            };
-            match u16::from(*status) {
-                404 => SecretError::NotFound {
-                    name: name.to_string(),
-                },
-                401 | 403 => SecretError::Forbidden {
-                    name: name.to_string(),
-                    code,
-                },
-                _ => SecretError::Unavailable {
-                    name: name.to_string(),
-                    detail: format!("HTTP {}", u16::from(*status)),
-                },
-            }
-        }
-        ErrorKind::Credential => SecretError::Identity,
-        ErrorKind::Connection | ErrorKind::Io => SecretError::Unavailable {
-            name: name.to_string(),
-            detail: "connection failed".to_string(),
-        },
-        _ => SecretError::Unavailable {
-            name: name.to_string(),
-            detail: "unexpected response".to_string(),
-        },
-    }
-}
-
-/// The SDK options every Azure client shares: the broker's one HTTP client, and retries
-/// bounded so that a caller never waits for minutes on a sick vault.
-fn sdk_client_options(http: &reqwest::Client) -> ClientOptions {
-    ClientOptions {
-        transport: Some(Transport::new(Arc::new(http.clone()))),
-        retry: RetryOptions::exponential(ExponentialRetryOptions {
-            initial_delay: SdkDuration::milliseconds(200),
-            max_retries: 3,
-            max_total_elapsed: SdkDuration::seconds(10),
-            max_delay: SdkDuration::seconds(2),
-        }),
-        ..Default::default()
-    }
-}
-
-/// The credential the Key Vault client authenticates with.
-fn credential(
-    settings: &KeyVaultSettings,
-    identity: &IdentitySettings,
-    http: &reqwest::Client,
-) -> azure_core::Result<Arc<dyn TokenCredential>> {
-    Ok(match identity {
-        IdentitySettings::ManagedIdentity => {
-            let options = ManagedIdentityCredentialOptions {
-                user_assigned_id: settings
-                    .managed_identity_client_id
-                    .clone()
-                    .map(UserAssignedId::ClientId),
-                client_options: sdk_client_options(http),
-            };
-            ManagedIdentityCredential::new(Some(options))?
-        }
-        IdentitySettings::DeveloperCli => AzureCliCredential::new(None)?,
-    })
 }
