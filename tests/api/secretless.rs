@@ -2,10 +2,13 @@
 //! (keys against the real oidc-provider, certificates against an Entra-shaped token endpoint),
 //! and the managed identity as an Entra federated credential.
 
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
-use token_broker_doubles::{EntraTokenDouble, KeyKind};
+use token_broker_doubles::{AzureDoubles, EntraTokenDouble, KeyKind};
 
 use crate::helpers::{IdpClient, Setup, TestApp, contains_jwt, json as body_json, spawn_app_with};
 
@@ -380,4 +383,211 @@ scopes = ["api://contoso/.default"]
 fn sha256(bytes: &[u8]) -> Vec<u8> {
     use sha2::Digest as _;
     sha2::Sha256::digest(bytes).to_vec()
+}
+
+/// A broker started on its own, for what the standard setup's configuration cannot express:
+/// a `[key_vault]` naming a user-assigned identity. Killed when dropped.
+struct OwnBroker {
+    child: std::process::Child,
+    address: String,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl OwnBroker {
+    async fn start(config: &str, azure: &AzureDoubles, dir: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let config_path = dir.join("broker.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("TOKEN_BROKER_CONFIG", &config_path)
+            .env("IDENTITY_ENDPOINT", azure.identity.endpoint())
+            .env("IDENTITY_HEADER", azure.identity.header())
+            .env("SSL_CERT_FILE", azure.vault.ca_file())
+            .env("RUST_LOG", "trace")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let streams: [Box<dyn std::io::Read + Send>; 2] = [
+            Box::new(child.stdout.take().unwrap()),
+            Box::new(child.stderr.take().unwrap()),
+        ];
+        let readers = streams
+            .into_iter()
+            .map(|stream| {
+                let logs = logs.clone();
+                std::thread::spawn(move || {
+                    for line in std::io::BufReader::new(stream)
+                        .lines()
+                        .map_while(Result::ok)
+                    {
+                        logs.lock().unwrap().push(line);
+                    }
+                })
+            })
+            .collect();
+        let broker = Self {
+            child,
+            address: format!("http://127.0.0.1:{port}"),
+            logs,
+            readers,
+        };
+        for _ in 0..1200 {
+            if reqwest::get(format!("{}/", broker.address)).await.is_ok() {
+                return broker;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!(
+            "broker never became ready: {:?}",
+            broker.logs.lock().unwrap()
+        );
+    }
+
+    async fn token(&self, connection: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .get(format!("{}/api/token/{connection}", self.address))
+            .header(
+                "X-Azure-Functions-InvocationId",
+                "3f2b8c1e-0000-4000-8000-000000000002",
+            )
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Stops the broker (SIGTERM, so it flushes its log) and returns every line it wrote.
+    fn stop(mut self) -> Vec<String> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let _ = self.child.wait();
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        self.logs.lock().unwrap().clone()
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn managed_identity_federation_sends_the_user_assigned_identitys_exchange_token() {
+    const IDENTITY: &str = "5e8c0a3e-7d41-4c1a-9b7e-00000000fed1";
+    const AUDIENCE: &str = "api://AzureADTokenExchange";
+    let dir = tempfile::tempdir().unwrap();
+    let azure = AzureDoubles::start(dir.path(), Some(IDENTITY.to_string()))
+        .await
+        .unwrap();
+    let entra = EntraTokenDouble::start().await.unwrap();
+    entra.trust_identity(azure.identity.issued());
+    entra.set_federated("entra-federated-app", IDENTITY, AUDIENCE);
+    let config = format!(
+        r#"
+[key_vault]
+uri = "{vault}"
+managed_identity_client_id = "{IDENTITY}"
+verify_challenge_resource = false
+
+[connections.federated]
+token_url = "{token_url}"
+client_id = "entra-federated-app"
+auth_method = "managed_identity_federation"
+scopes = ["api://contoso/.default"]
+allowed_scopes = ["api://contoso/.default", "api://other/.default"]
+
+[connections.wrong-audience]
+token_url = "{token_url}"
+client_id = "entra-federated-app"
+auth_method = "managed_identity_federation"
+federation_audience = "api://AzureADTokenExchangeUSGov"
+"#,
+        vault = azure.vault.uri(),
+        token_url = entra.token_url(),
+    );
+    let broker = OwnBroker::start(&config, &azure, dir.path()).await;
+
+    let response = broker.token("federated").await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert!(
+        body_json(response).await["access_token"]
+            .as_str()
+            .is_some_and(contains_jwt)
+    );
+    let exchange_tokens: Vec<_> = azure
+        .identity
+        .issued()
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|token| token.resource == AUDIENCE)
+        .map(|token| token.client_id.clone())
+        .collect();
+    assert_eq!(
+        exchange_tokens,
+        vec![Some(IDENTITY.to_string())],
+        "one token, from the user-assigned identity"
+    );
+    // Another scope is another exchange, with the identity's token from memory (the SDK
+    // keeps it until five minutes before it expires).
+    let other = reqwest::Client::new()
+        .get(format!(
+            "{}/api/token/federated?scope=api://other/.default",
+            broker.address
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200);
+    assert_eq!(entra.issued(), 2);
+    assert_eq!(
+        azure.identity.requests(),
+        1,
+        "the identity's token was reused"
+    );
+
+    // A token for another audience is not what the federated credential trusts.
+    let refused = broker.token("wrong-audience").await;
+    assert_eq!(refused.status(), 502);
+    assert_eq!(body_json(refused).await["upstream_error"], "invalid_client");
+    assert_eq!(entra.refusals(), vec![700212]);
+
+    let issued: Vec<String> = azure
+        .identity
+        .issued()
+        .lock()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let logs = broker.stop();
+    let leaks: Vec<&String> = logs
+        .iter()
+        .filter(|line| {
+            contains_jwt(line) || issued.iter().any(|token| line.contains(token.as_str()))
+        })
+        .collect();
+    assert!(
+        leaks.is_empty(),
+        "identity or access tokens in the log: {leaks:#?}"
+    );
+    assert!(
+        logs.iter()
+            .any(|line| line.contains("managed identity token for federation obtained")),
+        "trace logs were written and scanned"
+    );
 }
