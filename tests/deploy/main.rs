@@ -7,6 +7,7 @@
 mod apim;
 mod bicep;
 mod rotation;
+mod secretless;
 mod smoke_test;
 
 use std::collections::BTreeSet;
