@@ -35,6 +35,19 @@ param deployerPrincipalId string
 @allowed(['User', 'ServicePrincipal', 'Group'])
 param deployerPrincipalType string = 'User'
 
+@description('Secretless (README "Secretless"): name of a signing key to create for `private_key_jwt` connections (`client_assertion_key = { key_vault_key = "..." }`); empty for none. The broker\'s identity gets `Key Vault Crypto User` on this key alone.')
+param signingKeyName string = ''
+
+@description('Type of the signing key: RSA 2048 (RS256, PS256) or EC P-256 (ES256).')
+@allowed(['RSA', 'EC'])
+param signingKeyType string = 'RSA'
+
+@description('Create the signing key in an HSM; the vault then uses the Premium SKU.')
+param signingKeyHsm bool = false
+
+@description('Existing Key Vault certificates used as Entra certificate credentials (`key_vault_certificate`): the identity gets `Key Vault Crypto User` on each one\'s key.')
+param signingCertificateNames array = []
+
 @description('Subscribe `function-rotation` to the vault\'s secret, key and certificate events. Set it only once the package is deployed: Event Grid checks that the destination function exists when it creates the subscription.')
 param subscribeRotationEvents bool = false
 
@@ -87,6 +100,7 @@ module vault 'modules/keyvault.bicep' = {
     workspaceId: monitoring.outputs.workspaceId
     deployerPrincipalId: deployerPrincipalId
     deployerPrincipalType: deployerPrincipalType
+    premium: signingKeyHsm
   }
 }
 
@@ -116,6 +130,19 @@ var sharedCacheSettings = sharedCache ? {
   REDIS_URL: redis.outputs.url
   AZURE_PRINCIPAL_ID: identity.properties.principalId
 } : {}
+
+
+module signingAccess 'modules/signing-access.bicep' = if (!empty(signingKeyName) || !empty(signingCertificateNames)) {
+  name: 'signing-access'
+  params: {
+    vaultName: vault.outputs.name
+    principalId: identity.properties.principalId
+    keyName: signingKeyName
+    keyType: signingKeyType
+    hsm: signingKeyHsm
+    certificateNames: signingCertificateNames
+  }
+}
 
 module functionApp 'modules/functionapp.bicep' = {
   name: 'functionapp'

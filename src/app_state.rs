@@ -7,14 +7,14 @@ use std::sync::Arc;
 use crate::cache::{CacheKey, SharedTier, TokenCache};
 use crate::caller_check::CallerCheck;
 use crate::config::{ConnectionName, ConnectionSettings};
-use crate::secret_source::SecretStore;
+use crate::credentials::Credentials;
 use crate::token_client::TokenClient;
 
 /// What every request handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub cache: Arc<TokenCache>,
-    pub secrets: Arc<SecretStore>,
+    pub credentials: Arc<Credentials>,
     pub callers: Arc<CallerCheck>,
     /// The token client behind the cache, held here so that a rotation event can reach its
     /// per-connection guards (a rotated secret must not stay refused by the negative cache).
@@ -32,7 +32,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         cache: Arc<TokenCache>,
-        secrets: Arc<SecretStore>,
+        credentials: Arc<Credentials>,
         callers: Arc<CallerCheck>,
         token_client: Arc<TokenClient>,
         connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
@@ -43,7 +43,7 @@ impl AppState {
             .collect();
         Self {
             cache,
-            secrets,
+            credentials,
             callers,
             token_client,
             connections,

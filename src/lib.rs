@@ -10,22 +10,23 @@
 //! - [`token_client`]: the OAuth 2.0 client-credentials exchange (with [`token_response`]
 //!   parsing what real identity providers send), retried and bounded, behind a per-connection
 //!   [`upstream_guard`] (circuit breaker, retry budget, negative cache);
-//! - [`secret_source`]: the client secret, from Key Vault through the managed identity.
+//! - [`credentials`]: what the broker authenticates with: a client secret from Key Vault,
+//!   a client assertion signed inside Key Vault, or the managed identity's own token.
 //!
 //! Around them: [`config`] (the validated `broker.toml`), [`http_client`] (the one outgoing
 //! HTTP stack), [`telemetry`] (JSON logs; [`audit`] writes the per-token line), [`startup`] (wiring and the listener) and
-//! [`rotation`] (Key Vault events that make a rotated secret take effect at once).
+//! [`rotation`] (Key Vault events that make a rotated secret, key or certificate take effect at once).
 
 pub mod app_state;
 pub mod audit;
 pub mod cache;
 pub mod caller_check;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod http_client;
 pub mod rotation;
 pub mod routes;
-pub mod secret_source;
 pub mod startup;
 pub mod telemetry;
 pub mod token;

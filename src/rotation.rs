@@ -2,12 +2,14 @@
 //! delivers them to a custom handler (`POST /function-rotation`, JSON payload format).
 //!
 //! `SecretNewVersionCreated`, `SecretNearExpiry` and `SecretExpired` for a secret the broker
-//! serves make the next use read Key Vault again, drop the tokens minted with the old version
+//! serves (and the same events of a signing key or certificate a `private_key_jwt` connection
+//! uses) make the next use read Key Vault again, drop the tokens minted with the old version
 //! and forget a rejection the connection's negative cache holds, so a rotation (or a repaired
 //! secret) takes effect at once in the process that receives the event instead of at the next
 //! cache TTL. On Flex Consumption that process serves no token requests (per-function
-//! scaling): there, HTTP instances pick the new version up at their next re-read (see the
-//! README's "How it runs on Flex Consumption").
+//! scaling): with the shared cache it tells every instance; without it, HTTP instances pick
+//! the new version up at their next re-read (see the README's "How it runs on Flex
+//! Consumption").
 
 use axum::Json;
 use axum::body::Body;
@@ -15,7 +17,8 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use crate::app_state::AppState;
-use crate::config::SecretSource;
+use crate::config::{AssertionKey, ConnectionSettings, CredentialSource, SecretSource};
+use crate::credentials::ObjectKind;
 use crate::error::ApiError;
 
 /// The function's folder name, which is its path.
@@ -30,12 +33,46 @@ const MAX_INVOCATION_BYTES: usize = 64 * 1024;
 /// string of a string); one level of margin beyond that.
 const MAX_STRING_ENCODINGS: usize = 3;
 
-/// Event types that mean "the secret you hold is about to change or has changed".
-const ROTATION_EVENTS: &[&str] = &[
-    "microsoft.keyvault.secretnewversioncreated",
-    "microsoft.keyvault.secretnearexpiry",
-    "microsoft.keyvault.secretexpired",
+/// Event types that mean "the object you hold is about to change or has changed", with the
+/// kind of object they are about.
+const ROTATION_EVENTS: &[(&str, ObjectKind)] = &[
+    (
+        "microsoft.keyvault.secretnewversioncreated",
+        ObjectKind::Secret,
+    ),
+    ("microsoft.keyvault.secretnearexpiry", ObjectKind::Secret),
+    ("microsoft.keyvault.secretexpired", ObjectKind::Secret),
+    ("microsoft.keyvault.keynewversioncreated", ObjectKind::Key),
+    ("microsoft.keyvault.keynearexpiry", ObjectKind::Key),
+    ("microsoft.keyvault.keyexpired", ObjectKind::Key),
+    (
+        "microsoft.keyvault.certificatenewversioncreated",
+        ObjectKind::Certificate,
+    ),
+    (
+        "microsoft.keyvault.certificatenearexpiry",
+        ObjectKind::Certificate,
+    ),
+    (
+        "microsoft.keyvault.certificateexpired",
+        ObjectKind::Certificate,
+    ),
 ];
+
+/// The Key Vault object of `kind` the connection uses, if any.
+fn object_of(connection: &ConnectionSettings, kind: ObjectKind) -> Option<&str> {
+    match (&connection.credential, kind) {
+        (CredentialSource::Secret(SecretSource::KeyVault { secret_name }), ObjectKind::Secret) => {
+            Some(secret_name)
+        }
+        (CredentialSource::Assertion(settings), _) => match (&settings.key, kind) {
+            (AssertionKey::KeyVaultKey(name), ObjectKind::Key)
+            | (AssertionKey::KeyVaultCertificate(name), ObjectKind::Certificate) => Some(name),
+            _ => None,
+        },
+        _ => None,
+    }
+}
 
 /// Handles one invocation. Malformed JSON is a 400 (the host never sends it); an event that
 /// is not for this broker is acknowledged with a log line, since retrying it cannot help.
@@ -88,28 +125,29 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
         .or_else(|| get(event, "type"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    if !ROTATION_EVENTS.contains(&event_type.to_ascii_lowercase().as_str()) {
+    let lowered = event_type.to_ascii_lowercase();
+    let Some(&(_, kind)) = ROTATION_EVENTS.iter().find(|(name, _)| *name == lowered) else {
         return vec![format!(
-            "ignored: event type '{}' is not a secret rotation",
+            "ignored: event type '{}' is not a secret, key or certificate rotation",
             printable(event_type)
         )];
-    }
+    };
     let data = get(event, "data").and_then(Value::as_object);
-    let secret_name = data
+    let object_name = data
         .and_then(|data| get(data, "ObjectName"))
         .or_else(|| get(event, "subject"))
         .and_then(Value::as_str)
         .unwrap_or_default();
-    let Some(rotated) = rotate_locally(state, secret_name).await else {
+    let Some(rotated) = rotate_locally(state, kind, object_name) else {
         return vec![format!(
-            "ignored: no connection uses secret '{}'",
-            printable(secret_name)
+            "ignored: no connection uses {kind} '{}'",
+            printable(object_name)
         )];
     };
     let mut line = format!(
-        "{}: secret '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
+        "{}: {kind} '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
         printable(event_type),
-        rotated.secret_name,
+        rotated.object_name,
         rotated.evicted,
         rotated.connections.join(", ")
     );
@@ -118,7 +156,7 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
     if let Some(shared) = &state.shared {
         let connections: Vec<&str> = rotated.connections.iter().map(String::as_str).collect();
         match shared
-            .announce_rotation(&rotated.secret_name, &connections)
+            .announce_rotation(&announced_object(kind, &rotated.object_name), &connections)
             .await
         {
             Ok(deleted) => line.push_str(&format!(
@@ -127,7 +165,7 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
             Err(reason) => {
                 tracing::warn!(target: "rotation", reason, "rotation not announced to the other instances");
                 line.push_str(&format!(
-                    "; not announced to the other instances ({reason}): they read the secret again within secret_ttl_seconds or at their first refusal"
+                    "; not announced to the other instances ({reason}): they read it again within secret_ttl_seconds or at their first refusal"
                 ));
             }
         }
@@ -137,52 +175,74 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
 
 /// What a rotation changed in this process.
 struct Rotated {
-    /// The secret's name as configured.
-    secret_name: String,
+    /// The object's name as configured.
+    object_name: String,
     connections: Vec<String>,
     evicted: usize,
 }
 
-/// Makes this process read `secret_name` again before its next use, forget a rejection the
+/// How a rotated object is named between instances: its kind and its configured name
+/// (`secret/contoso-secret`); Key Vault names hold no `/`.
+pub fn announced_object(kind: ObjectKind, name: &str) -> String {
+    format!("{}/{}", kind.as_str(), name.to_ascii_lowercase())
+}
+
+/// The Key Vault objects a connection uses, as `announced_object` names them.
+pub fn objects_of(connection: &ConnectionSettings) -> Vec<String> {
+    [ObjectKind::Secret, ObjectKind::Key, ObjectKind::Certificate]
+        .into_iter()
+        .filter_map(|kind| object_of(connection, kind).map(|name| announced_object(kind, name)))
+        .collect()
+}
+
+/// Makes this process read the object again before its next use, forget a rejection the
 /// negative cache holds for the connections using it, and drop their tokens from memory.
-/// `None` when no connection uses that secret.
-async fn rotate_locally(state: &AppState, secret_name: &str) -> Option<Rotated> {
+/// `None` when no connection uses that object.
+fn rotate_locally(state: &AppState, kind: ObjectKind, object_name: &str) -> Option<Rotated> {
     let connections: Vec<&str> = state
         .connections
         .iter()
         .filter(|(_, connection)| {
-            matches!(&connection.client_secret, SecretSource::KeyVault { secret_name: name } if name.eq_ignore_ascii_case(secret_name))
+            object_of(connection, kind).is_some_and(|name| name.eq_ignore_ascii_case(object_name))
         })
         .map(|(key, _)| key.as_str())
         .collect();
-    let configured_name =
-        connections
-            .first()
-            .and_then(|key| match &state.connections[*key].client_secret {
-                SecretSource::KeyVault { secret_name } => Some(secret_name.clone()),
-                SecretSource::AppSetting { .. } => None,
-            })?;
-    state.secrets.invalidate(&configured_name).await;
+    let configured_name = connections
+        .first()
+        .and_then(|key| object_of(&state.connections[*key], kind))?
+        .to_string();
+    state.credentials.invalidate(kind, &configured_name);
     for connection in &connections {
         state.token_client.connection_rotated(connection);
     }
     let evicted = state.cache.evict_connections(&connections);
     Some(Rotated {
-        secret_name: configured_name,
+        object_name: configured_name,
         connections: connections.iter().map(|name| name.to_string()).collect(),
         evicted,
     })
 }
 
-/// Applies a rotation another instance announced through the shared cache.
-pub async fn apply_announced(state: &AppState, secret_name: &str) {
-    if let Some(rotated) = rotate_locally(state, secret_name).await {
+/// Applies a rotation another instance announced through the shared cache (`object` as
+/// `announced_object` names it).
+pub async fn apply_announced(state: &AppState, object: &str) {
+    let Some((kind, name)) = object.split_once('/') else {
+        return;
+    };
+    let kind = match kind {
+        "secret" => ObjectKind::Secret,
+        "key" => ObjectKind::Key,
+        "certificate" => ObjectKind::Certificate,
+        _ => return,
+    };
+    if let Some(rotated) = rotate_locally(state, kind, name) {
         tracing::info!(
             target: "rotation",
-            secret = %rotated.secret_name,
+            kind = kind.as_str(),
+            object = %rotated.object_name,
             connections = %rotated.connections.join(", "),
             dropped = rotated.evicted,
-            "rotation announced by another instance: the secret will be read again"
+            "rotation announced by another instance: it will be read again"
         );
     }
 }

@@ -10,9 +10,9 @@ use crate::app_state::AppState;
 use crate::cache::{SharedTier, SharedTierParts, TokenCache, TokenSource};
 use crate::caller_check::CallerCheck;
 use crate::config::Settings;
+use crate::credentials::Credentials;
 use crate::http_client::LazyClient;
 use crate::routes::router;
-use crate::secret_source::SecretStore;
 use crate::token_client::TokenClient;
 
 /// A broker bound to its port, ready to serve.
@@ -38,7 +38,7 @@ impl Application {
     /// use), so the first readiness probe is answered at once.
     pub async fn build(settings: Settings) -> Result<Self, StartupError> {
         let http = Arc::new(LazyClient::new(std::time::Duration::from_secs(5)));
-        let secrets = Arc::new(SecretStore::new(
+        let credentials = Arc::new(Credentials::new(
             settings.key_vault.as_ref(),
             &settings.identity,
             http.clone(),
@@ -47,7 +47,7 @@ impl Application {
         ));
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
-        let token_client = Arc::new(TokenClient::new(secrets.clone(), &connections));
+        let token_client = Arc::new(TokenClient::new(credentials.clone(), &connections));
         // With `[shared_cache]`, the memory tier fetches through the shared tier, which
         // fetches through the token client; it connects in the background.
         let (source, shared, rotated): (Arc<dyn TokenSource>, _, _) = match &settings.shared_cache {
@@ -56,7 +56,7 @@ impl Application {
                     settings: shared_settings,
                     source: token_client.clone(),
                     connections: connections.clone(),
-                    secrets: secrets.clone(),
+                    credentials: credentials.clone(),
                     identity: &settings.identity,
                     key_vault: settings.key_vault.as_ref(),
                     http: http.clone(),
@@ -66,13 +66,13 @@ impl Application {
             None => (token_client.clone(), None, None),
         };
         let cache = Arc::new(TokenCache::new(source, settings.cache.max_tokens));
-        let state = AppState::new(cache, secrets, callers, token_client, connections)
+        let state = AppState::new(cache, credentials, callers, token_client, connections)
             .with_shared_tier(shared);
         if let Some(mut rotated) = rotated {
             let state = state.clone();
             tokio::spawn(async move {
-                while let Some(secret_name) = rotated.recv().await {
-                    crate::rotation::apply_announced(&state, &secret_name).await;
+                while let Some(object) = rotated.recv().await {
+                    crate::rotation::apply_announced(&state, &object).await;
                 }
             });
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-use crate::secret_source::SecretError;
+use crate::credentials::CredentialError;
 
 /// The longest lifetime the broker believes: a token endpoint that says "never expires"
 /// (`expires_in` of `i64::MAX`, `1e19`) gets this, and so does everything longer. Time
@@ -69,13 +69,13 @@ pub enum TokenError {
     )]
     InvalidResponse { connection: String, detail: String },
     #[error(
-        "the client secret of connection '{connection}' is unavailable: {} failed (the broker's log says why)",
+        "the client credential of connection '{connection}' is unavailable: {} failed (the broker's log says why)",
         source.step()
     )]
     Secret {
         connection: String,
         #[source]
-        source: SecretError,
+        source: CredentialError,
     },
     /// A bug: a panic while fetching, caught so that the cache entry stays usable.
     #[error(
@@ -106,7 +106,8 @@ mod tests {
     fn a_secret_error_shown_to_callers_names_no_key_vault_object() {
         let error = TokenError::Secret {
             connection: "contoso".into(),
-            source: SecretError::Forbidden {
+            source: CredentialError::Forbidden {
+                kind: crate::credentials::ObjectKind::Secret,
                 name: "contoso-secret".into(),
                 code: "ForbiddenByRbac".into(),
             },

@@ -24,12 +24,14 @@ use tokio::time::Instant;
 
 use crate::cache::{CacheKey, TokenSource};
 use crate::config::{AuthMethod, ConnectionName, ConnectionSettings, ScopeToken};
+use crate::credentials::{ClientCredential, Credentials};
 use crate::http_client::LazyClient;
-use crate::secret_source::{ClientSecret, SecretStore};
 use crate::token::{FreshToken, TokenError};
 use crate::token_response::BrokerTokenResponse;
 use crate::upstream_guard::{GuardSettings, Refusal, Rejection, UpstreamGuard};
 
+/// RFC 7523 §2.2's `client_assertion_type` for a JWT (or an Entra federated token).
+const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 /// Largest token-endpoint answer the broker reads; real ones are a few KiB.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
 /// Largest error answer the broker reads for its OAuth error code; the rest is not read.
@@ -50,7 +52,7 @@ type OAuthClient = oauth2::Client<
 
 /// Performs token requests for the configured connections.
 pub struct TokenClient {
-    secrets: Arc<SecretStore>,
+    credentials: Arc<Credentials>,
     /// Connections by lower-cased name, as in `Settings`, each with its own HTTP client and
     /// guard so that one identity provider's trouble stays its own.
     upstreams: BTreeMap<ConnectionName, Upstream>,
@@ -71,7 +73,7 @@ const BACKOFF_CAP: Duration = Duration::from_secs(2);
 
 impl TokenClient {
     pub fn new(
-        secrets: Arc<SecretStore>,
+        credentials: Arc<Credentials>,
         connections: &BTreeMap<ConnectionName, ConnectionSettings>,
     ) -> Self {
         let mut upstreams = BTreeMap::new();
@@ -88,7 +90,10 @@ impl TokenClient {
             };
             upstreams.insert(key.clone(), upstream);
         }
-        Self { secrets, upstreams }
+        Self {
+            credentials,
+            upstreams,
+        }
     }
 
     /// A rotation event named `connection` (lower-cased name): a rejection remembered by its
@@ -101,8 +106,9 @@ impl TokenClient {
 
     /// A token for the connection with `scopes`, within the connection's deadline.
     ///
-    /// The secret is read first, outside the guard: a Key Vault failure says nothing about the
-    /// identity provider, so it neither opens nor closes the circuit. Every outcome of a call
+    /// The credential is had first (a secret read, an assertion signed), outside the guard: a
+    /// Key Vault failure says nothing about the identity provider, so it neither opens nor
+    /// closes the circuit. Every outcome of a call
     /// the guard admitted is reported to it, a deadline that runs out included.
     async fn fetch_within_deadline(
         &self,
@@ -119,19 +125,16 @@ impl TokenClient {
             ),
             retry_after: None,
         };
-        let secret = tokio::time::timeout_at(
-            deadline,
-            self.secrets.client_secret(&connection.client_secret),
-        )
-        .await
-        .map_err(|_| out_of_time())?
-        .map_err(|source| {
-            tracing::warn!(connection = %connection.name, reason = %source, "client secret unavailable");
-            TokenError::Secret {
-                connection: connection.name.clone(),
-                source,
-            }
-        })?;
+        let secret = tokio::time::timeout_at(deadline, self.credentials.credential(connection))
+            .await
+            .map_err(|_| out_of_time())?
+            .map_err(|source| {
+                tracing::warn!(connection = %connection.name, reason = %source, "client credential unavailable");
+                TokenError::Secret {
+                    connection: connection.name.clone(),
+                    source,
+                }
+            })?;
         if let Err(refusal) = upstream.guard.admit() {
             return Err(refusal_error(connection, refusal));
         }
@@ -180,14 +183,14 @@ impl TokenClient {
     }
 
     /// A token for `connection` with `scopes`. When the token endpoint refuses the client
-    /// secret (401, `invalid_client`, Entra's bad-secret codes), Key Vault is read again and
-    /// one other version (rotated or previous) is tried, so a rotation never surfaces as an
-    /// error to callers.
+    /// credential (401, `invalid_client`, Entra's bad-secret codes), Key Vault is read again
+    /// and one other version of the secret, key or certificate (rotated or previous) is tried,
+    /// so a rotation never surfaces as an error to callers.
     async fn request_token(
         &self,
         upstream: &Upstream,
         scopes: &[ScopeToken],
-        secret: Arc<ClientSecret>,
+        secret: ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
         let first = self.exchange_with_retries(upstream, scopes, &secret).await;
@@ -195,18 +198,14 @@ impl TokenClient {
             Err(rejected @ Failure::Rejected { .. }) if rejected.means_bad_secret() => rejected,
             other => return other,
         };
-        let Some(alternative) = self
-            .secrets
-            .after_rejection(&connection.client_secret, &secret)
-            .await
-        else {
+        let Some(alternative) = self.credentials.after_rejection(connection, &secret).await else {
             return Err(rejection);
         };
         tracing::info!(
             connection = %connection.name,
-            rejected_version = secret.version.as_deref().unwrap_or("unknown"),
-            trying_version = alternative.version.as_deref().unwrap_or("unknown"),
-            "client secret refused; retrying once with another version"
+            rejected_version = secret.version().unwrap_or("unknown"),
+            trying_version = alternative.version().unwrap_or("unknown"),
+            "client credential refused; retrying once with another version"
         );
         self.exchange_with_retries(upstream, scopes, &alternative)
             .await
@@ -219,7 +218,7 @@ impl TokenClient {
         &self,
         upstream: &Upstream,
         scopes: &[ScopeToken],
-        secret: &ClientSecret,
+        secret: &ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
         let mut attempt = 0;
@@ -249,30 +248,45 @@ impl TokenClient {
         }
     }
 
-    /// One client-credentials exchange with one secret.
+    /// One client-credentials exchange with one credential.
     async fn exchange(
         &self,
         upstream: &Upstream,
         scopes: &[ScopeToken],
-        secret: &ClientSecret,
+        credential: &ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
         let started = Instant::now();
         let client: OAuthClient = oauth2::Client::new(ClientId::new(connection.client_id.clone()))
-            // The only place the secret is exposed: oauth2 encodes it into the request.
-            .set_client_secret(OAuthClientSecret::new(
-                secret.value.expose_secret().to_string(),
-            ))
-            .set_token_uri(TokenUrl::from_url(connection.token_url.url().clone()))
-            .set_auth_type(match connection.auth_method {
-                AuthMethod::ClientSecretBasic => AuthType::BasicAuth,
-                AuthMethod::ClientSecretPost => AuthType::RequestBody,
-            });
+            .set_token_uri(TokenUrl::from_url(connection.token_url.url().clone()));
+        let client = match credential {
+            // The only place a secret is exposed: oauth2 encodes it into the request.
+            ClientCredential::Secret(secret) => client
+                .set_client_secret(OAuthClientSecret::new(
+                    secret.value.expose_secret().to_string(),
+                ))
+                .set_auth_type(match connection.auth_method {
+                    AuthMethod::ClientSecretPost => AuthType::RequestBody,
+                    _ => AuthType::BasicAuth,
+                }),
+            // Without a client secret, `RequestBody` puts only `client_id` in the form
+            // (RFC 7523 §2.2 lets it stand beside the assertion); the assertion follows.
+            ClientCredential::Assertion(_) => client.set_auth_type(AuthType::RequestBody),
+        };
         let mut request = client.exchange_client_credentials().add_scopes(
             scopes
                 .iter()
                 .map(|scope| Scope::new(scope.as_str().to_string())),
         );
+        if let ClientCredential::Assertion(assertion) = credential {
+            request = request
+                .add_extra_param("client_assertion_type", JWT_BEARER_ASSERTION)
+                // The only place an assertion is exposed: oauth2 encodes it into the form.
+                .add_extra_param(
+                    "client_assertion",
+                    assertion.value.expose_secret().to_string(),
+                );
+        }
         if let Some(audience) = &connection.audience {
             request = request.add_extra_param("audience", audience.clone());
         }

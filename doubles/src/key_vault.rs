@@ -45,17 +45,19 @@ struct Version {
 }
 
 #[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     /// The vault URI, known once the port is bound; secret ids are built from it.
-    base: std::sync::OnceLock<String>,
+    pub(crate) base: std::sync::OnceLock<String>,
     issued: Issued,
     secrets: Mutex<HashMap<String, Vec<Version>>>,
     /// Secrets the identity has no role on (403 ForbiddenByRbac).
-    denied: Mutex<HashSet<String>>,
+    pub(crate) denied: Mutex<HashSet<String>>,
     fault: Mutex<Option<Fault>>,
     requests: AtomicUsize,
     challenges: AtomicUsize,
     reads: AtomicUsize,
+    /// Signing keys and certificates (`key_vault_keys`).
+    pub(crate) keys: crate::key_vault_keys::Keys,
 }
 
 /// A running Key Vault double.
@@ -82,6 +84,7 @@ impl KeyVaultDouble {
             .route("/secrets/{name}/", get(latest))
             .route("/secrets/{name}", get(latest))
             .route("/secrets/{name}/{version}", get(versioned))
+            .merge(crate::key_vault_keys::routes())
             .fallback(not_found)
             .with_state(shared.clone());
         let server = serve::spawn(router, port, Some(tls.acceptor)).await?;
@@ -153,6 +156,10 @@ impl KeyVaultDouble {
         *self.shared.fault.lock().unwrap() = fault;
     }
 
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     /// Requests received, challenges included.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
@@ -169,14 +176,19 @@ impl KeyVaultDouble {
     }
 }
 
-fn now() -> u64 {
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs()
 }
 
-fn error(status: StatusCode, code: &str, message: &str, inner: Option<&str>) -> Response {
+pub(crate) fn error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    inner: Option<&str>,
+) -> Response {
     let mut body = json!({ "error": { "code": code, "message": message } });
     if let Some(inner) = inner {
         body["error"]["innererror"] = json!({ "code": inner });
@@ -197,7 +209,7 @@ fn challenge(message: &str) -> Response {
 }
 
 /// Checks API version and bearer token; `Some` is the refusal to send.
-fn refusal(
+pub(crate) fn refusal(
     shared: &Shared,
     headers: &HeaderMap,
     query: &HashMap<String, String>,

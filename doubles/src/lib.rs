@@ -8,16 +8,20 @@
 //! or inject a fault mid-run) and the local demo (the `token-broker-doubles` binary).
 
 pub mod entra_keys;
+pub mod entra_token;
 pub mod fault_proxy;
 pub mod hostile_idp;
 pub mod key_vault;
+pub mod key_vault_keys;
 pub mod managed_identity;
 pub mod serve;
 pub mod tls;
 
+pub use entra_token::EntraTokenDouble;
 pub use fault_proxy::FaultProxy;
 pub use hostile_idp::{Behaviour, HostileIdp};
 pub use key_vault::{Fault, KeyVaultDouble};
+pub use key_vault_keys::KeyKind;
 pub use managed_identity::ManagedIdentityDouble;
 
 /// Random lower-case hex, `bytes` bytes long: version ids, tokens, header values.

@@ -25,6 +25,8 @@ pub const PATH: &str = "/msi/token";
 pub struct IssuedToken {
     pub resource: String,
     pub expires_on: u64,
+    /// The user-assigned identity it was issued to (`None`: system-assigned).
+    pub client_id: Option<String>,
 }
 
 /// Tokens issued so far, by value: the "directory" the Key Vault double checks bearers against.
@@ -157,6 +159,7 @@ async fn token(
         IssuedToken {
             resource: resource.clone(),
             expires_on,
+            client_id: requested_client.cloned(),
         },
     );
     Json(json!({

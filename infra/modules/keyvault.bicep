@@ -13,6 +13,8 @@ param tags object
 param workspaceId string
 param deployerPrincipalId string
 param deployerPrincipalType string
+@description('Premium SKU: needed for HSM-backed keys.')
+param premium bool = false
 
 var keyVaultSecretsOfficer = 'b86a8fe4-44ce-4948-aee5-eccb2c155cd7'
 
@@ -24,7 +26,7 @@ resource vault 'Microsoft.KeyVault/vaults@2023-07-01' = {
   tags: tags
   properties: {
     tenantId: subscription().tenantId
-    sku: { family: 'A', name: 'standard' }
+    sku: { family: 'A', name: premium ? 'premium' : 'standard' }
     enableRbacAuthorization: true
     enableSoftDelete: true
     softDeleteRetentionInDays: 90

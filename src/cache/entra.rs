@@ -21,8 +21,8 @@ use azure_identity::{
 };
 
 use crate::config::IdentitySettings;
+use crate::credentials::vault::sdk_client_options;
 use crate::http_client::LazyClient;
-use crate::secret_source::sdk_client_options;
 
 /// The scope of a token Azure Managed Redis and Azure Cache for Redis accept.
 pub const REDIS_SCOPE: &str = "https://redis.azure.com/.default";

@@ -29,11 +29,11 @@ use super::memory::{CacheKey, TokenSource, hand_out_margin, refresh_delay};
 use super::redis_link::{LinkAuth, Message, RedisLink, SharedCacheCounters};
 use super::seal::{Sealer, decode_encryption_key};
 use crate::config::{
-    AuthMethod, ConnectionName, ConnectionSettings, IdentitySettings, KeyVaultSettings, RedisAuth,
-    SecretSource, SharedCacheSettings,
+    ConnectionName, ConnectionSettings, IdentitySettings, KeyVaultSettings, RedisAuth,
+    SharedCacheSettings,
 };
+use crate::credentials::Credentials;
 use crate::http_client::LazyClient;
-use crate::secret_source::SecretStore;
 use crate::token::{FreshToken, MAX_LIFETIME, TokenError, clamp_lifetime};
 
 /// How often a waiting instance looks at Redis even without an announcement (one may be
@@ -79,7 +79,7 @@ pub struct SharedTierParts<'a> {
     pub settings: &'a SharedCacheSettings,
     pub source: Arc<dyn TokenSource>,
     pub connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
-    pub secrets: Arc<SecretStore>,
+    pub credentials: Arc<Credentials>,
     pub identity: &'a IdentitySettings,
     pub key_vault: Option<&'a KeyVaultSettings>,
     pub http: Arc<LazyClient>,
@@ -117,7 +117,7 @@ impl SharedTier {
             instance: random_hex(8),
         });
         let settings = parts.settings.clone();
-        let secrets = parts.secrets;
+        let credentials = parts.credentials;
         let identity = parts.identity.clone();
         let client_id = parts
             .key_vault
@@ -126,7 +126,7 @@ impl SharedTier {
         let weak = Arc::downgrade(&tier);
         tokio::spawn(async move {
             let (encryption_key, password) = loop {
-                match read_secrets(&settings, &secrets).await {
+                match read_secrets(&settings, &credentials).await {
                     Ok(read) => break read,
                     Err(problem) => {
                         tracing::warn!(target: "shared_cache", problem, "shared cache not ready: retrying; until then this instance works alone");
@@ -167,12 +167,8 @@ impl SharedTier {
             let secrets_by_hash = tier
                 .connections
                 .values()
-                .filter_map(|connection| match &connection.client_secret {
-                    SecretSource::KeyVault { secret_name } => {
-                        Some((secret_hash(&sealer, secret_name), secret_name.clone()))
-                    }
-                    SecretSource::AppSetting { .. } => None,
-                })
+                .flat_map(crate::rotation::objects_of)
+                .map(|object| (secret_hash(&sealer, &object), object))
                 .collect();
             let _ = tier.ready.set(Ready {
                 sealer,
@@ -218,7 +214,8 @@ impl SharedTier {
         }
     }
 
-    /// Tells every instance that `secret_name` was rotated, after deleting the shared entries
+    /// Tells every instance that `secret_name` (a Key Vault object, as
+    /// `rotation::announced_object` names it) was rotated, after deleting the shared entries
     /// of `connections` (tokens minted with the old secret). Waits a bounded time for the
     /// tier to be ready, since the rotation function's instance may have just started.
     pub async fn announce_rotation(
@@ -445,10 +442,7 @@ impl TokenSource for SharedTier {
 
 /// The keyed hash of a connection's identity at its token endpoint.
 fn connection_hash(sealer: &Sealer, connection: &ConnectionSettings) -> String {
-    let auth: &[u8] = match connection.auth_method {
-        AuthMethod::ClientSecretBasic => b"client_secret_basic",
-        AuthMethod::ClientSecretPost => b"client_secret_post",
-    };
+    let auth = connection.auth_method.as_str().as_bytes();
     let optional = |value: &Option<String>| match value {
         None => Vec::new(),
         Some(value) => [b"=".as_slice(), value.as_bytes()].concat(),
@@ -477,7 +471,7 @@ fn secret_hash(sealer: &Sealer, secret_name: &str) -> String {
 /// The encryption key, and the Redis password when there is one.
 async fn read_secrets(
     settings: &SharedCacheSettings,
-    secrets: &SecretStore,
+    credentials: &Credentials,
 ) -> Result<
     (
         secrecy::SecretBox<[u8; crate::config::ENCRYPTION_KEY_BYTES]>,
@@ -485,16 +479,16 @@ async fn read_secrets(
     ),
     String,
 > {
-    let key = secrets
-        .client_secret(&settings.encryption_key)
+    let key = credentials
+        .secret(&settings.encryption_key)
         .await
         .map_err(|error| format!("encryption key: {} failed", error.step()))?;
     let key = decode_encryption_key(&key.value)
         .ok_or_else(|| "encryption key: not base64 of 32 bytes".to_string())?;
     let password = match &settings.auth {
         RedisAuth::Password { password, .. } => Some(
-            secrets
-                .client_secret(password)
+            credentials
+                .secret(password)
                 .await
                 .map_err(|error| format!("redis password: {} failed", error.step()))?
                 .value

@@ -160,7 +160,9 @@ pub struct ConnectionSettings {
     pub name: String,
     pub token_url: EndpointUrl,
     pub client_id: String,
-    pub client_secret: SecretSource,
+    /// What the broker authenticates with: a secret, a signed assertion or the managed
+    /// identity's token; matches `auth_method`.
+    pub credential: CredentialSource,
     pub auth_method: AuthMethod,
     pub scopes: Vec<ScopeToken>,
     pub audience: Option<String>,
@@ -199,7 +201,7 @@ impl fmt::Debug for ConnectionSettings {
             .field("name", &self.name)
             .field("token_url", &self.token_url.as_str())
             .field("client_id", &self.client_id)
-            .field("client_secret", &self.client_secret)
+            .field("credential", &self.credential)
             .field("auth_method", &self.auth_method)
             .field("scopes", &self.scopes)
             .finish_non_exhaustive()
@@ -229,11 +231,120 @@ impl fmt::Debug for SecretSource {
     }
 }
 
-/// How the client authenticates at the token endpoint (RFC 6749 §2.3.1).
+/// How the client authenticates at the token endpoint: RFC 6749 §2.3.1 with a secret, or
+/// RFC 7523 §2.2 with a client assertion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AuthMethod {
     ClientSecretBasic,
     ClientSecretPost,
+    /// A JWT signed by a Key Vault key (or a certificate's key) that never leaves the vault.
+    PrivateKeyJwt,
+    /// Entra only: the managed identity's own token, as a federated credential of the app.
+    ManagedIdentityFederation,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::ClientSecretBasic => "client_secret_basic",
+            AuthMethod::ClientSecretPost => "client_secret_post",
+            AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::ManagedIdentityFederation => "managed_identity_federation",
+        }
+    }
+}
+
+/// What a connection authenticates with.
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    /// `client_secret_basic` and `client_secret_post`.
+    Secret(SecretSource),
+    /// `private_key_jwt`.
+    Assertion(AssertionSettings),
+    /// `managed_identity_federation`: the managed identity's token for `audience`.
+    Federation { audience: String },
+}
+
+/// Default `federation_audience`: Entra's public cloud (other clouds name their own).
+pub const DEFAULT_FEDERATION_AUDIENCE: &str = "api://AzureADTokenExchange";
+/// Default and largest `assertion_lifetime_seconds`: Auth0 accepts at most 5 minutes, Entra
+/// and RFC 7523 deployments commonly 10.
+pub const DEFAULT_ASSERTION_LIFETIME_SECONDS: u64 = 300;
+pub const MAX_ASSERTION_LIFETIME_SECONDS: u64 = 600;
+
+/// How a `private_key_jwt` connection's assertions are made.
+#[derive(Debug, Clone)]
+pub struct AssertionSettings {
+    pub key: AssertionKey,
+    /// `None`: chosen from the key (RSA RS256, EC by curve) or PS256 for a certificate.
+    pub algorithm: Option<SigningAlgorithm>,
+    /// The `aud` claim: the token URL unless configured.
+    pub audience: String,
+    pub lifetime: Duration,
+    /// The header's `kid`; `None`: the Key Vault key id (keys) or none (certificates).
+    pub key_id: Option<String>,
+}
+
+/// Which Key Vault object signs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AssertionKey {
+    KeyVaultKey(String),
+    /// The certificate's key signs; the header carries the certificate's `x5t#S256`.
+    KeyVaultCertificate(String),
+}
+
+/// JWS algorithms Key Vault can sign with (RFC 7518 §3.1), asymmetric only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningAlgorithm {
+    Rs256,
+    Rs384,
+    Rs512,
+    Ps256,
+    Ps384,
+    Ps512,
+    Es256,
+    Es384,
+    Es512,
+}
+
+impl SigningAlgorithm {
+    pub const ALL: [SigningAlgorithm; 9] = [
+        SigningAlgorithm::Rs256,
+        SigningAlgorithm::Rs384,
+        SigningAlgorithm::Rs512,
+        SigningAlgorithm::Ps256,
+        SigningAlgorithm::Ps384,
+        SigningAlgorithm::Ps512,
+        SigningAlgorithm::Es256,
+        SigningAlgorithm::Es384,
+        SigningAlgorithm::Es512,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SigningAlgorithm::Rs256 => "RS256",
+            SigningAlgorithm::Rs384 => "RS384",
+            SigningAlgorithm::Rs512 => "RS512",
+            SigningAlgorithm::Ps256 => "PS256",
+            SigningAlgorithm::Ps384 => "PS384",
+            SigningAlgorithm::Ps512 => "PS512",
+            SigningAlgorithm::Es256 => "ES256",
+            SigningAlgorithm::Es384 => "ES384",
+            SigningAlgorithm::Es512 => "ES512",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|alg| alg.as_str() == name)
+    }
+
+    /// Whether an RSA key signs with it (else an EC key does).
+    pub fn is_rsa(self) -> bool {
+        !matches!(
+            self,
+            SigningAlgorithm::Es256 | SigningAlgorithm::Es384 | SigningAlgorithm::Es512
+        )
+    }
 }
 
 /// Every problem found in the configuration, one per line.

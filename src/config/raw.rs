@@ -85,6 +85,15 @@ pub(super) struct RawConnection {
     /// by a serde "invalid type" message.
     pub(super) client_secret: Option<toml::Value>,
     pub(super) auth_method: Option<String>,
+    /// `private_key_jwt`: where the signing key is, as `{ key_vault_key = "..." }` or
+    /// `{ key_vault_certificate = "..." }`.
+    pub(super) client_assertion_key: Option<toml::Value>,
+    pub(super) signing_algorithm: Option<String>,
+    pub(super) assertion_audience: Option<String>,
+    pub(super) assertion_lifetime_seconds: Option<u64>,
+    pub(super) assertion_key_id: Option<String>,
+    /// `managed_identity_federation`: the audience of the managed identity's token.
+    pub(super) federation_audience: Option<String>,
     #[serde(default)]
     pub(super) scopes: Vec<String>,
     pub(super) audience: Option<String>,

@@ -93,15 +93,19 @@ impl Validator<'_> {
                 )
         });
         let needs_vault = shared_cache_vault
-            || connections
-                .values()
-                .any(|c| matches!(c.client_secret, SecretSource::KeyVault { .. }));
+            || connections.values().any(|c| {
+                !matches!(
+                    c.credential,
+                    CredentialSource::Secret(SecretSource::AppSetting { .. })
+                )
+            });
         if needs_vault && key_vault.is_none() && self.problems.is_empty() {
             self.problems.push(
-                "key_vault.uri: required because a connection or the shared cache reads a secret from Key Vault"
+                "key_vault.uri: required because a connection reads its secret or signing key from Key Vault or uses the managed identity, or the shared cache reads a secret from Key Vault"
                     .into(),
             );
         }
+        self.federation_identity(key_vault.as_ref(), &connections);
         Settings {
             port,
             key_vault,
@@ -419,18 +423,21 @@ impl Validator<'_> {
             self.problems
                 .push(format!("{}: must not be empty", at("client_id")));
         }
-        let client_secret = self.secret_source(name, raw.client_secret);
         let auth_method = match raw.auth_method.as_deref() {
             None | Some("client_secret_basic") => Some(AuthMethod::ClientSecretBasic),
             Some("client_secret_post") => Some(AuthMethod::ClientSecretPost),
+            Some("private_key_jwt") => Some(AuthMethod::PrivateKeyJwt),
+            Some("managed_identity_federation") => Some(AuthMethod::ManagedIdentityFederation),
             Some(_) => {
                 self.problems.push(format!(
-                    "{}: must be \"client_secret_basic\" or \"client_secret_post\"",
+                    "{}: must be \"client_secret_basic\", \"client_secret_post\", \"private_key_jwt\" or \"managed_identity_federation\"",
                     at("auth_method")
                 ));
                 None
             }
         };
+        let credential = auth_method
+            .and_then(|method| self.credential_source(name, method, &raw, token_url.as_ref()));
         let mut scopes = Vec::new();
         for (index, scope) in raw.scopes.iter().enumerate() {
             let field = format!("{}[{index}]", at("scopes"));
@@ -542,7 +549,7 @@ impl Validator<'_> {
             name: name.to_string(),
             token_url: token_url?,
             client_id: client_id?,
-            client_secret: client_secret?,
+            credential: credential?,
             auth_method: auth_method?,
             scopes,
             audience,
@@ -578,6 +585,206 @@ impl Validator<'_> {
             ));
         }
         Duration::from_secs(value.clamp(*range.start(), *range.end()))
+    }
+
+    /// Only a user-assigned identity can be a federated credential of an app registration:
+    /// without its client id, `managed_identity_federation` cannot work, so it is refused here
+    /// (and by `token-broker check`) instead of failing at the first token request.
+    fn federation_identity(
+        &mut self,
+        key_vault: Option<&KeyVaultSettings>,
+        connections: &BTreeMap<ConnectionName, ConnectionSettings>,
+    ) {
+        let named = key_vault.is_some_and(|kv| kv.managed_identity_client_id.is_some());
+        if named {
+            return;
+        }
+        for connection in connections.values() {
+            if matches!(connection.credential, CredentialSource::Federation { .. }) {
+                self.problems.push(format!(
+                    "connections.{}.auth_method: \"managed_identity_federation\" needs a user-assigned identity (system-assigned identities cannot be federated credentials); set key_vault.managed_identity_client_id",
+                    connection.name
+                ));
+            }
+        }
+    }
+
+    /// What the connection authenticates with, checked against its `auth_method`: each method
+    /// takes its own settings, and a setting another method reads is refused rather than
+    /// silently ignored (a `client_secret` left beside an assertion would suggest it is used).
+    fn credential_source(
+        &mut self,
+        name: &str,
+        method: AuthMethod,
+        raw: &RawConnection,
+        token_url: Option<&EndpointUrl>,
+    ) -> Option<CredentialSource> {
+        let at = |field: &str| format!("connections.{name}.{field}");
+        let assertion_fields = [
+            ("client_assertion_key", raw.client_assertion_key.is_some()),
+            ("signing_algorithm", raw.signing_algorithm.is_some()),
+            ("assertion_audience", raw.assertion_audience.is_some()),
+            (
+                "assertion_lifetime_seconds",
+                raw.assertion_lifetime_seconds.is_some(),
+            ),
+            ("assertion_key_id", raw.assertion_key_id.is_some()),
+        ];
+        let refuse = |problems: &mut Vec<String>, field: &str, used_by: &str| {
+            problems.push(format!(
+                "{}: only used with auth_method = {used_by}; remove it",
+                at(field)
+            ));
+        };
+        if method != AuthMethod::PrivateKeyJwt {
+            for (field, set) in assertion_fields {
+                if set {
+                    refuse(&mut self.problems, field, "\"private_key_jwt\"");
+                }
+            }
+        }
+        if method != AuthMethod::ManagedIdentityFederation && raw.federation_audience.is_some() {
+            refuse(
+                &mut self.problems,
+                "federation_audience",
+                "\"managed_identity_federation\"",
+            );
+        }
+        match method {
+            AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost => self
+                .secret_source(name, raw.client_secret.clone())
+                .map(CredentialSource::Secret),
+            AuthMethod::PrivateKeyJwt | AuthMethod::ManagedIdentityFederation => {
+                if raw.client_secret.is_some() {
+                    self.problems.push(format!(
+                        "{}: not used with auth_method = \"{}\", which sends no secret; remove it (and the secret, once the identity provider no longer needs it)",
+                        at("client_secret"),
+                        method.as_str()
+                    ));
+                }
+                if method == AuthMethod::PrivateKeyJwt {
+                    self.assertion(name, raw, token_url)
+                        .map(CredentialSource::Assertion)
+                } else {
+                    let audience = match &raw.federation_audience {
+                        Some(value) => self.expand(&at("federation_audience"), value)?,
+                        None => DEFAULT_FEDERATION_AUDIENCE.to_string(),
+                    };
+                    if audience.is_empty() {
+                        self.problems
+                            .push(format!("{}: must not be empty", at("federation_audience")));
+                        return None;
+                    }
+                    Some(CredentialSource::Federation { audience })
+                }
+            }
+        }
+    }
+
+    fn assertion(
+        &mut self,
+        name: &str,
+        raw: &RawConnection,
+        token_url: Option<&EndpointUrl>,
+    ) -> Option<AssertionSettings> {
+        let at = |field: &str| format!("connections.{name}.{field}");
+        let before = self.problems.len();
+        let key = self.assertion_key(
+            &at("client_assertion_key"),
+            raw.client_assertion_key.as_ref(),
+        );
+        let algorithm = match raw.signing_algorithm.as_deref() {
+            None => None,
+            Some(value) => match SigningAlgorithm::parse(value) {
+                Some(algorithm) => Some(algorithm),
+                None => {
+                    self.problems.push(format!(
+                        "{}: must be one of {}",
+                        at("signing_algorithm"),
+                        SigningAlgorithm::ALL
+                            .map(SigningAlgorithm::as_str)
+                            .join(", ")
+                    ));
+                    None
+                }
+            },
+        };
+        if let (Some(AssertionKey::KeyVaultCertificate(_)), Some(algorithm)) = (&key, algorithm)
+            && !algorithm.is_rsa()
+        {
+            self.problems.push(format!(
+                "{}: a certificate credential signs with its RSA key: RS256 or PS256 (PS384, PS512, RS384, RS512)",
+                at("signing_algorithm")
+            ));
+        }
+        let audience = match &raw.assertion_audience {
+            Some(value) => self.expand(&at("assertion_audience"), value),
+            None => token_url.map(|url| url.as_str().to_string()),
+        };
+        if audience.as_deref() == Some("") {
+            self.problems
+                .push(format!("{}: must not be empty", at("assertion_audience")));
+        }
+        let lifetime_seconds = raw
+            .assertion_lifetime_seconds
+            .unwrap_or(DEFAULT_ASSERTION_LIFETIME_SECONDS);
+        if !(1..=MAX_ASSERTION_LIFETIME_SECONDS).contains(&lifetime_seconds) {
+            self.problems.push(format!(
+                "{}: 1 to {MAX_ASSERTION_LIFETIME_SECONDS} (identity providers refuse long-lived assertions)",
+                at("assertion_lifetime_seconds")
+            ));
+        }
+        let key_id = match &raw.assertion_key_id {
+            Some(value) => self.expand(&at("assertion_key_id"), value),
+            None => None,
+        };
+        if key_id.as_deref() == Some("") {
+            self.problems
+                .push(format!("{}: must not be empty", at("assertion_key_id")));
+        }
+        if self.problems.len() != before {
+            return None;
+        }
+        Some(AssertionSettings {
+            key: key?,
+            algorithm,
+            audience: audience?,
+            lifetime: Duration::from_secs(lifetime_seconds),
+            key_id,
+        })
+    }
+
+    fn assertion_key(&mut self, field: &str, raw: Option<&toml::Value>) -> Option<AssertionKey> {
+        let expected = "must be { key_vault_key = \"<key name>\" } or { key_vault_certificate = \"<certificate name>\" }";
+        let Some(raw) = raw else {
+            self.problems.push(format!(
+                "{field}: required by auth_method = \"private_key_jwt\"; {expected}"
+            ));
+            return None;
+        };
+        let entry = match raw {
+            toml::Value::Table(table) if table.len() == 1 => table.iter().next(),
+            _ => None,
+        };
+        let Some((kind, toml::Value::String(value))) = entry else {
+            self.problems.push(format!("{field}: {expected}"));
+            return None;
+        };
+        let object_name = self.expand(&format!("{field}.{kind}"), value)?;
+        if !is_valid_key_vault_name(&object_name) {
+            self.problems.push(format!(
+                "{field}.{kind}: a Key Vault object name is 1 to 127 letters, digits and '-'"
+            ));
+            return None;
+        }
+        match kind.as_str() {
+            "key_vault_key" => Some(AssertionKey::KeyVaultKey(object_name)),
+            "key_vault_certificate" => Some(AssertionKey::KeyVaultCertificate(object_name)),
+            _ => {
+                self.problems.push(format!("{field}: {expected}"));
+                None
+            }
+        }
     }
 
     /// An https URL, or http on loopback only (a local identity provider).

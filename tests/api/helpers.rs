@@ -23,6 +23,9 @@ pub struct IdpClient {
     pub auth_method: &'static str,
     pub ttl_seconds: u64,
     pub roles: Option<Vec<&'static str>>,
+    /// `private_key_jwt`: the client's public keys (a JWK Set) and the one algorithm accepted.
+    pub jwks: Option<Value>,
+    pub signing_alg: Option<&'static str>,
 }
 
 impl IdpClient {
@@ -33,6 +36,8 @@ impl IdpClient {
             auth_method,
             ttl_seconds: 3600,
             roles: None,
+            jwks: None,
+            signing_alg: None,
         }
     }
 }
@@ -111,6 +116,8 @@ impl Idp {
                 "token_endpoint_auth_method": c.auth_method,
                 "ttl": c.ttl_seconds,
                 "roles": c.roles,
+                "jwks": c.jwks,
+                "token_endpoint_auth_signing_alg": c.signing_alg,
             })).collect::<Vec<_>>(),
         });
         std::fs::write(&config_path, config.to_string()).unwrap();
@@ -674,7 +681,8 @@ impl TestApp {
 
     /// Log lines that carry a credential or a JWT.
     pub fn leaks(&self) -> Vec<String> {
-        let needles = self.credentials();
+        let mut needles = self.credentials();
+        needles.extend(self.secretless_credentials());
         self.logs()
             .into_iter()
             .filter(|line| contains_jwt(line) || needles.iter().any(|n| line.contains(n.as_str())))
@@ -733,4 +741,12 @@ impl Drop for TestApp {
 pub async fn json(response: reqwest::Response) -> Value {
     let text = response.text().await.unwrap();
     serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
+}
+
+impl TestApp {
+    /// Credentials of the secretless methods that are not JWT-shaped (assertions are, and the
+    /// managed identity's tokens are in `credentials`): every signature Key Vault made.
+    fn secretless_credentials(&self) -> Vec<String> {
+        self.azure.vault.signatures()
+    }
 }

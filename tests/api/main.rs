@@ -15,4 +15,5 @@ mod key_vault;
 mod openapi;
 mod rotation;
 mod secrecy;
+mod secretless;
 mod tokens;

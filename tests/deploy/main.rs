@@ -7,6 +7,7 @@
 mod apim;
 mod bicep;
 mod rotation;
+mod secretless;
 mod shared_cache;
 mod smoke_test;
 

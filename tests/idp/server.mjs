@@ -13,7 +13,9 @@
 //     "clients": [{ "client_id": "...", "client_secret": "...",
 //                   "token_endpoint_auth_method": "client_secret_basic",
 //                   "ttl": 3600,                   // access token lifetime in seconds
-//                   "roles": ["Tokens.Contoso"] }] // optional `roles` claim
+//                   "roles": ["Tokens.Contoso"],   // optional `roles` claim
+//                   "jwks": { "keys": [...] },     // private_key_jwt: the client's public keys
+//                   "token_endpoint_auth_signing_alg": "PS256" }] // optional: the only alg accepted
 //   }
 // Prints one JSON line when listening: {"issuer", "token_endpoint", "jwks_uri", "port"}.
 
@@ -46,8 +48,12 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
   const provider = new Provider(issuer, {
     clients: config.clients.map((c) => ({
       client_id: c.client_id,
-      client_secret: c.client_secret,
+      // private_key_jwt clients have no secret: their registered public keys authenticate them.
+      ...(c.token_endpoint_auth_method === 'private_key_jwt' ? {} : { client_secret: c.client_secret }),
       token_endpoint_auth_method: c.token_endpoint_auth_method ?? 'client_secret_basic',
+      ...(c.jwks ? { jwks: c.jwks } : {}),
+      ...(c.token_endpoint_auth_signing_alg
+        ? { token_endpoint_auth_signing_alg: c.token_endpoint_auth_signing_alg } : {}),
       grant_types: ['client_credentials'],
       redirect_uris: [],
       response_types: [],

@@ -1,0 +1,473 @@
+//! Key Vault's keys and certificates, as azure_security_keyvault_keys and
+//! azure_security_keyvault_certificates 1.x call them: `GET /keys/{name}[/{version}]` returns
+//! the public JWK (whose `kid` is the full key id), `POST /keys/{name}/{version}/sign` signs a
+//! digest the way Key Vault does (ES signatures raw `R || S`), and
+//! `GET /certificates/{name}[/{version}]` returns `cer`, `x5t` and the `kid` of the key that
+//! signs for it. The keys are real RSA 2048 and EC P-256 keys, so a signature the double makes
+//! verifies anywhere.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use aws_lc_rs::digest::{self, Digest};
+use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair as _, RsaEncoding, RsaKeyPair};
+use axum::Json;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde_json::{Value, json};
+
+use crate::key_vault::{Shared, error, now, refusal};
+use crate::random_hex;
+
+/// The kind of key a vault key is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyKind {
+    /// RSA 2048: signs RS256/384/512 and PS256/384/512.
+    Rsa,
+    /// EC P-256: signs ES256.
+    EcP256,
+}
+
+enum Private {
+    Rsa(RsaKeyPair),
+    Ec(EcdsaKeyPair),
+}
+
+struct KeyVersion {
+    version: String,
+    private: Private,
+    /// The public JWK without `kid` (added per answer, from the vault's base URI).
+    public: Value,
+    /// Public key as X.509 SubjectPublicKeyInfo DER, for verifiers.
+    spki: Vec<u8>,
+    created: u64,
+    /// Set for a certificate's key: the certificate's DER.
+    certificate: Option<Vec<u8>>,
+}
+
+/// Keys and certificates of the vault double, and what was done with them.
+#[derive(Default)]
+pub struct Keys {
+    keys: Mutex<HashMap<String, Vec<Arc<KeyVersion>>>>,
+    signs: AtomicUsize,
+    signs_by_key: Mutex<HashMap<String, usize>>,
+    /// Every signature returned, base64url: credentials for the leak scans.
+    signatures: Mutex<Vec<String>>,
+}
+
+/// What a verifier needs of one key version.
+#[derive(Clone, Debug)]
+pub struct PublicKey {
+    /// The full key id, `https://{vault}/keys/{name}/{version}`.
+    pub kid: String,
+    pub version: String,
+    /// The public JWK, `kid` included, as `GET /keys/{name}` returns it.
+    pub jwk: Value,
+    /// X.509 SubjectPublicKeyInfo DER.
+    pub spki: Vec<u8>,
+    /// The certificate's DER, for a certificate's key.
+    pub certificate: Option<Vec<u8>>,
+}
+
+impl Keys {
+    /// Adds a new version of key `name` (a certificate's key when `certificate` is set, then
+    /// RSA) and returns its version id.
+    fn create(&self, name: &str, kind: KeyKind, certificate: bool) -> String {
+        let (key_pair, algorithm) = match kind {
+            KeyKind::Rsa => (rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256), "RSA"),
+            KeyKind::EcP256 => (
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+                "EC",
+            ),
+        };
+        let key_pair = key_pair.expect("key generation");
+        let pkcs8 = key_pair.serialize_der();
+        let (private, public, spki) = match kind {
+            KeyKind::Rsa => {
+                let private = RsaKeyPair::from_pkcs8(&pkcs8).expect("RSA key");
+                let public = private.public_key();
+                let jwk = json!({
+                    "kty": algorithm,
+                    "key_ops": ["sign", "verify"],
+                    "n": URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
+                    "e": URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero()),
+                });
+                (
+                    Private::Rsa(private),
+                    jwk,
+                    rcgen::PublicKeyData::subject_public_key_info(&key_pair),
+                )
+            }
+            KeyKind::EcP256 => {
+                let private =
+                    EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
+                        .expect("EC key");
+                let point = private.public_key().as_ref().to_vec();
+                let jwk = json!({
+                    "kty": algorithm,
+                    "key_ops": ["sign", "verify"],
+                    "crv": "P-256",
+                    "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+                    "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+                });
+                (
+                    Private::Ec(private),
+                    jwk,
+                    rcgen::PublicKeyData::subject_public_key_info(&key_pair),
+                )
+            }
+        };
+        let certificate = certificate.then(|| {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+            params
+                .self_signed(&key_pair)
+                .expect("certificate")
+                .der()
+                .to_vec()
+        });
+        let version = random_hex(16);
+        self.keys
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .push(Arc::new(KeyVersion {
+                version: version.clone(),
+                private,
+                public,
+                spki,
+                created: now(),
+                certificate,
+            }));
+        version
+    }
+
+    fn find(&self, name: &str, version: Option<&str>) -> Option<Arc<KeyVersion>> {
+        let keys = self.keys.lock().unwrap();
+        let versions = keys.get(name)?;
+        match version {
+            None | Some("") => versions.last().cloned(),
+            Some(id) => versions.iter().find(|v| v.version == id).cloned(),
+        }
+    }
+}
+
+fn kid(shared: &Shared, name: &str, version: &str) -> String {
+    format!(
+        "{}/keys/{name}/{version}",
+        shared.base.get().map_or("", String::as_str)
+    )
+}
+
+impl crate::KeyVaultDouble {
+    /// Adds a new version of signing key `name` and returns its version id.
+    pub fn create_key(&self, name: &str, kind: KeyKind) -> String {
+        self.shared().keys.create(name, kind, false)
+    }
+
+    /// Adds a new version of certificate `name` (a self-signed certificate for a new RSA key
+    /// of the same name and version, as Key Vault makes them) and returns its version id.
+    pub fn create_certificate(&self, name: &str) -> String {
+        self.shared().keys.create(name, KeyKind::Rsa, true)
+    }
+
+    /// The latest version of key (or certificate) `name`, as a verifier sees it.
+    pub fn public_key(&self, name: &str) -> Option<PublicKey> {
+        let shared = self.shared();
+        let found = shared.keys.find(name, None)?;
+        let kid = kid(shared, name, &found.version);
+        let mut jwk = found.public.clone();
+        jwk["kid"] = kid.clone().into();
+        Some(PublicKey {
+            kid,
+            version: found.version.clone(),
+            jwk,
+            spki: found.spki.clone(),
+            certificate: found.certificate.clone(),
+        })
+    }
+
+    /// Sign operations answered with a signature, all keys together.
+    pub fn signs(&self) -> usize {
+        self.shared().keys.signs.load(Ordering::SeqCst)
+    }
+
+    /// Sign operations answered with a signature by key `name`.
+    pub fn signs_by(&self, name: &str) -> usize {
+        self.shared()
+            .keys
+            .signs_by_key
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every signature returned so far, base64url.
+    pub fn signatures(&self) -> Vec<String> {
+        self.shared().keys.signatures.lock().unwrap().clone()
+    }
+}
+
+/// The keys and certificates routes, to merge into the vault's router.
+pub(crate) fn routes() -> axum::Router<Arc<Shared>> {
+    axum::Router::new()
+        .route("/keys/{name}", get(key_latest))
+        .route("/keys/{name}/", get(key_latest))
+        .route("/keys/{name}/{version}", get(key_versioned))
+        .route("/keys/{name}/{version}/sign", post(sign))
+        .route("/certificates/{name}", get(certificate_latest))
+        .route("/certificates/{name}/", get(certificate_latest))
+        .route("/certificates/{name}/{version}", get(certificate_versioned))
+}
+
+type Q = Query<HashMap<String, String>>;
+
+async fn key_latest(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Query(query): Q,
+) -> Response {
+    get_key(&shared, &name, None, &headers, &query)
+}
+
+async fn key_versioned(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((name, version)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Query(query): Q,
+) -> Response {
+    get_key(&shared, &name, Some(&version), &headers, &query)
+}
+
+fn denied(shared: &Shared, name: &str, action: &str) -> Option<Response> {
+    shared.denied.lock().unwrap().contains(name).then(|| {
+        error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("Caller is not authorized to perform action on resource. Action: 'Microsoft.KeyVault/vaults/{action}'"),
+            Some("ForbiddenByRbac"),
+        )
+    })
+}
+
+fn key_not_found(name: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "KeyNotFound",
+        &format!("A key with (name/id) {name} was not found in this key vault."),
+        None,
+    )
+}
+
+fn attributes(created: u64) -> Value {
+    json!({
+        "enabled": true,
+        "created": created,
+        "updated": created,
+        "recoveryLevel": "Recoverable+Purgeable",
+        "recoverableDays": 90
+    })
+}
+
+fn get_key(
+    shared: &Shared,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Response {
+    if let Some(response) = refusal(shared, headers, query) {
+        return response;
+    }
+    if let Some(response) = denied(shared, name, "keys/read") {
+        return response;
+    }
+    let Some(found) = shared.keys.find(name, version) else {
+        return key_not_found(name);
+    };
+    let mut jwk = found.public.clone();
+    jwk["kid"] = kid(shared, name, &found.version).into();
+    let mut body = json!({ "key": jwk, "attributes": attributes(found.created), "tags": {} });
+    if found.certificate.is_some() {
+        body["managed"] = true.into();
+    }
+    Json(body).into_response()
+}
+
+async fn sign(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((name, version)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Query(query): Q,
+    body: Option<Json<Value>>,
+) -> Response {
+    if let Some(response) = refusal(&shared, &headers, &query) {
+        return response;
+    }
+    if let Some(response) = denied(&shared, &name, "keys/sign/action") {
+        return response;
+    }
+    let Some(found) = shared.keys.find(&name, Some(&version)) else {
+        return key_not_found(&name);
+    };
+    let bad = |message: &str| error(StatusCode::BAD_REQUEST, "BadParameter", message, None);
+    let Some(Json(body)) = body else {
+        return bad("The request body is not JSON.");
+    };
+    let algorithm = body["alg"].as_str().unwrap_or_default();
+    let Some(value) = body["value"]
+        .as_str()
+        .and_then(|value| URL_SAFE_NO_PAD.decode(value.trim_end_matches('=')).ok())
+    else {
+        return bad("The digest value is missing or not base64url.");
+    };
+    let signature = sign_digest(&found.private, algorithm, &value);
+    let signature = match signature {
+        Ok(signature) => signature,
+        Err(message) => return bad(message),
+    };
+    let encoded = URL_SAFE_NO_PAD.encode(&signature);
+    shared.keys.signs.fetch_add(1, Ordering::SeqCst);
+    *shared
+        .keys
+        .signs_by_key
+        .lock()
+        .unwrap()
+        .entry(name.clone())
+        .or_default() += 1;
+    shared.keys.signatures.lock().unwrap().push(encoded.clone());
+    Json(json!({ "kid": kid(&shared, &name, &version), "value": encoded })).into_response()
+}
+
+/// Signs `digest` as Key Vault does for `algorithm`: PKCS #1 v1.5 or PSS (salt as long as the
+/// hash) for RSA, raw `R || S` for ECDSA.
+fn sign_digest(private: &Private, algorithm: &str, value: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let rsa = |encoding: &'static dyn RsaEncoding, hash: &'static digest::Algorithm| {
+        let Private::Rsa(key) = private else {
+            return Err("Key and signing algorithm are incompatible.");
+        };
+        let digest = Digest::import_less_safe(value, hash).map_err(|_| "Invalid digest length.")?;
+        let mut signature = vec![0; key.public_modulus_len()];
+        key.sign_digest(encoding, &digest, &mut signature)
+            .map_err(|_| "Signing failed.")?;
+        Ok(signature)
+    };
+    match algorithm {
+        "RS256" => rsa(&signature::RSA_PKCS1_SHA256, &digest::SHA256),
+        "RS384" => rsa(&signature::RSA_PKCS1_SHA384, &digest::SHA384),
+        "RS512" => rsa(&signature::RSA_PKCS1_SHA512, &digest::SHA512),
+        "PS256" => rsa(&signature::RSA_PSS_SHA256, &digest::SHA256),
+        "PS384" => rsa(&signature::RSA_PSS_SHA384, &digest::SHA384),
+        "PS512" => rsa(&signature::RSA_PSS_SHA512, &digest::SHA512),
+        "ES256" => match private {
+            Private::Ec(key) => {
+                let digest = Digest::import_less_safe(value, &digest::SHA256)
+                    .map_err(|_| "Invalid digest length.")?;
+                key.sign_digest(&digest)
+                    .map(|signature| signature.as_ref().to_vec())
+                    .map_err(|_| "Signing failed.")
+            }
+            Private::Rsa(_) => Err("Key and signing algorithm are incompatible."),
+        },
+        _ => Err("Unsupported signing algorithm."),
+    }
+}
+
+async fn certificate_latest(
+    State(shared): State<Arc<Shared>>,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+    Query(query): Q,
+) -> Response {
+    get_certificate(&shared, &name, None, &headers, &query)
+}
+
+async fn certificate_versioned(
+    State(shared): State<Arc<Shared>>,
+    UrlPath((name, version)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+    Query(query): Q,
+) -> Response {
+    get_certificate(&shared, &name, Some(&version), &headers, &query)
+}
+
+fn get_certificate(
+    shared: &Shared,
+    name: &str,
+    version: Option<&str>,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Response {
+    if let Some(response) = refusal(shared, headers, query) {
+        return response;
+    }
+    if let Some(response) = denied(shared, name, "certificates/read") {
+        return response;
+    }
+    let found = shared
+        .keys
+        .find(name, version)
+        .filter(|found| found.certificate.is_some());
+    let Some(found) = found else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "CertificateNotFound",
+            &format!("A certificate with (name/id) {name} was not found in this key vault."),
+            None,
+        );
+    };
+    let der = found.certificate.as_deref().unwrap_or_default();
+    let base = shared.base.get().map_or("", String::as_str);
+    let version = &found.version;
+    Json(json!({
+        "id": format!("{base}/certificates/{name}/{version}"),
+        "kid": format!("{base}/keys/{name}/{version}"),
+        "sid": format!("{base}/secrets/{name}/{version}"),
+        "x5t": URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der)),
+        "cer": STANDARD.encode(der),
+        "attributes": attributes(found.created),
+        "tags": {}
+    }))
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::signature::UnparsedPublicKey;
+
+    #[test]
+    fn signatures_over_a_digest_verify_over_the_message_with_the_public_key() {
+        let keys = Keys::default();
+        keys.create("rsa", KeyKind::Rsa, false);
+        keys.create("ec", KeyKind::EcP256, false);
+        let message = b"header.claims";
+        let sha256 = digest::digest(&digest::SHA256, message);
+        for (name, alg, verifier) in [
+            (
+                "rsa",
+                "RS256",
+                &signature::RSA_PKCS1_2048_8192_SHA256 as &dyn signature::VerificationAlgorithm,
+            ),
+            ("rsa", "PS256", &signature::RSA_PSS_2048_8192_SHA256),
+            ("ec", "ES256", &signature::ECDSA_P256_SHA256_FIXED),
+        ] {
+            let key = keys.find(name, None).unwrap();
+            let signature = sign_digest(&key.private, alg, sha256.as_ref()).unwrap();
+            UnparsedPublicKey::new(verifier, &key.spki)
+                .verify(message, &signature)
+                .unwrap_or_else(|_| panic!("{alg} verifies"));
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The last step of the data path: what a connection authenticates with at its token
+//! endpoint. The token client asks [`Credentials`] for "what to send" and gets a
+//! [`ClientCredential`]: a client secret, or a client assertion.
+//!
+//! - [`secret`]: client secrets from an app setting or Key Vault;
+//! - [`assertion`]: `private_key_jwt` assertions signed inside Key Vault by a key or a
+//!   certificate's key;
+//! - [`federation`]: the managed identity's own token as an Entra federated credential.
+//!
+//! Key Vault objects (secrets, and the public metadata of keys and certificates) share one
+//! cache ([`cache`]): the same TTL, re-read backoff, refusal grace, re-read after a rejection
+//! and invalidation by rotation events.
+
+mod assertion;
+mod cache;
+mod error;
+mod federation;
+mod secret;
+pub(crate) mod vault;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+pub use error::{CredentialError, ObjectKind};
+pub use secret::ClientSecret;
+
+use crate::config::{
+    AssertionKey, AssertionSettings, ConnectionSettings, CredentialSource, IdentitySettings,
+    KeyVaultSettings, SecretSource,
+};
+use crate::http_client::LazyClient;
+use assertion::SigningKey;
+use cache::VaultCache;
+use vault::{Clients, Vault};
+
+/// What the token client sends to authenticate.
+pub enum ClientCredential {
+    /// Sent with Basic authentication or in the form body, per `auth_method`.
+    Secret(Arc<ClientSecret>),
+    /// Sent as `client_assertion` with the jwt-bearer `client_assertion_type`.
+    Assertion(ClientAssertion),
+}
+
+impl ClientCredential {
+    /// The Key Vault version it was made from, for log lines about rotation.
+    pub fn version(&self) -> Option<&str> {
+        match self {
+            ClientCredential::Secret(secret) => secret.version.as_deref(),
+            ClientCredential::Assertion(assertion) => assertion.version.as_deref(),
+        }
+    }
+}
+
+impl fmt::Debug for ClientCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self {
+            ClientCredential::Secret(_) => "Secret",
+            ClientCredential::Assertion(_) => "Assertion",
+        };
+        write!(f, "{kind}(version {:?}, [REDACTED])", self.version())
+    }
+}
+
+/// A client assertion: a signed JWT, or the managed identity's token. Bearer credentials
+/// both, so held as secrets.
+pub struct ClientAssertion {
+    pub value: SecretString,
+    /// The key or certificate version that signed it; `None` for federation.
+    pub version: Option<String>,
+}
+
+/// Makes credentials for connections, keeping Key Vault objects in memory.
+pub struct Credentials {
+    vault: Option<Vault>,
+    secrets: VaultCache<ClientSecret>,
+    keys: VaultCache<SigningKey>,
+    certificates: VaultCache<SigningKey>,
+}
+
+impl Credentials {
+    /// Builds the Key Vault clients lazily: no network call happens here, so that startup
+    /// stays fast for the host's readiness probe.
+    pub fn new(
+        key_vault: Option<&KeyVaultSettings>,
+        identity: &IdentitySettings,
+        http: Arc<LazyClient>,
+        ttl: Duration,
+        refusal_grace: Duration,
+    ) -> Self {
+        Self {
+            vault: key_vault.map(|settings| Vault::new(settings, identity, http)),
+            secrets: VaultCache::new(ObjectKind::Secret, ttl, refusal_grace),
+            keys: VaultCache::new(ObjectKind::Key, ttl, refusal_grace),
+            certificates: VaultCache::new(ObjectKind::Certificate, ttl, refusal_grace),
+        }
+    }
+
+    /// What `connection` sends this time: its secret (from memory when fresh), a freshly
+    /// signed assertion (one Key Vault sign; key metadata from memory when fresh), or the
+    /// managed identity's token.
+    pub async fn credential(
+        &self,
+        connection: &ConnectionSettings,
+    ) -> Result<ClientCredential, CredentialError> {
+        match &connection.credential {
+            CredentialSource::Secret(SecretSource::AppSetting { value, .. }) => {
+                Ok(ClientCredential::Secret(secret::from_app_setting(value)))
+            }
+            CredentialSource::Secret(SecretSource::KeyVault { secret_name }) => {
+                let vault = self.vault.as_ref();
+                let secret = self
+                    .secrets
+                    .get(secret_name, || secret::read(vault, secret_name))
+                    .await?;
+                Ok(ClientCredential::Secret(secret))
+            }
+            CredentialSource::Assertion(settings) => {
+                let clients = self.clients()?;
+                let (cache, name) = self.key_cache(settings);
+                let key = cache
+                    .get(name, || read_signing_key(clients, settings))
+                    .await?;
+                self.sign(clients, settings, connection, &key).await
+            }
+            CredentialSource::Federation { audience } => {
+                let assertion = federation::assertion(self.clients()?, audience).await?;
+                Ok(ClientCredential::Assertion(assertion))
+            }
+        }
+    }
+
+    /// A secret for the broker's own use (the shared cache's encryption key and Redis
+    /// password): from its app setting, or from Key Vault through the same cache as client
+    /// secrets.
+    pub async fn secret(
+        &self,
+        source: &SecretSource,
+    ) -> Result<Arc<ClientSecret>, CredentialError> {
+        match source {
+            SecretSource::AppSetting { value, .. } => Ok(secret::from_app_setting(value)),
+            SecretSource::KeyVault { secret_name } => {
+                let vault = self.vault.as_ref();
+                self.secrets
+                    .get(secret_name, || secret::read(vault, secret_name))
+                    .await
+            }
+        }
+    }
+
+    /// Called when the token endpoint refused `rejected`: re-reads Key Vault at once and
+    /// offers a credential made from another version (rotated or previous), or `None` when
+    /// there is nothing else to try.
+    pub async fn after_rejection(
+        &self,
+        connection: &ConnectionSettings,
+        rejected: &ClientCredential,
+    ) -> Option<ClientCredential> {
+        match &connection.credential {
+            CredentialSource::Secret(SecretSource::KeyVault { secret_name }) => {
+                let vault = self.vault.as_ref();
+                self.secrets
+                    .after_rejection(secret_name, rejected.version(), || {
+                        secret::read(vault, secret_name)
+                    })
+                    .await
+                    .map(ClientCredential::Secret)
+            }
+            CredentialSource::Assertion(settings) => {
+                let clients = self.clients().ok()?;
+                let (cache, name) = self.key_cache(settings);
+                let key = cache
+                    .after_rejection(name, rejected.version(), || {
+                        read_signing_key(clients, settings)
+                    })
+                    .await?;
+                self.sign(clients, settings, connection, &key)
+                    .await
+                    .inspect_err(|error| {
+                        tracing::warn!(connection = %connection.name, reason = %error, "signing with another key version failed");
+                    })
+                    .ok()
+            }
+            CredentialSource::Secret(SecretSource::AppSetting { .. })
+            | CredentialSource::Federation { .. } => None,
+        }
+    }
+
+    /// Makes the next use of the Key Vault object `name` of `kind` read it again (a rotation
+    /// event arrived). Returns whether it was cached.
+    pub fn invalidate(&self, kind: ObjectKind, name: &str) -> bool {
+        match kind {
+            ObjectKind::Secret => self.secrets.invalidate(name),
+            ObjectKind::Key => self.keys.invalidate(name),
+            ObjectKind::Certificate => self.certificates.invalidate(name),
+        }
+    }
+
+    async fn sign(
+        &self,
+        clients: &Clients,
+        settings: &AssertionSettings,
+        connection: &ConnectionSettings,
+        key: &SigningKey,
+    ) -> Result<ClientCredential, CredentialError> {
+        match assertion::sign(clients, settings, &connection.client_id, key).await {
+            Ok(assertion) => Ok(ClientCredential::Assertion(assertion)),
+            Err(error) => {
+                if error.is_definitive() {
+                    // The version may have been disabled or deleted, or the role removed:
+                    // the next fetch reads the key again rather than trusting the copy.
+                    let (cache, name) = self.key_cache(settings);
+                    cache.invalidate(name);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn key_cache<'a>(
+        &'a self,
+        settings: &'a AssertionSettings,
+    ) -> (&'a VaultCache<SigningKey>, &'a str) {
+        match &settings.key {
+            AssertionKey::KeyVaultKey(name) => (&self.keys, name),
+            AssertionKey::KeyVaultCertificate(name) => (&self.certificates, name),
+        }
+    }
+
+    fn clients(&self) -> Result<&Clients, CredentialError> {
+        self.vault
+            .as_ref()
+            .ok_or(CredentialError::NoVault)?
+            .clients()
+    }
+}
+
+async fn read_signing_key(
+    clients: &Clients,
+    settings: &AssertionSettings,
+) -> Result<SigningKey, CredentialError> {
+    match &settings.key {
+        AssertionKey::KeyVaultKey(name) => assertion::read_key(clients, name).await,
+        AssertionKey::KeyVaultCertificate(name) => assertion::read_certificate(clients, name).await,
+    }
+}
