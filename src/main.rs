@@ -72,7 +72,10 @@ fn serve() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Its own target, so that `RUST_LOG=warn,token_broker::startup=info` keeps the bound
+        // port visible (with `FUNCTIONS_CUSTOMHANDLER_PORT=0` it is the only way to learn it).
         tracing::info!(
+            target: "token_broker::startup",
             port = application.port(),
             connections,
             "token-broker listening"
