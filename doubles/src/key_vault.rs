@@ -31,6 +31,9 @@ pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 /// resource host, so that the SDK's challenge verification (on by default) accepts it. Its
 /// certificate is signed by the test CA; callers reach it through the CONNECT proxy double.
 pub const PUBLIC_HOST: &str = "tests.vault.azure.net";
+/// A name outside `vault.azure.net` the vault also has a certificate for: with challenge
+/// verification on, the SDK must refuse to send a token there.
+pub const FOREIGN_HOST: &str = "tests.vault.example";
 
 /// How the 401 challenge names what to get a token for; Key Vault sends both forms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -90,7 +93,7 @@ impl KeyVaultDouble {
         dir: &Path,
         issued: Issued,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let tls = tls::create(dir, &[PUBLIC_HOST])?;
+        let tls = tls::create(dir, &[PUBLIC_HOST, FOREIGN_HOST])?;
         let shared = Arc::new(Shared {
             issued,
             ..Default::default()

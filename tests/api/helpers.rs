@@ -377,10 +377,10 @@ pub async fn spawn_app_with(setup: Setup) -> TestApp {
         .unwrap();
     // The vault under its `vault.azure.net` name, through an egress proxy, so that Key Vault
     // challenge verification stays on (the production default).
-    let vault_proxy = ConnectProxy::start([(
-        format!("{}:443", key_vault::PUBLIC_HOST),
-        azure.vault.address(),
-    )])
+    let vault_proxy = ConnectProxy::start(
+        [key_vault::PUBLIC_HOST, key_vault::FOREIGN_HOST]
+            .map(|host| (format!("{host}:443"), azure.vault.address())),
+    )
     .await
     .unwrap();
     azure.vault.set_secret("basic-secret", TRICKY_SECRET);
@@ -725,6 +725,32 @@ impl TestApp {
     pub fn resume_stdout(&self) {
         *self.stdout_paused.0.lock().unwrap() = false;
         self.stdout_paused.1.notify_all();
+    }
+
+    /// Sends SIGTERM and returns at once.
+    pub fn send_sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for the process to end, at most `within`; its exit status, if it ended.
+    pub async fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Sends SIGTERM and waits for the process to end; returns its exit status.
