@@ -747,16 +747,19 @@ mod tests {
             }
         }
 
+        /// One scripted answer of the fake exchange.
+        type Answer = fn() -> Result<&'static str, Failure>;
+
         /// A fake exchange answering from a script; `attempts` counts its calls.
         struct Fake {
-            answers: RefCell<VecDeque<fn() -> Result<&'static str, Failure>>>,
+            answers: RefCell<VecDeque<Answer>>,
             attempts: Cell<u32>,
             /// How long each attempt takes before it answers.
             takes: Duration,
         }
 
         impl Fake {
-            fn new(answers: &[fn() -> Result<&'static str, Failure>]) -> Self {
+            fn new(answers: &[Answer]) -> Self {
                 Self {
                     answers: RefCell::new(answers.iter().copied().collect()),
                     attempts: Cell::new(0),
@@ -808,13 +811,13 @@ mod tests {
 
         #[tokio::test(start_paused = true)]
         async fn rejections_and_unusable_answers_are_not_retried() {
-            let rejected: fn() -> Result<&'static str, Failure> = || {
+            let rejected: Answer = || {
                 Err(Failure::Rejected {
                     status: 400,
                     body: None,
                 })
             };
-            let invalid: fn() -> Result<&'static str, Failure> = || {
+            let invalid: Answer = || {
                 Err(Failure::Invalid {
                     detail: "not a token".to_string(),
                 })
