@@ -80,6 +80,9 @@ fn serve() -> ExitCode {
             connections,
             "token-broker listening"
         );
+        // Out now rather than at the log writer's next interval: whoever started the broker
+        // on port 0 is waiting for this line to learn where to send requests.
+        token_broker::telemetry::flush(std::time::Duration::from_millis(250));
         match application.run_until(shutdown_signal()).await {
             Ok(()) => {
                 tracing::info!("stopped");
