@@ -72,11 +72,17 @@ fn serve() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        // Its own target, so that `RUST_LOG=warn,token_broker::startup=info` keeps the bound
+        // port visible (with `FUNCTIONS_CUSTOMHANDLER_PORT=0` it is the only way to learn it).
         tracing::info!(
+            target: "token_broker::startup",
             port = application.port(),
             connections,
             "token-broker listening"
         );
+        // Out now rather than at the log writer's next interval: whoever started the broker
+        // on port 0 is waiting for this line to learn where to send requests.
+        token_broker::telemetry::flush(std::time::Duration::from_millis(250));
         match application.run_until(shutdown_signal()).await {
             Ok(()) => {
                 tracing::info!("stopped");

@@ -141,8 +141,9 @@ impl TokenClient {
         let guard = &upstream.guard;
         // A panic past admission must still report an outcome, or a half-open circuit would
         // wait for its trial call forever; the cache turns the panic into a 500 for callers.
-        let attempt = AssertUnwindSafe(tokio::time::timeout_at(
+        let outcome = AssertUnwindSafe(within_deadline(
             deadline,
+            connection.deadline.as_secs(),
             self.request_token(upstream, scopes, secret),
         ))
         .catch_unwind()
@@ -150,15 +151,6 @@ impl TokenClient {
         .unwrap_or_else(|panic| {
             guard.record_unavailable();
             std::panic::resume_unwind(panic)
-        });
-        let outcome = attempt.unwrap_or_else(|_| {
-            Err(Failure::Unavailable {
-                detail: format!(
-                    "no token within the {}s deadline",
-                    connection.deadline.as_secs()
-                ),
-                retry_after: None,
-            })
         });
         match &outcome {
             Ok(_) => guard.record_success(),
@@ -221,31 +213,13 @@ impl TokenClient {
         secret: &ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
-        let mut attempt = 0;
-        loop {
-            let failure = match self.exchange(upstream, scopes, secret).await {
-                Err(failure @ Failure::Unavailable { .. }) => failure,
-                other => return other,
-            };
-            let Failure::Unavailable { retry_after, .. } = &failure else {
-                return Err(failure);
-            };
-            let wait = retry_wait(attempt, *retry_after);
-            if attempt >= connection.max_retries
-                || wait > MAX_RETRY_WAIT
-                || !upstream.guard.take_retry()
-            {
-                return Err(failure);
-            }
-            attempt += 1;
-            tracing::info!(
-                connection = %connection.name,
-                attempt,
-                wait_ms = wait.as_millis() as u64,
-                "retrying the token request"
-            );
-            tokio::time::sleep(wait).await;
-        }
+        with_retries(
+            &connection.name,
+            connection.max_retries,
+            || upstream.guard.take_retry(),
+            || self.exchange(upstream, scopes, secret),
+        )
+        .await
     }
 
     /// One client-credentials exchange with one credential.
@@ -325,6 +299,58 @@ impl TokenClient {
             }
         }
     }
+}
+
+/// The retry loop of `exchange_with_retries`, apart from the exchange it drives so that its
+/// policy (what is retried, how long it waits, when it stops) can be tested with a fake
+/// exchange and tokio's paused clock. `take_retry` spends one unit of the retry budget.
+async fn with_retries<T, Attempt>(
+    connection: &str,
+    max_retries: u32,
+    mut take_retry: impl FnMut() -> bool,
+    mut exchange: impl FnMut() -> Attempt,
+) -> Result<T, Failure>
+where
+    Attempt: std::future::Future<Output = Result<T, Failure>>,
+{
+    let mut attempt = 0;
+    loop {
+        let failure = match exchange().await {
+            Err(failure @ Failure::Unavailable { .. }) => failure,
+            other => return other,
+        };
+        let Failure::Unavailable { retry_after, .. } = &failure else {
+            return Err(failure);
+        };
+        let wait = retry_wait(attempt, *retry_after);
+        if attempt >= max_retries || wait > MAX_RETRY_WAIT || !take_retry() {
+            return Err(failure);
+        }
+        attempt += 1;
+        tracing::info!(
+            connection = %connection,
+            attempt,
+            wait_ms = wait.as_millis() as u64,
+            "retrying the token request"
+        );
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// `outcome`, unless `deadline` passes first: then the deadline's `Unavailable`.
+async fn within_deadline<T>(
+    deadline: Instant,
+    deadline_seconds: u64,
+    outcome: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    tokio::time::timeout_at(deadline, outcome)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Failure::Unavailable {
+                detail: format!("no token within the {deadline_seconds}s deadline"),
+                retry_after: None,
+            })
+        })
 }
 
 impl TokenSource for TokenClient {
@@ -750,5 +776,190 @@ mod tests {
         assert!(!rejected(400, Some(r#"{"error":"invalid_scope"}"#)).means_bad_secret());
         assert!(!rejected(403, None).means_bad_secret());
         assert!(!rejected(404, None).means_bad_secret());
+    }
+
+    /// The retry loop driven by a fake exchange on tokio's paused clock: what each attempt
+    /// answers comes from `answers` (the last one repeats), and every attempt is counted.
+    mod retry_loop {
+        use super::super::*;
+        use std::cell::{Cell, RefCell};
+        use std::collections::VecDeque;
+
+        fn unavailable(retry_after: Option<u64>) -> Failure {
+            Failure::Unavailable {
+                detail: "it answered HTTP 503".to_string(),
+                retry_after: retry_after.map(Duration::from_secs),
+            }
+        }
+
+        /// One scripted answer of the fake exchange.
+        type Answer = fn() -> Result<&'static str, Failure>;
+
+        /// A fake exchange answering from a script; `attempts` counts its calls.
+        struct Fake {
+            answers: RefCell<VecDeque<Answer>>,
+            attempts: Cell<u32>,
+            /// How long each attempt takes before it answers.
+            takes: Duration,
+        }
+
+        impl Fake {
+            fn new(answers: &[Answer]) -> Self {
+                Self {
+                    answers: RefCell::new(answers.iter().copied().collect()),
+                    attempts: Cell::new(0),
+                    takes: Duration::ZERO,
+                }
+            }
+
+            fn exchange(&self) -> impl std::future::Future<Output = Result<&'static str, Failure>> {
+                self.attempts.set(self.attempts.get() + 1);
+                let mut answers = self.answers.borrow_mut();
+                let answer = if answers.len() > 1 {
+                    answers.pop_front().unwrap()
+                } else {
+                    answers[0]
+                };
+                let takes = self.takes;
+                async move {
+                    tokio::time::sleep(takes).await;
+                    answer()
+                }
+            }
+        }
+
+        async fn run(fake: &Fake, max_retries: u32, budget: u32) -> Result<&'static str, Failure> {
+            let budget = Cell::new(budget);
+            let take_retry = || {
+                let left = budget.get();
+                budget.set(left.saturating_sub(1));
+                left > 0
+            };
+            with_retries("test", max_retries, take_retry, || fake.exchange()).await
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn unavailable_answers_are_retried_up_to_max_retries() {
+            let fake = Fake::new(&[|| Err(unavailable(None))]);
+            let outcome = run(&fake, 2, 100).await;
+            assert!(matches!(outcome, Err(Failure::Unavailable { .. })));
+            assert_eq!(fake.attempts.get(), 3, "the first try and two retries");
+
+            let fake = Fake::new(&[
+                || Err(unavailable(None)),
+                || Err(unavailable(None)),
+                || Ok("token"),
+            ]);
+            assert_eq!(run(&fake, 2, 100).await.unwrap(), "token");
+            assert_eq!(fake.attempts.get(), 3, "the third attempt succeeded");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn rejections_and_unusable_answers_are_not_retried() {
+            let rejected: Answer = || {
+                Err(Failure::Rejected {
+                    status: 400,
+                    body: None,
+                })
+            };
+            let invalid: Answer = || {
+                Err(Failure::Invalid {
+                    detail: "not a token".to_string(),
+                })
+            };
+            for answer in [rejected, invalid] {
+                let fake = Fake::new(&[answer]);
+                let started = Instant::now();
+                let outcome = run(&fake, 5, 100).await;
+                assert!(outcome.is_err());
+                assert!(!matches!(outcome, Err(Failure::Unavailable { .. })));
+                assert_eq!(fake.attempts.get(), 1, "asked once");
+                assert_eq!(started.elapsed(), Duration::ZERO, "no wait");
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_retry_after_within_the_limit_is_waited_out_exactly() {
+            let fake = Fake::new(&[|| Err(unavailable(Some(3))), || Ok("token")]);
+            let started = Instant::now();
+            assert_eq!(run(&fake, 2, 100).await.unwrap(), "token");
+            // The jitter of a first retry is below 200 ms, so the server's 3 s decides.
+            assert_eq!(started.elapsed(), Duration::from_secs(3));
+            assert_eq!(fake.attempts.get(), 2);
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_retry_after_above_the_limit_goes_back_to_the_caller_at_once() {
+            let above = MAX_RETRY_WAIT.as_secs() + 1;
+            assert_eq!(above, 6);
+            let fake = Fake::new(&[|| Err(unavailable(Some(6))), || Ok("token")]);
+            let started = Instant::now();
+            match run(&fake, 2, 100).await {
+                Err(Failure::Unavailable { retry_after, .. }) => {
+                    assert_eq!(
+                        retry_after,
+                        Some(Duration::from_secs(above)),
+                        "the hint is kept for the caller"
+                    );
+                }
+                other => panic!("expected the 503 with its hint, got {other:?}"),
+            }
+            assert_eq!(fake.attempts.get(), 1, "not retried");
+            assert_eq!(started.elapsed(), Duration::ZERO, "not waited out");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn an_empty_retry_budget_stops_retries_before_max_retries() {
+            let fake = Fake::new(&[|| Err(unavailable(None))]);
+            assert!(run(&fake, 5, 1).await.is_err());
+            assert_eq!(fake.attempts.get(), 2, "one retry from a budget of one");
+            let fake = Fake::new(&[|| Err(unavailable(None))]);
+            assert!(run(&fake, 5, 0).await.is_err());
+            assert_eq!(fake.attempts.get(), 1, "no budget, no retry");
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn backoff_without_a_hint_stays_under_the_doubling_jitter_ceilings() {
+            for _ in 0..20 {
+                let fake = Fake::new(&[|| Err(unavailable(None))]);
+                let started = Instant::now();
+                assert!(run(&fake, 3, 100).await.is_err());
+                assert_eq!(fake.attempts.get(), 4);
+                // Ceilings 200, 400 and 800 ms for the three waits.
+                assert!(
+                    started.elapsed() < Duration::from_millis(1400),
+                    "{:?}",
+                    started.elapsed()
+                );
+            }
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn the_deadline_bounds_retries_and_their_waits_together() {
+            // Each attempt takes 1 s and asks for 1 s more: without the deadline, 100 retries
+            // would take over three minutes.
+            let mut fake = Fake::new(&[|| Err(unavailable(Some(1)))]);
+            fake.takes = Duration::from_secs(1);
+            let started = Instant::now();
+            let outcome =
+                within_deadline(started + Duration::from_secs(3), 3, run(&fake, 100, 100)).await;
+            match outcome {
+                Err(Failure::Unavailable {
+                    detail,
+                    retry_after,
+                }) => {
+                    assert_eq!(detail, "no token within the 3s deadline");
+                    assert_eq!(retry_after, None);
+                }
+                other => panic!("expected the deadline's 503, got {other:?}"),
+            }
+            assert_eq!(
+                started.elapsed(),
+                Duration::from_secs(3),
+                "the deadline, not later"
+            );
+            // Attempt 1 at 0 s, its wait to 2 s, attempt 2 cut off at 3 s.
+            assert_eq!(fake.attempts.get(), 2);
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! `bare-server`: the physical limit the broker is measured against. It answers every request
 //! with a constant JSON body of `BARE_BODY_BYTES` bytes (the size of a broker token answer)
-//! on `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT`, on the same runtime, HTTP stack and build
+//! on `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT` (0 for any free port; the bound port is
+//! printed as `{"port":N}` on stdout either way), on the same runtime, HTTP stack and build
 //! profile as the broker, and does nothing else: no routing logic, no cache, no logging.
 
 use axum::http::header;
@@ -31,5 +32,7 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind");
+    let bound = listener.local_addr().expect("bound address").port();
+    println!("{{\"port\":{bound}}}");
     axum::serve(listener, app).await.expect("serve");
 }

@@ -31,6 +31,9 @@ pub enum Fault {
     Delay(Duration),
     /// Close the connection without answering (a reset, as the client sees it).
     Reset,
+    /// Hold the request until [`FaultProxy::release_held`], then forward it: an upstream
+    /// that hangs for exactly as long as the test needs, with no clock involved.
+    Hold,
 }
 
 struct State {
@@ -38,6 +41,10 @@ struct State {
     default: Mutex<Fault>,
     queue: Mutex<VecDeque<Fault>>,
     requests: AtomicUsize,
+    /// The request count, for tests that wait until the proxy has seen a request.
+    seen: tokio::sync::watch::Sender<usize>,
+    /// Set once by `release_held`: held requests go on.
+    released: tokio::sync::watch::Sender<bool>,
     forwarded: AtomicUsize,
     client: Client<HttpConnector, Full<Bytes>>,
 }
@@ -65,6 +72,8 @@ impl FaultProxy {
             default: Mutex::new(Fault::Pass),
             queue: Mutex::default(),
             requests: AtomicUsize::new(0),
+            seen: tokio::sync::watch::Sender::new(0),
+            released: tokio::sync::watch::Sender::new(false),
             forwarded: AtomicUsize::new(0),
             client: Client::builder(TokioExecutor::new()).build_http(),
         });
@@ -110,6 +119,20 @@ impl FaultProxy {
         self.state.requests.load(Ordering::SeqCst)
     }
 
+    /// Waits until the proxy has received at least `count` requests, for at most `within`;
+    /// returns whether it did. Woken by each request, so it neither spins nor sleeps.
+    pub async fn wait_for_requests(&self, count: usize, within: Duration) -> bool {
+        let mut seen = self.state.seen.subscribe();
+        tokio::time::timeout(within, seen.wait_for(|seen| *seen >= count))
+            .await
+            .is_ok_and(|result| result.is_ok())
+    }
+
+    /// Lets every request held by [`Fault::Hold`] (and any held later) go on.
+    pub fn release_held(&self) {
+        self.state.released.send_replace(true);
+    }
+
     /// Requests forwarded to the upstream.
     pub fn forwarded(&self) -> usize {
         self.state.forwarded.load(Ordering::SeqCst)
@@ -132,6 +155,7 @@ async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Dropped> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    state.seen.send_modify(|seen| *seen += 1);
     let fault = state
         .queue
         .lock()
@@ -160,6 +184,10 @@ async fn handle(
             return Ok(response);
         }
         Fault::Delay(delay) => tokio::time::sleep(delay).await,
+        Fault::Hold => {
+            let mut released = state.released.subscribe();
+            let _ = released.wait_for(|released| *released).await;
+        }
         Fault::Pass => {}
     }
     forward(state, request).await

@@ -46,10 +46,16 @@ pub enum Behaviour {
     Redirect302,
     /// 503 with `Retry-After` as an HTTP-date in the past (retry now).
     Unavailable503Date,
+    /// Entra's v1 endpoint: `expires_in` (and `expires_on`, `ext_expires_in`) as strings.
+    EntraV1,
+    /// Entra refusing a wrong client secret: 401 `invalid_client`, `error_codes` [7000215].
+    EntraInvalidSecret,
+    /// Entra refusing an expired client secret: 401 `invalid_client`, `error_codes` [7000222].
+    EntraExpiredSecret,
 }
 
 impl Behaviour {
-    pub const ALL: [Behaviour; 13] = [
+    pub const ALL: [Behaviour; 16] = [
         Behaviour::HugeExpiresIn,
         Behaviour::FloatExpiresIn,
         Behaviour::NegativeExpiresIn,
@@ -63,6 +69,9 @@ impl Behaviour {
         Behaviour::EmptyAccessToken,
         Behaviour::Redirect302,
         Behaviour::Unavailable503Date,
+        Behaviour::EntraV1,
+        Behaviour::EntraInvalidSecret,
+        Behaviour::EntraExpiredSecret,
     ];
 
     /// The path segment (and a fitting connection name).
@@ -81,6 +90,9 @@ impl Behaviour {
             Behaviour::EmptyAccessToken => "empty-access-token",
             Behaviour::Redirect302 => "redirect-302",
             Behaviour::Unavailable503Date => "unavailable-503-date",
+            Behaviour::EntraV1 => "entra-v1",
+            Behaviour::EntraInvalidSecret => "entra-invalid-secret",
+            Behaviour::EntraExpiredSecret => "entra-expired-secret",
         }
     }
 
@@ -96,6 +108,10 @@ const TOKEN: &str = "eyJhbGciOiJSUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJob3N0aWxlLW
 struct Shared {
     counts: Mutex<HashMap<Behaviour, usize>>,
     total: AtomicUsize,
+    /// Where `Redirect302` points: this server's `/elsewhere/token`, once the port is known.
+    elsewhere: std::sync::OnceLock<String>,
+    /// Requests that reached the redirect's target (a broker must never follow it).
+    elsewhere_hits: AtomicUsize,
 }
 
 /// A running hostile endpoint; dropping it stops it.
@@ -108,9 +124,20 @@ impl HostileIdp {
     pub async fn start() -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         let router = Router::new()
+            .route(
+                "/elsewhere/token",
+                axum::routing::any(|State(shared): State<Arc<Shared>>| async move {
+                    shared.elsewhere_hits.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::NO_CONTENT
+                }),
+            )
             .route("/{behaviour}/token", axum::routing::post(answer))
             .with_state(shared.clone());
         let server = spawn(router, 0, None).await?;
+        let _ = shared.elsewhere.set(format!(
+            "http://127.0.0.1:{}/elsewhere/token",
+            server.address.port()
+        ));
         Ok(Self { server, shared })
     }
 
@@ -132,6 +159,11 @@ impl HostileIdp {
             .get(&behaviour)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// Requests that reached the address `Redirect302` points to.
+    pub fn redirect_target_hits(&self) -> usize {
+        self.shared.elsewhere_hits.load(Ordering::SeqCst)
     }
 
     /// Token requests received, all behaviours together.
@@ -205,10 +237,10 @@ async fn answer(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> 
         ),
         Behaviour::Redirect302 => {
             let mut response = StatusCode::FOUND.into_response();
-            response.headers_mut().insert(
-                header::LOCATION,
-                HeaderValue::from_static("http://127.0.0.1:9/elsewhere/token"),
-            );
+            let target = shared.elsewhere.get().cloned().unwrap_or_default();
+            if let Ok(value) = HeaderValue::from_str(&target) {
+                response.headers_mut().insert(header::LOCATION, value);
+            }
             response
         }
         Behaviour::Unavailable503Date => {
@@ -222,5 +254,42 @@ async fn answer(State(shared): State<Arc<Shared>>, Path(name): Path<String>) -> 
             );
             response
         }
+        Behaviour::EntraV1 => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            json_body(
+                StatusCode::OK,
+                format!(
+                    r#"{{"token_type":"Bearer","expires_in":"3599","ext_expires_in":"3599","expires_on":"{}","not_before":"{now}","resource":"api://demo","access_token":"{TOKEN}"}}"#,
+                    now + 3599
+                ),
+            )
+        }
+        Behaviour::EntraInvalidSecret => entra_error(
+            7000215,
+            "AADSTS7000215: Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.",
+        ),
+        Behaviour::EntraExpiredSecret => entra_error(
+            7000222,
+            "AADSTS7000222: The provided client secret keys for app are expired.",
+        ),
     }
+}
+
+/// Entra's error answer for a client secret it refuses.
+fn entra_error(code: u64, description: &str) -> Response {
+    json_body(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({
+            "error": "invalid_client",
+            "error_description": description,
+            "error_codes": [code],
+            "timestamp": "2026-11-28 05:00:00Z",
+            "trace_id": "0e1f2a3b-0000-4000-8000-000000000001",
+            "correlation_id": "0e1f2a3b-0000-4000-8000-000000000002",
+            "error_uri": format!("https://login.microsoftonline.com/error?code={code}"),
+        })
+        .to_string(),
+    )
 }

@@ -27,6 +27,23 @@ use crate::{random_hex, tls};
 pub const RESOURCE: &str = "https://vault.azure.net";
 /// A made-up tenant for the challenge's `authorization` URL.
 pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
+/// The name the vault also answers for, as a real vault's would be: under the challenge's
+/// resource host, so that the SDK's challenge verification (on by default) accepts it. Its
+/// certificate is signed by the test CA; callers reach it through the CONNECT proxy double.
+pub const PUBLIC_HOST: &str = "tests.vault.azure.net";
+/// A name outside `vault.azure.net` the vault also has a certificate for: with challenge
+/// verification on, the SDK must refuse to send a token there.
+pub const FOREIGN_HOST: &str = "tests.vault.example";
+
+/// How the 401 challenge names what to get a token for; Key Vault sends both forms.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChallengeForm {
+    /// `authorization="<authority>", resource="https://vault.azure.net"`.
+    #[default]
+    Resource,
+    /// `authorization_uri="<authority>", scope="https://vault.azure.net/.default"`.
+    Scope,
+}
 
 /// A fault the vault answers every secret read with, until cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,6 +70,9 @@ pub(crate) struct Shared {
     /// Secrets the identity has no role on (403 ForbiddenByRbac).
     pub(crate) denied: Mutex<HashSet<String>>,
     fault: Mutex<Option<Fault>>,
+    challenge_form: Mutex<ChallengeForm>,
+    /// The bearer tokens of the requests that got past the token check, in order.
+    accepted: Mutex<Vec<String>>,
     requests: AtomicUsize,
     challenges: AtomicUsize,
     reads: AtomicUsize,
@@ -75,7 +95,7 @@ impl KeyVaultDouble {
         dir: &Path,
         issued: Issued,
     ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let tls = tls::create(dir)?;
+        let tls = tls::create(dir, &[PUBLIC_HOST, FOREIGN_HOST])?;
         let shared = Arc::new(Shared {
             issued,
             ..Default::default()
@@ -102,6 +122,28 @@ impl KeyVaultDouble {
     /// since `localhost` does not end with the challenge's `vault.azure.net`.
     pub fn uri(&self) -> String {
         format!("https://localhost:{}", self.server.address.port())
+    }
+
+    /// The vault URI under `vault.azure.net` (`https://tests.vault.azure.net`), for use with
+    /// challenge verification on: reach it through a [`crate::ConnectProxy`] that routes
+    /// `PUBLIC_HOST:443` to [`Self::address`].
+    pub fn public_uri(&self) -> String {
+        format!("https://{PUBLIC_HOST}")
+    }
+
+    /// The loopback address the vault listens on.
+    pub fn address(&self) -> std::net::SocketAddr {
+        self.server.address
+    }
+
+    /// The form of the 401 challenge from now on.
+    pub fn set_challenge_form(&self, form: ChallengeForm) {
+        *self.shared.challenge_form.lock().unwrap() = form;
+    }
+
+    /// The bearer tokens requests were accepted with, in order.
+    pub fn accepted_tokens(&self) -> Vec<String> {
+        self.shared.accepted.lock().unwrap().clone()
     }
 
     /// The CA certificate to trust (`SSL_CERT_FILE`).
@@ -196,11 +238,16 @@ pub(crate) fn error(
     (status, Json(body)).into_response()
 }
 
-fn challenge(message: &str) -> Response {
+fn challenge(form: ChallengeForm, message: &str) -> Response {
     let mut response = error(StatusCode::UNAUTHORIZED, "Unauthorized", message, None);
-    let value = format!(
-        "Bearer authorization=\"https://login.windows.net/{TENANT}\", resource=\"{RESOURCE}\""
-    );
+    let value = match form {
+        ChallengeForm::Resource => format!(
+            "Bearer authorization=\"https://login.windows.net/{TENANT}\", resource=\"{RESOURCE}\""
+        ),
+        ChallengeForm::Scope => format!(
+            "Bearer authorization_uri=\"https://login.microsoftonline.com/{TENANT}\", scope=\"{RESOURCE}/.default\""
+        ),
+    };
     response.headers_mut().insert(
         header::WWW_AUTHENTICATE,
         HeaderValue::from_str(&value).expect("static header"),
@@ -223,9 +270,11 @@ pub(crate) fn refusal(
             None,
         ));
     }
+    let form = *shared.challenge_form.lock().unwrap();
     let Some(authorization) = headers.get(header::AUTHORIZATION) else {
         shared.challenges.fetch_add(1, Ordering::SeqCst);
         return Some(challenge(
+            form,
             "AKV10000: Request is missing a Bearer or PoP token.",
         ));
     };
@@ -236,14 +285,17 @@ pub(crate) fn refusal(
         .unwrap_or_default();
     let issued = shared.issued.lock().unwrap().get(token).cloned();
     match issued {
-        None => Some(challenge("AKV10022: Invalid audience or token.")),
+        None => Some(challenge(form, "AKV10022: Invalid audience or token.")),
         Some(issued) if issued.resource.trim_end_matches('/') != RESOURCE => {
-            Some(challenge("AKV10022: Invalid audience."))
+            Some(challenge(form, "AKV10022: Invalid audience."))
         }
         Some(issued) if issued.expires_on <= now() => {
-            Some(challenge("AKV10032: Token has expired."))
+            Some(challenge(form, "AKV10032: Token has expired."))
         }
-        Some(_) => None,
+        Some(_) => {
+            shared.accepted.lock().unwrap().push(token.to_string());
+            None
+        }
     }
 }
 

@@ -1,12 +1,14 @@
 //! Faithful doubles of the Azure services token-broker talks to that have no local emulator:
 //! the App Service managed identity endpoint and Key Vault's secrets API; a fault-injecting
-//! proxy to put in front of the real identity provider; and a hostile token endpoint. They follow the
+//! proxy to put in front of the real identity provider; a CONNECT proxy that makes the vault
+//! reachable under a `vault.azure.net` name; and a hostile token endpoint. They follow the
 //! protocol facts the broker is built against (challenge flow, error bodies, string
 //! `expires_on`, TLS), so the broker reaches them through the real Azure SDK clients.
 //!
 //! One place, shared by the integration tests (in-process, so a test can add a secret version
 //! or inject a fault mid-run) and the local demo (the `token-broker-doubles` binary).
 
+pub mod connect_proxy;
 pub mod entra_keys;
 pub mod entra_token;
 pub mod fault_proxy;
@@ -17,10 +19,11 @@ pub mod managed_identity;
 pub mod serve;
 pub mod tls;
 
+pub use connect_proxy::ConnectProxy;
 pub use entra_token::EntraTokenDouble;
 pub use fault_proxy::FaultProxy;
 pub use hostile_idp::{Behaviour, HostileIdp};
-pub use key_vault::{Fault, KeyVaultDouble};
+pub use key_vault::{ChallengeForm, Fault, KeyVaultDouble};
 pub use key_vault_keys::KeyKind;
 pub use managed_identity::ManagedIdentityDouble;
 

@@ -38,6 +38,8 @@ struct Shared {
     client_id: Option<String>,
     issued: Issued,
     requests: AtomicUsize,
+    /// The `client_id` of each request (`None` when absent), in order.
+    client_ids: Mutex<Vec<Option<String>>>,
     /// When set, every request fails with this status (400 = identity not assigned,
     /// 502/504 = gateway), as App Service answers.
     failure: Mutex<Option<u16>>,
@@ -52,7 +54,9 @@ pub struct ManagedIdentityDouble {
 
 impl ManagedIdentityDouble {
     /// Starts the endpoint on `port` (0 for any). `client_id`, when given, is the only
-    /// user-assigned identity the app "has"; other client ids get App Service's 400.
+    /// identity the app "has", a user-assigned one: other client ids, and requests naming
+    /// none (which ask for a system-assigned identity the app does not have), get App
+    /// Service's 400. Without it, the app has only a system-assigned identity.
     pub async fn start(port: u16, client_id: Option<String>) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             header: random_hex(16),
@@ -85,6 +89,11 @@ impl ManagedIdentityDouble {
     /// Requests received, whatever their outcome.
     pub fn requests(&self) -> usize {
         self.shared.requests.load(Ordering::SeqCst)
+    }
+
+    /// The `client_id` each request carried (`None` when it had none), in order.
+    pub fn requested_client_ids(&self) -> Vec<Option<String>> {
+        self.shared.client_ids.lock().unwrap().clone()
     }
 
     /// Makes every request fail with `status` (or succeed again with `None`).
@@ -141,11 +150,26 @@ async fn token(
         );
     }
     let requested_client = query.get("client_id");
-    if requested_client.is_some() && requested_client != shared.client_id.as_ref() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "No User Assigned or Delegated Managed Identity found for specified ClientId/ResourceId/PrincipalId.",
-        );
+    shared
+        .client_ids
+        .lock()
+        .unwrap()
+        .push(requested_client.cloned());
+    match (requested_client, shared.client_id.as_ref()) {
+        (Some(requested), Some(assigned)) if requested == assigned => {}
+        (None, None) => {}
+        (Some(_), _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "No User Assigned or Delegated Managed Identity found for specified ClientId/ResourceId/PrincipalId.",
+            );
+        }
+        (None, Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "No MSI found for specified ClientId/ResourceId/PrincipalId (the app has no system-assigned identity).",
+            );
+        }
     }
     let lifetime = *shared.lifetime.lock().unwrap();
     let expires_on = SystemTime::now()

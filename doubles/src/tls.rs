@@ -1,5 +1,6 @@
-//! A throwaway certificate authority and a server certificate for `localhost` and
-//! `127.0.0.1`, so the Key Vault double can speak TLS: the Azure SDK refuses to send a bearer
+//! A throwaway certificate authority and a server certificate for `localhost`, `127.0.0.1`
+//! and the extra host names a double answers for (a name under `vault.azure.net`, reached
+//! through the CONNECT proxy double), so the Key Vault double can speak TLS: the Azure SDK refuses to send a bearer
 //! token over plain http. The CA's PEM goes to a file that callers pass as `SSL_CERT_FILE`.
 
 use std::path::{Path, PathBuf};
@@ -16,8 +17,12 @@ pub struct TestTls {
     pub acceptor: TlsAcceptor,
 }
 
-/// Creates the CA in `dir` (as `ca.pem`) and a server certificate for loopback names.
-pub fn create(dir: &Path) -> Result<TestTls, Box<dyn std::error::Error + Send + Sync>> {
+/// Creates the CA in `dir` (as `ca.pem`) and a server certificate for loopback names and
+/// `extra_names`.
+pub fn create(
+    dir: &Path,
+    extra_names: &[&str],
+) -> Result<TestTls, Box<dyn std::error::Error + Send + Sync>> {
     let _ = tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
 
     let ca_key = KeyPair::generate()?;
@@ -32,8 +37,12 @@ pub fn create(dir: &Path) -> Result<TestTls, Box<dyn std::error::Error + Send + 
     std::fs::write(&ca_file, ca_cert.pem())?;
 
     let server_key = KeyPair::generate()?;
-    let mut server_params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    let names = ["localhost", "127.0.0.1"]
+        .iter()
+        .chain(extra_names)
+        .map(|name| name.to_string())
+        .collect::<Vec<_>>();
+    let mut server_params = CertificateParams::new(names)?;
     server_params
         .distinguished_name
         .push(DnType::CommonName, "localhost");

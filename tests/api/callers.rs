@@ -235,6 +235,60 @@ async fn a_caller_not_listed_is_denied_and_a_listed_role_is_allowed() {
     );
 }
 
+/// The check comes before the cache: a token already in memory for a connection is no
+/// reason to hand it to a caller the connection does not list.
+#[tokio::test]
+async fn a_caller_not_listed_is_denied_even_when_the_token_is_cached() {
+    let app = jwt_app().await;
+    let listed = app.idp.caller_token("caller-app").await;
+    let unlisted = app.idp.caller_token("caller-admin").await;
+    let served = app.get_as("/api/token/guarded", &listed).await;
+    assert_eq!(served.status(), 200);
+    let cached = json(served).await["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Cached now: the listed caller gets it again without a token request.
+    let again = json(app.get_as("/api/token/guarded", &listed).await).await;
+    assert_eq!(again["access_token"], cached.as_str());
+    let token_requests = app.idp.stats().await.token_requests;
+
+    let denied = app.get_as("/api/token/guarded", &unlisted).await;
+    assert_eq!(denied.status(), 403);
+    let text = denied.text().await.unwrap();
+    assert!(
+        !text.contains(&cached),
+        "the cached token is not in the refusal"
+    );
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["error"], "access_denied");
+    assert!(body.get("access_token").is_none(), "{body}");
+    assert_eq!(
+        app.idp.stats().await.token_requests,
+        token_requests,
+        "nothing was fetched for the denied caller"
+    );
+    // A later request as a marker: records are written in order, so one for the denied
+    // caller would come before the marker's. Only the listed caller's three are there.
+    assert_eq!(
+        app.get_as("/api/token/guarded", &listed).await.status(),
+        200
+    );
+    let audit = app.audit_records_when(3).await;
+    let handed_out: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|r| (r["caller"].as_str().unwrap(), r["cache"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        handed_out,
+        [
+            ("caller-app", "miss"),
+            ("caller-app", "hit"),
+            ("caller-app", "hit")
+        ]
+    );
+}
+
 #[tokio::test]
 async fn a_forged_easy_auth_header_is_ignored_in_jwt_mode() {
     let app = jwt_app().await;

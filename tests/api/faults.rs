@@ -250,9 +250,14 @@ async fn a_rejected_client_is_remembered_instead_of_asked_again() {
 #[tokio::test]
 async fn key_vault_throttling_and_outages_are_absorbed_by_the_secret_cache() {
     let app = faulty_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
     let mut tally = Tally::default();
     assert_eq!(tally.call(&app, "/api/token/stable").await.status(), 200);
-    for fault in [VaultFault::Throttled, VaultFault::Unavailable] {
+    assert_eq!(app.azure.vault.reads(), 1);
+    for (round, fault) in [VaultFault::Throttled, VaultFault::Unavailable]
+        .into_iter()
+        .enumerate()
+    {
         app.azure.vault.set_fault(Some(fault));
         // A rotation event forces the next use to re-read the secret, which now fails.
         let event = json!({"Data": {"event": {"eventType": "Microsoft.KeyVault.SecretNearExpiry",
@@ -265,18 +270,46 @@ async fn key_vault_throttling_and_outages_are_absorbed_by_the_secret_cache() {
             .await
             .unwrap();
         assert_eq!(delivered.status(), 200);
+        let logs = body_json(delivered).await["Logs"].to_string();
+        assert!(
+            logs.contains("dropped 1 cached token(s)") && logs.contains("stable"),
+            "{fault:?}: the event was acted on: {logs}"
+        );
+        let (vault_before, idp_before) = (app.azure.vault.requests(), proxy.requests());
         let response = tally.call(&app, "/api/token/stable").await;
         assert_eq!(
             response.status(),
             200,
             "{fault:?}: the cached secret kept working"
         );
+        assert!(
+            app.azure.vault.requests() > vault_before,
+            "{fault:?}: Key Vault was asked again after the event"
+        );
+        assert_eq!(
+            app.azure.vault.reads(),
+            1,
+            "{fault:?}: and it answered no secret"
+        );
+        assert_eq!(
+            proxy.requests() - idp_before,
+            1,
+            "{fault:?}: a new token was fetched with the copy in memory"
+        );
+        let audit = app.audit_records_when(round + 2).await;
+        assert_eq!(
+            audit[round + 1]["cache"],
+            "miss",
+            "{fault:?}: the dropped token was not served from memory"
+        );
     }
     tally.report(
         "Key Vault 429 then 503 on re-read",
         app.azure.vault.requests(),
     );
-    assert_eq!(app.audit_records_when(3).await.len(), 3);
+    let audit = app.audit_records_when(3).await;
+    let caches: Vec<&str> = audit.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert_eq!(caches, ["miss", "miss", "miss"]);
 }
 
 #[tokio::test]
@@ -332,35 +365,67 @@ async fn a_caller_that_gives_up_does_not_cancel_the_fetch_others_wait_for() {
     );
 }
 
+/// The hanging connection's fetch is held at the proxy until the test lets it go, so "while
+/// it hangs" is a fact of the run, not a guess about timings.
+const HANGING: &str = r#"
+[connections.hanging]
+token_url = "{proxy_url}/token"
+client_id = "broker-short"
+client_secret = { key_vault_secret = "short-secret" }
+timeout_seconds = 60
+deadline_seconds = 60
+"#;
+
 #[tokio::test]
 async fn one_connections_outage_never_delays_another_connections_cache_hits() {
-    let app = faulty_app().await;
+    let app = spawn_app_with(Setup {
+        proxy: true,
+        extra_config: HANGING.to_string(),
+        ..Setup::default()
+    })
+    .await;
     let proxy = app.proxy.as_ref().unwrap();
     assert_eq!(app.token("demo").await.status(), 200);
-    proxy.set_default(Fault::Delay(Duration::from_secs(10)));
+    proxy.set_default(Fault::Hold);
     let hung = tokio::spawn({
-        let url = app.url("/api/token/flaky");
+        let url = app.url("/api/token/hanging");
         async move { reqwest::get(url).await.map(|r| r.status().as_u16()) }
     });
-    // Wait until the flaky fetch is really stuck at the proxy.
-    while proxy.requests() == 0 {
-        tokio::task::yield_now().await;
-    }
+    // Wait until the hanging fetch has really reached the proxy (bounded, woken by it).
+    assert!(
+        proxy.wait_for_requests(1, Duration::from_secs(30)).await,
+        "the hanging connection's fetch never reached the proxy"
+    );
     let mut tally = Tally::default();
     for _ in 0..50 {
         assert_eq!(tally.call(&app, "/api/token/demo").await.status(), 200);
     }
     assert!(
         !hung.is_finished(),
-        "the flaky fetch was still in flight throughout"
+        "all 50 hits were answered while the other fetch was held"
     );
-    tally.report("50 cache hits on demo while flaky hangs", proxy.requests());
-    assert!(
-        tally.slowest < Duration::from_millis(250),
-        "slowest hit {:?}",
-        tally.slowest
+    assert_eq!(
+        (proxy.requests(), proxy.forwarded()),
+        (1, 0),
+        "the held fetch was the only one and it was still held"
     );
-    assert_eq!(hung.await.unwrap().unwrap(), 503);
+    tally.report(
+        "50 cache hits on demo while another connection hangs",
+        proxy.requests(),
+    );
+    let audit = app.audit_records_when(51).await;
+    let demo_hits = audit
+        .iter()
+        .filter(|r| r["connection"] == "demo" && r["cache"] == "hit")
+        .count();
+    assert_eq!(demo_hits, 50, "every one of them a cache hit");
+    proxy.release_held();
+    assert_eq!(
+        hung.await.unwrap().unwrap(),
+        200,
+        "the held fetch completes once released"
+    );
+    assert_eq!(proxy.forwarded(), 1);
 }
 
 fn unix_now() -> u64 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use token_broker_doubles::AzureDoubles;
 
-use crate::helpers::{FUNCTION_KEY, Idp, IdpClient, contains_jwt, free_port};
+use crate::helpers::{FUNCTION_KEY, Idp, IdpClient, contains_jwt, wait_for_listening_port};
 
 /// The encryption key every fleet broker is given unless a test says otherwise (base64 of 32
 /// bytes), and the Key Vault secret the brokers read their client secret from.
@@ -27,6 +27,16 @@ pub struct RedisOptions {
     pub password: bool,
     /// TLS only, with a certificate from the Key Vault double's test CA.
     pub tls_dir: Option<PathBuf>,
+}
+
+/// A loopback port that was free a moment ago. Only for `redis-server`, which cannot report a
+/// port it chose itself: the race with another process is handled by `RedisServer::start`
+/// trying again when the bind fails.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
 }
 
 /// A `redis-server` process of this test, on a port of its own; killed by PID on drop.
@@ -217,12 +227,12 @@ scopes = ["write"]
             token_broker_doubles::random_hex(4)
         ));
         std::fs::write(&path, config).unwrap();
-        let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_token-broker"));
         command
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            // Port 0: the broker binds any free port and reports it in its "listening" line.
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", "0")
             .env("TOKEN_BROKER_CONFIG", &path)
             .env("IDENTITY_ENDPOINT", self.azure.identity.endpoint())
             .env("IDENTITY_HEADER", self.azure.identity.header())
@@ -248,6 +258,7 @@ scopes = ["write"]
                 }
             });
         }
+        let port = wait_for_listening_port(&mut child, &logs);
         let broker = Broker {
             child,
             address: format!("http://127.0.0.1:{port}"),

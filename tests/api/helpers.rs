@@ -2,15 +2,15 @@
 //! the Azure doubles, and reading what it logged.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::Value;
-use token_broker_doubles::AzureDoubles;
+use token_broker_doubles::{AzureDoubles, ConnectProxy, key_vault};
 
 /// Printable ASCII with every character brokers get wrong in Basic authentication.
 pub const TRICKY_SECRET: &str = "a:b %25+/=&?~ c!\"#$'()*,;<>@[\\]^`{|}";
@@ -164,12 +164,34 @@ impl Idp {
 
     /// Restarts the provider on the same port (same issuer) with new signing keys, after
     /// `change` edits its clients: a key rotation, or a client secret changed at the provider.
+    /// The port was free a moment ago but another process may take it meanwhile (or the old
+    /// socket may linger): the start is retried for up to 20 s, then the test fails saying so.
     pub fn restart(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let mut clients = self.clients.clone();
         change(&mut clients);
-        let replacement = Self::launch(self.config_path.clone(), clients, self.port);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let replacement = loop {
+            match Self::try_launch(&self.config_path, &clients, self.port) {
+                Ok(idp) => break idp,
+                Err(reason) if std::time::Instant::now() < deadline => {
+                    eprintln!(
+                        "oidc-provider restart on port {} failed ({reason}); retrying",
+                        self.port
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(reason) => panic!(
+                    "oidc-provider could not get its port {} back within 20 s, so the issuer would change: {reason}",
+                    self.port
+                ),
+            }
+        };
+        assert_eq!(
+            replacement.port, self.port,
+            "the restarted provider kept its port"
+        );
         *self = replacement;
     }
 
@@ -215,6 +237,9 @@ impl Drop for Idp {
     }
 }
 
+/// The client id of the user-assigned managed identity the standard setup names.
+pub const MANAGED_IDENTITY_CLIENT_ID: &str = "5e8c0a3e-7d41-4c1a-9b7e-0000000000c1";
+
 /// The function key every helper request carries, as the host forwards it.
 pub const FUNCTION_KEY: &str = "fk-test-function-key-7d1e0c2a";
 
@@ -230,6 +255,10 @@ pub struct TestApp {
     pub idp: Idp,
     pub azure: AzureDoubles,
     pub proxy: Option<token_broker_doubles::FaultProxy>,
+    /// The egress proxy the broker reaches `https://tests.vault.azure.net` through.
+    pub vault_proxy: ConnectProxy,
+    /// Keeps the `down` connection's port bound and refusing.
+    _refusing_socket: tokio::net::TcpSocket,
     /// Holds the configuration, CA and provider files for the test's lifetime.
     _dir: tempfile::TempDir,
 }
@@ -330,13 +359,14 @@ pub fn standard_clients() -> Vec<IdpClient> {
 pub const ROTATION_V1: &str = "rotation secret v1 /+=";
 pub const ROTATION_V2: &str = "rotation secret v2 :%&";
 
-/// Any free loopback port, as the host would pick one.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback port nothing answers on, held for as long as the returned socket lives: the
+/// socket is bound but never listens, so connecting is refused (as to a stopped server), and no
+/// other process can take the port meanwhile, which a port picked and released could not promise.
+pub fn refusing_port() -> (tokio::net::TcpSocket, u16) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    (socket, port)
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -347,7 +377,19 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(setup: Setup) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let idp = Idp::start(dir.path(), &standard_clients());
-    let azure = AzureDoubles::start(dir.path(), None).await.unwrap();
+    // A user-assigned identity, as production uses: the identity double refuses requests
+    // that do not name it.
+    let azure = AzureDoubles::start(dir.path(), Some(MANAGED_IDENTITY_CLIENT_ID.to_string()))
+        .await
+        .unwrap();
+    // The vault under its `vault.azure.net` name, through an egress proxy, so that Key Vault
+    // challenge verification stays on (the production default).
+    let vault_proxy = ConnectProxy::start(
+        [key_vault::PUBLIC_HOST, key_vault::FOREIGN_HOST]
+            .map(|host| (format!("{host}:443"), azure.vault.address())),
+    )
+    .await
+    .unwrap();
     azure.vault.set_secret("basic-secret", TRICKY_SECRET);
     azure.vault.set_secret("post-secret", &post_secret());
     azure.vault.set_secret("short-secret", "short-lived-secret");
@@ -367,7 +409,7 @@ pub async fn spawn_app_with(setup: Setup) -> TestApp {
     };
     let proxy_url = proxy.as_ref().map(|p| p.url()).unwrap_or_default();
     let token_url = &idp.token_endpoint;
-    let closed_port = free_port();
+    let (refusing_socket, closed_port) = refusing_port();
     // Caller modes fail closed: the standard connections then serve every authenticated
     // caller, on purpose.
     let open = if setup.extra_config.contains("[callers]") {
@@ -379,7 +421,7 @@ pub async fn spawn_app_with(setup: Setup) -> TestApp {
         r#"
 [key_vault]
 uri = "${{KEY_VAULT_URI}}"
-verify_challenge_resource = false
+managed_identity_client_id = "${{MANAGED_IDENTITY_CLIENT_ID}}"
 
 [connections.demo]
 token_url = "{token_url}"
@@ -452,21 +494,25 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
     let config_path = dir.path().join("broker.toml");
     std::fs::write(&config_path, config).unwrap();
 
-    let port = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_token-broker"));
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+        // Port 0: the broker binds any free port and reports it, so no port is picked here
+        // and bound later (a race between the parallel test processes).
+        .env("FUNCTIONS_CUSTOMHANDLER_PORT", "0")
         .env("FUNCTIONS_APP_ROOT_PATH", dir.path())
         .env("TOKEN_BROKER_CONFIG", &config_path)
         .env("IDENTITY_ENDPOINT", azure.identity.endpoint())
         .env("IDENTITY_HEADER", azure.identity.header())
-        .env("KEY_VAULT_URI", azure.vault.uri())
+        .env("KEY_VAULT_URI", azure.vault.public_uri())
+        .env("MANAGED_IDENTITY_CLIENT_ID", MANAGED_IDENTITY_CLIENT_ID)
+        .env("HTTPS_PROXY", vault_proxy.url())
+        .env("NO_PROXY", "127.0.0.1,localhost")
         .env("SSL_CERT_FILE", azure.vault.ca_file())
         .env("DEMO_CLIENT_ID", "broker-basic")
         .env("SETTING_SECRET", setting_secret())
-        .env("RUST_LOG", setup.rust_log)
+        .env("RUST_LOG", rust_log(setup.rust_log))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (name, value) in &setup.extra_env {
@@ -505,9 +551,12 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
             }
         }));
     }
+    let port = wait_for_listening_port(&mut child, &logs);
     let app = TestApp {
         child,
         log_readers,
+        _refusing_socket: refusing_socket,
+        vault_proxy,
         address: format!("http://127.0.0.1:{port}"),
         http: reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
@@ -522,6 +571,47 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
     };
     app.wait_until_ready().await;
     app
+}
+
+/// `RUST_LOG` for the broker: the test's level, with the "listening" line (which names the
+/// port) kept when that level would hide it.
+fn rust_log(level: &str) -> String {
+    if ["trace", "debug", "info"].contains(&level) {
+        level.to_string()
+    } else {
+        format!("{level},token_broker::startup=info")
+    }
+}
+
+/// The port the broker reports in its "token-broker listening" line, waited for at most 30 s.
+/// Fails at once, with the log, when the broker exits instead.
+pub fn wait_for_listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> u16 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let port = logs.lock().unwrap().iter().find_map(|line| {
+            let record: Value = serde_json::from_str(line).ok()?;
+            (record["message"] == "token-broker listening").then(|| record["port"].as_u64())?
+        });
+        if let Some(port) = port {
+            return u16::try_from(port).expect("a port number");
+        }
+        let exited = child.try_wait().unwrap();
+        if exited.is_some() || std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Let the readers take in what the process wrote last.
+            std::thread::sleep(Duration::from_millis(100));
+            panic!(
+                "the broker {} without a \"token-broker listening\" line with its port; logs:\n{}",
+                match exited {
+                    Some(status) => format!("exited ({status})"),
+                    None => "ran for 30 s".to_string(),
+                },
+                logs.lock().unwrap().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 impl TestApp {
@@ -644,6 +734,32 @@ impl TestApp {
         self.stdout_paused.1.notify_all();
     }
 
+    /// Sends SIGTERM and returns at once.
+    pub fn send_sigterm(&self) {
+        let pid = self.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    /// Waits for the process to end, at most `within`; its exit status, if it ended.
+    pub async fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Sends SIGTERM and waits for the process to end; returns its exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
@@ -654,9 +770,10 @@ impl TestApp {
 
 impl TestApp {
     /// Every credential this test's traffic involved, in the forms a careless log line
-    /// would show: client secrets (plain and form-encoded), the function key, and the
-    /// managed identity's tokens. Access and caller tokens are JWTs, found by their shape.
-    fn credentials(&self) -> Vec<String> {
+    /// would show: client secrets (plain and form-encoded), their Basic credentials, the
+    /// function key, and the managed identity's tokens. Access and caller tokens are JWTs,
+    /// found by their shape.
+    pub fn credentials(&self) -> Vec<String> {
         let mut needles: Vec<String> = [
             TRICKY_SECRET,
             "short-lived-secret",
@@ -670,11 +787,26 @@ impl TestApp {
         .map(|s| s.to_string())
         .chain([post_secret(), setting_secret()])
         .collect();
-        let encoded: Vec<String> = needles
-            .iter()
-            .map(|s| url::form_urlencoded::byte_serialize(s.as_bytes()).collect())
-            .collect();
+        let form =
+            |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+        // The Basic credential (RFC 6749 §2.3.1: base64 of the form-encoded `id:secret`, and
+        // the unencoded form careless clients use) of every client id with every secret, so a
+        // logged `Authorization` header is found whichever connection sent it.
+        let client_ids: Vec<&str> = standard_clients().iter().map(|c| c.client_id).collect();
+        let mut basic = Vec::new();
+        for id in &client_ids {
+            for secret in &needles {
+                for credential in [
+                    format!("{}:{}", form(id), form(secret)),
+                    format!("{id}:{secret}"),
+                ] {
+                    basic.push(base64::engine::general_purpose::STANDARD.encode(credential));
+                }
+            }
+        }
+        let encoded: Vec<String> = needles.iter().map(|s| form(s)).collect();
         needles.extend(encoded);
+        needles.extend(basic);
         needles.extend(self.azure.identity.issued().lock().unwrap().keys().cloned());
         needles
     }

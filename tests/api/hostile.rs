@@ -87,10 +87,13 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
     let hostile = HostileIdp::start().await.unwrap();
     let mut extra = String::new();
     for behaviour in Behaviour::ALL {
-        let secret = if behaviour == Behaviour::Empty401 {
-            "hostile-401-secret"
-        } else {
-            "basic-secret"
+        // Answers that take the rotation path get a secret of their own, so that the Key
+        // Vault reads counted for them are theirs.
+        let secret = match behaviour {
+            Behaviour::Empty401 => "hostile-401-secret",
+            Behaviour::EntraInvalidSecret => "hostile-7000215-secret",
+            Behaviour::EntraExpiredSecret => "hostile-7000222-secret",
+            _ => "basic-secret",
         };
         extra.push_str(&format!(
             "\n[connections.{name}]\ntoken_url = \"{url}\"\nclient_id = \"broker-basic\"\nclient_secret = {{ key_vault_secret = \"{secret}\" }}\n",
@@ -103,7 +106,13 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
         ..Setup::default()
     })
     .await;
-    app.azure.vault.set_secret("hostile-401-secret", "v1");
+    for secret in [
+        "hostile-401-secret",
+        "hostile-7000215-secret",
+        "hostile-7000222-secret",
+    ] {
+        app.azure.vault.set_secret(secret, "v1");
+    }
 
     let mut first_round: Vec<u16> = Vec::new();
     for behaviour in Behaviour::ALL {
@@ -166,6 +175,34 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
                 assert_eq!(status, 502, "{behaviour:?}: {body}");
                 assert_eq!(body["error"], "upstream_rejected", "{behaviour:?}");
                 assert_eq!(requests, 1, "{behaviour:?}: not retried");
+                assert_eq!(
+                    hostile.redirect_target_hits(),
+                    0,
+                    "{behaviour:?}: the redirect was not followed"
+                );
+            }
+            Behaviour::EntraV1 => {
+                // `expires_in` as a string, as Entra's v1 endpoint sends it, is the lifetime.
+                assert_eq!(status, 200, "{body}");
+                let expires_in = body["expires_in"].as_u64().unwrap();
+                assert!((3590..=3599).contains(&expires_in), "{body}");
+                assert_eq!(requests, 1);
+            }
+            Behaviour::EntraInvalidSecret | Behaviour::EntraExpiredSecret => {
+                assert_eq!(status, 502, "{behaviour:?}: {body}");
+                assert_eq!(body["error"], "upstream_rejected", "{behaviour:?}");
+                assert_eq!(body["upstream_error"], "invalid_client", "{behaviour:?}");
+                let description = body["error_description"].as_str().unwrap();
+                assert!(
+                    !description.contains("AADSTS"),
+                    "{behaviour:?}: the IdP's own words stay in the log: {description}"
+                );
+                assert_eq!(requests, 1, "{behaviour:?}: no other version to try");
+                assert_eq!(
+                    app.azure.vault.reads() - reads_before,
+                    2,
+                    "{behaviour:?}: a refused secret takes the rotation path: read again"
+                );
             }
             Behaviour::Unavailable503Date => {
                 assert_eq!(status, 503, "{body}");
@@ -207,6 +244,21 @@ async fn a_hostile_token_endpoint_gets_documented_answers_and_no_panic() {
         hostile.total_requests() > before,
         "the failing ones were asked again"
     );
+    assert_eq!(
+        (
+            hostile.requests(Behaviour::Redirect302),
+            hostile.redirect_target_hits()
+        ),
+        (2, 0),
+        "asked twice, and its redirect target never"
+    );
+    for behaviour in [Behaviour::EntraInvalidSecret, Behaviour::EntraExpiredSecret] {
+        assert_eq!(
+            hostile.requests(behaviour),
+            1,
+            "{behaviour:?}: the refusal is remembered (negative cache)"
+        );
+    }
     let records = app
         .log_records_when(|r| {
             r["message"]

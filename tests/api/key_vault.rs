@@ -8,7 +8,7 @@ use token_broker_doubles::Fault;
 use crate::helpers::{Setup, TestApp, json as body_json, spawn_app, spawn_app_with};
 
 /// Marks `secret` stale the way a Key Vault event does, so the next fetch reads Key Vault.
-async fn secret_changed(app: &TestApp, secret: &str) {
+pub async fn secret_changed(app: &TestApp, secret: &str) {
     let event = json!({
         "id": "7e3e4b44-0000-4000-8000-00000000000a",
         "subject": secret,

@@ -13,6 +13,7 @@ mod helpers;
 mod hostile;
 mod key_vault;
 mod openapi;
+mod production;
 mod rotation;
 mod secrecy;
 mod secretless;

@@ -1,5 +1,7 @@
 //! The secret never leaves: not in a response, not in a log line at any level.
 
+use base64::Engine as _;
+
 use crate::helpers::{Setup, TRICKY_SECRET, post_secret, setting_secret, spawn_app_with};
 
 #[tokio::test]
@@ -95,4 +97,16 @@ async fn secrets_tokens_and_function_keys_never_reach_the_trace_log() {
         );
         assert!(!line.contains("Basic "), "{line}");
     }
+    // The Basic credential the demo connection really sends (RFC 6749 §2.3.1: base64 of the
+    // form-encoded `client_id:secret`) is among what every test's leak scan looks for, and
+    // no line holds any of them.
+    let form = |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+    let sent = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        form("broker-basic"),
+        form(TRICKY_SECRET)
+    ));
+    assert!(app.credentials().contains(&sent));
+    let leaks = app.leaks();
+    assert!(leaks.is_empty(), "{}", leaks.join("\n"));
 }

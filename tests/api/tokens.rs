@@ -3,7 +3,7 @@ use std::time::Duration;
 use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, jwk::JwkSet};
 use serde_json::Value;
 
-use crate::helpers::{RESOURCE, json, spawn_app};
+use crate::helpers::{MANAGED_IDENTITY_CLIENT_ID, RESOURCE, json, spawn_app};
 
 /// Verifies an access token against the provider's published JWKS.
 async fn verify(app: &crate::helpers::TestApp, token: &str) -> Value {
@@ -47,10 +47,18 @@ async fn a_token_is_served_and_verifies_against_the_providers_jwks() {
     let claims = verify(&app, body["access_token"].as_str().unwrap()).await;
     assert_eq!(claims["client_id"], "broker-basic");
     assert!(claims["exp"].as_u64().unwrap().abs_diff(expires_on) <= 2);
-    // The secret came from Key Vault through the challenge flow and the managed identity.
+    // The secret came from Key Vault through the challenge flow and the managed identity:
+    // production's path, with the vault under `vault.azure.net` reached through the egress
+    // proxy (challenge verification on) and the user-assigned identity named.
     assert_eq!(app.azure.vault.challenges(), 1);
     assert_eq!(app.azure.vault.reads(), 1);
     assert_eq!(app.azure.identity.requests(), 1);
+    assert_eq!(
+        app.azure.identity.requested_client_ids(),
+        [Some(MANAGED_IDENTITY_CLIENT_ID.to_string())]
+    );
+    assert!(app.vault_proxy.tunnels("tests.vault.azure.net:443") >= 1);
+    assert_eq!(app.vault_proxy.refused(), 0);
 }
 
 #[tokio::test]
@@ -100,16 +108,28 @@ async fn a_second_request_is_a_cache_hit() {
 #[tokio::test]
 async fn a_requested_scope_overrides_the_default_and_is_cached_apart() {
     let app = spawn_app().await;
+    // The connection's default (`scopes = ["read"]`), then the same scope asked for.
+    let default = json(app.get("/api/token/demo").await).await;
+    assert_eq!(default["scope"], "read");
     let read = json(app.get("/api/token/demo?scope=read").await).await;
+    assert_eq!(
+        read["access_token"], default["access_token"],
+        "asking for the default's scope is the default's cache entry"
+    );
     let both = json(app.get("/api/token/demo?scope=write%20read").await).await;
     let both_again = json(app.get("/api/token/demo?scope=read+write").await).await;
     assert_eq!(both["scope"], "read write");
     assert_ne!(read["access_token"], both["access_token"]);
+    assert_ne!(default["access_token"], both["access_token"]);
     assert_eq!(
         both["access_token"], both_again["access_token"],
         "scope order does not matter"
     );
-    assert_eq!(app.idp.stats().await.token_requests, 2);
+    assert_eq!(
+        app.idp.stats().await.token_requests,
+        2,
+        "one request for the default (read), one for read write"
+    );
 }
 
 #[tokio::test]
@@ -135,6 +155,23 @@ async fn two_hundred_concurrent_cold_requests_cause_one_token_request() {
     );
     assert_eq!(stats.token_requests, 1);
     assert_eq!(app.azure.vault.reads(), 1);
+    // The audit trail tells the same story: 200 tokens handed out, all one token; the callers
+    // that waited for the one fetch are the misses, every later one a hit.
+    let audit = app.audit_records_when(200).await;
+    assert_eq!(audit.len(), 200);
+    let fingerprints: std::collections::HashSet<&str> = audit
+        .iter()
+        .map(|r| r["fingerprint"].as_str().unwrap())
+        .collect();
+    assert_eq!(fingerprints.len(), 1, "one token in 200 records");
+    let misses = audit.iter().filter(|r| r["cache"] == "miss").count();
+    let hits = audit.iter().filter(|r| r["cache"] == "hit").count();
+    println!(
+        "single flight: audit records {} misses, {} hits",
+        misses, hits
+    );
+    assert_eq!(misses + hits, 200, "every record is a miss or a hit");
+    assert!(misses >= 1, "the first caller waited for the fetch");
 }
 
 #[tokio::test]
