@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::caller_check::CallerCheck;
 use crate::config::{ConnectionName, ConnectionSettings};
 use crate::secret_source::SecretStore;
+use crate::stats::{ConnectionStats, connection_stats};
 use crate::token_cache::{CacheKey, TokenCache};
 use crate::token_client::TokenClient;
 
@@ -24,6 +25,9 @@ pub struct AppState {
     /// Each connection's cache key for its default scopes, built once: most requests name no
     /// scope, and this keeps their path free of allocations.
     pub default_keys: Arc<BTreeMap<ConnectionName, CacheKey>>,
+    /// What each connection's requests observed (the last token handed out), for
+    /// `/api/health`; looked up once here so a request does not search the stats registry.
+    pub observed: Arc<BTreeMap<ConnectionName, Arc<ConnectionStats>>>,
 }
 
 impl AppState {
@@ -38,6 +42,10 @@ impl AppState {
             .iter()
             .map(|(key, connection)| (key.clone(), CacheKey::new(key, connection.scopes.clone())))
             .collect();
+        let observed = connections
+            .keys()
+            .map(|key| (key.clone(), connection_stats(key.as_str())))
+            .collect();
         Self {
             cache,
             secrets,
@@ -45,6 +53,7 @@ impl AppState {
             token_client,
             connections,
             default_keys: Arc::new(default_keys),
+            observed: Arc::new(observed),
         }
     }
 

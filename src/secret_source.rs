@@ -385,6 +385,7 @@ impl SecretStore {
         let response = vault
             .get_secret(name, None::<SecretClientGetSecretOptions<'_>>)
             .await
+            .map_or_else(crate::stats::key_vault_failed, crate::stats::key_vault_read)
             .map_err(|error| classify(name, &error))?;
         let secret = response
             .into_model()

@@ -26,7 +26,7 @@ use crate::secret_source::{ClientSecret, SecretStore};
 use crate::token::{FreshToken, TokenError};
 use crate::token_cache::{CacheKey, TokenSource};
 use crate::token_response::BrokerTokenResponse;
-use crate::upstream_guard::{GuardSettings, Refusal, Rejection, UpstreamGuard};
+use crate::upstream_guard::{BreakerState, GuardSettings, Refusal, Rejection, UpstreamGuard};
 
 /// Largest token-endpoint answer the broker reads; real ones are a few KiB.
 const MAX_RESPONSE_BYTES: usize = 256 * 1024;
@@ -95,6 +95,11 @@ impl TokenClient {
         if let Some(upstream) = self.upstreams.get(connection) {
             upstream.guard.clear_rejection();
         }
+    }
+
+    /// Where `connection`'s (lower-cased name) circuit breaker stands; read-only.
+    pub fn breaker(&self, connection: &str) -> Option<BreakerState> {
+        self.upstreams.get(connection).map(|u| u.guard.breaker())
     }
 
     /// A token for the connection with `scopes`, within the connection's deadline.
@@ -296,7 +301,8 @@ impl TokenSource for TokenClient {
                 .upstreams
                 .get(key.connection())
                 .ok_or_else(|| TokenError::UnknownConnection(key.connection().to_string()))?;
-            self.fetch_within_deadline(upstream, key.scopes()).await
+            let fetch = self.fetch_within_deadline(upstream, key.scopes());
+            crate::stats::timed_fetch(key.connection(), fetch).await
         })
     }
 }
