@@ -34,6 +34,9 @@ param deployerPrincipalId string
 @allowed(['User', 'ServicePrincipal', 'Group'])
 param deployerPrincipalType string = 'User'
 
+@description('E-mail address the operations alerts (token endpoint failures, secret_unavailable, open circuit breakers, Key Vault near expiry) are sent to; empty: they fire in the portal only.')
+param alertEmail string = ''
+
 @description('Subscribe `function-rotation` to the vault\'s secret, key and certificate events. Set it only once the package is deployed: Event Grid checks that the destination function exists when it creates the subscription.')
 param subscribeRotationEvents bool = false
 
@@ -107,7 +110,20 @@ module functionApp 'modules/functionapp.bicep' = {
   }
 }
 
-// After the package is deployed: Key Vault events to `function-rotation`.
+// The operator's workbook and alert rules over the broker's audit and stats lines.
+module operations 'modules/operations.bicep' = {
+  name: 'operations'
+  params: {
+    name: '${base}-${suffix}'
+    location: location
+    tags: tags
+    appInsightsId: monitoring.outputs.appInsightsId
+    alertEmail: alertEmail
+  }
+}
+
+// After the package is deployed: Key Vault events to `function-rotation`, and the vault's
+// near-expiry events to Azure Monitor as alerts.
 module rotationEvents 'modules/rotation-events.bicep' = if (subscribeRotationEvents) {
   name: 'rotation-events'
   params: {
@@ -115,6 +131,7 @@ module rotationEvents 'modules/rotation-events.bicep' = if (subscribeRotationEve
     functionAppName: functionApp.outputs.name
     location: location
     tags: tags
+    alertActionGroups: operations.outputs.actionGroupIds
   }
 }
 
@@ -125,3 +142,4 @@ output keyVaultUri string = vault.outputs.uri
 output identityClientId string = identity.properties.clientId
 output identityPrincipalId string = identity.properties.principalId
 output deploymentContainerUrl string = storage.outputs.deploymentContainerUrl
+output workbookId string = operations.outputs.workbookId

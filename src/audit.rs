@@ -243,8 +243,9 @@ struct Span<'a> {
     name: &'static str,
 }
 
-/// The record as one JSON line, newline included; `since` marks an aggregated record.
-fn format_line(record: &AuditRecord<'_>, since: Option<&str>, now: SystemTime) -> Vec<u8> {
+/// The record as one JSON line, newline included; `since` marks an aggregated record. Public
+/// for the deployment checks, which hold the workbook's queries to the fields written here.
+pub fn format_line(record: &AuditRecord<'_>, since: Option<&str>, now: SystemTime) -> Vec<u8> {
     let line = Line {
         timestamp: rfc3339_micros(now),
         level: "INFO",

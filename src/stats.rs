@@ -36,7 +36,7 @@ const STATUSES: [&str; 12] = [
     "200", "400", "401", "403", "404", "405", "413", "414", "431", "500", "502", "503",
 ];
 /// The documented error codes (README "Errors"); anything else is counted as `other`.
-const ERROR_CODES: [&str; 12] = [
+pub const ERROR_CODES: [&str; 12] = [
     "unknown_connection",
     "not_found",
     "invalid_request",
@@ -52,7 +52,7 @@ const ERROR_CODES: [&str; 12] = [
 ];
 const CACHE_OUTCOMES: [&str; 3] = ["hit", "miss", "stale"];
 /// How a token fetch ended, by the error the caller would see.
-const FETCH_RESULTS: [&str; 6] = [
+pub const FETCH_RESULTS: [&str; 6] = [
     "ok",
     "rejected",
     "unavailable",

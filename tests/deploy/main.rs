@@ -6,6 +6,7 @@
 
 mod apim;
 mod bicep;
+mod operations;
 mod rotation;
 mod smoke_test;
 
