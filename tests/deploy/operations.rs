@@ -216,3 +216,27 @@ fn the_workbook_shows_what_an_operator_asks_and_the_rules_cover_the_failures() {
     assert!(module.contains("appInsightsId: monitoring.outputs.appInsightsId"));
     assert!(main.contains("alertActionGroups: operations.outputs.actionGroupIds"));
 }
+
+#[test]
+fn the_readme_explains_every_field_of_the_stats_line() {
+    let section = crate::readme_section("## Operating it");
+    let line = stats_line(
+        &Snapshot::default(),
+        Duration::from_secs(60),
+        &[],
+        SystemTime::now(),
+    );
+    let value: Value = serde_json::from_slice(&line).unwrap();
+    for field in value.as_object().unwrap().keys() {
+        if ["timestamp", "level", "message", "target"].contains(&field.as_str()) {
+            continue;
+        }
+        assert!(
+            section.contains(&format!("`{field}`")),
+            "README \"Operating it\" does not explain `{field}`"
+        );
+    }
+    for needle in ["GET /api/health", "stats_interval_seconds", "MonitorAlert"] {
+        assert!(section.contains(needle), "{needle}");
+    }
+}
