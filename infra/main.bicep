@@ -48,6 +48,9 @@ param signingKeyHsm bool = false
 @description('Existing Key Vault certificates used as Entra certificate credentials (`key_vault_certificate`): the identity gets `Key Vault Crypto User` on each one\'s key.')
 param signingCertificateNames array = []
 
+@description('E-mail address the operations alerts (token endpoint failures, secret_unavailable, open circuit breakers, Key Vault near expiry) are sent to; empty: they fire in the portal only.')
+param alertEmail string = ''
+
 @description('Subscribe `function-rotation` to the vault\'s secret, key and certificate events. Set it only once the package is deployed: Event Grid checks that the destination function exists when it creates the subscription.')
 param subscribeRotationEvents bool = false
 
@@ -162,7 +165,20 @@ module functionApp 'modules/functionapp.bicep' = {
   }
 }
 
-// After the package is deployed: Key Vault events to `function-rotation`.
+// The operator's workbook and alert rules over the broker's audit and stats lines.
+module operations 'modules/operations.bicep' = {
+  name: 'operations'
+  params: {
+    name: '${base}-${suffix}'
+    location: location
+    tags: tags
+    appInsightsId: monitoring.outputs.appInsightsId
+    alertEmail: alertEmail
+  }
+}
+
+// After the package is deployed: Key Vault events to `function-rotation`, and the vault's
+// near-expiry events to Azure Monitor as alerts.
 module rotationEvents 'modules/rotation-events.bicep' = if (subscribeRotationEvents) {
   name: 'rotation-events'
   params: {
@@ -170,6 +186,7 @@ module rotationEvents 'modules/rotation-events.bicep' = if (subscribeRotationEve
     functionAppName: functionApp.outputs.name
     location: location
     tags: tags
+    alertActionGroups: operations.outputs.actionGroupIds
   }
 }
 
@@ -181,3 +198,4 @@ output identityClientId string = identity.properties.clientId
 output identityPrincipalId string = identity.properties.principalId
 output redisUrl string = sharedCache ? redis.outputs.url : ''
 output deploymentContainerUrl string = storage.outputs.deploymentContainerUrl
+output workbookId string = operations.outputs.workbookId

@@ -8,6 +8,7 @@ use crate::cache::{CacheKey, SharedTier, TokenCache};
 use crate::caller_check::CallerCheck;
 use crate::config::{ConnectionName, ConnectionSettings};
 use crate::credentials::Credentials;
+use crate::stats::{ConnectionStats, connection_stats};
 use crate::token_client::TokenClient;
 
 /// What every request handler shares.
@@ -27,6 +28,9 @@ pub struct AppState {
     /// The shared Redis tier under the cache, when configured: a rotation event is announced
     /// through it to every instance.
     pub shared: Option<Arc<SharedTier>>,
+    /// What each connection's requests observed (the last token handed out), for
+    /// `/api/health`; looked up once here so a request does not search the stats registry.
+    pub observed: Arc<BTreeMap<ConnectionName, Arc<ConnectionStats>>>,
 }
 
 impl AppState {
@@ -41,6 +45,10 @@ impl AppState {
             .iter()
             .map(|(key, connection)| (key.clone(), CacheKey::new(key, connection.scopes.clone())))
             .collect();
+        let observed = connections
+            .keys()
+            .map(|key| (key.clone(), connection_stats(key.as_str())))
+            .collect();
         Self {
             cache,
             credentials,
@@ -49,6 +57,7 @@ impl AppState {
             connections,
             default_keys: Arc::new(default_keys),
             shared: None,
+            observed: Arc::new(observed),
         }
     }
 

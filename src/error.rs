@@ -238,6 +238,9 @@ impl IntoResponse for ApiError {
             upstream_error,
         };
         let mut response = (status, Json(body)).into_response();
+        response
+            .extensions_mut()
+            .insert(crate::stats::ErrorCode(code));
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {

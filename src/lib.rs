@@ -2,8 +2,9 @@
 //!
 //! The modules follow a request along the data path:
 //!
-//! - [`routes`]: the HTTP API the Functions host forwards to (`/api/token/{connection}`),
-//!   with [`error`] mapping every failure to the documented JSON contract;
+//! - [`routes`]: the HTTP API the Functions host forwards to (`/api/token/{connection}`, and
+//!   [`health`] for operators), with [`error`] mapping every failure to the documented JSON
+//!   contract;
 //! - [`caller_check`]: who is asking (JWT or Easy Auth) and whether they may use the connection;
 //! - [`cache`]: tokens in memory ([`token`]: what a fetch yields), refreshed ahead of expiry, one
 //!   fetch per cold key, over an optional shared Redis tier that makes a fleet fetch once;
@@ -14,7 +15,8 @@
 //!   a client assertion signed inside Key Vault, or the managed identity's own token.
 //!
 //! Around them: [`config`] (the validated `broker.toml`), [`http_client`] (the one outgoing
-//! HTTP stack), [`telemetry`] (JSON logs; [`audit`] writes the per-token line), [`startup`] (wiring and the listener) and
+//! HTTP stack), [`telemetry`] (JSON logs; [`audit`] accounts for every token handed out,
+//! [`stats`] writes the counters every interval), [`startup`] (wiring and the listener) and
 //! [`rotation`] (Key Vault events that make a rotated secret, key or certificate take effect at once).
 
 pub mod app_state;
@@ -24,10 +26,12 @@ pub mod caller_check;
 pub mod config;
 pub mod credentials;
 pub mod error;
+pub mod health;
 pub mod http_client;
 pub mod rotation;
 pub mod routes;
 pub mod startup;
+pub mod stats;
 pub mod telemetry;
 pub mod token;
 /// The cache's former path, kept for the fuzz target and other outside users.

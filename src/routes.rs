@@ -1,5 +1,6 @@
-//! The HTTP API, as the Azure Functions host forwards it: `GET /` for readiness, and
-//! `GET|POST /api/token/{connection}` for tokens. Everything else is a JSON 404.
+//! The HTTP API, as the Azure Functions host forwards it: `GET /` for readiness,
+//! `GET|POST /api/token/{connection}` for tokens, `GET /api/health` for operators (see
+//! `health`). Everything else is a JSON 404.
 //!
 //! The token route is matched by hand rather than by axum's router because the host matches
 //! routes case-insensitively (`/API/Token/x` reaches us as the client typed it) and because an
@@ -18,11 +19,13 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app_state::AppState;
-use crate::cache::{CacheKey, panic_message};
+use crate::cache::{CacheKey, CacheOutcome, panic_message};
 use crate::caller_check;
 use crate::config::ScopeToken;
 use crate::error::ApiError;
+use crate::health;
 use crate::rotation;
+use crate::stats::{self, ErrorCode};
 
 /// Most scopes one request may name, and the longest `scope` value accepted.
 const MAX_SCOPES: usize = 32;
@@ -71,12 +74,19 @@ async fn traced(State(state): State<AppState>, request: Request<Body>) -> Respon
         method = request.method().as_str(),
         path = truncate(request.uri().path(), 200),
     );
+    // The host's readiness probes of `/` (every 25 ms at start, then its health pings) are not
+    // requests anyone made: they stay out of the counts.
+    let readiness_probe = request.uri().path() == "/";
     let started = tokio::time::Instant::now();
     let response = answer_even_on_panic(
         dispatch(&state, request, invocation_id(invocation.as_ref())).instrument(span.clone()),
         &span,
     )
     .await;
+    if !readiness_probe {
+        let code = response.extensions().get::<ErrorCode>().map(|code| code.0);
+        stats::record_response(response.status().as_u16(), code);
+    }
     if tracing::enabled!(tracing::Level::DEBUG) {
         let _entered = span.enter();
         tracing::debug!(
@@ -137,6 +147,12 @@ async fn dispatch(state: &AppState, request: Request<Body>, invocation_id: &str)
             return ApiError::MethodNotAllowed("POST").into_response();
         }
         return rotation::handle(state, body).await;
+    }
+    if uri.path().eq_ignore_ascii_case(health::PATH) {
+        if method != Method::GET {
+            return ApiError::MethodNotAllowed("GET").into_response();
+        }
+        return health::answer(state);
     }
     let Some(connection) = token_route(uri.path()) else {
         return ApiError::NotFound.into_response();
@@ -292,17 +308,29 @@ async fn serve_token(
         .await
         .map_err(|error| ApiError::from(error.as_ref()))?;
     let now = tokio::time::Instant::now();
-    crate::audit::record(&crate::audit::AuditRecord {
+    stats::record_cache_outcome(outcome.as_str());
+    if let Some(observed) = state.observed.get(key_name) {
+        observed.handed_out(token.expires_on, outcome == CacheOutcome::Stale);
+    }
+    let record = crate::audit::AuditRecord {
         connection: &connection.name,
         caller: caller.audit_name(),
         scopes: key.scopes_display(),
         cache: outcome.as_str(),
         expires_on: token.expires_on,
         fingerprint: &token.fingerprint,
+        count: 1,
         invocation_id: label.invocation_id,
         method: label.method,
         path: label.path,
-    });
+    };
+    // Hits are counted and written once per interval; a fetch or a stale answer is worth a
+    // record of its own, at once.
+    if outcome == CacheOutcome::Hit {
+        crate::audit::record_hit(&token, &record);
+    } else {
+        crate::audit::record(&record);
+    }
     let body = TokenBody {
         // The token leaves the broker here, in the response body and nowhere else.
         access_token: token.access_token.expose_secret(),

@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -19,6 +20,9 @@ use crate::token_client::TokenClient;
 pub struct Application {
     listener: TcpListener,
     router: axum::Router,
+    /// For the `stats` line's gauges (open circuit breakers).
+    state: AppState,
+    stats_interval: Duration,
 }
 
 /// Why the broker could not start.
@@ -76,6 +80,7 @@ impl Application {
                 }
             });
         }
+        let stats_interval = settings.telemetry.stats_interval;
 
         let address = SocketAddr::from((Ipv4Addr::LOCALHOST, settings.port));
         let listener = TcpListener::bind(address)
@@ -86,7 +91,9 @@ impl Application {
             })?;
         Ok(Self {
             listener,
-            router: router(state),
+            router: router(state.clone()),
+            state,
+            stats_interval,
         })
     }
 
@@ -97,15 +104,58 @@ impl Application {
             .map_or(0, |address| address.port())
     }
 
-    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    /// Serves until `shutdown` completes, then finishes the requests in flight. Writes the
+    /// `stats` line every interval, and once more at the end for the last partial period.
     pub async fn run_until(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router)
+        let last_report = Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now()));
+        let reporter = tokio::spawn(report_stats_every(
+            self.stats_interval,
+            self.state.clone(),
+            last_report.clone(),
+        ));
+        let served = axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
-            .await
+            .await;
+        reporter.abort();
+        let _ = reporter.await;
+        report_stats(&self.state, &last_report);
+        served
     }
+}
+
+/// Writes the `stats` line every `interval` (the first one `interval` after the start).
+async fn report_stats_every(
+    interval: Duration,
+    state: AppState,
+    last_report: Arc<parking_lot::Mutex<tokio::time::Instant>>,
+) {
+    let start = tokio::time::Instant::now() + interval;
+    let mut ticker = tokio::time::interval_at(start, interval);
+    // A late tick (a stalled runtime) is not made up for with a burst of lines.
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        report_stats(&state, &last_report);
+    }
+}
+
+/// One `stats` line: the counts since the last one, and the circuit breakers open now.
+fn report_stats(state: &AppState, last_report: &parking_lot::Mutex<tokio::time::Instant>) {
+    let open: Vec<&str> = state
+        .connections
+        .iter()
+        .filter(|(key, _)| {
+            state.token_client.breaker(key.as_str())
+                == Some(crate::upstream_guard::BreakerState::Open)
+        })
+        .map(|(_, connection)| connection.name.as_str())
+        .collect();
+    let now = tokio::time::Instant::now();
+    let period = now - std::mem::replace(&mut *last_report.lock(), now);
+    crate::stats::report(period, &open);
 }
 
 /// Completes on SIGTERM (how the host and App Service stop a worker) or Ctrl-C.

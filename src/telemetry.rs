@@ -1,6 +1,6 @@
 //! Logging: `tracing` JSON lines on stdout, which the Functions host collects (stderr lines
 //! would be logged as errors), at the level `RUST_LOG` asks for (default `info`), and the
-//! audit records, which are written whatever `RUST_LOG` says.
+//! audit records and `stats` lines, which are written whatever `RUST_LOG` says.
 //!
 //! No request ever waits for stdout. Every line goes into a bounded queue (`try_send`, never a
 //! blocking send) and one writer thread empties it every 100 ms, or as soon as it is half full,
@@ -10,8 +10,13 @@
 //! pipe, a stalled collector), the queue fills and lines are dropped, never waited for; log
 //! lines are dropped first, so that they cannot crowd out audit records. Every loss is counted
 //! and reported by the writer in a line of its own as soon as it can write again:
-//! `"audit records lost"` (target `audit`, fields `dropped` and `write_errors`) and
-//! `"log lines lost"` (field `dropped`).
+//! `"audit records lost"` (target `audit`, fields `dropped` and `write_errors`; `dropped`
+//! counts tokens, an aggregated record's whole `count`, so that the `count`s written plus the
+//! `dropped` reported equal the tokens handed out) and `"log lines lost"` (field `dropped`).
+//!
+//! The writer also writes the audit aggregator's cache-hit records (see `audit`): every
+//! `audit::HIT_INTERVAL`, and whenever the log is flushed, so that shutdown writes them too.
+//! They go straight into its batch, never through the queue, so a full queue cannot lose them.
 //!
 //! A hand-made pipeline rather than `tracing-appender`'s non-blocking writer: that one drops
 //! silently on write errors, cannot tell audit records from other lines, and wakes its worker
@@ -44,8 +49,12 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 /// What a queued line is, for the loss accounting.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    Audit,
+    /// An audit record standing for this many tokens.
+    Audit(u64),
     Log,
+    /// A `stats` line: one per interval, so it may use the whole queue like an audit record;
+    /// its loss is counted with the log lines'.
+    Stats,
     /// A loss report: regenerated until written, never counted as lost itself.
     Report,
 }
@@ -78,11 +87,20 @@ pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
 }
 
-/// Queues one audit record (a whole line). Never blocks; a record that finds the queue full
-/// is counted and reported by the writer.
-pub fn write_audit(line: Vec<u8>) {
+/// Queues one audit record (a whole line) standing for `count` tokens. Never blocks; a record
+/// that finds the queue full is counted (its `count`) and reported by the writer.
+pub fn write_audit(line: Vec<u8>, count: u64) {
     if let Some(pipeline) = PIPELINE.get() {
-        pipeline.send(line, Kind::Audit);
+        pipeline.send(line, Kind::Audit(count));
+    }
+}
+
+/// Queues one `stats` line. Never blocks. Before `init` (library use) it becomes an ordinary
+/// event.
+pub fn write_stats(line: Vec<u8>) {
+    match PIPELINE.get() {
+        Some(pipeline) => pipeline.send(line, Kind::Stats),
+        None => tracing::info!(target: "stats", line = %String::from_utf8_lossy(&line).trim_end()),
     }
 }
 
@@ -92,7 +110,7 @@ impl Pipeline {
         // Log lines leave the last quarter of the queue to audit records.
         let room = match kind {
             Kind::Log => self.capacity - self.capacity / 4,
-            Kind::Audit | Kind::Report => self.capacity,
+            Kind::Audit(_) | Kind::Report | Kind::Stats => self.capacity,
         };
         let sent = before < room
             && match self.sender.try_send(Line { bytes, kind }) {
@@ -101,11 +119,17 @@ impl Pipeline {
             };
         if !sent {
             self.pending.fetch_sub(1, Ordering::Relaxed);
-            let counter = match kind {
-                Kind::Audit | Kind::Report => &self.audit_dropped,
-                Kind::Log => &self.log_dropped,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                Kind::Audit(count) => {
+                    self.audit_dropped.fetch_add(count, Ordering::Relaxed);
+                    crate::stats::record_audit_dropped(count);
+                }
+                // Reports are made by the writer itself, never queued.
+                Kind::Report => {}
+                Kind::Log | Kind::Stats => {
+                    self.log_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         } else if before + 1 == self.capacity / 2 {
             // Half full: write now rather than at the next tick.
             self.writer.unpark();
@@ -286,6 +310,8 @@ impl<W: Write> Writer<W> {
     }
 
     fn run(mut self, pipeline: &Pipeline, receiver: &Receiver<Line>) {
+        let mut hits_due = Instant::now() + crate::audit::HIT_INTERVAL;
+        let mut flushes_seen = 0;
         loop {
             std::thread::park_timeout(FLUSH_INTERVAL);
             // Lines queued before this load are all taken below: flush waits on it.
@@ -296,6 +322,16 @@ impl<W: Write> Writer<W> {
                 if self.batch.len() >= BATCH_BYTES {
                     self.write_batch();
                 }
+            }
+            // Hits counted before a flush request are written by that flush (shutdown), after
+            // the records queued before them.
+            let now = Instant::now();
+            if now >= hits_due || flush_request > flushes_seen {
+                hits_due = now + crate::audit::HIT_INTERVAL;
+                flushes_seen = flush_request;
+                crate::audit::drain_hits(SystemTime::now(), |line, count| {
+                    self.push(&line, Kind::Audit(count));
+                });
             }
             self.audit_lost += pipeline.audit_dropped.swap(0, Ordering::Relaxed);
             self.log_lost += pipeline.log_dropped.swap(0, Ordering::Relaxed);
@@ -394,8 +430,11 @@ impl<W: Write> Writer<W> {
             for &(end, kind) in &self.lines {
                 if end > written {
                     match kind {
-                        Kind::Audit => self.audit_lost += 1,
-                        Kind::Log => self.log_lost += 1,
+                        Kind::Audit(count) => {
+                            self.audit_lost += count;
+                            crate::stats::record_audit_dropped(count);
+                        }
+                        Kind::Log | Kind::Stats => self.log_lost += 1,
                         Kind::Report => {}
                     }
                 }
@@ -459,14 +498,15 @@ mod tests {
     fn a_failed_write_is_counted_and_reported_with_the_records_it_lost() {
         let mut writer = Writer::new(flaky);
         FAILURES.with(|f| f.set(1));
-        writer.push(b"{\"n\":1}\n", Kind::Audit);
-        writer.push(b"{\"n\":2}", Kind::Audit);
+        writer.push(b"{\"n\":1}\n", Kind::Audit(1));
+        writer.push(b"{\"n\":2}", Kind::Audit(40));
         writer.push(b"{\"n\":3}\n", Kind::Log);
         writer.write_batch();
-        assert_eq!((writer.audit_lost, writer.log_lost), (2, 1));
+        // The aggregated record stood for 40 tokens: all of them are reported lost.
+        assert_eq!((writer.audit_lost, writer.log_lost), (41, 1));
         assert_eq!(writer.write_errors, 1);
         // The next batch carries the reports, and once they are out the counts start over.
-        writer.push(b"{\"n\":4}\n", Kind::Audit);
+        writer.push(b"{\"n\":4}\n", Kind::Audit(1));
         writer.push_reports();
         writer.write_batch();
         let lines = written_lines();
@@ -478,7 +518,7 @@ mod tests {
                 lines[1]["dropped"].as_u64(),
                 lines[1]["write_errors"].as_u64()
             ),
-            (Some(2), Some(1))
+            (Some(41), Some(1))
         );
         assert_eq!(lines[2]["message"], "log lines lost");
         assert_eq!(lines[2]["dropped"], 1);
@@ -486,6 +526,29 @@ mod tests {
             (writer.audit_lost, writer.log_lost, writer.write_errors),
             (0, 0, 0)
         );
+    }
+
+    #[test]
+    fn an_aggregated_record_the_queue_has_no_room_for_is_counted_as_its_tokens() {
+        let (sender, _receiver) = std::sync::mpsc::sync_channel(16);
+        let pipeline = Pipeline {
+            sender,
+            capacity: 16,
+            pending: AtomicUsize::new(0),
+            writer: std::thread::current(),
+            audit_dropped: AtomicU64::new(0),
+            log_dropped: AtomicU64::new(0),
+            flush_requested: AtomicU64::new(0),
+            flush_completed: Mutex::new(0),
+            flushed: Condvar::new(),
+        };
+        for _ in 0..16 {
+            pipeline.send(b"{}\n".to_vec(), Kind::Audit(1));
+        }
+        pipeline.send(b"{}\n".to_vec(), Kind::Audit(250));
+        pipeline.send(b"{}\n".to_vec(), Kind::Log);
+        assert_eq!(pipeline.audit_dropped.load(Ordering::Relaxed), 250);
+        assert_eq!(pipeline.log_dropped.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::credentials::{ClientCredential, Credentials};
 use crate::http_client::LazyClient;
 use crate::token::{FreshToken, TokenError};
 use crate::token_response::BrokerTokenResponse;
-use crate::upstream_guard::{GuardSettings, Refusal, Rejection, UpstreamGuard};
+use crate::upstream_guard::{BreakerState, GuardSettings, Refusal, Rejection, UpstreamGuard};
 
 /// RFC 7523 §2.2's `client_assertion_type` for a JWT (or an Entra federated token).
 const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -102,6 +102,11 @@ impl TokenClient {
         if let Some(upstream) = self.upstreams.get(connection) {
             upstream.guard.clear_rejection();
         }
+    }
+
+    /// Where `connection`'s (lower-cased name) circuit breaker stands; read-only.
+    pub fn breaker(&self, connection: &str) -> Option<BreakerState> {
+        self.upstreams.get(connection).map(|u| u.guard.breaker())
     }
 
     /// A token for the connection with `scopes`, within the connection's deadline.
@@ -360,7 +365,8 @@ impl TokenSource for TokenClient {
                 .upstreams
                 .get(key.connection())
                 .ok_or_else(|| TokenError::UnknownConnection(key.connection().to_string()))?;
-            self.fetch_within_deadline(upstream, key.scopes()).await
+            let fetch = self.fetch_within_deadline(upstream, key.scopes());
+            crate::stats::timed_fetch(key.connection(), fetch).await
         })
     }
 }

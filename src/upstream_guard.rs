@@ -54,6 +54,26 @@ pub struct Rejection {
     pub code: Option<String>,
 }
 
+/// Where a connection's circuit breaker stands, for `/api/health` and the `stats` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    /// Calls fail fast until the open period ends.
+    Open,
+    /// The open period ended: the next call (or the one in flight) is the trial.
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+}
+
 /// The state of one connection's upstream.
 pub struct UpstreamGuard {
     settings: GuardSettings,
@@ -187,6 +207,15 @@ impl UpstreamGuard {
         self.record_success();
     }
 
+    /// Where the circuit breaker stands now (read-only).
+    pub fn breaker(&self) -> BreakerState {
+        match self.state.lock().open_until {
+            None => BreakerState::Closed,
+            Some(until) if Instant::now() < until => BreakerState::Open,
+            Some(_) => BreakerState::HalfOpen,
+        }
+    }
+
     /// Forgets a remembered rejection: the secret was rotated, so the next call may succeed.
     pub fn clear_rejection(&self) {
         self.state.lock().rejected = None;
@@ -214,11 +243,14 @@ mod tests {
         }
         guard.admit().unwrap();
         assert_eq!(guard.record_unavailable(), Some(Duration::from_secs(10)));
+        assert_eq!(guard.breaker(), BreakerState::Open);
         assert!(matches!(guard.admit(), Err(Refusal::CircuitOpen { .. })));
         tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(guard.breaker(), BreakerState::HalfOpen);
         guard.admit().expect("the trial call");
         assert!(guard.admit().is_err(), "only one trial at a time");
         guard.record_success();
+        assert_eq!(guard.breaker(), BreakerState::Closed);
         guard.admit().expect("closed again");
     }
 

@@ -16,6 +16,8 @@ param functionAppName string
 @description('The vault\'s region: a system topic lives where its source does.')
 param location string
 param tags object
+@description('Action groups the Key Vault near-expiry alert notifies (from the operations module).')
+param alertActionGroups array = []
 
 resource vault 'Microsoft.KeyVault/vaults@2023-07-01' existing = {
   name: vaultName
@@ -65,6 +67,34 @@ resource toRotationFunction 'Microsoft.EventGrid/systemTopics/eventSubscriptions
     retryPolicy: {
       maxDeliveryAttempts: 30
       eventTimeToLiveInMinutes: 1440
+    }
+  }
+}
+
+// The Key Vault near-expiry alert: Event Grid hands the vault's near-expiry events straight to
+// Azure Monitor as alerts (destination `MonitorAlert`), about 30 days before a secret, key or
+// certificate with an expiry date expires, so an operator rotates it before callers see
+// `upstream_rejected`. Event based, not a log query: Key Vault raises these events itself, and
+// its audit log has no near-expiry record to query.
+resource nearExpiryAlert 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-02-15' = {
+  parent: topic
+  name: 'near-expiry-alert'
+  properties: {
+    destination: {
+      endpointType: 'MonitorAlert'
+      properties: {
+        severity: 'Sev2'
+        description: 'token-broker: a Key Vault secret, key or certificate expires soon; rotate it (README "Rolling a secret").'
+        actionGroups: alertActionGroups
+      }
+    }
+    eventDeliverySchema: 'CloudEventSchemaV1_0'
+    filter: {
+      includedEventTypes: [
+        'Microsoft.KeyVault.SecretNearExpiry'
+        'Microsoft.KeyVault.KeyNearExpiry'
+        'Microsoft.KeyVault.CertificateNearExpiry'
+      ]
     }
   }
 }

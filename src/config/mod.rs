@@ -37,6 +37,7 @@ pub struct Settings {
     pub identity: IdentitySettings,
     pub cache: CacheSettings,
     pub callers: CallerSettings,
+    pub telemetry: TelemetrySettings,
     /// Connections by their lower-cased name: the URL's casing is the client's.
     pub connections: BTreeMap<ConnectionName, ConnectionSettings>,
     /// The Redis tier every instance shares; `None` keeps each instance to its own memory.
@@ -151,6 +152,19 @@ pub struct CacheSettings {
     /// How long a secret Key Vault now refuses definitively (disabled, deleted, access
     /// revoked) is still used from memory before the broker stops using it.
     pub secret_refusal_grace: Duration,
+}
+
+/// Default of `[telemetry] stats_interval_seconds`: one `stats` line a minute per instance is
+/// what Application Insights' per-minute charts need, and costs nothing worth counting.
+pub const DEFAULT_STATS_INTERVAL_SECONDS: u64 = 60;
+/// Bounds of `stats_interval_seconds`: at least a second, at most an hour.
+pub const STATS_INTERVAL_SECONDS: std::ops::RangeInclusive<u64> = 1..=3600;
+
+/// `[telemetry]`: what the broker reports about itself besides its log and audit lines.
+#[derive(Debug, Clone)]
+pub struct TelemetrySettings {
+    /// How often the `stats` line is written.
+    pub stats_interval: Duration,
 }
 
 /// One OAuth client the broker obtains tokens for.

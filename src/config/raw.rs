@@ -14,6 +14,8 @@ pub(super) struct RawFile {
     pub(super) cache: RawCache,
     pub(super) callers: Option<RawCallers>,
     #[serde(default)]
+    pub(super) telemetry: RawTelemetry,
+    #[serde(default)]
     pub(super) connections: BTreeMap<String, RawConnection>,
     pub(super) shared_cache: Option<RawSharedCache>,
 }
@@ -74,6 +76,12 @@ pub(super) struct RawCache {
     pub(super) secret_ttl_seconds: Option<u64>,
     pub(super) max_tokens: Option<usize>,
     pub(super) secret_refusal_grace_seconds: Option<u64>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTelemetry {
+    pub(super) stats_interval_seconds: Option<u64>,
 }
 
 #[derive(Deserialize)]

@@ -586,3 +586,19 @@ fn managed_identity_federation_needs_a_user_assigned_identity() {
         "{error}"
     );
 }
+
+#[test]
+fn the_stats_interval_defaults_to_a_minute_and_is_bounded() {
+    let settings = parse_with(FULL, &full_env()).unwrap();
+    assert_eq!(settings.telemetry.stats_interval, Duration::from_secs(60));
+    let with = |seconds: u64| format!("[telemetry]\nstats_interval_seconds = {seconds}\n{FULL}");
+    let settings = parse_with(&with(5), &full_env()).unwrap();
+    assert_eq!(settings.telemetry.stats_interval, Duration::from_secs(5));
+    for bad in [0, 3601] {
+        let error = parse_with(&with(bad), &full_env()).unwrap_err().to_string();
+        assert!(
+            error.contains("telemetry.stats_interval_seconds: must be from 1 to 3600"),
+            "{error}"
+        );
+    }
+}

@@ -8,6 +8,7 @@ use url::Url;
 
 use super::raw::{
     OneOrMany, RESERVED_PARAMS, RawCallers, RawConnection, RawFile, RawKeyVault, RawSharedCache,
+    RawTelemetry,
 };
 use super::types::{ConnectionName, EndpointUrl, ScopeToken, is_valid_key_vault_name};
 use super::*;
@@ -58,6 +59,7 @@ impl Validator<'_> {
         }
 
         let callers = self.callers(raw.callers);
+        let telemetry = self.telemetry(&raw.telemetry);
 
         let mut connections = BTreeMap::new();
         if raw.connections.is_empty() {
@@ -112,6 +114,7 @@ impl Validator<'_> {
             identity,
             cache,
             callers,
+            telemetry,
             connections,
             shared_cache,
         }
@@ -232,6 +235,22 @@ impl Validator<'_> {
             key_prefix,
             timeout: Duration::from_millis(timeout_ms),
         })
+    }
+
+    fn telemetry(&mut self, raw: &RawTelemetry) -> TelemetrySettings {
+        let seconds = raw
+            .stats_interval_seconds
+            .unwrap_or(DEFAULT_STATS_INTERVAL_SECONDS);
+        if !STATS_INTERVAL_SECONDS.contains(&seconds) {
+            self.problems.push(format!(
+                "telemetry.stats_interval_seconds: must be from {} to {}",
+                STATS_INTERVAL_SECONDS.start(),
+                STATS_INTERVAL_SECONDS.end()
+            ));
+        }
+        TelemetrySettings {
+            stats_interval: Duration::from_secs(seconds),
+        }
     }
 
     fn callers(&mut self, raw: Option<RawCallers>) -> CallerSettings {

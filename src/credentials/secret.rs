@@ -36,6 +36,7 @@ pub(super) async fn read(
         .secrets
         .get_secret(name, None::<SecretClientGetSecretOptions<'_>>)
         .await
+        .map_or_else(crate::stats::key_vault_failed, crate::stats::key_vault_read)
         .map_err(failed)?
         .into_model()
         .map_err(failed)?;

@@ -6,6 +6,7 @@
 
 mod apim;
 mod bicep;
+mod operations;
 mod rotation;
 mod secretless;
 mod shared_cache;
@@ -304,6 +305,7 @@ fn the_package_holds_exactly_what_the_host_needs_and_runs_on_glibc_2_28() {
         names,
         BTreeSet::from([
             "broker.toml",
+            "function-health/function.json",
             "function-rotation/function.json",
             "function-token/function.json",
             "host.json",

@@ -1,0 +1,581 @@
+//! The broker's metrics: counters kept in memory and written every `stats_interval_seconds` as
+//! one JSON line with target `stats`. A custom handler has no metrics channel of its own: its
+//! stdout lines become Application Insights `traces`, so these lines *are* the metrics, and the
+//! workbook and alert rules in `infra/` read them.
+//!
+//! Every count in a line is what happened since the previous line (a delta), so that summing
+//! over lines and instances gives totals however many instances ran and restarted; the token
+//! endpoint's latency percentiles are over the same period. Gauges (open circuit breakers) are
+//! read when the line is written.
+//!
+//! Counters are lock-free atomics, and each thread adds to its own cache-line-aligned shard of
+//! them: a request adds to two or three counters, and a shared counter hammered by every worker
+//! would bounce its cache line between cores on every hit. The writer sums the shards.
+//!
+//! Per-connection observations (the last token handed out, the last fetch's outcome) are kept
+//! for `/api/health` in [`ConnectionStats`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use serde::Serialize;
+use serde::ser::SerializeMap;
+
+use crate::token::TokenError;
+
+/// Attached to every error response by the error type, so that the request counters can say
+/// which documented error code was answered without parsing the body.
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorCode(pub &'static str);
+
+/// Statuses the broker answers with; anything else is counted as `other`.
+const STATUSES: [&str; 12] = [
+    "200", "400", "401", "403", "404", "405", "413", "414", "431", "500", "502", "503",
+];
+/// The documented error codes (README "Errors"); anything else is counted as `other`.
+pub const ERROR_CODES: [&str; 12] = [
+    "unknown_connection",
+    "not_found",
+    "invalid_request",
+    "invalid_scope",
+    "invalid_token",
+    "access_denied",
+    "upstream_rejected",
+    "upstream_invalid_response",
+    "upstream_unavailable",
+    "secret_unavailable",
+    "caller_keys_unavailable",
+    "internal_error",
+];
+const CACHE_OUTCOMES: [&str; 3] = ["hit", "miss", "stale"];
+/// How a token fetch ended, by the error the caller would see.
+pub const FETCH_RESULTS: [&str; 6] = [
+    "ok",
+    "rejected",
+    "unavailable",
+    "invalid_response",
+    "secret_unavailable",
+    "internal",
+];
+/// Upper bounds (milliseconds) of the fetch latency buckets: 1-2-5 steps from 1 ms to a minute
+/// (a fetch's deadline is at most that), plus one bucket above. Percentiles are reported as
+/// the bound of the bucket they fall in, capped at the largest latency seen: a fixed histogram
+/// is all a p99 of token fetches needs, and it costs one atomic add per fetch.
+const LATENCY_BOUNDS_MS: [u64; 16] = [
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000,
+];
+/// Counter shards; threads are spread over them round-robin.
+const SHARDS: usize = 16;
+
+/// One shard of every counter. Aligned so that two shards never share a cache line.
+#[repr(align(128))]
+struct Counters {
+    statuses: [AtomicU64; STATUSES.len() + 1],
+    errors: [AtomicU64; ERROR_CODES.len() + 1],
+    cache: [AtomicU64; CACHE_OUTCOMES.len()],
+    fetches: [AtomicU64; FETCH_RESULTS.len()],
+    latency: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
+    latency_max_ms: AtomicU64,
+    key_vault_reads: AtomicU64,
+    key_vault_failures: AtomicU64,
+    jwks_reloads: AtomicU64,
+    jwks_failures: AtomicU64,
+    audit_dropped: AtomicU64,
+}
+
+impl Counters {
+    const fn new() -> Self {
+        Self {
+            statuses: [const { AtomicU64::new(0) }; STATUSES.len() + 1],
+            errors: [const { AtomicU64::new(0) }; ERROR_CODES.len() + 1],
+            cache: [const { AtomicU64::new(0) }; CACHE_OUTCOMES.len()],
+            fetches: [const { AtomicU64::new(0) }; FETCH_RESULTS.len()],
+            latency: [const { AtomicU64::new(0) }; LATENCY_BOUNDS_MS.len() + 1],
+            latency_max_ms: AtomicU64::new(0),
+            key_vault_reads: AtomicU64::new(0),
+            key_vault_failures: AtomicU64::new(0),
+            jwks_reloads: AtomicU64::new(0),
+            jwks_failures: AtomicU64::new(0),
+            audit_dropped: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Every counter, sharded by thread.
+pub struct Registry {
+    shards: [Counters; SHARDS],
+}
+
+static REGISTRY: Registry = Registry::new();
+
+/// The calling thread's shard index, also used by the audit aggregator: assigned round-robin
+/// on a thread's first use, so the runtime's workers land on different shards.
+pub(crate) fn thread_shard(shards: usize) -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    INDEX.with(|index| *index) % shards
+}
+
+fn add(counter: &AtomicU64, amount: u64) {
+    counter.fetch_add(amount, Ordering::Relaxed);
+}
+
+impl Registry {
+    pub const fn new() -> Self {
+        Self {
+            shards: [const { Counters::new() }; SHARDS],
+        }
+    }
+
+    fn local(&self) -> &Counters {
+        &self.shards[thread_shard(SHARDS)]
+    }
+
+    fn response(&self, status: u16, code: Option<&str>) {
+        let counters = self.local();
+        let mut digits = [0u8; 3];
+        let status_text = status_digits(status, &mut digits);
+        add(&counters.statuses[index_of(&STATUSES, status_text)], 1);
+        if let Some(code) = code {
+            add(&counters.errors[index_of(&ERROR_CODES, code)], 1);
+        }
+    }
+
+    fn cache_outcome(&self, outcome: &str) {
+        if let Some(index) = CACHE_OUTCOMES.iter().position(|known| *known == outcome) {
+            add(&self.local().cache[index], 1);
+        }
+    }
+
+    fn fetch(&self, result: &str, elapsed: Duration) {
+        let counters = self.local();
+        if let Some(index) = FETCH_RESULTS.iter().position(|known| *known == result) {
+            add(&counters.fetches[index], 1);
+        }
+        let millis = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BOUNDS_MS
+            .iter()
+            .position(|bound| millis <= *bound)
+            .unwrap_or(LATENCY_BOUNDS_MS.len());
+        add(&counters.latency[bucket], 1);
+        counters.latency_max_ms.fetch_max(millis, Ordering::Relaxed);
+    }
+
+    /// Everything counted since the last call, and the counters back at zero.
+    pub fn take(&self) -> Snapshot {
+        let mut snapshot = Snapshot::default();
+        let take = |counter: &AtomicU64| counter.swap(0, Ordering::Relaxed);
+        let sum = |into: &mut [u64], from: &[AtomicU64]| {
+            for (total, counter) in into.iter_mut().zip(from) {
+                *total += take(counter);
+            }
+        };
+        for shard in &self.shards {
+            sum(&mut snapshot.statuses, &shard.statuses);
+            sum(&mut snapshot.errors, &shard.errors);
+            sum(&mut snapshot.cache, &shard.cache);
+            sum(&mut snapshot.fetches, &shard.fetches);
+            sum(&mut snapshot.latency, &shard.latency);
+            snapshot.latency_max_ms = snapshot.latency_max_ms.max(take(&shard.latency_max_ms));
+            snapshot.key_vault_reads += take(&shard.key_vault_reads);
+            snapshot.key_vault_failures += take(&shard.key_vault_failures);
+            snapshot.jwks_reloads += take(&shard.jwks_reloads);
+            snapshot.jwks_failures += take(&shard.jwks_failures);
+            snapshot.audit_dropped += take(&shard.audit_dropped);
+        }
+        snapshot
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `status` as three ASCII digits (every HTTP status has three).
+fn status_digits(status: u16, digits: &mut [u8; 3]) -> &str {
+    let status = status.min(999);
+    digits[0] = b'0' + (status / 100) as u8;
+    digits[1] = b'0' + (status / 10 % 10) as u8;
+    digits[2] = b'0' + (status % 10) as u8;
+    std::str::from_utf8(digits).unwrap_or("000")
+}
+
+/// Position of `name` in `known`, or the `other` slot after them.
+fn index_of(known: &[&str], name: &str) -> usize {
+    known.iter().position(|k| *k == name).unwrap_or(known.len())
+}
+
+/// A response was sent: its status and, for an error, its documented code.
+pub fn record_response(status: u16, code: Option<&str>) {
+    REGISTRY.response(status, code);
+}
+
+/// A token was handed out from memory (`hit`, `stale`) or after a fetch (`miss`).
+pub fn record_cache_outcome(outcome: &str) {
+    REGISTRY.cache_outcome(outcome);
+}
+
+/// The result of one token fetch (what the cache asked the token client for), and how long the
+/// cache's waiters waited for it.
+pub fn record_fetch<T>(connection: &str, result: &Result<T, TokenError>, elapsed: Duration) {
+    let name = match result {
+        Ok(_) => "ok",
+        Err(TokenError::Rejected { .. }) => "rejected",
+        Err(TokenError::Unavailable { .. }) => "unavailable",
+        Err(TokenError::InvalidResponse { .. }) => "invalid_response",
+        Err(TokenError::Secret { .. }) => "secret_unavailable",
+        Err(TokenError::Internal { .. } | TokenError::UnknownConnection(_)) => "internal",
+    };
+    REGISTRY.fetch(name, elapsed);
+    connection_stats(connection).fetched(result.is_ok());
+}
+
+/// Times `fetch` and records its result for `connection`: wraps the token client's fetch so
+/// that its call site stays one line.
+pub async fn timed_fetch<T>(
+    connection: &str,
+    fetch: impl Future<Output = Result<T, TokenError>>,
+) -> Result<T, TokenError> {
+    let started = tokio::time::Instant::now();
+    let result = fetch.await;
+    record_fetch(connection, &result, started.elapsed());
+    result
+}
+
+/// A Key Vault read answered; passes the answer on (`Result::map_or_else`, so that the read's
+/// call site counts both outcomes in one line).
+pub fn key_vault_read<T, E>(answer: T) -> Result<T, E> {
+    add(&REGISTRY.local().key_vault_reads, 1);
+    Ok(answer)
+}
+
+/// A Key Vault read failed; passes the error on.
+pub fn key_vault_failed<T, E>(error: E) -> Result<T, E> {
+    let counters = REGISTRY.local();
+    add(&counters.key_vault_reads, 1);
+    add(&counters.key_vault_failures, 1);
+    Err(error)
+}
+
+/// The caller-token signing keys were downloaded (`ok`) or a download failed.
+pub fn record_jwks_reload(ok: bool) {
+    let counters = REGISTRY.local();
+    add(&counters.jwks_reloads, 1);
+    if !ok {
+        add(&counters.jwks_failures, 1);
+    }
+}
+
+/// Audit records (tokens, counting an aggregated record's `count`) that never reached stdout.
+pub fn record_audit_dropped(tokens: u64) {
+    add(&REGISTRY.local().audit_dropped, tokens);
+}
+
+/// What the counters held over one period.
+#[derive(Default, Debug)]
+pub struct Snapshot {
+    statuses: [u64; STATUSES.len() + 1],
+    errors: [u64; ERROR_CODES.len() + 1],
+    cache: [u64; CACHE_OUTCOMES.len()],
+    fetches: [u64; FETCH_RESULTS.len()],
+    latency: [u64; LATENCY_BOUNDS_MS.len() + 1],
+    latency_max_ms: u64,
+    key_vault_reads: u64,
+    key_vault_failures: u64,
+    jwks_reloads: u64,
+    jwks_failures: u64,
+    audit_dropped: u64,
+}
+
+impl Snapshot {
+    /// The latency below which `percent` of the period's fetches finished (bucket bound,
+    /// capped at the largest seen); `None` without fetches.
+    fn latency_percentile(&self, percent: u64) -> Option<u64> {
+        let total: u64 = self.latency.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (total * percent).div_ceil(100).max(1);
+        let mut seen = 0;
+        for (bucket, count) in self.latency.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                let bound = LATENCY_BOUNDS_MS
+                    .get(bucket)
+                    .copied()
+                    .unwrap_or(self.latency_max_ms);
+                return Some(bound.min(self.latency_max_ms));
+            }
+        }
+        Some(self.latency_max_ms)
+    }
+}
+
+/// Non-zero counts of `names` (and `other`) as a JSON object.
+struct Counts<'a> {
+    names: &'a [&'a str],
+    counts: &'a [u64],
+}
+
+impl Serialize for Counts<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(None)?;
+        for (index, count) in self.counts.iter().enumerate() {
+            if *count > 0 {
+                map.serialize_entry(self.names.get(index).copied().unwrap_or("other"), count)?;
+            }
+        }
+        map.end()
+    }
+}
+
+#[derive(Serialize)]
+struct StatsLine<'a> {
+    timestamp: String,
+    level: &'static str,
+    message: &'static str,
+    /// Seconds this line's counts cover (the configured interval; shorter for the last line).
+    period_seconds: f64,
+    requests: u64,
+    requests_by_status: Counts<'a>,
+    errors_by_code: Counts<'a>,
+    cache_hits: u64,
+    cache_misses: u64,
+    cache_stale: u64,
+    token_fetches: u64,
+    token_fetches_by_result: Counts<'a>,
+    token_fetch_failures: u64,
+    token_fetch_p50_ms: Option<u64>,
+    token_fetch_p95_ms: Option<u64>,
+    token_fetch_p99_ms: Option<u64>,
+    token_fetch_max_ms: Option<u64>,
+    key_vault_reads: u64,
+    key_vault_failures: u64,
+    jwks_reloads: u64,
+    jwks_failures: u64,
+    breakers_open: usize,
+    breakers_open_connections: &'a [&'a str],
+    audit_dropped: u64,
+    target: &'static str,
+}
+
+/// The `stats` line for `snapshot`: one JSON line, newline included, shaped like the other
+/// log lines (`timestamp`, `level`, `message`, flat fields, `target`).
+pub fn format_line(
+    snapshot: &Snapshot,
+    period: Duration,
+    open_breakers: &[&str],
+    now: SystemTime,
+) -> Vec<u8> {
+    let fetches: u64 = snapshot.fetches.iter().sum();
+    let line = StatsLine {
+        timestamp: crate::audit::rfc3339_micros(now),
+        level: "INFO",
+        message: "stats",
+        period_seconds: (period.as_millis() as f64 / 1000.0),
+        requests: snapshot.statuses.iter().sum(),
+        requests_by_status: Counts {
+            names: &STATUSES,
+            counts: &snapshot.statuses,
+        },
+        errors_by_code: Counts {
+            names: &ERROR_CODES,
+            counts: &snapshot.errors,
+        },
+        cache_hits: snapshot.cache[0],
+        cache_misses: snapshot.cache[1],
+        cache_stale: snapshot.cache[2],
+        token_fetches: fetches,
+        token_fetches_by_result: Counts {
+            names: &FETCH_RESULTS,
+            counts: &snapshot.fetches,
+        },
+        token_fetch_failures: fetches - snapshot.fetches[0],
+        token_fetch_p50_ms: snapshot.latency_percentile(50),
+        token_fetch_p95_ms: snapshot.latency_percentile(95),
+        token_fetch_p99_ms: snapshot.latency_percentile(99),
+        token_fetch_max_ms: (fetches > 0).then_some(snapshot.latency_max_ms),
+        key_vault_reads: snapshot.key_vault_reads,
+        key_vault_failures: snapshot.key_vault_failures,
+        jwks_reloads: snapshot.jwks_reloads,
+        jwks_failures: snapshot.jwks_failures,
+        breakers_open: open_breakers.len(),
+        breakers_open_connections: open_breakers,
+        audit_dropped: snapshot.audit_dropped,
+        target: "stats",
+    };
+    let mut bytes = Vec::with_capacity(1024);
+    // Serializing numbers and borrowed strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut bytes, &line);
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Takes the global counters and writes the `stats` line (through the log queue, whatever
+/// `RUST_LOG` says: metrics a log level can switch off are not metrics).
+pub fn report(period: Duration, open_breakers: &[&str]) {
+    let line = format_line(&REGISTRY.take(), period, open_breakers, SystemTime::now());
+    crate::telemetry::write_stats(line);
+}
+
+/// What `/api/health` reports of one connection, as the broker observed it.
+#[derive(Default)]
+pub struct ConnectionStats {
+    /// 0: no fetch yet; 1: the last fetch gave a token; 2: it failed.
+    last_fetch: AtomicU8,
+    /// When the last token handed out for the connection expires (unix seconds; 0: none yet).
+    expires_on: AtomicU64,
+    /// Whether that token was handed out `stale` (past its normal window, refresh failing).
+    stale: AtomicBool,
+}
+
+static CONNECTIONS: LazyLock<RwLock<HashMap<String, Arc<ConnectionStats>>>> =
+    LazyLock::new(RwLock::default);
+
+/// The observations of `connection` (its lower-cased name), made on first use.
+pub fn connection_stats(connection: &str) -> Arc<ConnectionStats> {
+    if let Some(stats) = CONNECTIONS.read().get(connection) {
+        return stats.clone();
+    }
+    CONNECTIONS
+        .write()
+        .entry(connection.to_string())
+        .or_default()
+        .clone()
+}
+
+impl ConnectionStats {
+    /// A token that expires at `expires_on` was handed out. Called per request: it writes only
+    /// when something changed, so that workers do not all write the same cache line.
+    pub fn handed_out(&self, expires_on: u64, stale: bool) {
+        if self.expires_on.load(Ordering::Relaxed) != expires_on {
+            self.expires_on.store(expires_on, Ordering::Relaxed);
+        }
+        if self.stale.load(Ordering::Relaxed) != stale {
+            self.stale.store(stale, Ordering::Relaxed);
+        }
+    }
+
+    fn fetched(&self, ok: bool) {
+        self.last_fetch
+            .store(if ok { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    /// `fresh`, `stale` or `none`: whether the last token handed out is still valid, and
+    /// whether it was handed out past its normal window.
+    pub fn token(&self, now: SystemTime) -> &'static str {
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let expires_on = self.expires_on.load(Ordering::Relaxed);
+        if expires_on <= now {
+            "none"
+        } else if self.stale.load(Ordering::Relaxed) {
+            "stale"
+        } else {
+            "fresh"
+        }
+    }
+
+    /// `ok`, `failed` or `never`.
+    pub fn last_fetch(&self) -> &'static str {
+        match self.last_fetch.load(Ordering::Relaxed) {
+            0 => "never",
+            1 => "ok",
+            _ => "failed",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_period_s_counts_are_summed_over_shards_and_start_over() {
+        let registry = Registry::new();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        registry.response(200, None);
+                        registry.cache_outcome("hit");
+                    }
+                    registry.response(503, Some("upstream_unavailable"));
+                    registry.response(418, Some("teapot"));
+                });
+            }
+        });
+        let snapshot = registry.take();
+        let line = format_line(
+            &snapshot,
+            Duration::from_secs(60),
+            &["flaky"],
+            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
+        );
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["target"], "stats");
+        assert_eq!(value["message"], "stats");
+        assert_eq!(value["requests"], 4 * 1002);
+        assert_eq!(value["requests_by_status"]["200"], 4000);
+        assert_eq!(value["requests_by_status"]["503"], 4);
+        assert_eq!(value["requests_by_status"]["other"], 4);
+        assert_eq!(value["errors_by_code"]["upstream_unavailable"], 4);
+        assert_eq!(value["errors_by_code"]["other"], 4);
+        assert!(value["errors_by_code"].get("invalid_scope").is_none());
+        assert_eq!(value["cache_hits"], 4000);
+        assert_eq!(value["breakers_open"], 1);
+        assert_eq!(value["breakers_open_connections"][0], "flaky");
+        assert_eq!(value["token_fetch_p50_ms"], serde_json::Value::Null);
+        let again = registry.take();
+        assert_eq!(again.statuses.iter().sum::<u64>(), 0, "counts are deltas");
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_the_buckets_capped_at_the_largest_seen() {
+        let registry = Registry::new();
+        for _ in 0..90 {
+            registry.fetch("ok", Duration::from_millis(7));
+        }
+        for _ in 0..9 {
+            registry.fetch("unavailable", Duration::from_millis(300));
+        }
+        registry.fetch("unavailable", Duration::from_millis(1_234));
+        let snapshot = registry.take();
+        assert_eq!(snapshot.latency_percentile(50), Some(10));
+        assert_eq!(snapshot.latency_percentile(95), Some(500));
+        assert_eq!(snapshot.latency_percentile(99), Some(500));
+        assert_eq!(snapshot.latency_percentile(100), Some(1_234));
+        let line = format_line(&snapshot, Duration::from_secs(1), &[], SystemTime::now());
+        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(value["token_fetches"], 100);
+        assert_eq!(value["token_fetch_failures"], 10);
+        assert_eq!(value["token_fetches_by_result"]["ok"], 90);
+        assert_eq!(value["token_fetch_max_ms"], 1_234);
+    }
+
+    #[test]
+    fn a_connection_s_token_is_none_once_expired_and_stale_when_handed_out_stale() {
+        let stats = ConnectionStats::default();
+        let at = |seconds| UNIX_EPOCH + Duration::from_secs(seconds);
+        assert_eq!(
+            (stats.token(at(100)), stats.last_fetch()),
+            ("none", "never")
+        );
+        stats.fetched(true);
+        stats.handed_out(200, false);
+        assert_eq!((stats.token(at(100)), stats.last_fetch()), ("fresh", "ok"));
+        stats.handed_out(200, true);
+        assert_eq!(stats.token(at(100)), "stale");
+        assert_eq!(stats.token(at(200)), "none");
+        stats.fetched(false);
+        assert_eq!(stats.last_fetch(), "failed");
+    }
+}
