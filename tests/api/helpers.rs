@@ -714,6 +714,31 @@ impl TestApp {
         );
     }
 
+    /// The tokens handed out that audit records matching `predicate` account for (the sum of
+    /// their `count`), once it reaches `at_least`: cache hits are written as one record per
+    /// caller and token every 5 s, so this waits up to 15 s.
+    pub async fn audit_count_when(&self, predicate: impl Fn(&Value) -> bool, at_least: u64) -> u64 {
+        let total = || -> u64 {
+            self.audit_records()
+                .iter()
+                .filter(|record| predicate(record))
+                .map(|record| record["count"].as_u64().unwrap_or(0))
+                .sum()
+        };
+        for _ in 0..1500 {
+            let sum = total();
+            if sum >= at_least {
+                return sum;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "audit records account for {} tokens, fewer than {at_least}, after 15 s:\n{}",
+            total(),
+            self.logs().join("\n")
+        );
+    }
+
     /// Audit records ("token handed out") written so far.
     pub fn audit_records(&self) -> Vec<Value> {
         self.log_records()
