@@ -261,16 +261,6 @@ fn token_route(path: &str) -> Option<&str> {
         .then(|| connection.strip_suffix('/').unwrap_or(connection))
 }
 
-#[derive(Serialize)]
-struct TokenBody<'a> {
-    access_token: &'a str,
-    token_type: &'a str,
-    expires_in: u64,
-    expires_on: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    scope: Option<&'a str>,
-}
-
 async fn serve_token(
     state: &AppState,
     name: &str,
@@ -331,16 +321,20 @@ async fn serve_token(
     } else {
         crate::audit::record(&record);
     }
-    let body = TokenBody {
-        // The token leaves the broker here, in the response body and nowhere else.
-        access_token: token.access_token.expose_secret(),
-        token_type: &token.token_type,
-        expires_in: token.expires_in(now),
-        expires_on: token.expires_on,
-        scope: token.scope.as_deref(),
-    };
-    let mut response = axum::Json(body).into_response();
+    // The answer's JSON is built once per token; only `expires_in` is written per request.
+    let (prefix, suffix) = token.answer_parts();
+    // The token leaves the broker here, in the response body and nowhere else.
+    let prefix = prefix.expose_secret();
+    let mut body = Vec::with_capacity(prefix.len() + 20 + suffix.len());
+    body.extend_from_slice(prefix);
+    body.extend_from_slice(itoa::Buffer::new().format(token.expires_in(now)).as_bytes());
+    body.extend_from_slice(suffix);
+    let mut response = Response::new(Body::from(body));
     let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     Ok(response)

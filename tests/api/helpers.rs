@@ -789,7 +789,13 @@ impl TestApp {
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.child.wait().unwrap()
+        let status = self.child.wait().unwrap();
+        // The process has exited, but its last lines may still be in the pipe: read them all
+        // before the caller looks at the log (the readers end at end of file).
+        for reader in self.log_readers.drain(..) {
+            let _ = reader.join();
+        }
+        status
     }
 }
 
