@@ -17,6 +17,37 @@ use crate::token::TokenError;
 /// within this, and are answered fast from the circuit breaker or the negative cache.
 pub const MAX_CALLER_RETRY_AFTER: Duration = Duration::from_secs(60);
 
+/// What the log says of an error answer: a warning ("request failed") for 5xx and 502, else
+/// an INFO line ("request refused"). Carried on the response to the request's handler, which
+/// writes it with the request's label.
+#[derive(Clone, Debug)]
+pub struct ErrorLog {
+    pub failed: bool,
+    pub code: &'static str,
+    pub description: String,
+}
+
+impl ErrorLog {
+    /// Writes the line (inside whatever span is entered).
+    pub fn write(&self, status: StatusCode) {
+        if self.failed {
+            tracing::warn!(
+                status = status.as_u16(),
+                error = self.code,
+                description = %self.description,
+                "request failed"
+            );
+        } else {
+            tracing::info!(
+                status = status.as_u16(),
+                error = self.code,
+                description = %self.description,
+                "request refused"
+            );
+        }
+    }
+}
+
 /// Every way a request can fail, with the status and code the API documents.
 #[derive(Debug)]
 pub enum ApiError {
@@ -217,21 +248,13 @@ impl IntoResponse for ApiError {
                 None,
             ),
         };
-        if status.is_server_error() || status == StatusCode::BAD_GATEWAY {
-            tracing::warn!(
-                status = status.as_u16(),
-                error = code,
-                description,
-                "request failed"
-            );
-        } else {
-            tracing::info!(
-                status = status.as_u16(),
-                error = code,
-                description,
-                "request refused"
-            );
-        }
+        // Logged by the request's handler (`routes`), which knows the request's label: the
+        // description travels with the response rather than being logged here.
+        let log = ErrorLog {
+            failed: status.is_server_error() || status == StatusCode::BAD_GATEWAY,
+            code,
+            description: description.to_string(),
+        };
         let body = ErrorBody {
             error: code,
             error_description: description,
@@ -241,6 +264,7 @@ impl IntoResponse for ApiError {
         response
             .extensions_mut()
             .insert(crate::stats::ErrorCode(code));
+        response.extensions_mut().insert(log);
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {

@@ -22,7 +22,7 @@ use crate::app_state::AppState;
 use crate::cache::{CacheKey, CacheOutcome, panic_message};
 use crate::caller_check;
 use crate::config::ScopeToken;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorLog};
 use crate::health;
 use crate::rotation;
 use crate::stats::{self, ErrorCode};
@@ -59,33 +59,62 @@ fn invocation_id(invocation: Option<&HeaderValue>) -> &str {
         .unwrap_or_default()
 }
 
-/// Runs every request inside one span carrying its label. The host logs each invocation with
-/// status and duration; the broker's own line per response is at DEBUG, and tokens get their
-/// audit line, failures a warning, either way.
+/// Labels a request's log lines with a span: the host's invocation id, the method, the path.
+///
+/// A span costs a formatted copy of its fields per request, and a cache hit writes no log line
+/// at all, so the span is made only when a line will use it: at DEBUG and below for every
+/// request (its "finished processing request" line), else only for an error answer's line
+/// or a panic. The host logs each invocation with status and duration; tokens get their audit
+/// record either way.
 async fn traced(State(state): State<AppState>, request: Request<Body>) -> Response {
-    // Read once here and lent to the handler (a header value clone is a reference count).
+    // Read once here and lent to the handler (header value and URI clones are reference
+    // counts).
     let invocation = request
         .headers()
         .get("x-azure-functions-invocationid")
         .cloned();
-    let span = tracing::info_span!(
-        "request",
-        invocation_id = invocation_id(invocation.as_ref()),
-        method = request.method().as_str(),
-        path = truncate(request.uri().path(), 200),
-    );
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let request_span = || {
+        tracing::info_span!(
+            "request",
+            invocation_id = invocation_id(invocation.as_ref()),
+            method = method.as_str(),
+            path = truncate(uri.path(), 200),
+        )
+    };
+    let span = if tracing::enabled!(tracing::Level::DEBUG) {
+        request_span()
+    } else {
+        tracing::Span::none()
+    };
     // The host's readiness probes of `/` (every 25 ms at start, then its health pings) are not
     // requests anyone made: they stay out of the counts.
-    let readiness_probe = request.uri().path() == "/";
+    let readiness_probe = uri.path() == "/";
     let started = tokio::time::Instant::now();
     let response = answer_even_on_panic(
         dispatch(&state, request, invocation_id(invocation.as_ref())).instrument(span.clone()),
-        &span,
+        || {
+            if span.is_none() {
+                request_span()
+            } else {
+                span.clone()
+            }
+        },
     )
     .await;
     if !readiness_probe {
         let code = response.extensions().get::<ErrorCode>().map(|code| code.0);
         stats::record_response(response.status().as_u16(), code);
+    }
+    if let Some(log) = response.extensions().get::<ErrorLog>() {
+        let span = if span.is_none() {
+            request_span()
+        } else {
+            span.clone()
+        };
+        let _entered = span.enter();
+        log.write(response.status());
     }
     if tracing::enabled!(tracing::Level::DEBUG) {
         let _entered = span.enter();
@@ -102,12 +131,13 @@ async fn traced(State(state): State<AppState>, request: Request<Body>) -> Respon
 /// answer (500 `internal_error`) instead of a dropped connection, and the worker lives on.
 async fn answer_even_on_panic(
     handler: impl std::future::Future<Output = Response>,
-    span: &tracing::Span,
+    span: impl FnOnce() -> tracing::Span,
 ) -> Response {
     AssertUnwindSafe(handler)
         .catch_unwind()
         .await
         .unwrap_or_else(|panic| {
+            let span = span();
             let _entered = span.enter();
             tracing::error!(
                 panic = panic_message(panic.as_ref()),
@@ -407,11 +437,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_handler_is_answered_with_a_json_500() {
-        let response = answer_even_on_panic(
-            async { panic!("a bug in a handler") },
-            &tracing::Span::none(),
-        )
-        .await;
+        let response =
+            answer_even_on_panic(async { panic!("a bug in a handler") }, tracing::Span::none).await;
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body = axum::body::to_bytes(response.into_body(), 4096)
             .await
