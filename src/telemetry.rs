@@ -316,7 +316,11 @@ impl<W: Write> Writer<W> {
             std::thread::park_timeout(FLUSH_INTERVAL);
             // Lines queued before this load are all taken below: flush waits on it.
             let flush_request = pipeline.flush_requested.load(Ordering::SeqCst);
-            while let Ok(line) = receiver.try_recv() {
+            // At most the lines queued now: producers that keep the queue full must not keep
+            // this round from ending, or the loss reports and the hit records would wait for
+            // the load to drop.
+            let queued = pipeline.pending.load(Ordering::Relaxed);
+            for line in receiver.try_iter().take(queued.max(1)) {
                 pipeline.pending.fetch_sub(1, Ordering::Relaxed);
                 self.push(&line.bytes, line.kind);
                 if self.batch.len() >= BATCH_BYTES {
