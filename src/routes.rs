@@ -328,7 +328,11 @@ async fn serve_token(
         .await
         .map_err(|error| ApiError::from(error.as_ref()))?;
     let now = tokio::time::Instant::now();
-    stats::record_cache_outcome(outcome.as_str());
+    // In the stats, an answer that waited for a fetch is a miss, whoever started the fetch.
+    stats::record_cache_outcome(match outcome {
+        CacheOutcome::Joined => "miss",
+        other => other.as_str(),
+    });
     if let Some(observed) = state.observed.get(key_name) {
         observed.handed_out(token.expires_on, outcome == CacheOutcome::Stale);
     }

@@ -198,7 +198,11 @@ pub enum CacheOutcome {
     /// Served from memory past its normal hand-out window (its last tenth of life, at most
     /// 30 s), because a refresh is failing or still in flight: still valid for at least 1 s.
     Stale,
+    /// This caller's request started the fetch the answer came from.
     Miss,
+    /// The answer came from a fetch another caller (or a background refresh) had started:
+    /// with single flight, a cold burst is one `miss` and any number of `joined`.
+    Joined,
 }
 
 impl CacheOutcome {
@@ -207,6 +211,7 @@ impl CacheOutcome {
             CacheOutcome::Hit => "hit",
             CacheOutcome::Stale => "stale",
             CacheOutcome::Miss => "miss",
+            CacheOutcome::Joined => "joined",
         }
     }
 }
@@ -293,15 +298,16 @@ impl TokenCache {
                 }
             }
             match &state.fetch {
-                Some(fetch) => fetch.clone(),
+                Some(fetch) => (fetch.clone(), CacheOutcome::Joined),
                 None => {
                     let fetch = self.spawn_fetch(&entry, key);
                     state.fetch = Some(fetch.clone());
-                    fetch
+                    (fetch, CacheOutcome::Miss)
                 }
             }
         };
-        fetch.await.map(|token| (token, CacheOutcome::Miss))
+        let (fetch, outcome) = fetch;
+        fetch.await.map(|token| (token, outcome))
     }
 
     /// Drops every key of the given (lower-cased) connections; returns how many. A fetch in
@@ -537,11 +543,14 @@ mod tests {
             tokio::task::yield_now().await;
         }
         source.gate.add_permits(1);
+        let mut misses = 0;
         for caller in callers {
             let (token, outcome) = caller.await.unwrap().unwrap();
             assert_eq!(token_text(&token), "token-1");
-            assert_eq!(outcome, CacheOutcome::Miss);
+            assert!(matches!(outcome, CacheOutcome::Miss | CacheOutcome::Joined));
+            misses += usize::from(outcome == CacheOutcome::Miss);
         }
+        assert_eq!(misses, 1, "one caller started the fetch; 499 joined it");
         assert_eq!(source.count(), 1);
         let (_, outcome) = cache.get(&key).await.unwrap();
         assert_eq!(outcome, CacheOutcome::Hit);
