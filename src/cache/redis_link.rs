@@ -220,7 +220,17 @@ impl RedisLink {
             return None;
         }
         let mut connection = self.manager.clone();
-        match tokio::time::timeout(self.timeout, command.query_async::<T>(&mut connection)).await {
+        self.bounded(command.query_async::<T>(&mut connection))
+            .await
+    }
+
+    /// One Redis operation within `timeout_ms`: a failure or a late answer counts as an error
+    /// and turns the link down (see `failed`), and the caller sees `None`, like an absent entry.
+    async fn bounded<T>(
+        &self,
+        operation: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(self.timeout, operation).await {
             Ok(Ok(value)) => Some(value),
             Ok(Err(error)) => {
                 SharedCacheCounters::add(&self.counters.redis_errors);
@@ -293,19 +303,7 @@ impl RedisLink {
             return None;
         }
         let mut connection = self.manager.clone();
-        match tokio::time::timeout(self.timeout, pipe.query_async::<()>(&mut connection)).await {
-            Ok(Ok(())) => Some(()),
-            Ok(Err(error)) => {
-                SharedCacheCounters::add(&self.counters.redis_errors);
-                self.failed(&format!("{:?}", error.kind()));
-                None
-            }
-            Err(_) => {
-                SharedCacheCounters::add(&self.counters.redis_errors);
-                self.failed("no answer within timeout_ms");
-                None
-            }
-        }
+        self.bounded(pipe.query_async::<()>(&mut connection)).await
     }
 
     /// Deletes every entry listed in the set `index`, and the set; returns how many.

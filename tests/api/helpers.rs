@@ -759,6 +759,31 @@ impl TestApp {
         self.stdout_paused.1.notify_all();
     }
 
+    /// Invokes `function-rotation` with `event` the way the Functions host does (JSON payload
+    /// format) and returns the invocation's answer, which must be a 200 with the host's
+    /// `Outputs`, `Logs` and `ReturnValue`.
+    pub async fn deliver_event(&self, event: Value) -> Value {
+        let response = self
+            .http
+            .post(self.url("/function-rotation"))
+            .json(&serde_json::json!({ "Data": { "event": event }, "Metadata": { "sys": { "MethodName": "function-rotation" } } }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "a non-2xx answer fails the invocation"
+        );
+        let body = json(response).await;
+        assert!(
+            body["Outputs"].is_object() && body["Logs"].is_array(),
+            "{body}"
+        );
+        assert!(body.get("ReturnValue").is_some(), "{body}");
+        body
+    }
+
     /// Sends SIGTERM and returns at once.
     pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();

@@ -16,14 +16,7 @@ pub async fn secret_changed(app: &TestApp, secret: &str) {
         "data": { "ObjectType": "Secret", "ObjectName": secret, "VaultName": "kv" },
         "dataVersion": "1", "metadataVersion": "1", "eventTime": "2026-11-28T05:00:00Z"
     });
-    let response = app
-        .http
-        .post(app.url("/function-rotation"))
-        .json(&json!({ "Data": { "event": event }, "Metadata": {} }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    app.deliver_event(event).await;
 }
 
 #[tokio::test]

@@ -9,25 +9,7 @@ use crate::helpers::{
 
 /// Invokes `function-rotation` the way the Functions host does (JSON payload format).
 async fn deliver(app: &TestApp, event: Value) -> Value {
-    let response = app
-        .http
-        .post(app.url("/function-rotation"))
-        .json(&json!({ "Data": { "event": event }, "Metadata": { "sys": { "MethodName": "function-rotation" } } }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        response.status(),
-        200,
-        "a non-2xx answer fails the invocation"
-    );
-    let body = body_json(response).await;
-    assert!(
-        body["Outputs"].is_object() && body["Logs"].is_array(),
-        "{body}"
-    );
-    assert!(body.get("ReturnValue").is_some(), "{body}");
-    body
+    app.deliver_event(event).await
 }
 
 /// A Key Vault event as real traffic sends it: PascalCase data.

@@ -196,15 +196,7 @@ async fn deliver_key_event(app: &TestApp, key: &str, version: &str) -> Value {
                   "ObjectType": "Key", "ObjectName": key, "Version": version, "NBF": null, "EXP": null },
         "dataVersion": "1", "metadataVersion": "1", "eventTime": "2026-11-28T05:00:00Z"
     });
-    let response = app
-        .http
-        .post(app.url("/function-rotation"))
-        .json(&json!({ "Data": { "event": event }, "Metadata": {} }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    body_json(response).await
+    app.deliver_event(event).await
 }
 
 #[tokio::test]
