@@ -5,6 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::ServiceExt as _;
 use tokio::net::TcpListener;
 
 use crate::app_state::AppState;
@@ -13,13 +14,13 @@ use crate::caller_check::CallerCheck;
 use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::http_client::LazyClient;
-use crate::routes::router;
+use crate::routes::{BrokerService, service};
 use crate::token_client::TokenClient;
 
 /// A broker bound to its port, ready to serve.
 pub struct Application {
     listener: TcpListener,
-    router: axum::Router,
+    service: BrokerService,
     /// For the `stats` line's gauges (open circuit breakers).
     state: AppState,
     stats_interval: Duration,
@@ -91,7 +92,7 @@ impl Application {
             })?;
         Ok(Self {
             listener,
-            router: router(state.clone()),
+            service: service(state.clone()),
             state,
             stats_interval,
         })
@@ -110,13 +111,16 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let last_report = Arc::new(parking_lot::Mutex::new(tokio::time::Instant::now()));
+        let last_report = Arc::new(parking_lot::Mutex::new(LastReport {
+            at: tokio::time::Instant::now(),
+            shared: crate::stats::SharedTierCounts::default(),
+        }));
         let reporter = tokio::spawn(report_stats_every(
             self.stats_interval,
             self.state.clone(),
             last_report.clone(),
         ));
-        let served = axum::serve(self.listener, self.router)
+        let served = axum::serve(self.listener, self.service.into_make_service())
             .with_graceful_shutdown(shutdown)
             .await;
         reporter.abort();
@@ -130,7 +134,7 @@ impl Application {
 async fn report_stats_every(
     interval: Duration,
     state: AppState,
-    last_report: Arc<parking_lot::Mutex<tokio::time::Instant>>,
+    last_report: Arc<parking_lot::Mutex<LastReport>>,
 ) {
     let start = tokio::time::Instant::now() + interval;
     let mut ticker = tokio::time::interval_at(start, interval);
@@ -142,8 +146,15 @@ async fn report_stats_every(
     }
 }
 
+/// When the last `stats` line was written, and the shared tier's totals then.
+#[derive(Clone, Copy)]
+struct LastReport {
+    at: tokio::time::Instant,
+    shared: crate::stats::SharedTierCounts,
+}
+
 /// One `stats` line: the counts since the last one, and the circuit breakers open now.
-fn report_stats(state: &AppState, last_report: &parking_lot::Mutex<tokio::time::Instant>) {
+fn report_stats(state: &AppState, last_report: &parking_lot::Mutex<LastReport>) {
     let open: Vec<&str> = state
         .connections
         .iter()
@@ -153,9 +164,20 @@ fn report_stats(state: &AppState, last_report: &parking_lot::Mutex<tokio::time::
         })
         .map(|(_, connection)| connection.name.as_str())
         .collect();
-    let now = tokio::time::Instant::now();
-    let period = now - std::mem::replace(&mut *last_report.lock(), now);
-    crate::stats::report(period, &open);
+    let now = LastReport {
+        at: tokio::time::Instant::now(),
+        shared: state
+            .shared
+            .as_ref()
+            .map(|tier| tier.counters().totals())
+            .unwrap_or_default(),
+    };
+    let last = std::mem::replace(&mut *last_report.lock(), now);
+    let shared = state
+        .shared
+        .as_ref()
+        .map(|_| now.shared.since(&last.shared));
+    crate::stats::report(now.at - last.at, &open, shared);
 }
 
 /// Completes on SIGTERM (how the host and App Service stop a worker) or Ctrl-C.

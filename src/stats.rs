@@ -292,6 +292,43 @@ pub struct Snapshot {
     jwks_reloads: u64,
     jwks_failures: u64,
     audit_dropped: u64,
+    /// The shared (Redis) tier's counts over the period; `None` without a shared tier, and
+    /// then the line has no `shared_*` fields.
+    pub shared: Option<SharedTierCounts>,
+}
+
+/// What the shared tier did over one period (or since the start, as totals).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SharedTierCounts {
+    /// Tokens taken from Redis instead of the identity provider.
+    pub shared_hits: u64,
+    /// Tokens Redis did not have: this instance fetched them (under the fleet-wide lock, or
+    /// after waiting too long for another instance's fetch).
+    pub shared_misses: u64,
+    /// Times this instance waited for another instance's fetch.
+    pub shared_waits: u64,
+    /// Redis operations that failed or timed out.
+    pub shared_errors: u64,
+    /// Entries that did not open (tampered, another key, another format) and were ignored.
+    pub shared_unreadable: u64,
+    /// Times the link to Redis went down.
+    pub shared_outages: u64,
+}
+
+impl SharedTierCounts {
+    /// `self - earlier`, field by field: the counts of one period from two totals.
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            shared_hits: self.shared_hits.saturating_sub(earlier.shared_hits),
+            shared_misses: self.shared_misses.saturating_sub(earlier.shared_misses),
+            shared_waits: self.shared_waits.saturating_sub(earlier.shared_waits),
+            shared_errors: self.shared_errors.saturating_sub(earlier.shared_errors),
+            shared_unreadable: self
+                .shared_unreadable
+                .saturating_sub(earlier.shared_unreadable),
+            shared_outages: self.shared_outages.saturating_sub(earlier.shared_outages),
+        }
+    }
 }
 
 impl Snapshot {
@@ -363,6 +400,8 @@ struct StatsLine<'a> {
     breakers_open: usize,
     breakers_open_connections: &'a [&'a str],
     audit_dropped: u64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    shared: Option<SharedTierCounts>,
     target: &'static str,
 }
 
@@ -409,6 +448,7 @@ pub fn format_line(
         breakers_open: open_breakers.len(),
         breakers_open_connections: open_breakers,
         audit_dropped: snapshot.audit_dropped,
+        shared: snapshot.shared,
         target: "stats",
     };
     let mut bytes = Vec::with_capacity(1024);
@@ -420,8 +460,10 @@ pub fn format_line(
 
 /// Takes the global counters and writes the `stats` line (through the log queue, whatever
 /// `RUST_LOG` says: metrics a log level can switch off are not metrics).
-pub fn report(period: Duration, open_breakers: &[&str]) {
-    let line = format_line(&REGISTRY.take(), period, open_breakers, SystemTime::now());
+pub fn report(period: Duration, open_breakers: &[&str], shared: Option<SharedTierCounts>) {
+    let mut snapshot = REGISTRY.take();
+    snapshot.shared = shared;
+    let line = format_line(&snapshot, period, open_breakers, SystemTime::now());
     crate::telemetry::write_stats(line);
 }
 

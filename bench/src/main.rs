@@ -3,8 +3,17 @@
 //! on `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT` (0 for any free port; the bound port is
 //! printed as `{"port":N}` on stdout either way), on the same runtime, HTTP stack and build
 //! profile as the broker, and does nothing else: no routing logic, no cache, no logging.
+//!
+//! `BARE_STACK` picks how the body is served: `router` (the default: an axum `Router` whose
+//! fallback answers, the limit the issue set the target against) or `service` (one hand-made
+//! service with no router, as the broker itself is served: the stricter limit, reported beside
+//! the first so that a broker without a router is not flattered by the comparison).
 
-use axum::http::header;
+use std::convert::Infallible;
+
+use axum::ServiceExt as _;
+use axum::body::Body;
+use axum::http::{Request, header};
 use axum::response::IntoResponse;
 
 #[tokio::main]
@@ -34,5 +43,16 @@ async fn main() {
         .expect("bind");
     let bound = listener.local_addr().expect("bound address").port();
     println!("{{\"port\":{bound}}}");
-    axum::serve(listener, app).await.expect("serve");
+    if std::env::var("BARE_STACK").as_deref() == Ok("service") {
+        let service = tower::service_fn(move |_: Request<Body>| async move {
+            Ok::<_, Infallible>(
+                ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+            )
+        });
+        axum::serve(listener, service.into_make_service())
+            .await
+            .expect("serve");
+    } else {
+        axum::serve(listener, app).await.expect("serve");
+    }
 }

@@ -11,7 +11,8 @@
 //     `cache_misses`, `cache_stale`, `token_fetches`, `token_fetches_by_result`,
 //     `token_fetch_failures`, `token_fetch_p50_ms`/`p95`/`p99`/`max`, `key_vault_reads`,
 //     `key_vault_failures`, `jwks_reloads`, `breakers_open`, `breakers_open_connections`,
-//     `audit_dropped`;
+//     `audit_dropped`, and with a shared tier `shared_hits`, `shared_misses`, `shared_waits`,
+//     `shared_errors`, `shared_unreadable`, `shared_outages`;
 //   - rotation events (target `rotation`).
 //
 // Percentiles in a `stats` line are per instance and period; the workbook shows the largest
@@ -39,6 +40,7 @@ var queries = {
   fetchResults: '${statsLines} | mv-expand kind=array result = line.token_fetches_by_result | summarize fetches = sum(tolong(result[1])) by bin(timestamp, 5m), result = tostring(result[0]) | render columnchart kind=stacked'
   errorsByCode: '${statsLines} | mv-expand kind=array error = line.errors_by_code | summarize requests = sum(tolong(error[1])) by bin(timestamp, 5m), code = tostring(error[0]) | render columnchart kind=stacked'
   breakersAndKeyVault: '${statsLines} | summarize breakers_open = max(tolong(line.breakers_open)), key_vault_reads = sum(tolong(line.key_vault_reads)), key_vault_failures = sum(tolong(line.key_vault_failures)), jwks_reloads = sum(tolong(line.jwks_reloads)) by bin(timestamp, 5m) | render timechart'
+  sharedTier: '${statsLines} | where isnotnull(line.shared_hits) | summarize shared_hits = sum(tolong(line.shared_hits)), shared_misses = sum(tolong(line.shared_misses)), shared_errors = sum(tolong(line.shared_errors)), shared_outages = sum(tolong(line.shared_outages)) by bin(timestamp, 5m) | render timechart'
   rotations: '${lines} | where tostring(line.target) == "rotation" | extend text = tostring(line.message) | where text has "will be read again" | project timestamp, event = extract(@"^([A-Za-z.]+):", 1, text), text | order by timestamp desc'
 }
 
@@ -50,6 +52,7 @@ var panels = [
   { title: 'Token endpoint fetches by result', query: queries.fetchResults, size: 1 }
   { title: 'Errors by code', query: queries.errorsByCode, size: 1 }
   { title: 'Open circuit breakers, Key Vault reads and failures, JWKS reloads', query: queries.breakersAndKeyVault, size: 1 }
+  { title: 'Shared (Redis) tier: hits, misses, errors, outages', query: queries.sharedTier, size: 1 }
   { title: 'Audit records lost (tokens)', query: queries.auditLost, size: 1 }
   { title: 'Secret rotations', query: queries.rotations, size: 1 }
 ]

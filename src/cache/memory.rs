@@ -12,13 +12,16 @@
 //! panic inside a fetch becomes an `Internal` error for that fetch's waiters while the entry
 //! stays usable for the next one.
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
+// hashbrown's default hasher (foldhash): keys are configured names and scopes, not attacker
+// input (a caller can only name scopes from its connection's allowed list), and a cache hit
+// hashes one on every request.
 use futures_util::future::{BoxFuture, Shared};
+use hashbrown::HashMap;
 use parking_lot::Mutex;
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use sha2::{Digest, Sha256};
@@ -33,12 +36,21 @@ pub trait TokenSource: Send + Sync + 'static {
 }
 
 /// A connection (lower-cased name) and a sorted, de-duplicated scope set.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CacheKey {
     connection: ConnectionName,
     scopes: Arc<[ScopeToken]>,
     /// The scopes joined by spaces, for the audit line; computed once per key, not per request.
     display: Arc<str>,
+}
+
+/// Hashes the connection and the scopes only: `display` is made from the scopes, so equal keys
+/// still hash equally, and a cache hit does not hash the scopes twice.
+impl std::hash::Hash for CacheKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.connection.hash(state);
+        self.scopes.hash(state);
+    }
 }
 
 impl CacheKey {

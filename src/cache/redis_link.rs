@@ -21,7 +21,8 @@ use crate::config::SharedCacheSettings;
 /// How often a down link is probed, and an up link checked for its subscription.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What the shared tier did and what went wrong, for tests and a future stats line.
+/// What the shared tier did and what went wrong, since the start: for tests, and as totals
+/// from which the `stats` line takes each period's counts.
 #[derive(Default, Debug)]
 pub struct SharedCacheCounters {
     /// Tokens taken from Redis instead of the identity provider.
@@ -43,6 +44,19 @@ pub struct SharedCacheCounters {
 impl SharedCacheCounters {
     pub fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The totals so far, as the `stats` line names them.
+    pub fn totals(&self) -> crate::stats::SharedTierCounts {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        crate::stats::SharedTierCounts {
+            shared_hits: read(&self.hits),
+            shared_misses: read(&self.locked_fetches) + read(&self.impatient_fetches),
+            shared_waits: read(&self.waits),
+            shared_errors: read(&self.redis_errors),
+            shared_unreadable: read(&self.unreadable_entries),
+            shared_outages: read(&self.outages),
+        }
     }
 }
 

@@ -403,3 +403,59 @@ async fn fleet_measurements() {
         "{memory} {shared} {fetched}"
     );
 }
+
+/// The sum of `field` over the `stats` lines `broker` has written so far; `None` when a
+/// `stats` line lacks it.
+fn stats_sum(broker: &Broker, field: &str) -> Option<u64> {
+    broker
+        .logs()
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "stats")
+        .map(|line| line.get(field).and_then(serde_json::Value::as_u64))
+        .sum()
+}
+
+#[tokio::test]
+async fn the_stats_line_counts_the_shared_tier_per_instance() {
+    let fleet = Fleet::start(3600).await;
+    let redis = RedisServer::start(RedisOptions::default());
+    let config = fleet.config("fleet-a", Some(&Fleet::shared_block(&redis)))
+        + "\n[telemetry]\nstats_interval_seconds = 1\n";
+    let mut brokers = Vec::new();
+    for _ in 0..2 {
+        let broker = fleet.broker(&config, &[]).await;
+        broker.wait_for_log("shared cache connected", 1).await;
+        brokers.push(broker);
+    }
+    // The first instance fetches (a shared miss), the second finds the token in Redis.
+    brokers[0].access_token("demo").await;
+    brokers[1].access_token("demo").await;
+    assert_eq!(fleet.token_requests().await, 1);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats_sum(&brokers[0], "shared_misses") != Some(1)
+        || stats_sum(&brokers[1], "shared_hits") != Some(1)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "stats lines never counted the shared tier:\n{}",
+            brokers[1].logs().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stats_sum(&brokers[0], "shared_hits"), Some(0));
+    assert_eq!(stats_sum(&brokers[1], "shared_misses"), Some(0));
+    for broker in &brokers {
+        for field in [
+            "shared_waits",
+            "shared_errors",
+            "shared_unreadable",
+            "shared_outages",
+        ] {
+            assert_eq!(stats_sum(broker, field), Some(0), "{field}");
+        }
+        // Beside the memory tier's own counts: the second instance's answer was a memory miss.
+        assert_eq!(stats_sum(broker, "cache_misses"), Some(1));
+    }
+}

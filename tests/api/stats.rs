@@ -58,6 +58,8 @@ async fn stats_lines_count_requests_cache_outcomes_fetches_and_key_vault_reads()
     assert_eq!(line["message"], "stats");
     assert_eq!(line["level"], "INFO");
     assert!(line["period_seconds"].as_f64().unwrap() > 0.5, "{line}");
+    // No shared tier configured: no `shared_*` fields (zeros would claim a tier that is not there).
+    assert!(line.get("shared_hits").is_none(), "{line}");
 
     // SIGTERM writes the last partial period: summed, the lines hold every count.
     assert!(app.terminate().success());

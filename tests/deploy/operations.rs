@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 use token_broker::audit::{AuditRecord, format_line as audit_line};
-use token_broker::stats::{ERROR_CODES, FETCH_RESULTS, Snapshot, format_line as stats_line};
+use token_broker::stats::{
+    ERROR_CODES, FETCH_RESULTS, SharedTierCounts, Snapshot, format_line as stats_line,
+};
 
 use crate::bicep;
 use crate::read;
@@ -65,10 +67,14 @@ fn written_fields() -> BTreeSet<String> {
         path: "/api/token/demo",
     };
     let now = SystemTime::now();
+    let mut shared = Snapshot::default();
+    shared.shared = Some(SharedTierCounts::default());
     let lines = [
         audit_line(&record, None, now),
         audit_line(&record, Some("2026-01-01T00:00:00.000000Z"), now),
         stats_line(&Snapshot::default(), Duration::from_secs(60), &[], now),
+        // With a shared tier, the line also carries the `shared_*` counts.
+        stats_line(&shared, Duration::from_secs(60), &[], now),
     ];
     let mut fields: BTreeSet<String> = lines
         .iter()
