@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
@@ -101,17 +102,16 @@ fn invocation_id(invocation: Option<&HeaderValue>) -> &str {
 /// or a panic. The host logs each invocation with status and duration; tokens get their audit
 /// record either way.
 async fn traced(state: &AppState, request: Request<Body>) -> Response {
-    // Read once here and lent to the handler (header value and URI clones are reference
-    // counts).
-    let invocation = request.headers().get(&INVOCATION_ID).cloned();
-    let method = request.method().clone();
-    let uri = request.uri().clone();
+    // The head stays here and is lent to the handler, so that a span made after the handler
+    // (for an error line or a panic) can still read it without a copy made per request.
+    let (parts, body) = request.into_parts();
+    let invocation = invocation_id(parts.headers.get(&INVOCATION_ID));
     let request_span = || {
         tracing::info_span!(
             "request",
-            invocation_id = invocation_id(invocation.as_ref()),
-            method = method.as_str(),
-            path = truncate(uri.path(), 200),
+            invocation_id = invocation,
+            method = parts.method.as_str(),
+            path = truncate(parts.uri.path(), 200),
         )
     };
     let span = if tracing::enabled!(tracing::Level::DEBUG) {
@@ -121,10 +121,10 @@ async fn traced(state: &AppState, request: Request<Body>) -> Response {
     };
     // The host's readiness probes of `/` (every 25 ms at start, then its health pings) are not
     // requests anyone made: they stay out of the counts.
-    let readiness_probe = uri.path() == "/";
+    let readiness_probe = parts.uri.path() == "/";
     let started = tokio::time::Instant::now();
     let response = answer_even_on_panic(
-        dispatch(state, request, invocation_id(invocation.as_ref())).instrument(span.clone()),
+        dispatch(state, &parts, body, invocation).instrument(span.clone()),
         || {
             if span.is_none() {
                 request_span()
@@ -189,12 +189,11 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-async fn dispatch(state: &AppState, request: Request<Body>, invocation_id: &str) -> Response {
-    if let Err(error) = check_limits(&request) {
+async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &str) -> Response {
+    if let Err(error) = check_limits(parts) {
         return error.into_response();
     }
-    let (parts, body) = request.into_parts();
-    let (method, uri, headers) = (parts.method, parts.uri, parts.headers);
+    let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
     if uri.path() == "/" {
         // The host polls `/` every 25 ms until it answers; nothing here may wait.
         return (
@@ -227,14 +226,14 @@ async fn dispatch(state: &AppState, request: Request<Body>, invocation_id: &str)
         path: truncate(uri.path(), 200),
     };
     let form = if method == Method::POST {
-        match form_body(&headers, body).await {
+        match form_body(headers, body).await {
             Ok(form) => form,
             Err(error) => return error.into_response(),
         }
     } else {
         Vec::new()
     };
-    match serve_token(state, connection, uri.query(), &form, &headers, &label).await {
+    match serve_token(state, connection, uri.query(), &form, headers, &label).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -271,9 +270,9 @@ async fn form_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError>
 }
 
 /// Refuses requests larger than a token request can need, before any work is done.
-fn check_limits(request: &Request<Body>) -> Result<(), ApiError> {
+fn check_limits(request: &Parts) -> Result<(), ApiError> {
     let uri_length = request
-        .uri()
+        .uri
         .path_and_query()
         .map_or(0, |pq| pq.as_str().len());
     if uri_length > MAX_URI {
@@ -283,7 +282,7 @@ fn check_limits(request: &Request<Body>) -> Result<(), ApiError> {
         });
     }
     let header_bytes: usize = request
-        .headers()
+        .headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len() + 4)
         .sum();
@@ -294,7 +293,7 @@ fn check_limits(request: &Request<Body>) -> Result<(), ApiError> {
         });
     }
     let declared = request
-        .headers()
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
