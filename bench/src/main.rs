@@ -16,6 +16,10 @@ use axum::body::Body;
 use axum::http::{Request, header};
 use axum::response::IntoResponse;
 
+/// The broker's allocator, so that the comparison is of the work done, not of the allocators.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() {
     let port: u16 = std::env::var("FUNCTIONS_CUSTOMHANDLER_PORT")
