@@ -55,7 +55,7 @@ pub struct BrokerService {
     state: Arc<AppState>,
 }
 
-/// The broker's service, apart from `main` so that tests can drive it in-process.
+/// The broker's service over `state`: what `startup` hands to `axum::serve`.
 pub fn service(state: AppState) -> BrokerService {
     BrokerService {
         state: Arc::new(state),
