@@ -437,8 +437,9 @@ def draw_fleet(fleet):
         return fleet
     counts = sorted({count for count, _, _ in rows})
     tiers = [("memory only", "#8b949e"), ("memory + shared", "#1f6feb")]
-    series = [(tier, colour, [next((v for n, t, v in rows if n == count and t == tier), 0.0) for count in counts])
+    series = [(tier, colour, [next((v for n, t, v in rows if n == count and t == tier), None) for count in counts])
               for tier, colour in tiers]
+    series = [(tier, colour, values) for tier, colour, values in series if None not in values]
     write_chart(ROOT / "benchmarks-fleet.svg", "Token requests per key per token lifetime",
                 "broker instances", "requests per key per lifetime", [str(n) for n in counts], series)
     image = "![Token requests per key per lifetime against instance count](benchmarks-fleet.svg)"
@@ -460,13 +461,13 @@ def write_report(samples, flight_ok, single_flight_calls, refresh, refreshes, mi
         "# Benchmarks",
         "",
         "Written by `scripts/bench` (do not edit by hand). One machine: the load generator (`wrk`),",
-        "the broker, the bare server and the identity provider all share it, so the ratios matter",
+        "the broker, the bare servers and the identity provider all share it, so the ratios matter",
         "more than the absolute numbers.",
         "",
         f"- Machine: {machine()}",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- Each cell: {ROUNDS} runs of {DURATION}, interleaved (broker, bare server and identity provider in an "
-        "order that rotates every round); medians, with the range (min–max) of the runs in brackets.",
+        f"- Each cell: {ROUNDS} runs of {DURATION}, interleaved (broker, the two bare servers and the identity provider "
+        "in an order that rotates every round); medians, with the range (min–max) of the runs in brackets.",
         f"- Body {body_size} bytes (a token answer); release profile for both servers; every request carries the "
         "headers the Functions host adds (`X-Azure-Functions-InvocationId`, `X-Azure-Functions-HostVersion`).",
         "",
@@ -501,8 +502,10 @@ def write_report(samples, flight_ok, single_flight_calls, refresh, refreshes, mi
         "## Targets",
         "",
         f"The cache-hit path should reach at least {THROUGHPUT_TARGET:.2f} of the bare server's throughput with a p99 "
-        f"within {P99_TARGET}x of the bare server's, at every concurrency (medians compared). The same ratios "
-        "against the bare server without a router are given beside them, with no target.",
+        f"within {P99_TARGET}x of the bare server's, at every concurrency (medians compared). \"runs disagree\" "
+        "marks a verdict that some pairings of single broker and bare runs would reverse: on this shared machine "
+        "it is within the noise. The same ratios against the bare server without a router, the like-for-like "
+        "limit, are given beside them, with no target.",
         "",
         "| concurrency | throughput ratio | target | p99 ratio | target | throughput ratio, no-router bare | p99 ratio, no-router bare | broker / identity provider throughput |",
         "|---:|---:|---|---:|---|---:|---:|---:|",
@@ -512,11 +515,16 @@ def write_report(samples, flight_ok, single_flight_calls, refresh, refreshes, mi
         throughput = median("broker", c, "rps") / median("bare", c, "rps")
         p99 = median("broker", c, "p99") / median("bare", c, "p99")
         t_ok, p_ok = throughput >= THROUGHPUT_TARGET, p99 <= P99_TARGET
-        (met if t_ok else missed).append(f"throughput at concurrency {c} ({throughput:.2f})")
+        (met if t_ok else missed).append(f"throughput at concurrency {c} ({throughput:.3f})")
         (met if p_ok else missed).append(f"p99 at concurrency {c} ({p99:.2f}x)")
+        # Every pairing of a broker run with a bare run of the same cell: when some pairs fall on
+        # either side of the target, the verdict is the medians' but the runs do not agree.
+        pairs = [b / r for b in values("broker", c, "rps") for r in values("bare", c, "rps")]
+        split = min(pairs) < THROUGHPUT_TARGET <= max(pairs)
+        verdict = ("met" if t_ok else "**missed**") + (" (runs disagree)" if split else "")
         lines.append(
-            f"| {c} | {throughput:.2f} | {'met' if t_ok else '**missed**'} | {p99:.2f} | {'met' if p_ok else '**missed**'} | "
-            f"{median('broker', c, 'rps') / median('lean', c, 'rps'):.2f} | "
+            f"| {c} | {throughput:.3f} | {verdict} | {p99:.2f} | {'met' if p_ok else '**missed**'} | "
+            f"{median('broker', c, 'rps') / median('lean', c, 'rps'):.3f} | "
             f"{median('broker', c, 'p99') / median('lean', c, 'p99'):.2f} | "
             f"{median('broker', c, 'rps') / median('idp', c, 'rps'):.0f}x |"
         )

@@ -302,8 +302,9 @@ pub struct Snapshot {
 pub struct SharedTierCounts {
     /// Tokens taken from Redis instead of the identity provider.
     pub shared_hits: u64,
-    /// Tokens Redis did not have: this instance fetched them (under the fleet-wide lock, or
-    /// after waiting too long for another instance's fetch).
+    /// Fetches made through the fleet-wide lock, or after waiting too long for another
+    /// instance's, because Redis had no token. Fetches made while Redis is unreachable bypass
+    /// the tier and are not counted here (`shared_errors` and `shared_outages` show those).
     pub shared_misses: u64,
     /// Times this instance waited for another instance's fetch.
     pub shared_waits: u64,

@@ -17,9 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::FutureExt;
-// hashbrown's default hasher (foldhash): keys are configured names and scopes, not attacker
-// input (a caller can only name scopes from its connection's allowed list), and a cache hit
-// hashes one on every request.
 use futures_util::future::{BoxFuture, Shared};
 use hashbrown::HashMap;
 use parking_lot::Mutex;
@@ -235,6 +232,9 @@ pub struct TokenCache {
     source: Arc<dyn TokenSource>,
     max_entries: usize,
     // A blocking mutex: held only for map look-ups and inserts, never across an await.
+    // hashbrown's default hasher (foldhash), not SipHash: keys are configured names and
+    // scopes, not attacker input (a caller can only name scopes from its connection's allowed
+    // list), and a cache hit hashes one on every request.
     entries: Mutex<HashMap<CacheKey, Arc<Entry>>>,
 }
 
