@@ -260,11 +260,7 @@ pub fn format_line(record: &AuditRecord<'_>, since: Option<&str>, now: SystemTim
             name: "request",
         }),
     };
-    let mut bytes = Vec::with_capacity(384);
-    // Serializing borrowed strings and integers into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut bytes, &line);
-    bytes.push(b'\n');
-    bytes
+    crate::telemetry::json_line(&line, 384)
 }
 
 /// RFC 3339 UTC with microseconds, as the other log lines have it.

@@ -452,11 +452,7 @@ pub fn format_line(
         shared: snapshot.shared,
         target: "stats",
     };
-    let mut bytes = Vec::with_capacity(1024);
-    // Serializing numbers and borrowed strings into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut bytes, &line);
-    bytes.push(b'\n');
-    bytes
+    crate::telemetry::json_line(&line, 1024)
 }
 
 /// Takes the global counters and writes the `stats` line (through the log queue, whatever

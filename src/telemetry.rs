@@ -87,6 +87,15 @@ pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
 }
 
+/// `value` as one JSON log line, newline included. Serializing the broker's own records
+/// (numbers and borrowed strings) into a `Vec` cannot fail, so there is no error to return.
+pub fn json_line(value: &impl Serialize, capacity: usize) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(capacity);
+    let _ = serde_json::to_writer(&mut bytes, value);
+    bytes.push(b'\n');
+    bytes
+}
+
 /// Queues one audit record (a whole line) standing for `count` tokens. Never blocks; a record
 /// that finds the queue full is counted (its `count`) and reported by the writer.
 pub fn write_audit(line: Vec<u8>, count: u64) {
