@@ -92,6 +92,10 @@ pub enum ApiError {
         description: String,
         retry_after: Duration,
     },
+    /// 503 `shared_cache_unavailable`: `function-rotation` applied an event but could not
+    /// pass it to the fleet through the shared tier; the host fails the invocation, so Event
+    /// Grid delivers it again.
+    RotationNotAnnounced(&'static str),
     /// 500 `internal_error`.
     Internal(String),
 }
@@ -239,6 +243,13 @@ impl IntoResponse for ApiError {
                 description.as_str(),
                 None,
                 Some(*retry_after),
+            ),
+            ApiError::RotationNotAnnounced(reason) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shared_cache_unavailable",
+                *reason,
+                None,
+                Some(Duration::from_secs(5)),
             ),
             ApiError::Internal(text) => (
                 StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,15 +1,24 @@
 //! The `function-rotation` function: Key Vault's Event Grid events, as the Functions host
 //! delivers them to a custom handler (`POST /function-rotation`, JSON payload format).
 //!
-//! `SecretNewVersionCreated`, `SecretNearExpiry` and `SecretExpired` for a secret the broker
-//! serves (and the same events of a signing key or certificate a `private_key_jwt` connection
-//! uses) make the next use read Key Vault again, drop the tokens minted with the old version
-//! and forget a rejection the connection's negative cache holds, so a rotation (or a repaired
-//! secret) takes effect at once in the process that receives the event instead of at the next
-//! cache TTL. On Flex Consumption that process serves no token requests (per-function
-//! scaling): with the shared cache it tells every instance; without it, HTTP instances pick
-//! the new version up at their next re-read (see the README's "How it runs on Flex
-//! Consumption").
+//! `SecretNewVersionCreated` for a secret the broker serves (and `KeyNewVersionCreated` or
+//! `CertificateNewVersionCreated` for a signing key or certificate a `private_key_jwt`
+//! connection uses) makes the next use read Key Vault again, drops the tokens minted with the
+//! old version and forgets a rejection the connection's negative cache holds, so a rotation
+//! (or a repaired secret) takes effect at once in the process that receives the event instead
+//! of at the next cache TTL. On Flex Consumption that process serves no token requests
+//! (per-function scaling): with the shared cache it tells every instance; without it, HTTP
+//! instances pick the new version up at their next re-read (see the README's "How it runs on
+//! Flex Consumption").
+//!
+//! `*NearExpiry` and `*Expired` are reminders, not changes: nothing has a new version yet, so
+//! they change nothing but a warning line (the near-expiry alert is Azure Monitor's job).
+//! Dropping tokens on a reminder would cost every instance a fetch 30 days before anything
+//! changes.
+//!
+//! The host fails an invocation, and Event Grid delivers the event again, only on a non-2xx
+//! answer: a rotation this instance applied but could not announce to the fleet is answered
+//! 503, so that the announcement is retried rather than lost.
 
 use axum::Json;
 use axum::body::Body;
@@ -33,30 +42,28 @@ const MAX_INVOCATION_BYTES: usize = 64 * 1024;
 /// string of a string); one level of margin beyond that.
 const MAX_STRING_ENCODINGS: usize = 3;
 
-/// Event types that mean "the object you hold is about to change or has changed", with the
-/// kind of object they are about.
+/// Event types that mean "the object you hold has a new version", with the kind of object
+/// they are about.
 const ROTATION_EVENTS: &[(&str, ObjectKind)] = &[
     (
         "microsoft.keyvault.secretnewversioncreated",
         ObjectKind::Secret,
     ),
-    ("microsoft.keyvault.secretnearexpiry", ObjectKind::Secret),
-    ("microsoft.keyvault.secretexpired", ObjectKind::Secret),
     ("microsoft.keyvault.keynewversioncreated", ObjectKind::Key),
-    ("microsoft.keyvault.keynearexpiry", ObjectKind::Key),
-    ("microsoft.keyvault.keyexpired", ObjectKind::Key),
     (
         "microsoft.keyvault.certificatenewversioncreated",
         ObjectKind::Certificate,
     ),
-    (
-        "microsoft.keyvault.certificatenearexpiry",
-        ObjectKind::Certificate,
-    ),
-    (
-        "microsoft.keyvault.certificateexpired",
-        ObjectKind::Certificate,
-    ),
+];
+
+/// Reminders that an object will expire or has expired: logged as a warning, nothing else.
+const EXPIRY_EVENTS: &[&str] = &[
+    "microsoft.keyvault.secretnearexpiry",
+    "microsoft.keyvault.secretexpired",
+    "microsoft.keyvault.keynearexpiry",
+    "microsoft.keyvault.keyexpired",
+    "microsoft.keyvault.certificatenearexpiry",
+    "microsoft.keyvault.certificateexpired",
 ];
 
 /// The Key Vault object of `kind` the connection uses, if any.
@@ -75,7 +82,9 @@ fn object_of(connection: &ConnectionSettings, kind: ObjectKind) -> Option<&str> 
 }
 
 /// Handles one invocation. Malformed JSON is a 400 (the host never sends it); an event that
-/// is not for this broker is acknowledged with a log line, since retrying it cannot help.
+/// is not for this broker is acknowledged with a log line, since retrying it cannot help. A
+/// rotation that could not be announced to the fleet is a 503: the host then fails the
+/// invocation and Event Grid delivers the event again.
 pub async fn handle(state: &AppState, body: Body) -> Response {
     let Ok(bytes) = axum::body::to_bytes(body, MAX_INVOCATION_BYTES).await else {
         return ApiError::InvalidRequest("the invocation body is too large or incomplete".into())
@@ -84,14 +93,32 @@ pub async fn handle(state: &AppState, body: Body) -> Response {
     let Ok(payload) = serde_json::from_slice::<Value>(&bytes) else {
         return ApiError::InvalidRequest("the invocation body is not JSON".into()).into_response();
     };
-    let logs = match event_of(&payload) {
+    let outcome = match event_of(&payload) {
         Some(event) => apply(state, &event).await,
-        None => vec!["ignored: the invocation carries no Event Grid event".to_string()],
+        None => Outcome::done("ignored: the invocation carries no Event Grid event".to_string()),
     };
-    for line in &logs {
+    for line in &outcome.logs {
         tracing::info!(target: "rotation", "{line}");
     }
-    Json(json!({ "Outputs": {}, "Logs": logs, "ReturnValue": null })).into_response()
+    if let Some(reason) = outcome.not_announced {
+        return ApiError::RotationNotAnnounced(reason).into_response();
+    }
+    Json(json!({ "Outputs": {}, "Logs": outcome.logs, "ReturnValue": null })).into_response()
+}
+
+/// What an invocation did: its log lines, and why the fleet was not told when it was not.
+struct Outcome {
+    logs: Vec<String>,
+    not_announced: Option<&'static str>,
+}
+
+impl Outcome {
+    fn done(line: String) -> Self {
+        Self {
+            logs: vec![line],
+            not_announced: None,
+        }
+    }
 }
 
 /// The event in `{"Data": {<binding>: event}}`. The event may be an object, a JSON string
@@ -119,30 +146,63 @@ fn get<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
         .map(|(_, value)| value)
 }
 
-async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
+async fn apply(state: &AppState, event: &Map<String, Value>) -> Outcome {
     // Event Grid schema says `eventType`, CloudEvents says `type`.
     let event_type = get(event, "eventType")
         .or_else(|| get(event, "type"))
         .and_then(Value::as_str)
         .unwrap_or_default();
     let lowered = event_type.to_ascii_lowercase();
-    let Some(&(_, kind)) = ROTATION_EVENTS.iter().find(|(name, _)| *name == lowered) else {
-        return vec![format!(
-            "ignored: event type '{}' is not a secret, key or certificate rotation",
-            printable(event_type)
-        )];
-    };
     let data = get(event, "data").and_then(Value::as_object);
     let object_name = data
         .and_then(|data| get(data, "ObjectName"))
         .or_else(|| get(event, "subject"))
         .and_then(Value::as_str)
         .unwrap_or_default();
+    if EXPIRY_EVENTS.contains(&lowered.as_str()) {
+        // A reminder: the object has no new version, so nothing the broker holds is stale.
+        tracing::warn!(
+            target: "rotation",
+            event_type = %printable(event_type),
+            object = %printable(object_name),
+            "key vault object near expiry or expired: rotate it (nothing was dropped or re-read)"
+        );
+        return Outcome::done(format!(
+            "{}: {} '{}' is near expiry or expired; nothing changed (a new version's event will)",
+            printable(event_type),
+            kind_word(&lowered),
+            printable(object_name)
+        ));
+    }
+    let Some(&(_, kind)) = ROTATION_EVENTS.iter().find(|(name, _)| *name == lowered) else {
+        return Outcome::done(format!(
+            "ignored: event type '{}' is not a secret, key or certificate rotation",
+            printable(event_type)
+        ));
+    };
+    if let Some(shared) = &state.shared
+        && kind == ObjectKind::Secret
+        && shared.uses_encryption_key(object_name)
+    {
+        return match shared.rotate_encryption_key().await {
+            Ok(line) => Outcome::done(format!("{}: {line}", printable(event_type))),
+            Err(reason) => {
+                tracing::warn!(target: "rotation", reason, "shared cache key rotation not completed");
+                Outcome {
+                    logs: vec![format!(
+                        "{}: the shared cache's encryption key was not rotated ({reason}); asking for a redelivery",
+                        printable(event_type)
+                    )],
+                    not_announced: Some(reason),
+                }
+            }
+        };
+    }
     let Some(rotated) = rotate_locally(state, kind, object_name) else {
-        return vec![format!(
+        return Outcome::done(format!(
             "ignored: no connection uses {kind} '{}'",
             printable(object_name)
-        )];
+        ));
     };
     let mut line = format!(
         "{}: {kind} '{}' will be read again; dropped {} cached token(s) of connection(s) {}",
@@ -153,6 +213,7 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
     );
     // On Flex Consumption this process serves no token request (the rotation function runs
     // on instances of its own): only the shared tier carries the rotation to those that do.
+    let mut not_announced = None;
     if let Some(shared) = &state.shared {
         let connections: Vec<&str> = rotated.connections.iter().map(String::as_str).collect();
         match shared
@@ -165,12 +226,28 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Vec<String> {
             Err(reason) => {
                 tracing::warn!(target: "rotation", reason, "rotation not announced to the other instances");
                 line.push_str(&format!(
-                    "; not announced to the other instances ({reason}): they read it again within secret_ttl_seconds or at their first refusal"
+                    "; not announced to the other instances ({reason}): answered 503 so that Event Grid delivers it again"
                 ));
+                not_announced = Some(reason);
             }
         }
     }
-    vec![line]
+    Outcome {
+        logs: vec![line],
+        not_announced,
+    }
+}
+
+/// "secret", "key" or "certificate", from an event type's name.
+fn kind_word(event_type: &str) -> &'static str {
+    let name = event_type.trim_start_matches("microsoft.keyvault.");
+    if name.starts_with("secret") {
+        "secret"
+    } else if name.starts_with("key") {
+        "key"
+    } else {
+        "certificate"
+    }
 }
 
 /// What a rotation changed in this process.

@@ -36,7 +36,7 @@ const STATUSES: [&str; 12] = [
     "200", "400", "401", "403", "404", "405", "413", "414", "431", "500", "502", "503",
 ];
 /// The documented error codes (README "Errors"); anything else is counted as `other`.
-pub const ERROR_CODES: [&str; 12] = [
+pub const ERROR_CODES: [&str; 13] = [
     "unknown_connection",
     "not_found",
     "invalid_request",
@@ -48,6 +48,7 @@ pub const ERROR_CODES: [&str; 12] = [
     "upstream_unavailable",
     "secret_unavailable",
     "caller_keys_unavailable",
+    "shared_cache_unavailable",
     "internal_error",
 ];
 const CACHE_OUTCOMES: [&str; 3] = ["hit", "miss", "stale"];

@@ -111,17 +111,20 @@ impl TokenClient {
 
     /// A token for the connection with `scopes`, within the connection's deadline.
     ///
-    /// The credential is had first (a secret read, an assertion signed), outside the guard: a
-    /// Key Vault failure says nothing about the identity provider, so it neither opens nor
-    /// closes the circuit. Every outcome of a call
+    /// The credential is had (a secret read, an assertion signed) only when the guard would
+    /// let the call through, but outside the guard's accounting: a Key Vault failure says
+    /// nothing about the identity provider, so it neither opens nor closes the circuit. Every
+    /// outcome of a call
     /// the guard admitted is reported to it, a deadline that runs out included.
     async fn fetch_within_deadline(
         &self,
         upstream: &Upstream,
         scopes: &[ScopeToken],
+        finish_by: Option<Instant>,
     ) -> Result<FreshToken, TokenError> {
         let connection = &upstream.connection;
-        let deadline = Instant::now() + connection.deadline;
+        let own = Instant::now() + connection.deadline;
+        let deadline = finish_by.map_or(own, |by| by.min(own));
         let out_of_time = || TokenError::Unavailable {
             connection: connection.name.clone(),
             detail: format!(
@@ -130,6 +133,11 @@ impl TokenClient {
             ),
             retry_after: None,
         };
+        // The guard first: while it would refuse, no credential is made (no Key Vault read,
+        // no sign). It is asked again below, since the credential takes time.
+        if let Err(refusal) = upstream.guard.check() {
+            return Err(refusal_error(connection, refusal));
+        }
         let secret = tokio::time::timeout_at(deadline, self.credentials.credential(connection))
             .await
             .map_err(|_| out_of_time())?
@@ -211,18 +219,38 @@ impl TokenClient {
     /// Exchanges, retrying connection errors, timeouts, 5xx and 429 with exponential backoff
     /// and full jitter (honouring `Retry-After`), while the retry budget allows. A rejection
     /// (3xx, 4xx) or an unusable success answer is never retried: asking again cannot help.
+    ///
+    /// A retry never replays a client assertion: providers treat its `jti` as single-use
+    /// (RFC 7523 §3), and one that saw the first attempt would refuse the second. Each retry
+    /// sends a newly signed one (new `jti`, `iat`, `exp`) from the same key version.
     async fn exchange_with_retries(
         &self,
         upstream: &Upstream,
         scopes: &[ScopeToken],
-        secret: &ClientCredential,
+        credential: &ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
         with_retries(
             &connection.name,
             connection.max_retries,
             || upstream.guard.take_retry(),
-            || self.exchange(upstream, scopes, secret),
+            |attempt| async move {
+                if attempt == 0 {
+                    return self.exchange(upstream, scopes, credential).await;
+                }
+                match self.credentials.renewed(connection, credential).await {
+                    Ok(None) => self.exchange(upstream, scopes, credential).await,
+                    Ok(Some(renewed)) => self.exchange(upstream, scopes, &renewed).await,
+                    Err(error) => {
+                        tracing::warn!(connection = %connection.name, reason = %error, "the client assertion could not be signed again for a retry");
+                        Err(Failure::Unavailable {
+                            detail: "the client assertion could not be signed again for a retry"
+                                .to_string(),
+                            retry_after: None,
+                        })
+                    }
+                }
+            },
         )
         .await
     }
@@ -313,14 +341,14 @@ async fn with_retries<T, Attempt>(
     connection: &str,
     max_retries: u32,
     mut take_retry: impl FnMut() -> bool,
-    mut exchange: impl FnMut() -> Attempt,
+    mut exchange: impl FnMut(u32) -> Attempt,
 ) -> Result<T, Failure>
 where
     Attempt: std::future::Future<Output = Result<T, Failure>>,
 {
     let mut attempt = 0;
     loop {
-        let failure = match exchange().await {
+        let failure = match exchange(attempt).await {
             Err(failure @ Failure::Unavailable { .. }) => failure,
             other => return other,
         };
@@ -360,12 +388,20 @@ async fn within_deadline<T>(
 
 impl TokenSource for TokenClient {
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
+        self.fetch_by(key, None)
+    }
+
+    fn fetch_by(
+        self: Arc<Self>,
+        key: CacheKey,
+        finish_by: Option<Instant>,
+    ) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
         Box::pin(async move {
             let upstream = self
                 .upstreams
                 .get(key.connection())
                 .ok_or_else(|| TokenError::UnknownConnection(key.connection().to_string()))?;
-            let fetch = self.fetch_within_deadline(upstream, key.scopes());
+            let fetch = self.fetch_within_deadline(upstream, key.scopes(), finish_by);
             crate::stats::timed_fetch(key.connection(), fetch).await
         })
     }
@@ -841,7 +877,7 @@ mod tests {
                 budget.set(left.saturating_sub(1));
                 left > 0
             };
-            with_retries("test", max_retries, take_retry, || fake.exchange()).await
+            with_retries("test", max_retries, take_retry, |_| fake.exchange()).await
         }
 
         #[tokio::test(start_paused = true)]

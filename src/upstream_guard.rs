@@ -106,6 +106,39 @@ impl UpstreamGuard {
         }
     }
 
+    /// Whether a call would be refused now, changing nothing (no trial is taken, no budget
+    /// earned). The token client asks this before it makes a credential, so that a refused
+    /// client, an open circuit or a pending `Retry-After` costs no Key Vault read or sign:
+    /// those count against the vault's limits, which every other secret read shares.
+    pub fn check(&self) -> Result<(), Refusal> {
+        let now = Instant::now();
+        let state = self.state.lock();
+        if let Some((rejection, until)) = &state.rejected
+            && now < *until
+        {
+            return Err(Refusal::RecentlyRejected {
+                rejection: rejection.clone(),
+                retry_after: *until - now,
+            });
+        }
+        if let Some(not_before) = state.not_before
+            && now < not_before
+        {
+            return Err(Refusal::AskedToWait {
+                retry_after: not_before - now,
+            });
+        }
+        match state.open_until {
+            Some(open_until) if now < open_until => Err(Refusal::CircuitOpen {
+                retry_after: open_until - now,
+            }),
+            Some(_) if state.trial_in_flight => Err(Refusal::CircuitOpen {
+                retry_after: Duration::from_secs(1),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether a call may go to the IdP now. Also earns retry budget.
     pub fn admit(&self) -> Result<(), Refusal> {
         let now = Instant::now();

@@ -34,6 +34,10 @@ pub enum Fault {
     /// Hold the request until [`FaultProxy::release_held`], then forward it: an upstream
     /// that hangs for exactly as long as the test needs, with no clock involved.
     Hold,
+    /// Forward, then answer with this status instead of the upstream's answer: the upstream
+    /// acted on the request (saw its `jti`, issued a token) but its answer was lost, as when
+    /// a gateway in between times out.
+    LostAnswer(u16),
 }
 
 struct State {
@@ -184,6 +188,15 @@ async fn handle(
             return Ok(response);
         }
         Fault::Delay(delay) => tokio::time::sleep(delay).await,
+        Fault::LostAnswer(status) => {
+            forward(state, request).await?;
+            let mut response = Response::new(Full::new(Bytes::from_static(
+                b"<html><body>gateway timeout</body></html>",
+            )));
+            *response.status_mut() =
+                StatusCode::from_u16(status).unwrap_or(StatusCode::GATEWAY_TIMEOUT);
+            return Ok(response);
+        }
         Fault::Hold => {
             let mut released = state.released.subscribe();
             let _ = released.wait_for(|released| *released).await;

@@ -30,6 +30,18 @@ use crate::token::{FreshToken, TokenError, clamp_lifetime};
 /// Produces tokens for cache keys; the token client in production, a counting fake in tests.
 pub trait TokenSource: Send + Sync + 'static {
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>>;
+
+    /// `fetch`, ending by `finish_by` at the latest when given (a caller that already waited
+    /// for another instance has less than a whole deadline left). A source that keeps its own
+    /// deadline may ignore it.
+    fn fetch_by(
+        self: Arc<Self>,
+        key: CacheKey,
+        finish_by: Option<Instant>,
+    ) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
+        let _ = finish_by;
+        self.fetch(key)
+    }
 }
 
 /// A connection (lower-cased name) and a sorted, de-duplicated scope set.

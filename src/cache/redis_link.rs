@@ -1,8 +1,11 @@
 //! The broker's one Redis connection, and the rule that Redis can never hurt a caller.
 //!
-//! Every operation is bounded by `timeout_ms`; a failure or a timeout turns the link *down*,
-//! and while it is down no operation is even attempted, so a dead or black-holed Redis costs a
-//! caller nothing. A background task probes once a second, re-subscribes to the event channel
+//! Every operation is bounded by `timeout_ms`; an error, or no answer in time for
+//! [`UNRESPONSIVE_TO_DOWN`], turn the link *down*, and while it is down no operation is even
+//! attempted, so a dead or black-holed Redis costs a caller nothing. A late answer alone (a
+//! loaded machine, a Redis that stalls for a moment during a cold burst) is only that
+//! operation's miss: turning the whole link down for it would send every instance to the
+//! identity provider at once, which is what the shared tier exists to prevent. A background task probes once a second, re-subscribes to the event channel
 //! and turns the link *up* again; the redis crate's connection manager reconnects by itself.
 //! Each change of state is logged once (a warning going down, an info line coming back) and
 //! counted, never once per request.
@@ -15,11 +18,34 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 use crate::config::SharedCacheSettings;
 
 /// How often a down link is probed, and an up link checked for its subscription.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// How long Redis may leave every operation without an answer in time before the link turns
+/// down: a black-holed Redis costs callers `timeout_ms` each for at most this long.
+const UNRESPONSIVE_TO_DOWN: Duration = Duration::from_secs(1);
+
+/// Takes the fleet lock for `ARGV[1]` with a lease of `ARGV[2]` ms: free, already ours
+/// (a late answer may hide that an earlier attempt took it), or held by something no broker
+/// writes: no expiry, or a lease longer than any broker takes (`ARGV[3]` ms). 1 taken,
+/// 2 taken over from such a foreign lock, 0 held by another instance.
+const LOCK: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+if not held then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 or ttl > tonumber(ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
+return 0";
+/// Extends the lease of the lock `KEYS[1]` only if `ARGV[1]` still holds it.
+const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Deletes the lock `KEYS[1]` only if `ARGV[1]` still holds it.
+const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// What the shared tier did and what went wrong, since the start: for tests, and as totals
 /// from which the `stats` line takes each period's counts.
@@ -39,6 +65,9 @@ pub struct SharedCacheCounters {
     pub redis_errors: AtomicU64,
     /// Times the link went down.
     pub outages: AtomicU64,
+    /// Locks taken over because no broker could have written them (no expiry, or a lease
+    /// longer than any broker takes).
+    pub foreign_locks: AtomicU64,
 }
 
 impl SharedCacheCounters {
@@ -72,6 +101,8 @@ pub(crate) struct RedisLink {
     manager: ConnectionManager,
     timeout: Duration,
     state: AtomicU8,
+    /// When the first late answer since the last answer in time came.
+    late_since: parking_lot::Mutex<Option<Instant>>,
     up: watch::Sender<bool>,
     channel: String,
     counters: Arc<SharedCacheCounters>,
@@ -111,7 +142,8 @@ impl RedisLink {
             // A connection attempt (TLS included) may take longer than one command; the
             // callers never wait for it, only the probe task does.
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_secs(2))))
-            .set_response_timeout(Some(settings.timeout))
+            // Later than `bounded`'s own bound, which decides what a late answer means.
+            .set_response_timeout(Some(settings.timeout * 2))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
         match auth {
@@ -138,6 +170,7 @@ impl RedisLink {
             manager,
             timeout: settings.timeout,
             state: AtomicU8::new(STARTING),
+            late_since: parking_lot::Mutex::new(None),
             up: watch::Sender::new(false),
             channel,
             counters,
@@ -184,17 +217,19 @@ impl RedisLink {
     }
 
     /// One probe: a PING, and on the way up the subscription, before operations resume.
+    /// While the link is up, a late PING counts like any late answer.
     async fn probe(&self) {
         let mut connection = self.manager.clone();
         let command = redis::cmd("PING");
         let ping = command.query_async::<Value>(&mut connection);
+        if self.is_up() {
+            self.bounded(ping).await;
+            return;
+        }
         match tokio::time::timeout(self.timeout, ping).await {
             Ok(Ok(_)) => {}
             Ok(Err(error)) => return self.failed(&format!("{:?}", error.kind())),
             Err(_) => return self.failed("no answer within timeout_ms"),
-        }
-        if self.is_up() {
-            return;
         }
         let subscribe = connection.subscribe(&self.channel);
         match tokio::time::timeout(self.timeout, subscribe).await {
@@ -215,6 +250,7 @@ impl RedisLink {
 
     /// Marks the link down, logging and counting only a change of state.
     fn failed(&self, reason: &str) {
+        *self.late_since.lock() = None;
         let was = self.state.swap(DOWN, Ordering::AcqRel);
         self.up.send_replace(false);
         if was != DOWN {
@@ -238,22 +274,30 @@ impl RedisLink {
             .await
     }
 
-    /// One Redis operation within `timeout_ms`: a failure or a late answer counts as an error
-    /// and turns the link down (see `failed`), and the caller sees `None`, like an absent entry.
+    /// One Redis operation within `timeout_ms`: a failure counts as an error and turns the
+    /// link down (see `failed`), as do late answers only, for `UNRESPONSIVE_TO_DOWN`; the
+    /// caller sees `None`, like an absent entry.
     async fn bounded<T>(
         &self,
         operation: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Option<T> {
         match tokio::time::timeout(self.timeout, operation).await {
-            Ok(Ok(value)) => Some(value),
-            Ok(Err(error)) => {
+            Ok(Ok(value)) => {
+                *self.late_since.lock() = None;
+                Some(value)
+            }
+            Ok(Err(error)) if !error.is_timeout() => {
                 SharedCacheCounters::add(&self.counters.redis_errors);
                 self.failed(&format!("{:?}", error.kind()));
                 None
             }
-            Err(_) => {
+            Ok(Err(_)) | Err(_) => {
                 SharedCacheCounters::add(&self.counters.redis_errors);
-                self.failed("no answer within timeout_ms");
+                let now = Instant::now();
+                let since = *self.late_since.lock().get_or_insert(now);
+                if now.duration_since(since) >= UNRESPONSIVE_TO_DOWN {
+                    self.failed("no answer within timeout_ms for a second");
+                }
                 None
             }
         }
@@ -264,25 +308,55 @@ impl RedisLink {
         self.run(redis::cmd("GET").arg(key)).await
     }
 
-    /// Takes the lock at `key` for `lease` unless someone holds it; `None` when unavailable.
-    pub(crate) async fn lock(&self, key: &str, holder: &str, lease: Duration) -> Option<bool> {
-        let answer: Option<Value> = self
+    /// Takes the lock at `key` for `lease` unless another instance holds it (see [`LOCK`]);
+    /// `None` when unavailable. `longest_lease` is the longest any broker takes.
+    pub(crate) async fn lock(
+        &self,
+        key: &str,
+        holder: &str,
+        lease: Duration,
+        longest_lease: Duration,
+    ) -> Option<bool> {
+        let answer: i64 = self
             .run(
-                redis::cmd("SET")
+                redis::cmd("EVAL")
+                    .arg(LOCK)
+                    .arg(1)
                     .arg(key)
                     .arg(holder)
-                    .arg("NX")
-                    .arg("PX")
+                    .arg(millis(lease))
+                    .arg(millis(longest_lease)),
+            )
+            .await?;
+        if answer == 2 {
+            SharedCacheCounters::add(&self.counters.foreign_locks);
+            tracing::warn!(
+                target: "shared_cache",
+                "a fleet lock with no expiry or an overlong lease was taken over (not written by a broker)"
+            );
+        }
+        Some(answer != 0)
+    }
+
+    /// Extends the lock at `key` by `lease` if `holder` still holds it; `Some(false)` when it
+    /// does not (its lease lapsed and another instance took it).
+    pub(crate) async fn renew(&self, key: &str, holder: &str, lease: Duration) -> Option<bool> {
+        let answer: i64 = self
+            .run(
+                redis::cmd("EVAL")
+                    .arg(RENEW)
+                    .arg(1)
+                    .arg(key)
+                    .arg(holder)
                     .arg(millis(lease)),
             )
-            .await;
-        answer.map(|value| !matches!(value, Value::Nil))
+            .await?;
+        Some(answer == 1)
     }
 
     /// Releases the lock at `key` if `holder` still holds it (its lease may have lapsed and
-    /// another instance taken it).
+    /// another instance taken it): a compare-and-delete, never a plain `DEL`.
     pub(crate) async fn unlock(&self, key: &str, holder: &str) {
-        const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
         let _: Option<Value> = self
             .run(redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(holder))
             .await;

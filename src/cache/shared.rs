@@ -2,13 +2,23 @@
 //! makes one token request per key per token lifetime, as one broker would.
 //!
 //! It is the memory tier's token source. On a memory miss (or a due refresh) it reads Redis; a
-//! fresh entry is used. Otherwise it takes a fleet-wide lock for the key (`SET NX` with a lease
-//! no longer than the connection's fetch deadline), reads once more (another instance may have
-//! just written it), fetches from the identity provider, writes the sealed entry with an
-//! expiry equal to the token's usable life, and announces it on the broker's channel. Instances
-//! that lose the lock wait for that announcement (or a short poll), at most the fetch deadline,
-//! and then fetch themselves rather than fail. Every entry carries the fleet's refresh time,
-//! which the memory tiers adopt, so the refresh-ahead happens once, under the same lock.
+//! fresh entry is used. Otherwise it takes a fleet-wide lock for the key (a short lease,
+//! renewed while the holder works, released by compare-and-delete; see [`RedisLink::lock`]),
+//! reads once more (another instance may have just written it), fetches from the identity
+//! provider, writes the sealed entry with an expiry equal to the token's usable life, and
+//! announces it on the broker's channel. Instances that lose the lock wait for that
+//! announcement (or a short poll) for at most half the connection's deadline, then fetch
+//! themselves rather than fail; whoever fetches after waiting must finish within the
+//! deadline counted from the caller's first look, so one bound covers a caller's whole wait.
+//! A holder that dies stops renewing its lease, and the lock lapses within [`LOCK_LEASE`].
+//! Every entry carries the fleet's refresh time, which the memory tiers adopt, so the
+//! refresh-ahead happens once, under the same lock.
+//!
+//! The encryption key rotates (see [`KeyRing`]): a `SecretNewVersionCreated` for it, delivered
+//! to any one instance, makes that instance read it again and tell the others (an
+//! announcement they can check with either key), which read it too; an instance that meets an
+//! entry sealed under a key it does not hold reads the key again as well (at most once per
+//! [`KEY_RECHECK`]).
 //!
 //! Redis can only ever make things faster: when it is absent, slow or failing (see
 //! [`RedisLink`]), every path here falls through to the token client at once.
@@ -18,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
@@ -27,12 +37,12 @@ use tokio::time::Instant;
 use super::entra::EntraCredentials;
 use super::memory::{CacheKey, TokenSource, hand_out_margin, refresh_delay};
 use super::redis_link::{LinkAuth, Message, RedisLink, SharedCacheCounters};
-use super::seal::{Sealer, decode_encryption_key};
+use super::seal::{self, KeyRing, Sealer, Unopened, decode_encryption_key};
 use crate::config::{
     ConnectionName, ConnectionSettings, IdentitySettings, KeyVaultSettings, RedisAuth,
-    SharedCacheSettings,
+    SecretSource, SharedCacheSettings,
 };
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, ObjectKind};
 use crate::http_client::LazyClient;
 use crate::token::{FreshToken, MAX_LIFETIME, TokenError, clamp_lifetime};
 
@@ -44,6 +54,13 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 const ROTATION_WAIT: Duration = Duration::from_secs(10);
 /// Wait between attempts to read the encryption key or the password at startup.
 const SETUP_RETRY: Duration = Duration::from_secs(5);
+/// The fleet lock's lease: short, so that a holder killed mid-fetch holds the others off for
+/// at most this long; the holder renews it every [`LOCK_RENEW_EVERY`] while it works.
+pub const LOCK_LEASE: Duration = Duration::from_secs(3);
+const LOCK_RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Longest an entry sealed under an unknown key makes this instance wait before it reads the
+/// encryption key again: a reader of Redis cannot make the fleet hammer Key Vault.
+pub const KEY_RECHECK: Duration = Duration::from_secs(30);
 
 /// A token as Redis holds it, inside the seal. Times are unix milliseconds, so that every
 /// instance reads them alike.
@@ -68,10 +85,15 @@ struct Names {
 
 /// What the tier has once its key is read and its link built.
 struct Ready {
-    sealer: Sealer,
+    /// The encryption keys; replaced whole when the key rotates.
+    ring: RwLock<Arc<KeyRing>>,
     link: Arc<RedisLink>,
-    /// Key Vault secret names the connections use, by their keyed hash (rotation messages).
-    secrets_by_hash: HashMap<String, String>,
+}
+
+impl Ready {
+    fn ring(&self) -> Arc<KeyRing> {
+        self.ring.read().clone()
+    }
 }
 
 /// Everything the shared tier needs from startup.
@@ -97,6 +119,12 @@ pub struct SharedTier {
     counters: Arc<SharedCacheCounters>,
     /// Tells this instance's own rotation announcements from the others'.
     instance: String,
+    /// Key Vault objects the connections use, by their hash (rotation messages).
+    secrets_by_hash: HashMap<String, String>,
+    credentials: Arc<Credentials>,
+    encryption_key: SecretSource,
+    /// When the encryption key was last read again; one re-read at a time.
+    key_checked: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl SharedTier {
@@ -106,6 +134,12 @@ impl SharedTier {
     /// secret names other instances announce as rotated.
     pub fn start(parts: SharedTierParts<'_>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
         let (rotations, rotated) = mpsc::unbounded_channel();
+        let secrets_by_hash = parts
+            .connections
+            .values()
+            .flat_map(crate::rotation::objects_of)
+            .map(|object| (secret_hash(&parts.settings.key_prefix, &object), object))
+            .collect();
         let tier = Arc::new(Self {
             source: parts.source,
             connections: parts.connections,
@@ -115,6 +149,10 @@ impl SharedTier {
             waiters: Mutex::default(),
             counters: Arc::default(),
             instance: random_hex(8),
+            secrets_by_hash,
+            credentials: parts.credentials.clone(),
+            encryption_key: parts.settings.encryption_key.clone(),
+            key_checked: tokio::sync::Mutex::new(None),
         });
         let settings = parts.settings.clone();
         let credentials = parts.credentials;
@@ -163,17 +201,10 @@ impl SharedTier {
                         return;
                     }
                 };
-            let sealer = Sealer::new(&encryption_key);
-            let secrets_by_hash = tier
-                .connections
-                .values()
-                .flat_map(crate::rotation::objects_of)
-                .map(|object| (secret_hash(&sealer, &object), object))
-                .collect();
+            let ring = KeyRing::new(Sealer::new(&encryption_key));
             let _ = tier.ready.set(Ready {
-                sealer,
+                ring: RwLock::new(Arc::new(ring)),
                 link,
-                secrets_by_hash,
             });
             tier.ready_signal.send_replace(true);
             tracing::info!(target: "shared_cache", "shared cache configured; connecting in the background");
@@ -192,37 +223,114 @@ impl SharedTier {
         &self.counters
     }
 
-    fn on_message(&self, message: &str, rotations: &mpsc::UnboundedSender<String>) {
+    fn on_message(self: Arc<Self>, message: &str, rotations: &mpsc::UnboundedSender<String>) {
         if let Some(id) = message.strip_prefix("t:") {
+            // Unsigned: a forged one only makes the waiters look at Redis once more.
             if let Some(notify) = self.waiters.lock().get(id) {
                 notify.notify_waiters();
             }
-        } else if let Some(rest) = message.strip_prefix("r:") {
+            return;
+        }
+        let Some(ready) = self.ready.get() else {
+            return;
+        };
+        let ring = ready.ring();
+        let Some(message) = ring.verify(message) else {
+            return;
+        };
+        if let Some(rest) = message.strip_prefix("r:") {
             let Some((hash, instance)) = rest.split_once(':') else {
                 return;
             };
             if instance == self.instance {
                 return;
             }
-            if let Some(name) = self
-                .ready
-                .get()
-                .and_then(|ready| ready.secrets_by_hash.get(hash))
-            {
+            if let Some(name) = self.secrets_by_hash.get(hash) {
                 let _ = rotations.send(name.clone());
             }
+        } else if let Some(instance) = message.strip_prefix("k:") {
+            if instance == self.instance {
+                return;
+            }
+            let tier = self.clone();
+            tokio::spawn(async move {
+                match tier.reread_key(true).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(target: "shared_cache", "encryption key rotation announced; this instance holds that key already")
+                    }
+                    Err(problem) => {
+                        tracing::warn!(target: "shared_cache", problem, "encryption key rotation announced, but the key could not be read again")
+                    }
+                }
+            });
         }
     }
 
-    /// Tells every instance that `secret_name` (a Key Vault object, as
-    /// `rotation::announced_object` names it) was rotated, after deleting the shared entries
-    /// of `connections` (tokens minted with the old secret). Waits a bounded time for the
-    /// tier to be ready, since the rotation function's instance may have just started.
-    pub async fn announce_rotation(
-        &self,
-        secret_name: &str,
-        connections: &[&str],
-    ) -> Result<usize, &'static str> {
+    /// Whether `secret_name` is the Key Vault secret that holds this tier's encryption key.
+    pub fn uses_encryption_key(&self, secret_name: &str) -> bool {
+        matches!(&self.encryption_key, SecretSource::KeyVault { secret_name: ours } if ours.eq_ignore_ascii_case(secret_name))
+    }
+
+    /// The encryption key has a new version: read it, seal with it from now on (the previous
+    /// key still opens for its window), and tell every instance to do the same. An error
+    /// when the fleet could not be told, so that the event is delivered again.
+    pub async fn rotate_encryption_key(self: &Arc<Self>) -> Result<String, &'static str> {
+        let ready = self.wait_until_ready().await?;
+        let rotated = self.reread_key(true).await?;
+        let message = ready.ring().sign(&format!("k:{}", self.instance));
+        ready
+            .link
+            .publish(&message)
+            .await
+            .ok_or("the shared cache is unavailable")?;
+        Ok(if rotated {
+            "the shared cache's encryption key was read again and rotated; told every instance"
+                .to_string()
+        } else {
+            "the shared cache's encryption key is unchanged here; told every instance to read it again"
+                .to_string()
+        })
+    }
+
+    /// Reads the encryption key again (unless `force` is false and it was read within
+    /// [`KEY_RECHECK`]); `true` when it changed and this instance now seals with it.
+    async fn reread_key(&self, force: bool) -> Result<bool, &'static str> {
+        let mut checked = self.key_checked.lock().await;
+        if !force && checked.is_some_and(|at| at.elapsed() < KEY_RECHECK) {
+            return Ok(false);
+        }
+        *checked = Some(Instant::now());
+        let ready = self
+            .ready
+            .get()
+            .ok_or("the shared cache is not configured")?;
+        if let SecretSource::KeyVault { secret_name } = &self.encryption_key {
+            self.credentials.invalidate(ObjectKind::Secret, secret_name);
+        }
+        let secret = self
+            .credentials
+            .secret(&self.encryption_key)
+            .await
+            .map_err(|_| "the encryption key could not be read")?;
+        let key = decode_encryption_key(&secret.value)
+            .ok_or("the encryption key is not base64 of 32 bytes")?;
+        let mut ring = ready.ring.write();
+        let Some(rotated) = ring.rotated(Sealer::new(&key)) else {
+            return Ok(false);
+        };
+        *ring = Arc::new(rotated);
+        drop(ring);
+        tracing::info!(
+            target: "shared_cache",
+            "shared cache encryption key rotated: new entries are sealed with the new key; the previous one still opens for a day"
+        );
+        Ok(true)
+    }
+
+    /// The tier once configured and connected, waiting a bounded time: the rotation
+    /// function's instance may have just started.
+    async fn wait_until_ready(&self) -> Result<&Ready, &'static str> {
         let mut ready_signal = self.ready_signal.subscribe();
         if tokio::time::timeout(ROTATION_WAIT, ready_signal.wait_for(|ready| *ready))
             .await
@@ -237,10 +345,23 @@ impl SharedTier {
         if !ready.link.wait_until_up(ROTATION_WAIT).await {
             return Err("the shared cache is unavailable");
         }
+        Ok(ready)
+    }
+
+    /// Tells every instance that `secret_name` (a Key Vault object, as
+    /// `rotation::announced_object` names it) was rotated, after deleting the shared entries
+    /// of `connections` (tokens minted with the old secret). Waits a bounded time for the
+    /// tier to be ready, since the rotation function's instance may have just started.
+    pub async fn announce_rotation(
+        &self,
+        secret_name: &str,
+        connections: &[&str],
+    ) -> Result<usize, &'static str> {
+        let ready = self.wait_until_ready().await?;
         let mut deleted = 0;
         for name in connections {
             if let Some(connection) = self.connections.get(*name) {
-                let index = self.index_name(&ready.sealer, connection);
+                let index = self.index_name(connection);
                 deleted += ready
                     .link
                     .delete_indexed(&index)
@@ -248,11 +369,11 @@ impl SharedTier {
                     .ok_or("the shared cache is unavailable")?;
             }
         }
-        let message = format!(
+        let message = ready.ring().sign(&format!(
             "r:{}:{}",
-            secret_hash(&ready.sealer, secret_name),
+            secret_hash(&self.prefix, secret_name),
             self.instance
-        );
+        ));
         ready
             .link
             .publish(&message)
@@ -261,28 +382,47 @@ impl SharedTier {
         Ok(deleted)
     }
 
-    async fn fetch_shared(self: Arc<Self>, key: CacheKey) -> Result<FreshToken, TokenError> {
+    async fn fetch_shared(
+        self: Arc<Self>,
+        key: CacheKey,
+        finish_by: Option<Instant>,
+    ) -> Result<FreshToken, TokenError> {
+        let direct = |key| self.source.clone().fetch_by(key, finish_by);
         let ready = match self.ready.get() {
             Some(ready) if ready.link.is_up() => ready,
-            _ => return self.source.clone().fetch(key).await,
+            _ => return direct(key).await,
         };
         let Some(connection) = self.connections.get(key.connection()) else {
-            return self.source.clone().fetch(key).await;
+            return direct(key).await;
         };
-        let names = self.names(&ready.sealer, connection, &key);
+        let names = self.names(connection, &key);
         if let Some(fresh) = self.read_fresh(ready, &names).await {
             return Ok(fresh);
         }
+        // One bound on the caller's whole wait: the deadline, counted from here. Waiting ends
+        // at half of it, so that a fetch begun after waiting still has the other half.
+        let started = Instant::now();
+        let finish_by = finish_by.unwrap_or(started + connection.deadline);
+        let stop_waiting = started + connection.deadline / 2;
         let holder = random_hex(16);
-        let lease = connection.deadline;
-        let give_up = Instant::now() + connection.deadline;
         let notify = self.waiter(&names.id);
         let mut waited = false;
         let result = loop {
-            match ready.link.lock(&names.lock, &holder, lease).await {
-                None => break self.source.clone().fetch(key).await,
-                Some(true) => break self.fetch_locked(ready, &names, &holder, key).await,
-                Some(false) => {}
+            match ready
+                .link
+                .lock(&names.lock, &holder, LOCK_LEASE, LOCK_LEASE)
+                .await
+            {
+                Some(true) => {
+                    break self
+                        .fetch_locked(ready, &names, &holder, key, finish_by)
+                        .await;
+                }
+                None if !ready.link.is_up() => {
+                    break self.source.clone().fetch_by(key, Some(finish_by)).await;
+                }
+                // Held by another instance, or one late answer: look again below.
+                Some(false) | None => {}
             }
             if !waited {
                 SharedCacheCounters::add(&self.counters.waits);
@@ -296,16 +436,16 @@ impl SharedTier {
                 break Ok(fresh);
             }
             if !ready.link.is_up() {
-                break self.source.clone().fetch(key).await;
+                break self.source.clone().fetch_by(key, Some(finish_by)).await;
             }
-            if Instant::now() >= give_up {
+            if Instant::now() >= stop_waiting {
                 SharedCacheCounters::add(&self.counters.impatient_fetches);
-                break self.fetch_and_store(ready, &names, key).await;
+                break self.fetch_and_store(ready, &names, key, finish_by).await;
             }
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep(WAIT_POLL) => {}
-                () = tokio::time::sleep_until(give_up) => {}
+                () = tokio::time::sleep_until(stop_waiting) => {}
             }
         };
         drop(notify);
@@ -313,20 +453,38 @@ impl SharedTier {
         result
     }
 
-    /// Holding the lock: reads once more, else fetches, stores, releases and announces.
+    /// Holding the lock: reads once more, else fetches and stores (renewing the lease while
+    /// it works), then releases and announces.
     async fn fetch_locked(
         &self,
         ready: &Ready,
         names: &Names,
         holder: &str,
         key: CacheKey,
+        finish_by: Instant,
     ) -> Result<FreshToken, TokenError> {
-        let result = match self.read_fresh(ready, names).await {
-            Some(fresh) => Ok(fresh),
-            None => {
-                SharedCacheCounters::add(&self.counters.locked_fetches);
-                self.fetch_and_store(ready, names, key).await
+        let work = async {
+            match self.read_fresh(ready, names).await {
+                Some(fresh) => Ok(fresh),
+                None => {
+                    SharedCacheCounters::add(&self.counters.locked_fetches);
+                    self.fetch_and_store(ready, names, key, finish_by).await
+                }
             }
+        };
+        tokio::pin!(work);
+        let renewing = async {
+            loop {
+                tokio::time::sleep(LOCK_RENEW_EVERY).await;
+                if ready.link.renew(&names.lock, holder, LOCK_LEASE).await == Some(false) {
+                    tracing::warn!(target: "shared_cache", "the fleet lock lapsed while its holder was fetching; another instance may fetch too");
+                    return;
+                }
+            }
+        };
+        let result = tokio::select! {
+            result = &mut work => result,
+            () = renewing => work.await,
         };
         ready.link.unlock(&names.lock, holder).await;
         // Announced on failure too: the waiters then take the lock at once instead of polling.
@@ -340,8 +498,9 @@ impl SharedTier {
         ready: &Ready,
         names: &Names,
         key: CacheKey,
+        finish_by: Instant,
     ) -> Result<FreshToken, TokenError> {
-        let fresh = self.source.clone().fetch(key).await?;
+        let fresh = self.source.clone().fetch_by(key, Some(finish_by)).await?;
         let lifetime = clamp_lifetime(fresh.lifetime);
         let refresh_in = refresh_delay(lifetime, fresh.refresh_in);
         let now = unix_millis();
@@ -354,13 +513,20 @@ impl SharedTier {
         };
         let sealed = serde_json::to_vec(&stored)
             .ok()
-            .and_then(|plain| ready.sealer.seal(&names.entry, &plain));
+            .and_then(|plain| ready.ring().seal(&names.entry, &plain));
         if let Some(sealed) = sealed {
             let usable = lifetime.saturating_sub(hand_out_margin(lifetime));
-            ready
-                .link
-                .put(&names.entry, &sealed, usable, &names.index, MAX_LIFETIME)
-                .await;
+            // A second try after one late answer: the waiters read this entry, and without
+            // it each would fetch a token of its own.
+            for _ in 0..2 {
+                let stored = ready
+                    .link
+                    .put(&names.entry, &sealed, usable, &names.index, MAX_LIFETIME)
+                    .await;
+                if stored.is_some() || !ready.link.is_up() {
+                    break;
+                }
+            }
         }
         Ok(FreshToken {
             lifetime,
@@ -369,12 +535,17 @@ impl SharedTier {
         })
     }
 
-    /// The entry at `names`, when it opens and is before the fleet's refresh time.
+    /// The entry at `names`, when it opens and is before the fleet's refresh time. An entry
+    /// sealed under a key this instance does not hold makes it read the key again (the fleet
+    /// may have rotated it) and try once more.
     async fn read_fresh(&self, ready: &Ready, names: &Names) -> Option<FreshToken> {
         let sealed = ready.link.get(&names.entry).await??;
-        let stored = ready
-            .sealer
-            .open(&names.entry, &sealed)
+        let mut opened = ready.ring().open(&names.entry, &sealed);
+        if opened == Err(Unopened::ForeignKey) && self.reread_key(false).await == Ok(true) {
+            opened = ready.ring().open(&names.entry, &sealed);
+        }
+        let stored = opened
+            .ok()
             .and_then(|plain| serde_json::from_slice::<StoredToken>(&plain).ok());
         let Some(stored) = stored else {
             SharedCacheCounters::add(&self.counters.unreadable_entries);
@@ -397,11 +568,11 @@ impl SharedTier {
 
     /// Names bound to everything that makes a token differ: never the connection's name,
     /// which two deployments may use for different clients.
-    fn names(&self, sealer: &Sealer, connection: &ConnectionSettings, key: &CacheKey) -> Names {
-        let connection_id = connection_hash(sealer, connection);
+    fn names(&self, connection: &ConnectionSettings, key: &CacheKey) -> Names {
+        let connection_id = connection_hash(connection);
         let mut parts: Vec<&[u8]> = vec![b"token", connection_id.as_bytes()];
         parts.extend(key.scopes().iter().map(|scope| scope.as_str().as_bytes()));
-        let id = sealer.name(&parts);
+        let id = seal::name(&parts);
         Names {
             entry: format!("{}:t:{id}", self.prefix),
             lock: format!("{}:l:{id}", self.prefix),
@@ -410,8 +581,8 @@ impl SharedTier {
         }
     }
 
-    fn index_name(&self, sealer: &Sealer, connection: &ConnectionSettings) -> String {
-        format!("{}:c:{}", self.prefix, connection_hash(sealer, connection))
+    fn index_name(&self, connection: &ConnectionSettings) -> String {
+        format!("{}:c:{}", self.prefix, connection_hash(connection))
     }
 
     fn waiter(&self, id: &str) -> Arc<Notify> {
@@ -436,12 +607,20 @@ impl SharedTier {
 
 impl TokenSource for SharedTier {
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
-        Box::pin(self.fetch_shared(key))
+        Box::pin(self.fetch_shared(key, None))
+    }
+
+    fn fetch_by(
+        self: Arc<Self>,
+        key: CacheKey,
+        finish_by: Option<Instant>,
+    ) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
+        Box::pin(self.fetch_shared(key, finish_by))
     }
 }
 
-/// The keyed hash of a connection's identity at its token endpoint.
-fn connection_hash(sealer: &Sealer, connection: &ConnectionSettings) -> String {
+/// The hash of a connection's identity at its token endpoint.
+fn connection_hash(connection: &ConnectionSettings) -> String {
     let auth = connection.auth_method.as_str().as_bytes();
     let optional = |value: &Option<String>| match value {
         None => Vec::new(),
@@ -461,11 +640,16 @@ fn connection_hash(sealer: &Sealer, connection: &ConnectionSettings) -> String {
         parts.push(name.as_bytes());
         parts.push(value.as_bytes());
     }
-    sealer.name(&parts)
+    seal::name(&parts)
 }
 
-fn secret_hash(sealer: &Sealer, secret_name: &str) -> String {
-    sealer.name(&[b"secret", secret_name.to_ascii_lowercase().as_bytes()])
+/// How a rotated Key Vault object is named in announcements (which are signed).
+fn secret_hash(prefix: &str, secret_name: &str) -> String {
+    seal::name(&[
+        b"secret",
+        prefix.as_bytes(),
+        secret_name.to_ascii_lowercase().as_bytes(),
+    ])
 }
 
 /// The encryption key, and the Redis password when there is one.

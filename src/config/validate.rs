@@ -560,6 +560,16 @@ impl Validator<'_> {
                 at("deadline_seconds")
             ));
         }
+        // Each attempt sends a newly signed assertion; it must still be valid when the
+        // provider reads it, at the end of the attempt's timeout.
+        if let Some(CredentialSource::Assertion(assertion)) = &credential
+            && assertion.lifetime <= timeout
+        {
+            self.problems.push(format!(
+                "{}: must be longer than timeout_seconds (each attempt sends a newly signed assertion that must outlive it)",
+                at("assertion_lifetime_seconds")
+            ));
+        }
 
         if self.problems.len() != before {
             return None;

@@ -6,6 +6,7 @@
 //! so it is never in this process's memory, a log or a dump. What the broker keeps is the
 //! key's public metadata (id, type, the certificate's thumbprint), cached like a secret.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use azure_security_keyvault_certificates::models::CertificateClientGetCertificateOptions;
@@ -272,7 +273,7 @@ pub(super) async fn sign(
     clients: &Clients,
     settings: &AssertionSettings,
     client_id: &str,
-    key: &SigningKey,
+    key: &Arc<SigningKey>,
 ) -> Result<ClientAssertion, CredentialError> {
     let algorithm = algorithm(settings, key)?;
     let now = SystemTime::now()
@@ -322,6 +323,7 @@ pub(super) async fn sign(
     Ok(ClientAssertion {
         value: SecretString::from(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))),
         version: Some(key.version.clone()),
+        signer: Some(key.clone()),
     })
 }
 

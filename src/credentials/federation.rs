@@ -40,5 +40,6 @@ pub(super) async fn assertion(
     Ok(ClientAssertion {
         value: SecretString::from(token.token.secret().to_string()),
         version: None,
+        signer: None,
     })
 }

@@ -70,6 +70,9 @@ pub struct ClientAssertion {
     pub value: SecretString,
     /// The key or certificate version that signed it; `None` for federation.
     pub version: Option<String>,
+    /// The key that signed it, so that a retry can send a newly signed assertion from the
+    /// same version; `None` for federation (the managed identity's token is not single-use).
+    signer: Option<Arc<SigningKey>>,
 }
 
 /// Makes credentials for connections, keeping Key Vault objects in memory.
@@ -188,6 +191,30 @@ impl Credentials {
         }
     }
 
+    /// A credential to send instead of `sent` on a retry: a newly signed assertion (new
+    /// `jti`, `iat` and `exp`) from the key version that signed `sent`, since providers
+    /// refuse a replayed `jti`; `None` when `sent` may be sent again as it is (a secret, the
+    /// managed identity's token). One Key Vault sign.
+    pub async fn renewed(
+        &self,
+        connection: &ConnectionSettings,
+        sent: &ClientCredential,
+    ) -> Result<Option<ClientCredential>, CredentialError> {
+        let (
+            ClientCredential::Assertion(ClientAssertion {
+                signer: Some(key), ..
+            }),
+            CredentialSource::Assertion(settings),
+        ) = (sent, &connection.credential)
+        else {
+            return Ok(None);
+        };
+        let clients = self.clients()?;
+        self.sign(clients, settings, connection, key)
+            .await
+            .map(Some)
+    }
+
     /// Makes the next use of the Key Vault object `name` of `kind` read it again (a rotation
     /// event arrived). Returns whether it was cached.
     pub fn invalidate(&self, kind: ObjectKind, name: &str) -> bool {
@@ -203,7 +230,7 @@ impl Credentials {
         clients: &Clients,
         settings: &AssertionSettings,
         connection: &ConnectionSettings,
-        key: &SigningKey,
+        key: &Arc<SigningKey>,
     ) -> Result<ClientCredential, CredentialError> {
         match assertion::sign(clients, settings, &connection.client_id, key).await {
             Ok(assertion) => Ok(ClientCredential::Assertion(assertion)),

@@ -323,6 +323,13 @@ impl Broker {
         self.logs.lock().unwrap().clone()
     }
 
+    /// Kills the process at once (SIGKILL), as a scale-in or a crash would: nothing it holds
+    /// is released.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Waits (at most 10 s) until `text` appears in `count` log lines.
     pub async fn wait_for_log(&self, text: &str, count: usize) {
         for _ in 0..1000 {
@@ -344,22 +351,27 @@ impl Broker {
             .count()
     }
 
-    /// Invokes `function-rotation` with a Key Vault event for `secret`.
+    /// Invokes `function-rotation` with a Key Vault event for `secret`; it must succeed.
     pub async fn deliver_rotation(&self, secret: &str, version: &str) -> serde_json::Value {
+        let response = self.invoke_rotation(secret, version).await;
+        assert_eq!(response.status(), 200);
+        response.json().await.unwrap()
+    }
+
+    /// Invokes `function-rotation` with a `SecretNewVersionCreated` for `secret`, as the
+    /// Functions host does; the answer as it came.
+    pub async fn invoke_rotation(&self, secret: &str, version: &str) -> reqwest::Response {
         let event = serde_json::json!({
             "eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
             "subject": secret,
             "data": { "ObjectName": secret, "ObjectType": "Secret", "Version": version }
         });
-        let response = self
-            .http
+        self.http
             .post(format!("{}/function-rotation", self.address))
             .json(&serde_json::json!({ "Data": { "event": event }, "Metadata": {} }))
             .send()
             .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        response.json().await.unwrap()
+            .unwrap()
     }
 }
 

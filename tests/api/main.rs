@@ -7,6 +7,7 @@ mod demo;
 mod errors;
 mod faults;
 mod fleet;
+mod fleet_edges;
 mod fleet_helpers;
 mod functions_host;
 mod health;

@@ -197,3 +197,31 @@ negative_cache_seconds = 300
     let repaired = app.token("repair").await;
     assert_eq!(repaired.status(), 200, "{}", repaired.text().await.unwrap());
 }
+
+#[tokio::test]
+async fn near_expiry_and_expired_reminders_change_nothing_but_a_warning() {
+    let app = spawn_app().await;
+    let before = body_json(app.token("rotating").await).await["access_token"].clone();
+    let reads = app.azure.vault.reads();
+    for event_type in [
+        "Microsoft.KeyVault.SecretNearExpiry",
+        "Microsoft.KeyVault.SecretExpired",
+    ] {
+        let mut event = new_version_event("rotating-secret", "v1");
+        event["eventType"] = json!(event_type);
+        let outcome = deliver(&app, event).await;
+        let log = outcome["Logs"][0].as_str().unwrap().to_string();
+        assert!(log.contains("nothing changed"), "{log}");
+    }
+    let after = body_json(app.token("rotating").await).await["access_token"].clone();
+    assert_eq!(before, after, "the cached token was kept");
+    let stats = app.idp.stats().await;
+    assert_eq!(stats.token_requests, 1, "no new token request: {stats:?}");
+    assert_eq!(app.azure.vault.reads(), reads, "no Key Vault re-read");
+    let warning = |r: &Value| {
+        r["level"] == "WARN" && r["message"].as_str().unwrap_or("").contains("near expiry")
+    };
+    let records = app.log_records_when(warning).await;
+    let warnings = records.iter().filter(|r| warning(r)).count();
+    assert_eq!(warnings, 2, "one warning per reminder");
+}

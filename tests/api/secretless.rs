@@ -583,3 +583,108 @@ federation_audience = "api://AzureADTokenExchangeUSGov"
         "trace logs were written and scanned"
     );
 }
+
+#[tokio::test]
+async fn a_retry_after_a_lost_answer_sends_a_newly_signed_assertion_never_a_replayed_jti() {
+    // Entra (like Okta, Auth0 and Keycloak) refuses an assertion whose `jti` it has seen. The
+    // first attempt reaches it, but its answer is lost on the way back (a gateway timeout):
+    // the retry must carry a new assertion, or a transient fault becomes a refusal.
+    let entra = EntraTokenDouble::start().await.unwrap();
+    let token_url = entra.token_url();
+    let url = url::Url::parse(&token_url).unwrap();
+    let proxy = token_broker_doubles::FaultProxy::start(&format!(
+        "http://{}:{}",
+        url.host_str().unwrap(),
+        url.port().unwrap()
+    ))
+    .await
+    .unwrap();
+    proxy.push(token_broker_doubles::fault_proxy::Fault::LostAnswer(504), 1);
+    let app = spawn_app_with(Setup {
+        extra_config: format!(
+            r#"
+[connections.entra-lossy]
+token_url = "{proxy}{path}"
+client_id = "entra-cert-app"
+auth_method = "private_key_jwt"
+client_assertion_key = {{ key_vault_certificate = "entra-cert" }}
+assertion_audience = "{token_url}"
+scopes = ["api://contoso/.default"]
+"#,
+            proxy = proxy.url(),
+            path = url.path(),
+        ),
+        ..Setup::default()
+    })
+    .await;
+    app.azure.vault.create_certificate("entra-cert");
+    let certificate = app.azure.vault.public_key("entra-cert").unwrap();
+    entra.set_certificate(
+        "entra-cert-app",
+        certificate.certificate.clone().unwrap(),
+        certificate.spki.clone(),
+    );
+
+    let response = app.token("entra-lossy").await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    assert_eq!(proxy.forwarded(), 2, "the lost attempt and the retry");
+    assert_eq!(entra.refusals(), Vec::<u64>::new(), "no replay refused");
+    let accepted = entra.accepted();
+    assert_eq!(accepted.len(), 2);
+    let (first, second) = (&accepted[0].1, &accepted[1].1);
+    assert_ne!(first["jti"], second["jti"], "a new jti for the retry");
+    assert!(second["iat"].as_u64() >= first["iat"].as_u64());
+    assert!(second["exp"].as_u64().unwrap() > second["iat"].as_u64().unwrap());
+    assert_eq!(app.azure.vault.signs(), 2, "one sign per attempt");
+}
+
+#[tokio::test]
+async fn a_refused_client_or_a_provider_hold_costs_no_key_vault_sign_per_request() {
+    let app = spawn_app_with(Setup {
+        proxy: true,
+        extra_config: format!(
+            r#"{KEY_CONNECTIONS}
+[connections.jwt-held]
+token_url = "{{proxy_url}}/token"
+client_id = "broker-jwt-rs256"
+auth_method = "private_key_jwt"
+client_assertion_key = {{ key_vault_key = "signing-held" }}
+assertion_audience = "{{token_url}}"
+"#
+        ),
+        ..Setup::default()
+    })
+    .await;
+    // The provider does not know the client: every fetch is refused with invalid_client.
+    app.azure.vault.create_key("signing-rsa", KeyKind::Rsa);
+    for _ in 0..60 {
+        let response = app.token("jwt-rs256").await;
+        assert_eq!(response.status(), 502, "{}", response.text().await.unwrap());
+    }
+    let stats = app.idp.stats().await;
+    assert_eq!(
+        stats.token_requests, 1,
+        "the negative cache answers: {stats:?}"
+    );
+    let signs = app.azure.vault.signs_by("signing-rsa");
+    assert!(
+        signs <= 3,
+        "{signs} Key Vault signs for 60 refused requests"
+    );
+
+    // A provider that asks the broker to wait (503, Retry-After: 20) is not asked again
+    // before then, and no assertion is signed for it meanwhile.
+    app.azure.vault.create_key("signing-held", KeyKind::Rsa);
+    let proxy = app.proxy.as_ref().unwrap();
+    proxy.set_default(token_broker_doubles::fault_proxy::Fault::Status {
+        status: 503,
+        retry_after: Some(20),
+    });
+    for _ in 0..60 {
+        let response = app.token("jwt-held").await;
+        assert_eq!(response.status(), 503, "{}", response.text().await.unwrap());
+    }
+    assert_eq!(proxy.requests(), 1, "held off by Retry-After");
+    let signs = app.azure.vault.signs_by("signing-held");
+    assert!(signs <= 3, "{signs} Key Vault signs for 60 held requests");
+}
