@@ -460,7 +460,7 @@ fn password_and_entra_auth_resolve() {
         ("OID", "00000000-0000-0000-0000-0000000000aa"),
     ]);
     let text = with_shared(
-        "redis_url = \"redis://h:6379\"\nencryption_key = { key_vault_secret = \"k\" }\nauth = \"password\"\npassword = { app_setting = \"PW\" }",
+        "redis_url = \"redis://127.0.0.1:6379\"\nencryption_key = { key_vault_secret = \"k\" }\nauth = \"password\"\npassword = { app_setting = \"PW\" }",
     );
     let shared = parse_with(&text, &env).unwrap().shared_cache.unwrap();
     let RedisAuth::Password {
@@ -478,6 +478,61 @@ fn password_and_entra_auth_resolve() {
     );
     let shared = parse_with(&text, &env).unwrap().shared_cache.unwrap();
     assert!(matches!(shared.auth, RedisAuth::Entra { username } if username.ends_with("aa")));
+}
+
+/// `[shared_cache]` at `url` with `auth` ("none", "password" or "entra") and what it needs.
+fn shared_at(url: &str, auth: &str) -> String {
+    let credentials = match auth {
+        "password" => "password = { app_setting = \"PW\" }",
+        "entra" => "username = \"00000000-0000-0000-0000-0000000000aa\"",
+        _ => "",
+    };
+    with_shared(&format!(
+        "redis_url = \"{url}\"\nencryption_key = {{ key_vault_secret = \"k\" }}\nauth = \"{auth}\"\n{credentials}\n"
+    ))
+}
+
+#[test]
+fn redis_credentials_cross_the_network_only_over_tls() {
+    let mut env = full_env();
+    env.push(("PW", "hunter2-password"));
+    for auth in ["password", "entra"] {
+        for url in [
+            "redis://cache.example:6379",
+            "redis://10.0.0.4:6379",
+            "redis://[2001:db8::4]:6379",
+        ] {
+            let error = parse_with(&shared_at(url, auth), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!(
+                    "shared_cache.redis_url: auth \"{auth}\" sends credentials, which need rediss:// (TLS)"
+                )),
+                "{url} {auth}: {error}"
+            );
+            assert!(
+                !error.contains("hunter2-password") && !error.contains("cache.example"),
+                "{error}"
+            );
+        }
+        for url in [
+            "rediss://cache.example:6380",
+            "redis://127.0.0.1:6379",
+            "redis://127.0.0.2:6379",
+            "redis://localhost:6379",
+            "redis://[::1]:6379",
+        ] {
+            let settings = parse_with(&shared_at(url, auth), &env);
+            assert!(settings.is_ok(), "{url} {auth}: {:?}", settings.err());
+        }
+    }
+    // Without credentials only sealed entries travel: plain redis:// to another host is allowed.
+    let shared = parse_with(&shared_at("redis://cache.example:6379", "none"), &env)
+        .expect("valid")
+        .shared_cache
+        .unwrap();
+    assert!(matches!(shared.auth, RedisAuth::None));
 }
 
 /// `FULL` with one more connection, written after the standard ones.

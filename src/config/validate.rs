@@ -10,7 +10,7 @@ use super::raw::{
     OneOrMany, RESERVED_PARAMS, RawCallers, RawConnection, RawFile, RawKeyVault, RawSharedCache,
     RawTelemetry,
 };
-use super::types::{ConnectionName, EndpointUrl, ScopeToken, is_valid_key_vault_name};
+use super::types::{ConnectionName, EndpointUrl, ScopeToken, is_loopback, is_valid_key_vault_name};
 use super::*;
 
 /// Renders a TOML shape error without the source excerpt toml prints by default: the excerpt
@@ -204,6 +204,18 @@ impl Validator<'_> {
                 None
             }
         };
+        // A password or the identity's Redis token sent over plain `redis://` can be read by
+        // anyone on the path. Sealed entries alone can be (they open only with the key), so
+        // `auth = "none"` may use plain redis:// to any host; credentials need TLS off loopback.
+        if let (Some(url), Some(method @ ("password" | "entra"))) =
+            (&redis_url, raw.auth.as_deref())
+            && url.scheme() == "redis"
+            && !is_loopback(url)
+        {
+            self.problems.push(format!(
+                "shared_cache.redis_url: auth \"{method}\" sends credentials, which need rediss:// (TLS); plain redis:// is accepted only on loopback (localhost, 127.0.0.0/8, ::1)"
+            ));
+        }
         let key_prefix = match raw.key_prefix {
             None => "token-broker".to_string(),
             Some(prefix) => self
