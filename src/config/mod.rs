@@ -6,6 +6,7 @@
 //! hand, with messages that name the connection and field but never echo an expanded value:
 //! an app setting may hold a secret, and a startup error lands in the host's log.
 
+mod entra_authority;
 mod expand;
 mod raw;
 #[cfg(test)]

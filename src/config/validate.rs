@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use url::Url;
 
+use super::entra_authority;
 use super::raw::{
     OneOrMany, RESERVED_PARAMS, RawCallers, RawConnection, RawFile, RawKeyVault, RawSharedCache,
     RawTelemetry,
@@ -697,6 +698,15 @@ impl Validator<'_> {
                     self.assertion(name, raw, token_url)
                         .map(CredentialSource::Assertion)
                 } else {
+                    if let Some(url) = token_url
+                        && !entra_authority::may_receive_federation_token(url)
+                    {
+                        self.problems.push(format!(
+                            "{}: must be an Entra token endpoint (host {}) or loopback: auth_method = \"managed_identity_federation\" sends the identity's token there, and every app that federates the identity accepts it",
+                            at("token_url"),
+                            entra_authority::ENTRA_AUTHORITY_HOSTS.join(", ")
+                        ));
+                    }
                     let audience = match &raw.federation_audience {
                         Some(value) => self.expand(&at("federation_audience"), value)?,
                         None => DEFAULT_FEDERATION_AUDIENCE.to_string(),
