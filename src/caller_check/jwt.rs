@@ -12,6 +12,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::claimed::{Claimed, delegated};
 use super::jwks::{HttpKeySource, KeyError, KeySource, KeyStore};
 use super::{Caller, CallerError, bearer};
 
@@ -64,6 +65,11 @@ struct Claims {
     tid: Option<String>,
     #[serde(default)]
     roles: Vec<String>,
+    /// Entra's delegated scopes: present only when a user signed in through the client.
+    /// Read as any JSON value, since only its presence matters (other issuers use arrays).
+    scp: Option<serde_json::Value>,
+    /// Entra's optional `idtyp` claim: `app` for app-only tokens, `user` for delegated ones.
+    idtyp: Option<String>,
 }
 
 impl<S: KeySource> JwtValidator<S> {
@@ -124,9 +130,27 @@ impl<S: KeySource> JwtValidator<S> {
         {
             return Err(invalid("the bearer token is from another tenant"));
         }
-        let client_id = claims.azp.or(claims.appid).or(claims.client_id);
-        Caller::identified(claims.oid, client_id, claims.sub, claims.roles)
-            .ok_or(invalid("the bearer token names no caller"))
+        let mut for_a_user = delegated(claims.scp.is_some(), claims.idtyp.as_deref());
+        let client_id = match claims.azp.or(claims.appid) {
+            Some(entra) => Some(entra),
+            None => {
+                // RFC 9068 §2.2: `sub` is the client itself in a client-credentials token and
+                // the resource owner otherwise, so another `sub` marks a user's token.
+                if let (Some(client), Some(subject)) = (&claims.client_id, &claims.sub) {
+                    for_a_user |= client != subject;
+                }
+                claims.client_id
+            }
+        };
+        Claimed {
+            object_id: claims.oid,
+            client_id,
+            subject: claims.sub,
+            roles: claims.roles,
+            delegated: for_a_user,
+        }
+        .caller()
+        .ok_or(invalid("the bearer token names no caller"))
     }
 }
 
@@ -234,6 +258,61 @@ mod tests {
             .unwrap();
         assert_eq!(caller.ids, ["oid-apim", "client-apim"]);
         assert_eq!(caller.roles, ["Tokens.Contoso"]);
+    }
+
+    #[tokio::test]
+    async fn a_delegated_token_names_the_user_and_not_the_client_it_came_through() {
+        let key = TestKey::new();
+        let validator = entra_validator(&key, Some(TENANT));
+        // A user's token obtained through client-apim: v1 and v2 shapes, with and without
+        // the optional `idtyp` claim.
+        let mut v1_user = v1("oid-user", "client-apim", TENANT);
+        v1_user["scp"] = json!("user_impersonation");
+        v1_user["idtyp"] = json!("user");
+        let mut v2_user = v2("oid-user", "client-apim", TENANT);
+        v2_user["scp"] = json!("Tokens.Read");
+        v2_user.as_object_mut().unwrap().remove("idtyp");
+        // `idtyp: user` alone is enough.
+        let mut v2_typed = v2("oid-user", "client-apim", TENANT);
+        v2_typed["idtyp"] = json!("user");
+        for claims in [v1_user, v2_user, v2_typed] {
+            let caller = validator.validate(&key.sign(&claims)).await.unwrap();
+            assert_eq!(caller.ids, ["oid-user"], "{claims}");
+        }
+        // An app-only token without the optional claim still names its client.
+        let mut app = v2("oid-apim", "client-apim", TENANT);
+        app.as_object_mut().unwrap().remove("idtyp");
+        let caller = validator.validate(&key.sign(&app)).await.unwrap();
+        assert_eq!(caller.ids, ["oid-apim", "client-apim"]);
+    }
+
+    #[tokio::test]
+    async fn an_rfc_9068_token_names_its_client_only_when_sub_is_the_client() {
+        let key = TestKey::new();
+        let issuer = "https://idp.example";
+        let validator = JwtValidator::new(
+            JwtSettings {
+                issuers: vec![issuer.to_string()],
+                audiences: vec![APP_ID_URI.to_string()],
+                tenant: None,
+                clock_skew: Duration::from_secs(60),
+            },
+            StaticSource(key.jwks.clone()),
+        );
+        let token = |sub: &str| {
+            json!({"iss": issuer, "aud": APP_ID_URI, "client_id": "client-apim", "sub": sub,
+                   "scope": "read", "iat": now(), "exp": now() + 3600})
+        };
+        let app = validator
+            .validate(&key.sign(&token("client-apim")))
+            .await
+            .unwrap();
+        assert_eq!(app.ids, ["client-apim"]);
+        let user = validator
+            .validate(&key.sign(&token("alice")))
+            .await
+            .unwrap();
+        assert_eq!(user.ids, ["alice"]);
     }
 
     #[tokio::test]

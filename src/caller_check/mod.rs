@@ -7,6 +7,7 @@
 //! `X-MS-CLIENT-PRINCIPAL` ([`easy_auth`]). Each connection then names the callers or roles
 //! allowed to use it. Failures are a [`CallerError`], which `error.rs` maps to the HTTP contract.
 
+mod claimed;
 mod easy_auth;
 mod jwks;
 mod jwt;
@@ -42,12 +43,13 @@ pub enum CallerError {
 /// The authenticated caller.
 #[derive(Debug, Clone, Default)]
 pub struct Caller {
-    /// How the audit line names the caller: the object id, else the client id, else `sub`;
-    /// `None` in mode `none`.
+    /// How the audit line names the caller: the object id, else the client id (app-only
+    /// tokens), else `sub`; `None` in mode `none`.
     pub id: Option<String>,
-    /// Every identifier `allowed_callers` may name: the object id (`oid`) and the client id
-    /// (`azp` in v2 tokens, `appid` in v1, `client_id` in RFC 9068 tokens), or `sub` for
-    /// issuers whose tokens carry neither.
+    /// Every identifier `allowed_callers` may name: the object id (`oid`) and, in app-only
+    /// tokens, the client id (`azp` in v2 tokens, `appid` in v1, `client_id` in RFC 9068
+    /// tokens), or `sub` for tokens that name neither. A delegated token's client id is left
+    /// out: it names the application the user signed in through, not the caller ([`claimed`]).
     pub ids: Vec<String>,
     pub roles: Vec<String>,
 }
@@ -56,26 +58,6 @@ impl Caller {
     /// How the audit line names the caller.
     pub fn audit_name(&self) -> &str {
         self.id.as_deref().unwrap_or("function-key")
-    }
-
-    /// A caller known by `object_id` and `client_id`, falling back to `subject` when the
-    /// token names neither.
-    fn identified(
-        object_id: Option<String>,
-        client_id: Option<String>,
-        subject: Option<String>,
-        roles: Vec<String>,
-    ) -> Option<Caller> {
-        let mut ids: Vec<String> = object_id.into_iter().chain(client_id).collect();
-        if ids.is_empty() {
-            ids.extend(subject);
-        }
-        ids.dedup();
-        Some(Caller {
-            id: Some(ids.first()?.clone()),
-            ids,
-            roles,
-        })
     }
 }
 
@@ -219,22 +201,6 @@ mod tests {
             Ok(())
         );
         assert!(authorize(&caller(&["x"], &["Other"]), &by_role).is_err());
-    }
-
-    #[test]
-    fn the_subject_names_the_caller_only_when_no_object_or_client_id_does() {
-        let entra = Caller::identified(
-            Some("oid".into()),
-            Some("azp".into()),
-            Some("sub".into()),
-            vec![],
-        )
-        .unwrap();
-        assert_eq!(entra.ids, ["oid", "azp"]);
-        assert_eq!(entra.audit_name(), "oid");
-        let other = Caller::identified(None, None, Some("sub".into()), vec![]).unwrap();
-        assert_eq!(other.ids, ["sub"]);
-        assert!(Caller::identified(None, None, None, vec![]).is_none());
     }
 
     #[test]

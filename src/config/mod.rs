@@ -6,6 +6,7 @@
 //! hand, with messages that name the connection and field but never echo an expanded value:
 //! an app setting may hold a secret, and a startup error lands in the host's log.
 
+mod entra_authority;
 mod expand;
 mod raw;
 #[cfg(test)]
@@ -47,7 +48,8 @@ pub struct Settings {
 /// `[shared_cache]`: where the fleet's shared, encrypted token tier lives.
 #[derive(Clone)]
 pub struct SharedCacheSettings {
-    /// `redis://` or `rediss://` (TLS), host and port, with no credentials in it.
+    /// `redis://` or `rediss://` (TLS), host and port, with no credentials in it; plain
+    /// `redis://` with `auth` other than `none` only on loopback.
     pub redis_url: Url,
     /// Base64 of 32 random bytes: seals the values and keys the hashed key names.
     pub encryption_key: SecretSource,

@@ -460,7 +460,7 @@ fn password_and_entra_auth_resolve() {
         ("OID", "00000000-0000-0000-0000-0000000000aa"),
     ]);
     let text = with_shared(
-        "redis_url = \"redis://h:6379\"\nencryption_key = { key_vault_secret = \"k\" }\nauth = \"password\"\npassword = { app_setting = \"PW\" }",
+        "redis_url = \"redis://127.0.0.1:6379\"\nencryption_key = { key_vault_secret = \"k\" }\nauth = \"password\"\npassword = { app_setting = \"PW\" }",
     );
     let shared = parse_with(&text, &env).unwrap().shared_cache.unwrap();
     let RedisAuth::Password {
@@ -478,6 +478,61 @@ fn password_and_entra_auth_resolve() {
     );
     let shared = parse_with(&text, &env).unwrap().shared_cache.unwrap();
     assert!(matches!(shared.auth, RedisAuth::Entra { username } if username.ends_with("aa")));
+}
+
+/// `[shared_cache]` at `url` with `auth` ("none", "password" or "entra") and what it needs.
+fn shared_at(url: &str, auth: &str) -> String {
+    let credentials = match auth {
+        "password" => "password = { app_setting = \"PW\" }",
+        "entra" => "username = \"00000000-0000-0000-0000-0000000000aa\"",
+        _ => "",
+    };
+    with_shared(&format!(
+        "redis_url = \"{url}\"\nencryption_key = {{ key_vault_secret = \"k\" }}\nauth = \"{auth}\"\n{credentials}\n"
+    ))
+}
+
+#[test]
+fn redis_credentials_cross_the_network_only_over_tls() {
+    let mut env = full_env();
+    env.push(("PW", "hunter2-password"));
+    for auth in ["password", "entra"] {
+        for url in [
+            "redis://cache.example:6379",
+            "redis://10.0.0.4:6379",
+            "redis://[2001:db8::4]:6379",
+        ] {
+            let error = parse_with(&shared_at(url, auth), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!(
+                    "shared_cache.redis_url: auth \"{auth}\" sends credentials, which need rediss:// (TLS)"
+                )),
+                "{url} {auth}: {error}"
+            );
+            assert!(
+                !error.contains("hunter2-password") && !error.contains("cache.example"),
+                "{error}"
+            );
+        }
+        for url in [
+            "rediss://cache.example:6380",
+            "redis://127.0.0.1:6379",
+            "redis://127.0.0.2:6379",
+            "redis://localhost:6379",
+            "redis://[::1]:6379",
+        ] {
+            let settings = parse_with(&shared_at(url, auth), &env);
+            assert!(settings.is_ok(), "{url} {auth}: {:?}", settings.err());
+        }
+    }
+    // Without credentials only sealed entries travel: plain redis:// to another host is allowed.
+    let shared = parse_with(&shared_at("redis://cache.example:6379", "none"), &env)
+        .expect("valid")
+        .shared_cache
+        .unwrap();
+    assert!(matches!(shared.auth, RedisAuth::None));
 }
 
 /// `FULL` with one more connection, written after the standard ones.
@@ -568,18 +623,59 @@ fn check_refuses_private_key_jwt_without_a_key_beside_a_secret_or_with_an_unknow
     );
 }
 
+/// `FULL` with a `managed_identity_federation` connection to `token_url`.
+fn with_federation(token_url: &str) -> String {
+    format!(
+        "{FULL}\n[connections.secretless]\ntoken_url = \"{token_url}\"\nclient_id = \"app\"\nauth_method = \"managed_identity_federation\"\n"
+    )
+}
+
+const ENTRA_TOKEN_URL: &str = "https://login.microsoftonline.com/tenant/oauth2/v2.0/token";
+
+#[test]
+fn the_federation_token_goes_to_entra_or_loopback_only() {
+    for token_url in [
+        "https://idp.example/oauth/token",
+        "https://login.microsoftonline.com.idp.example/tenant/oauth2/v2.0/token",
+        "https://login.microsoftonline.de/tenant/oauth2/v2.0/token",
+    ] {
+        let error = parse_with(&with_federation(token_url), &full_env())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("connections.secretless.token_url: must be an Entra token endpoint (host login.microsoftonline.com, login.microsoftonline.us, login.partner.microsoftonline.cn, login.chinacloudapi.cn) or loopback"),
+            "{token_url}: {error}"
+        );
+        assert!(!error.contains("idp.example"), "{error}");
+    }
+    for token_url in [
+        ENTRA_TOKEN_URL,
+        "https://login.microsoftonline.us/tenant/oauth2/v2.0/token",
+        "https://login.partner.microsoftonline.cn/tenant/oauth2/v2.0/token",
+        "https://login.chinacloudapi.cn/tenant/oauth2/v2.0/token",
+        "http://127.0.0.1:8400/tenant/oauth2/v2.0/token",
+    ] {
+        let settings = parse_with(&with_federation(token_url), &full_env());
+        assert!(settings.is_ok(), "{token_url}: {:?}", settings.err());
+    }
+    // Other methods send their own credential, meant for that provider: any https host.
+    let text = with_connection(
+        "auth_method = \"private_key_jwt\"\nclient_assertion_key = { key_vault_key = \"k\" }",
+    );
+    assert!(parse_with(&text, &full_env()).is_ok());
+}
+
 #[test]
 fn managed_identity_federation_needs_a_user_assigned_identity() {
-    let federation = "auth_method = \"managed_identity_federation\"";
-    let settings = parse_with(&with_connection(federation), &full_env()).expect("valid");
+    let settings = parse_with(&with_federation(ENTRA_TOKEN_URL), &full_env()).expect("valid");
     match &settings.connections["secretless"].credential {
         CredentialSource::Federation { audience } => {
             assert_eq!(audience, DEFAULT_FEDERATION_AUDIENCE)
         }
         other => panic!("{other:?}"),
     }
-    let text =
-        with_connection(federation).replace("managed_identity_client_id = \"${MI_CLIENT_ID}\"", "");
+    let text = with_federation(ENTRA_TOKEN_URL)
+        .replace("managed_identity_client_id = \"${MI_CLIENT_ID}\"", "");
     let error = parse_with(&text, &full_env()).unwrap_err().to_string();
     assert!(
         error.contains("connections.secretless.auth_method: \"managed_identity_federation\" needs a user-assigned identity"),

@@ -110,15 +110,9 @@ impl TryFrom<Url> for EndpointUrl {
     type Error = EndpointUrlError;
 
     fn try_from(url: Url) -> Result<Self, EndpointUrlError> {
-        let loopback = match url.host() {
-            Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
-            Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
-            Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
-            None => false,
-        };
         let secure = match url.scheme() {
             "https" => url.host().is_some(),
-            "http" => loopback,
+            "http" => is_loopback(&url),
             _ => false,
         };
         if !secure {
@@ -134,6 +128,23 @@ impl TryFrom<Url> for EndpointUrl {
 impl From<EndpointUrl> for Url {
     fn from(endpoint: EndpointUrl) -> Url {
         endpoint.0
+    }
+}
+
+/// Whether `url` names this machine: `localhost`, 127.0.0.0/8 or ::1. Traffic to it never
+/// crosses a network, which is what makes plain http or plain `redis://` acceptable there.
+/// Schemes the URL standard does not know (`redis`) keep an IPv4 address as an opaque host
+/// name, so a name is also read as an address; anything else (`127.1`, `localhost.`) is not
+/// loopback, which only ever refuses more.
+pub(super) fn is_loopback(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => {
+            domain.eq_ignore_ascii_case("localhost")
+                || domain.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
     }
 }
 
@@ -162,6 +173,27 @@ mod tests {
         assert!(ScopeToken::parse("api://contoso/.default").is_some());
         for bad in ["a b", "a\"b", "a\\b", "", "a\u{7f}", &"s".repeat(257)] {
             assert!(ScopeToken::parse(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn loopback_is_localhost_127_0_0_0_8_and_ipv6_one_in_every_scheme() {
+        for scheme in ["http", "redis", "rediss"] {
+            for host in ["localhost", "LOCALHOST", "127.0.0.1", "127.9.8.7", "[::1]"] {
+                let url = Url::parse(&format!("{scheme}://{host}:6379")).unwrap();
+                assert!(is_loopback(&url), "{url}");
+            }
+            for host in [
+                "cache.example",
+                "10.0.0.4",
+                "[::2]",
+                "localhost.example",
+                "127.0.0.1.example",
+                "128.0.0.1",
+            ] {
+                let url = Url::parse(&format!("{scheme}://{host}:6379")).unwrap();
+                assert!(!is_loopback(&url), "{url}");
+            }
         }
     }
 

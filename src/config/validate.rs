@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use url::Url;
 
+use super::entra_authority;
 use super::raw::{
     OneOrMany, RESERVED_PARAMS, RawCallers, RawConnection, RawFile, RawKeyVault, RawSharedCache,
     RawTelemetry,
 };
-use super::types::{ConnectionName, EndpointUrl, ScopeToken, is_valid_key_vault_name};
+use super::types::{ConnectionName, EndpointUrl, ScopeToken, is_loopback, is_valid_key_vault_name};
 use super::*;
 
 /// Renders a TOML shape error without the source excerpt toml prints by default: the excerpt
@@ -204,6 +205,18 @@ impl Validator<'_> {
                 None
             }
         };
+        // A password or the identity's Redis token sent over plain `redis://` can be read by
+        // anyone on the path. Sealed entries alone can be (they open only with the key), so
+        // `auth = "none"` may use plain redis:// to any host; credentials need TLS off loopback.
+        if let (Some(url), Some(method @ ("password" | "entra"))) =
+            (&redis_url, raw.auth.as_deref())
+            && url.scheme() == "redis"
+            && !is_loopback(url)
+        {
+            self.problems.push(format!(
+                "shared_cache.redis_url: auth \"{method}\" sends credentials, which need rediss:// (TLS); plain redis:// is accepted only on loopback (localhost, 127.0.0.0/8, ::1)"
+            ));
+        }
         let key_prefix = match raw.key_prefix {
             None => "token-broker".to_string(),
             Some(prefix) => self
@@ -695,6 +708,15 @@ impl Validator<'_> {
                     self.assertion(name, raw, token_url)
                         .map(CredentialSource::Assertion)
                 } else {
+                    if let Some(url) = token_url
+                        && !entra_authority::may_receive_federation_token(url)
+                    {
+                        self.problems.push(format!(
+                            "{}: must be an Entra token endpoint (host {}) or loopback: auth_method = \"managed_identity_federation\" sends the identity's token there, and every app that federates the identity accepts it",
+                            at("token_url"),
+                            entra_authority::ENTRA_AUTHORITY_HOSTS.join(", ")
+                        ));
+                    }
                     let audience = match &raw.federation_audience {
                         Some(value) => self.expand(&at("federation_audience"), value)?,
                         None => DEFAULT_FEDERATION_AUDIENCE.to_string(),

@@ -370,6 +370,55 @@ async fn easy_auth_mode_takes_the_caller_from_the_platform_header() {
     assert_eq!(app.token("guarded").await.status(), 401);
 }
 
+/// Review finding 10, Easy Auth: only Entra's principals are read, and a listed client id
+/// admits the application's own calls, not its users'.
+#[tokio::test]
+async fn easy_auth_reads_only_entra_principals_and_a_client_id_admits_app_only_calls() {
+    let app = spawn_app_with(Setup {
+        extra_config: format!(
+            "\n[callers]\nmode = \"easy_auth\"\n{}",
+            crate::helpers::GUARDED
+        ),
+        extra_env: vec![("WEBSITE_AUTH_ENABLED".to_string(), "True".to_string())],
+        ..Setup::default()
+    })
+    .await;
+    const OID: &str = "http://schemas.microsoft.com/identity/claims/objectidentifier";
+    const SCOPE: &str = "http://schemas.microsoft.com/identity/claims/scope";
+    let send = |json: String| {
+        app.request("/api/token/guarded")
+            .header("X-MS-CLIENT-PRINCIPAL", STANDARD.encode(json))
+            .send()
+    };
+    // `caller-app` is listed; the platform maps Entra's claims as it does for an access token.
+    let app_only = format!(
+        r#"{{"auth_typ":"aad","claims":[{{"typ":"{OID}","val":"sp-object-id"}},{{"typ":"azp","val":"caller-app"}},{{"typ":"idtyp","val":"app"}}],"name_typ":"name","role_typ":"roles"}}"#
+    );
+    assert_eq!(send(app_only).await.unwrap().status(), 200);
+    let user = format!(
+        r#"{{"auth_typ":"aad","claims":[{{"typ":"{OID}","val":"user-object-id"}},{{"typ":"azp","val":"caller-app"}},{{"typ":"{SCOPE}","val":"Tokens.Read"}}],"name_typ":"name","role_typ":"roles"}}"#
+    );
+    let response = send(user).await.unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(json(response).await["error"], "access_denied");
+    // Another provider's principal naming the listed id, or one naming no provider, is not
+    // an Entra caller at all.
+    for provider in [r#""auth_typ":"google","#, r#""auth_typ":"github","#, ""] {
+        let principal = format!(
+            r#"{{{provider}"claims":[{{"typ":"oid","val":"caller-app"}},{{"typ":"azp","val":"caller-app"}}],"name_typ":"name","role_typ":"roles"}}"#
+        );
+        let response = send(principal).await.unwrap();
+        assert_eq!(response.status(), 401, "{provider}");
+        let body = json(response).await;
+        assert_eq!(body["error"], "invalid_token", "{provider}: {body}");
+        assert_eq!(
+            body["error_description"],
+            "X-MS-CLIENT-PRINCIPAL is not from Microsoft Entra (auth_typ is not aad)",
+            "{body}"
+        );
+    }
+}
+
 /// Sends `count` requests for the guarded connection with `bearer(i)` at once; returns each
 /// status, body and wait.
 async fn concurrently(
@@ -469,6 +518,8 @@ const APIM_OBJECT_ID: &str = "d4c3b2a1-9f8e-4d7c-8b6a-5f4e3d2c1b0a";
 /// Another app in the same tenant.
 const OTHER_CLIENT_ID: &str = "11111111-2222-4333-8444-555555555555";
 const OTHER_OBJECT_ID: &str = "99999999-8888-4777-8666-555555555555";
+/// A user of the tenant who can sign in through API Management's client.
+const USER_OBJECT_ID: &str = "5e3f2a1b-7c6d-4e5f-a0b1-c2d3e4f5a6b7";
 
 fn v1_issuer() -> String {
     format!("https://sts.windows.net/{TENANT}/")
@@ -485,21 +536,44 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// An Entra v1 app token (`accessTokenAcceptedVersion` 1): `appid` names the client.
+/// An Entra v1 app-only token (`accessTokenAcceptedVersion` 1): `appid` names the client,
+/// `oid` and `sub` its service principal, `roles` the app roles granted to it.
 fn v1_token(client_id: &str, object_id: &str, tid: &str) -> Value {
     json_value!({
         "iss": v1_issuer(), "aud": "api://token-broker", "appid": client_id, "appidacr": "2",
         "oid": object_id, "sub": object_id, "tid": tid, "idtyp": "app", "ver": "1.0",
-        "iat": now(), "nbf": now(), "exp": now() + 3600,
+        "roles": ["Tokens.Contoso"], "iat": now(), "nbf": now(), "exp": now() + 3600,
     })
 }
 
-/// An Entra v2 app token: `azp` names the client, `aud` is the broker's client id.
+/// An Entra v2 app-only token: `azp` names the client, `aud` is the broker's client id.
 fn v2_token(client_id: &str, object_id: &str, tid: &str) -> Value {
     json_value!({
         "iss": v2_issuer(), "aud": BROKER_CLIENT_ID, "azp": client_id, "azpacr": "2",
         "oid": object_id, "sub": object_id, "tid": tid, "idtyp": "app", "ver": "2.0",
+        "roles": ["Tokens.Contoso"], "iat": now(), "nbf": now(), "exp": now() + 3600,
+    })
+}
+
+/// An Entra v1 delegated token: the user `object_id` signed in through `client_id`, which
+/// `appid` names as in an app token; `scp` holds the delegated scopes, `sub` is pairwise.
+fn v1_user_token(client_id: &str, object_id: &str) -> Value {
+    json_value!({
+        "iss": v1_issuer(), "aud": "api://token-broker", "appid": client_id, "appidacr": "0",
+        "oid": object_id, "sub": "mJ2nQ8tWv1XyZa3bC4dE5fG6hI7jK8lM9nO0pQ1rS2t", "tid": TENANT,
+        "scp": "user_impersonation", "amr": ["pwd", "mfa"], "upn": "alice@contoso.example",
+        "unique_name": "alice@contoso.example", "name": "Alice", "ver": "1.0",
         "iat": now(), "nbf": now(), "exp": now() + 3600,
+    })
+}
+
+/// An Entra v2 delegated token, with the optional `idtyp` claim (`user`) configured.
+fn v2_user_token(client_id: &str, object_id: &str) -> Value {
+    json_value!({
+        "iss": v2_issuer(), "aud": BROKER_CLIENT_ID, "azp": client_id, "azpacr": "0",
+        "oid": object_id, "sub": "Xk3pL9qR2sT5uV8wY1zA4bC7dE0fG3hI6jK9lM2nO5p", "tid": TENANT,
+        "scp": "Tokens.Read", "idtyp": "user", "preferred_username": "alice@contoso.example",
+        "name": "Alice", "ver": "2.0", "iat": now(), "nbf": now(), "exp": now() + 3600,
     })
 }
 
@@ -511,7 +585,8 @@ fn sign(keys: &EntraKeysDouble, claims: &Value) -> String {
 }
 
 /// `[callers]` as an Entra tenant's broker would write it, with keys from `jwks_uri` (or
-/// discovery at `issuer_override` when given), and a connection only APIM may use.
+/// discovery at `issuer_override` when given), a connection only APIM may use (by client id)
+/// and one only the user may use (by object id).
 fn entra_callers(jwks_uri: Option<&str>, issuer_override: Option<&str>) -> String {
     let issuers = match issuer_override {
         Some(issuer) => format!("\"{issuer}\""),
@@ -535,6 +610,14 @@ client_secret = {{ key_vault_secret = "post-secret" }}
 auth_method = "client_secret_post"
 scopes = ["read"]
 allowed_callers = ["{APIM_CLIENT_ID}"]
+
+[connections.signed-in]
+token_url = "{{token_url}}"
+client_id = "broker-post"
+client_secret = {{ key_vault_secret = "post-secret" }}
+auth_method = "client_secret_post"
+scopes = ["read"]
+allowed_callers = ["{USER_OBJECT_ID}"]
 "#
     )
 }
@@ -567,6 +650,47 @@ async fn v1_and_v2_entra_tokens_are_accepted_and_a_client_id_in_allowed_callers_
         .collect();
     assert_eq!(callers, [APIM_OBJECT_ID, APIM_OBJECT_ID]);
     assert_eq!(keys.downloads(), 1);
+}
+
+/// Review finding 10: a client id in `allowed_callers` names the application itself, not
+/// every user who signs in through it.
+#[tokio::test]
+async fn a_user_signed_in_through_the_listed_client_is_denied_unless_the_user_is_listed() {
+    let keys = EntraKeysDouble::start().await.unwrap();
+    let mut app = entra_app(&keys).await;
+    for token in [
+        v1_user_token(APIM_CLIENT_ID, USER_OBJECT_ID),
+        v2_user_token(APIM_CLIENT_ID, USER_OBJECT_ID),
+    ] {
+        let bearer = sign(&keys, &token);
+        let response = app.get_as("/api/token/apim", &bearer).await;
+        assert_eq!(response.status(), 403, "{token}");
+        let body = json(response).await;
+        assert_eq!(body["error"], "access_denied", "{body}");
+        assert!(body.get("access_token").is_none(), "{body}");
+        // Listed by its object id, the user is served.
+        let response = app.get_as("/api/token/signed-in", &bearer).await;
+        assert_eq!(response.status(), 200, "{token}");
+    }
+    // An app-only token without the optional `idtyp` claim still matches its client id, and
+    // API Management itself is not the user.
+    let mut untyped = v2_token(APIM_CLIENT_ID, APIM_OBJECT_ID, TENANT);
+    untyped.as_object_mut().unwrap().remove("idtyp");
+    let bearer = sign(&keys, &untyped);
+    assert_eq!(app.get_as("/api/token/apim", &bearer).await.status(), 200);
+    let denied = app.get_as("/api/token/signed-in", &bearer).await;
+    assert_eq!(denied.status(), 403);
+    // The audit lines name the user by object id, never the client the user came through.
+    assert!(app.terminate().success());
+    let callers: std::collections::BTreeSet<String> = app
+        .audit_records()
+        .iter()
+        .map(|record| record["caller"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        callers,
+        std::collections::BTreeSet::from([APIM_OBJECT_ID.to_string(), USER_OBJECT_ID.to_string()])
+    );
 }
 
 #[tokio::test]
