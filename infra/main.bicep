@@ -63,6 +63,14 @@ param sharedCacheKeySecretName string = 'token-cache-key'
 @description('Azure Managed Redis SKU of the shared cache.')
 param sharedCacheSku string = 'Balanced_B0'
 
+@description('Token requests one instance takes at once before Flex Consumption adds an instance; Flex\'s own default at 512 MB is 4. The reasoning and how to tune it: infra/README.md, "HTTP concurrency".')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 100
+
+@description('Keep one `function-rotation` instance always ready (billed around the clock) instead of starting one when an event arrives: infra/README.md, "Rotation events".')
+param rotationAlwaysReady bool = false
+
 // Storage account names allow lower-case letters and digits only; vault names are
 // case-insensitive but conventionally lower case. Every name below derives from `base`.
 var base = toLower(baseName)
@@ -162,6 +170,8 @@ module functionApp 'modules/functionapp.bicep' = {
     appInsightsId: monitoring.outputs.appInsightsId
     keyVaultUri: vault.outputs.uri
     connectionSettings: union(connectionSettings, sharedCacheSettings)
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
+    rotationAlwaysReady: rotationAlwaysReady
   }
 }
 

@@ -15,6 +15,12 @@ param appInsightsId string
 param keyVaultUri string
 @description('Extra app settings referenced by broker.toml.')
 param connectionSettings object
+@description('HTTP requests one instance takes at once before Flex Consumption adds an instance (infra/README.md, "HTTP concurrency").')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int
+@description('Keep one instance of `function-rotation` always ready (infra/README.md, "Rotation events").')
+param rotationAlwaysReady bool
 
 var monitoringMetricsPublisher = '3913510d-42f4-4e42-8a64-420c390055eb'
 
@@ -33,6 +39,12 @@ var platformSettings = {
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
 }
 var allSettings = union(connectionSettings, brokerSettings, platformSettings)
+
+// Always ready: one instance of the HTTP group (token requests sit on APIM's hot path) and, when
+// asked, one of `function-rotation`, which Flex scales on instances of its own
+// (`function:<name>`; `http` names the group of every HTTP function).
+var httpAlwaysReady = [{ name: 'http', instanceCount: 1 }]
+var rotationAlwaysReadyInstances = rotationAlwaysReady ? [{ name: 'function:function-rotation', instanceCount: 1 }] : []
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
   // checkov:skip=CKV_AZURE_225: Flex Consumption zone redundancy exists only in some regions; turn on zoneRedundant where the region offers it
@@ -80,10 +92,17 @@ resource site 'Microsoft.Web/sites@2024-04-01' = {
         }
       }
       scaleAndConcurrency: {
+        // Per function group: the HTTP group and `function-rotation` each scale up to it.
         maximumInstanceCount: 40
         instanceMemoryMB: 512
-        // One instance kept warm: token requests sit on APIM's hot path.
-        alwaysReady: [{ name: 'http', instanceCount: 1 }]
+        alwaysReady: concat(httpAlwaysReady, rotationAlwaysReadyInstances)
+        // Flex's default at 512 MB is 4 requests in flight per instance; the broker waits on
+        // the identity provider without using the CPU, so it says how many it takes.
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
       }
       runtime: { name: 'custom', version: '1.0' }
     }

@@ -1,7 +1,9 @@
 // The operator's view of the broker: an Azure Monitor workbook and scheduled query alert rules
 // over the Application Insights `traces` the broker's stdout becomes. A custom handler has no
-// metrics channel of its own: each JSON line it writes lands in `traces` with the line in
-// `message`, so the queries read `parse_json(message)`:
+// metrics channel of its own: the Functions host writes each line of its stdout as one `traces`
+// row of category `Host.Function.Console` (`customDimensions.Category`), the line in `message`,
+// so the queries keep that category (the host's own traces are not the broker's lines) and read
+// `parse_json(message)`:
 //
 //   - audit records (target `audit`, message `token handed out`): `connection`, `caller`,
 //     `scopes`, `cache`, `fingerprint`, `count` (tokens the record stands for; cache hits are
@@ -17,6 +19,12 @@
 //
 // Percentiles in a `stats` line are per instance and period; the workbook shows the largest
 // across instances, an upper bound of the fleet's.
+//
+// host.json keeps `Trace` out of Application Insights sampling, so every line arrives with
+// `itemCount` 1. The sums still weigh each row by `itemCount` and count rows as `sum(itemCount)`,
+// never `count()`: should traces ever be sampled again (host.json, or ingestion sampling on the
+// Application Insights resource), a kept row stands for `itemCount` lines and the totals stay
+// estimates of the whole instead of silently shrinking.
 
 param name string
 param location string
@@ -26,21 +34,22 @@ param appInsightsId string
 @description('E-mail address alerts are sent to; empty: the rules fire in the portal only.')
 param alertEmail string = ''
 
-// Every query starts from the broker's JSON lines.
-var lines = 'traces | where message startswith "{" | extend line = parse_json(message)'
+// Every query starts from the broker's JSON lines: its stdout, not the host's own traces.
+var consoleTraces = 'traces | where tostring(customDimensions.Category) == "Host.Function.Console"'
+var lines = '${consoleTraces} | where message startswith "{" | extend line = parse_json(message)'
 var auditLines = '${lines} | where tostring(line.target) == "audit" and tostring(line.message) == "token handed out"'
 var statsLines = '${lines} | where tostring(line.target) == "stats"'
 
 var queries = {
-  tokensByConnection: '${auditLines} | summarize tokens = sum(tolong(line["count"])) by bin(timestamp, 5m), connection = tostring(line.connection) | render timechart'
-  tokensByCaller: '${auditLines} | summarize tokens = sum(tolong(line["count"])), records = count() by connection = tostring(line.connection), caller = tostring(line.caller), scopes = tostring(line.scopes) | order by tokens desc'
-  auditLost: '${lines} | where tostring(line.target) == "audit" and tostring(line.message) == "audit records lost" | summarize tokens_lost = sum(tolong(line.dropped)) by bin(timestamp, 5m) | render timechart'
-  hitRatio: '${statsLines} | summarize hits = sum(tolong(line.cache_hits)), misses = sum(tolong(line.cache_misses)), stale = sum(tolong(line.cache_stale)) by bin(timestamp, 5m) | extend hit_ratio = iff(hits + misses + stale == 0, real(null), todouble(hits) / (hits + misses + stale)) | project timestamp, hit_ratio | render timechart'
+  tokensByConnection: '${auditLines} | summarize tokens = sum(tolong(line["count"]) * itemCount) by bin(timestamp, 5m), connection = tostring(line.connection) | render timechart'
+  tokensByCaller: '${auditLines} | summarize tokens = sum(tolong(line["count"]) * itemCount), records = sum(itemCount) by connection = tostring(line.connection), caller = tostring(line.caller), scopes = tostring(line.scopes) | order by tokens desc'
+  auditLost: '${lines} | where tostring(line.target) == "audit" and tostring(line.message) == "audit records lost" | summarize tokens_lost = sum(tolong(line.dropped) * itemCount) by bin(timestamp, 5m) | render timechart'
+  hitRatio: '${statsLines} | summarize hits = sum(tolong(line.cache_hits) * itemCount), misses = sum(tolong(line.cache_misses) * itemCount), stale = sum(tolong(line.cache_stale) * itemCount) by bin(timestamp, 5m) | extend hit_ratio = iff(hits + misses + stale == 0, real(null), todouble(hits) / (hits + misses + stale)) | project timestamp, hit_ratio | render timechart'
   fetchLatency: '${statsLines} | where tolong(line.token_fetches) > 0 | summarize p50_ms = max(tolong(line.token_fetch_p50_ms)), p95_ms = max(tolong(line.token_fetch_p95_ms)), p99_ms = max(tolong(line.token_fetch_p99_ms)) by bin(timestamp, 5m) | render timechart'
-  fetchResults: '${statsLines} | mv-expand kind=array result = line.token_fetches_by_result | summarize fetches = sum(tolong(result[1])) by bin(timestamp, 5m), result = tostring(result[0]) | render columnchart kind=stacked'
-  errorsByCode: '${statsLines} | mv-expand kind=array error = line.errors_by_code | summarize requests = sum(tolong(error[1])) by bin(timestamp, 5m), code = tostring(error[0]) | render columnchart kind=stacked'
-  breakersAndKeyVault: '${statsLines} | summarize breakers_open = max(tolong(line.breakers_open)), key_vault_reads = sum(tolong(line.key_vault_reads)), key_vault_failures = sum(tolong(line.key_vault_failures)), jwks_reloads = sum(tolong(line.jwks_reloads)) by bin(timestamp, 5m) | render timechart'
-  sharedTier: '${statsLines} | where isnotnull(line.shared_hits) | summarize shared_hits = sum(tolong(line.shared_hits)), shared_misses = sum(tolong(line.shared_misses)), shared_errors = sum(tolong(line.shared_errors)), shared_outages = sum(tolong(line.shared_outages)) by bin(timestamp, 5m) | render timechart'
+  fetchResults: '${statsLines} | mv-expand kind=array result = line.token_fetches_by_result | summarize fetches = sum(tolong(result[1]) * itemCount) by bin(timestamp, 5m), result = tostring(result[0]) | render columnchart kind=stacked'
+  errorsByCode: '${statsLines} | mv-expand kind=array error = line.errors_by_code | summarize requests = sum(tolong(error[1]) * itemCount) by bin(timestamp, 5m), code = tostring(error[0]) | render columnchart kind=stacked'
+  breakersAndKeyVault: '${statsLines} | summarize breakers_open = max(tolong(line.breakers_open)), key_vault_reads = sum(tolong(line.key_vault_reads) * itemCount), key_vault_failures = sum(tolong(line.key_vault_failures) * itemCount), jwks_reloads = sum(tolong(line.jwks_reloads) * itemCount) by bin(timestamp, 5m) | render timechart'
+  sharedTier: '${statsLines} | where isnotnull(line.shared_hits) | summarize shared_hits = sum(tolong(line.shared_hits) * itemCount), shared_misses = sum(tolong(line.shared_misses) * itemCount), shared_errors = sum(tolong(line.shared_errors) * itemCount), shared_outages = sum(tolong(line.shared_outages) * itemCount) by bin(timestamp, 5m) | render timechart'
   rotations: '${lines} | where tostring(line.target) == "rotation" | extend text = tostring(line.message) | where text has "will be read again" | project timestamp, event = extract(@"^([A-Za-z.]+):", 1, text), text | order by timestamp desc'
 }
 
@@ -147,14 +156,14 @@ var rules = [
     key: 'token-endpoint-failures'
     description: 'Token fetches failed (token_fetch_failures in the stats lines): the identity provider refused, failed or was unreachable. The broker\'s warnings name the connection.'
     severity: 2
-    query: '${statsLines} | summarize failures = sum(tolong(line.token_fetch_failures))'
+    query: '${statsLines} | summarize failures = sum(tolong(line.token_fetch_failures) * itemCount)'
     measure: 'failures'
   }
   {
     key: 'secret-unavailable'
     description: 'Callers were answered secret_unavailable: a client secret could not be read from Key Vault (missing, disabled, access revoked, Key Vault down).'
     severity: 1
-    query: '${statsLines} | summarize answers = sum(tolong(line.errors_by_code.secret_unavailable))'
+    query: '${statsLines} | summarize answers = sum(tolong(line.errors_by_code.secret_unavailable) * itemCount)'
     measure: 'answers'
   }
   {

@@ -1,13 +1,15 @@
 //! Deployment checks: the Bicep passes checkov, the shipped configuration only uses app settings
 //! the Bicep sets, names are lower-cased where Azure needs it, Key Vault's events reach
-//! `function-rotation` (`rotation`), the API Management wiring (`apim`), the smoke test
-//! (`smoke_test`), the README's deployment commands, and the package holds exactly what the
-//! Functions host needs, with a binary linked against glibc 2.28 at most.
+//! `function-rotation` (`rotation`), Flex Consumption's scale settings (`scale`), what reaches
+//! Application Insights and the queries over it (`operations`), the API Management wiring
+//! (`apim`), the smoke test (`smoke_test`), the README's deployment commands, and the package
+//! holds exactly what the Functions host needs, with a binary linked against glibc 2.28 at most.
 
 mod apim;
 mod bicep;
 mod operations;
 mod rotation;
+mod scale;
 mod secretless;
 mod shared_cache;
 mod smoke_test;
@@ -29,12 +31,17 @@ fn read(path: &str) -> String {
 /// A README section: from its heading to the next heading of the same or a higher level
 /// (lines starting with `#` inside fenced code blocks are shell comments, not headings).
 fn readme_section(heading: &str) -> String {
-    let readme = read("README.md");
+    markdown_section("README.md", heading)
+}
+
+/// A section of a Markdown file, as [`readme_section`] reads the README's.
+fn markdown_section(path: &str, heading: &str) -> String {
+    let readme = read(path);
     let level = heading.chars().take_while(|c| *c == '#').count();
     let mut lines = readme.lines().skip_while(|line| *line != heading);
     let mut section = lines
         .next()
-        .unwrap_or_else(|| panic!("README has no section {heading}"))
+        .unwrap_or_else(|| panic!("{path} has no section {heading}"))
         .to_string();
     let mut in_code = false;
     for line in lines {

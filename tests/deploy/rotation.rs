@@ -1,22 +1,50 @@
-//! Key Vault's events reach `function-rotation`, and the README states what that does and does
-//! not do on Flex Consumption.
+//! Key Vault's events reach `function-rotation` (new versions only; the reminders go to Azure
+//! Monitor), Event Grid retries a failed delivery for a day and says when it gave up, and the
+//! README states what that does and does not do on Flex Consumption.
+
+use std::collections::BTreeSet;
 
 use serde_json::Value;
 
 use crate::bicep;
 use crate::read;
 
-/// What `function-rotation` must receive: new versions and near expiry of secrets, keys and
-/// certificates (issue 13), and a secret's expiry, which the broker acts on too.
-const REQUIRED_EVENT_TYPES: &[&str] = &[
+/// What `function-rotation` receives, and nothing else: a rotation is a new version of a
+/// secret, key or certificate (issue 17, finding 5).
+const NEW_VERSION_EVENT_TYPES: &[&str] = &[
     "Microsoft.KeyVault.SecretNewVersionCreated",
-    "Microsoft.KeyVault.SecretNearExpiry",
-    "Microsoft.KeyVault.SecretExpired",
     "Microsoft.KeyVault.KeyNewVersionCreated",
-    "Microsoft.KeyVault.KeyNearExpiry",
     "Microsoft.KeyVault.CertificateNewVersionCreated",
-    "Microsoft.KeyVault.CertificateNearExpiry",
 ];
+
+/// Reminders that announce nothing new: they go to Azure Monitor as alerts.
+const REMINDER_EVENT_TYPES: &[&str] = &[
+    "Microsoft.KeyVault.SecretNearExpiry",
+    "Microsoft.KeyVault.KeyNearExpiry",
+    "Microsoft.KeyVault.CertificateNearExpiry",
+    "Microsoft.KeyVault.SecretExpired",
+    "Microsoft.KeyVault.KeyExpired",
+    "Microsoft.KeyVault.CertificateExpired",
+];
+
+/// The event types a subscription's filter lists.
+fn event_types(subscription: &bicep::Declaration) -> BTreeSet<String> {
+    subscription
+        .body
+        .split("includedEventTypes:")
+        .nth(1)
+        .map(bicep::string_array)
+        .expect("includedEventTypes")
+        .into_iter()
+        .collect()
+}
+
+fn subscriptions_to(endpoint_type: &str) -> Vec<bicep::Declaration> {
+    bicep::resources_of("Microsoft.EventGrid/systemTopics/eventSubscriptions")
+        .into_iter()
+        .filter(|s| s.property("endpointType").as_deref() == Some(&*format!("'{endpoint_type}'")))
+        .collect()
+}
 
 #[test]
 fn the_vault_system_topic_subscription_delivers_the_rotation_events_to_function_rotation() {
@@ -65,28 +93,99 @@ fn the_vault_system_topic_subscription_delivers_the_rotation_events_to_function_
     assert_eq!(function["bindings"][0]["type"], "eventGridTrigger");
     assert!(read("scripts/package_zip.py").contains("\"function-rotation/function.json\""));
 
-    let listed = subscription
-        .body
-        .split("includedEventTypes:")
-        .nth(1)
-        .map(bicep::string_array)
-        .expect("includedEventTypes");
-    for required in REQUIRED_EVENT_TYPES {
-        assert!(
-            listed.iter().any(|t| t == required),
-            "{required} is not subscribed: {listed:?}"
-        );
-    }
-    for event_type in &listed {
-        assert!(
-            event_type.starts_with("Microsoft.KeyVault."),
-            "{event_type}"
-        );
-    }
+    // Exactly the new versions: a near-expiry or expiry reminder is no rotation.
+    let expected: BTreeSet<String> = NEW_VERSION_EVENT_TYPES
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    assert_eq!(event_types(subscription), expected);
     assert_eq!(
         subscription.property("eventDeliverySchema").as_deref(),
         Some("'EventGridSchema'")
     );
+}
+
+#[test]
+fn reminders_go_to_alerts_and_a_failed_rotation_is_retried_for_a_day_then_reported() {
+    // Near expiry and expiry reach Azure Monitor, each type once, and never the function.
+    let alerts = subscriptions_to("MonitorAlert");
+    let mut alerted = Vec::new();
+    for alert in &alerts {
+        assert_eq!(
+            alert.property("actionGroups").as_deref(),
+            Some("alertActionGroups"),
+            "{}",
+            alert.describe()
+        );
+        alerted.extend(event_types(alert));
+    }
+    alerted.sort();
+    let mut reminders: Vec<String> = REMINDER_EVENT_TYPES.iter().map(|t| t.to_string()).collect();
+    reminders.sort();
+    assert_eq!(alerted, reminders);
+    let expired = alerts
+        .iter()
+        .find(|a| event_types(a).iter().any(|t| t.ends_with("Expired")))
+        .expect("an expiry alert");
+    assert_eq!(expired.property("severity").as_deref(), Some("'Sev1'"));
+
+    // Event Grid retries a delivery the function failed (5xx, or no answer in 30 s); the
+    // subscription says for how long instead of leaving it to defaults.
+    let function = &subscriptions_to("AzureFunction")[0];
+    assert_eq!(
+        function.property("maxDeliveryAttempts").as_deref(),
+        Some("30")
+    );
+    assert_eq!(
+        function.property("eventTimeToLiveInMinutes").as_deref(),
+        Some("1440")
+    );
+    // No dead-letter destination; a dropped event raises an alert instead.
+    assert!(!function.body.contains("deadLetterDestination"));
+    let dropped: Vec<_> = bicep::resources_of("Microsoft.Insights/metricAlerts")
+        .into_iter()
+        .filter(|a| a.property("metricName").as_deref() == Some("'DroppedEventCount'"))
+        .collect();
+    assert_eq!(dropped.len(), 1, "an alert on DroppedEventCount");
+    let dropped = &dropped[0];
+    let topic = bicep::declarations_in(&dropped.file, "resource")
+        .into_iter()
+        .find(|r| r.target == "Microsoft.EventGrid/systemTopics")
+        .expect("the alert sits beside the system topic");
+    assert_eq!(
+        dropped.property("scopes"),
+        Some(format!("[{}.id]", topic.symbol))
+    );
+    assert_eq!(
+        dropped.property("metricNamespace").as_deref(),
+        Some("'Microsoft.EventGrid/systemTopics'")
+    );
+    assert!(
+        dropped
+            .body
+            .contains("actions: [for group in alertActionGroups: { actionGroupId: group }]"),
+        "{}",
+        dropped.body
+    );
+
+    // infra/README.md states the schedule, the bounds and the decisions.
+    let section =
+        crate::markdown_section("infra/README.md", "## Rotation events").replace('\n', " ");
+    for needle in [
+        "`SecretNewVersionCreated`",
+        "30 s",
+        "10 s",
+        "every 12 h",
+        "30 attempts and 1,440 minutes",
+        "No dead-letter destination",
+        "`DroppedEventCount`",
+        "`rotationAlwaysReady`",
+    ] {
+        assert!(
+            section.contains(needle),
+            "infra/README.md \"Rotation events\": {needle}"
+        );
+    }
 }
 
 #[test]
