@@ -21,7 +21,6 @@
 //! 503, so that the announcement is retried rather than lost.
 
 use axum::Json;
-use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
@@ -32,10 +31,6 @@ use crate::error::ApiError;
 
 /// The function's folder name, which is its path.
 pub const PATH: &str = "/function-rotation";
-
-/// Largest invocation read. The request limits refuse a larger declared body before this
-/// runs; this bounds one sent without `Content-Length`. Real events are a few hundred bytes.
-const MAX_INVOCATION_BYTES: usize = 64 * 1024;
 
 /// How many times a trigger value may be JSON-encoded as a string: the host encodes a string
 /// value once more (an Event Grid event the binding hands over as a string arrives as a
@@ -85,12 +80,8 @@ fn object_of(connection: &ConnectionSettings, kind: ObjectKind) -> Option<&str> 
 /// is not for this broker is acknowledged with a log line, since retrying it cannot help. A
 /// rotation that could not be announced to the fleet is a 503: the host then fails the
 /// invocation and Event Grid delivers the event again.
-pub async fn handle(state: &AppState, body: Body) -> Response {
-    let Ok(bytes) = axum::body::to_bytes(body, MAX_INVOCATION_BYTES).await else {
-        return ApiError::InvalidRequest("the invocation body is too large or incomplete".into())
-            .into_response();
-    };
-    let Ok(payload) = serde_json::from_slice::<Value>(&bytes) else {
+pub async fn handle(state: &AppState, bytes: &[u8]) -> Response {
+    let Ok(payload) = serde_json::from_slice::<Value>(bytes) else {
         return ApiError::InvalidRequest("the invocation body is not JSON".into()).into_response();
     };
     let outcome = match event_of(&payload) {

@@ -15,8 +15,8 @@ use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, StreamExt};
 use secrecy::ExposeSecret;
 use serde::Serialize;
 use tracing::Instrument;
@@ -42,6 +42,13 @@ const MAX_URI: usize = 4096;
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Largest body accepted: token requests need none, Key Vault events are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest body read (and thrown away) so that its 413 can be read: a client, or the Functions
+/// host's HTTP client in front of the broker, that is still sending when the answer comes sees
+/// a reset instead of the answer if the connection closes under it. A body declared or found
+/// larger gets its 413 at once with `Connection: close`.
+pub const MAX_DRAINED_BYTES: u64 = 8 * 1024 * 1024;
+/// Longest the rest of a refused body is read for: a client that trickles costs no more.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The broker as one HTTP service: every request goes to [`traced`].
 ///
@@ -191,7 +198,9 @@ fn truncate(text: &str, max: usize) -> &str {
 
 async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &str) -> Response {
     if let Err(error) = check_limits(parts) {
-        return error.into_response();
+        // Whatever the limit, a body still arriving is read away first.
+        let drained = discard(body, declared_length(&parts.headers), 0).await;
+        return refused(error, drained);
     }
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
     if uri.path() == "/" {
@@ -206,7 +215,10 @@ async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &s
         if method != Method::POST {
             return ApiError::MethodNotAllowed("POST").into_response();
         }
-        return rotation::handle(state, body).await;
+        return match read_body(body, headers).await {
+            Ok(bytes) => rotation::handle(state, &bytes).await,
+            Err(refusal) => refusal,
+        };
     }
     if uri.path().eq_ignore_ascii_case(health::PATH) {
         if method != Method::GET {
@@ -226,7 +238,11 @@ async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &s
         path: truncate(uri.path(), 200),
     };
     let form = if method == Method::POST {
-        match form_body(headers, body).await {
+        let bytes = match read_body(body, headers).await {
+            Ok(bytes) => bytes,
+            Err(refusal) => return refusal,
+        };
+        match form_body(headers, bytes) {
             Ok(form) => form,
             Err(error) => return error.into_response(),
         }
@@ -239,16 +255,88 @@ async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &s
     }
 }
 
+/// The body, at most [`MAX_BODY_BYTES`]; past that, the 413 (after reading the rest away, see
+/// [`discard`]).
+async fn read_body(body: Body, headers: &HeaderMap) -> Result<Vec<u8>, Response> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return Err(ApiError::InvalidRequest(
+                "the request body ended before it was complete".to_string(),
+            )
+            .into_response());
+        };
+        if bytes.len() + chunk.len() > MAX_BODY_BYTES {
+            let seen = bytes.len() + chunk.len();
+            drop(bytes);
+            let drained = discard(
+                Body::from_stream(stream),
+                declared_length(headers),
+                seen as u64,
+            )
+            .await;
+            return Err(refused(body_too_large(), drained));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// Reads the rest of a refused body and throws it away, so that the client can read the
+/// answer: `true` when the body ended within [`MAX_DRAINED_BYTES`] (counting `seen`, what was
+/// read before) and [`DRAIN_TIME`]. Memory stays one chunk, whatever is sent.
+async fn discard(body: Body, declared: Option<u64>, seen: u64) -> bool {
+    if declared.is_some_and(|length| length > MAX_DRAINED_BYTES) {
+        return false;
+    }
+    let mut stream = body.into_data_stream();
+    let mut total = seen;
+    let drained = async {
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else { return false };
+            total += chunk.len() as u64;
+            if total > MAX_DRAINED_BYTES {
+                return false;
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DRAIN_TIME, drained)
+        .await
+        .unwrap_or(false)
+}
+
+/// A refusal's answer; when the body was not all read, the connection ends with it (the
+/// unread rest cannot be told from the next request).
+fn refused(error: ApiError, drained: bool) -> Response {
+    let mut response = error.into_response();
+    if !drained {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn body_too_large() -> ApiError {
+    ApiError::TooLarge {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        what: "the request body is larger than the broker accepts (64 KiB)",
+    }
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 /// A POST's body: empty, or an `application/x-www-form-urlencoded` form (RFC 6749 token
 /// requests are forms) whose `scope` is honoured like the query's. Any other body is refused
 /// rather than silently ignored.
-async fn form_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
-    let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
-        .await
-        .map_err(|_| ApiError::TooLarge {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            what: "the request body is larger than the broker accepts (64 KiB)",
-        })?;
+fn form_body(headers: &HeaderMap, bytes: Vec<u8>) -> Result<Vec<u8>, ApiError> {
     if bytes.is_empty() {
         return Ok(Vec::new());
     }
@@ -266,7 +354,7 @@ async fn form_body(headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError>
             "a POST body must be an application/x-www-form-urlencoded form (or empty)".to_string(),
         ));
     }
-    Ok(bytes.to_vec())
+    Ok(bytes)
 }
 
 /// Refuses requests larger than a token request can need, before any work is done.
@@ -292,16 +380,8 @@ fn check_limits(request: &Parts) -> Result<(), ApiError> {
             what: "the request headers are larger than the broker accepts (16 KiB)",
         });
     }
-    let declared = request
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-        return Err(ApiError::TooLarge {
-            status: StatusCode::PAYLOAD_TOO_LARGE,
-            what: "the request body is larger than the broker accepts (64 KiB)",
-        });
+    if declared_length(&request.headers).is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return Err(body_too_large());
     }
     Ok(())
 }

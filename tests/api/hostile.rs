@@ -34,7 +34,6 @@ async fn oversized_requests_are_refused_with_json() {
     .await;
     // The broker is still healthy.
     assert_eq!(app.token("demo").await.status(), 200);
-    // A body the broker refuses unread ends its connection, so this one goes last.
     let response = app
         .http
         .post(app.url("/api/token/demo"))
@@ -43,6 +42,82 @@ async fn oversized_requests_are_refused_with_json() {
         .await
         .unwrap();
     assert_refused(response, 413).await;
+    assert_eq!(app.token("demo").await.status(), 200);
+}
+
+/// Sends a chunked POST of `size` bytes over a plain TCP connection and returns the status
+/// line and body of the answer, or the I/O error the client saw (a reset, a broken pipe).
+async fn chunked_post(address: &str, size: usize) -> std::io::Result<(String, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address.trim_start_matches("http://")).await?;
+    stream
+        .write_all(
+            b"POST /api/token/demo HTTP/1.1\r\nHost: broker\r\nx-functions-key: k\r\n\
+              Content-Type: application/x-www-form-urlencoded\r\n\
+              Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        )
+        .await?;
+    let chunk = vec![b'c'; 16 * 1024];
+    for _ in 0..size / chunk.len() {
+        stream
+            .write_all(format!("{:x}\r\n", chunk.len()).as_bytes())
+            .await?;
+        stream.write_all(&chunk).await?;
+        stream.write_all(b"\r\n").await?;
+    }
+    stream.write_all(b"0\r\n\r\n").await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let answer = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+    Ok((
+        head.lines().next().unwrap_or_default().to_string(),
+        body.to_string(),
+    ))
+}
+
+#[tokio::test]
+async fn an_oversized_body_gets_its_413_json_never_a_reset() {
+    let app = spawn_app().await;
+    // 30 callers at once, each sending 2 MiB with its length declared: every one reads its
+    // 413, none sees the connection closed under it.
+    let posts = (0..30).map(|_| {
+        app.http
+            .post(app.url("/api/token/demo"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(vec![b'c'; 2 * 1024 * 1024])
+            .send()
+    });
+    let mut resets = 0;
+    for outcome in futures_util::future::join_all(posts).await {
+        match outcome {
+            Ok(response) => assert_refused(response, 413).await,
+            Err(_) => resets += 1,
+        }
+    }
+    assert_eq!(
+        resets, 0,
+        "{resets} of 30 callers saw a reset instead of the 413"
+    );
+    // The same without a declared length (chunked): the limit is found while reading.
+    for _ in 0..5 {
+        let (status, body) = chunked_post(&app.address, 2 * 1024 * 1024)
+            .await
+            .expect("the 413 is read, not a reset");
+        assert!(status.contains(" 413 "), "{status}");
+        let body: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+        assert_eq!(body["error"], "invalid_request", "{body}");
+    }
+    // Far beyond the bound that is read away (8 MiB), a body costs bounded time: the answer
+    // (or the closed connection) comes at once, and the broker serves on.
+    let started = std::time::Instant::now();
+    let _ = chunked_post(&app.address, 64 * 1024 * 1024).await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.token("demo").await.status(), 200);
 }
 
 #[tokio::test]
