@@ -58,8 +58,9 @@ const SETUP_RETRY: Duration = Duration::from_secs(5);
 /// at most this long; the holder renews it every [`LOCK_RENEW_EVERY`] while it works.
 pub const LOCK_LEASE: Duration = Duration::from_secs(3);
 const LOCK_RENEW_EVERY: Duration = Duration::from_secs(1);
-/// Longest an entry sealed under an unknown key makes this instance wait before it reads the
-/// encryption key again: a reader of Redis cannot make the fleet hammer Key Vault.
+/// Shortest time between two re-reads of the encryption key prompted by entries sealed under
+/// a key this instance does not hold: whoever can write to Redis cannot make the fleet hammer
+/// Key Vault.
 pub const KEY_RECHECK: Duration = Duration::from_secs(30);
 
 /// A token as Redis holds it, inside the seal. Times are unix milliseconds, so that every
@@ -540,9 +541,15 @@ impl SharedTier {
     /// may have rotated it) and try once more.
     async fn read_fresh(&self, ready: &Ready, names: &Names) -> Option<FreshToken> {
         let sealed = ready.link.get(&names.entry).await??;
-        let mut opened = ready.ring().open(&names.entry, &sealed);
-        if opened == Err(Unopened::ForeignKey) && self.reread_key(false).await == Ok(true) {
-            opened = ready.ring().open(&names.entry, &sealed);
+        let ring = ready.ring();
+        let mut opened = ring.open(&names.entry, &sealed);
+        if opened == Err(Unopened::ForeignKey) {
+            // Read again here, or by another caller while this one waited for it.
+            let _ = self.reread_key(false).await;
+            let now = ready.ring();
+            if !Arc::ptr_eq(&ring, &now) {
+                opened = now.open(&names.entry, &sealed);
+            }
         }
         let stored = opened
             .ok()

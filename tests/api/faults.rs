@@ -260,7 +260,7 @@ async fn key_vault_throttling_and_outages_are_absorbed_by_the_secret_cache() {
     {
         app.azure.vault.set_fault(Some(fault));
         // A rotation event forces the next use to re-read the secret, which now fails.
-        let event = json!({"Data": {"event": {"eventType": "Microsoft.KeyVault.SecretNearExpiry",
+        let event = json!({"Data": {"event": {"eventType": "Microsoft.KeyVault.SecretNewVersionCreated",
             "data": {"ObjectName": "basic-secret", "VaultName": "kv"}}}});
         let delivered = app
             .http
