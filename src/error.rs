@@ -92,9 +92,9 @@ pub enum ApiError {
         description: String,
         retry_after: Duration,
     },
-    /// 503 `shared_cache_unavailable`: `function-rotation` applied an event but could not
-    /// pass it to the fleet through the shared tier; the host fails the invocation, so Event
-    /// Grid delivers it again.
+    /// 503 `shared_cache_unavailable`: `function-rotation` could not carry an event through
+    /// the shared tier (Redis unreachable, or the shared cache's own key could not be read
+    /// again); the host fails the invocation, so Event Grid delivers it again.
     RotationNotAnnounced(&'static str),
     /// 500 `internal_error`.
     Internal(String),

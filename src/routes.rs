@@ -198,8 +198,10 @@ fn truncate(text: &str, max: usize) -> &str {
 
 async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &str) -> Response {
     if let Err(error) = check_limits(parts) {
-        // Whatever the limit, a body still arriving is read away first.
-        let drained = discard(body, declared_length(&parts.headers), 0).await;
+        // Whatever the limit, a body still arriving is read away first; but a client that
+        // waits for `100 Continue` has sent nothing yet, and reading would invite it to.
+        let drained = !expects_continue(&parts.headers)
+            && discard(body, declared_length(&parts.headers), 0).await;
         return refused(error, drained);
     }
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
@@ -324,6 +326,12 @@ fn body_too_large() -> ApiError {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         what: "the request body is larger than the broker accepts (64 KiB)",
     }
+}
+
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {

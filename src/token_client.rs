@@ -113,9 +113,10 @@ impl TokenClient {
     ///
     /// The credential is had (a secret read, an assertion signed) only when the guard would
     /// let the call through, but outside the guard's accounting: a Key Vault failure says
-    /// nothing about the identity provider, so it neither opens nor closes the circuit. Every
-    /// outcome of a call
-    /// the guard admitted is reported to it, a deadline that runs out included.
+    /// nothing about the identity provider, so it neither opens nor closes the circuit (nor
+    /// does a retry's assertion that cannot be signed). Every outcome of a call the guard
+    /// admitted is reported to it, a deadline that runs out included; one shortened by the
+    /// caller's wait for another instance (`finish_by`) is reported as telling nothing.
     async fn fetch_within_deadline(
         &self,
         upstream: &Upstream,
@@ -125,6 +126,7 @@ impl TokenClient {
         let connection = &upstream.connection;
         let own = Instant::now() + connection.deadline;
         let deadline = finish_by.map_or(own, |by| by.min(own));
+        let shortened = deadline < own;
         let out_of_time = || TokenError::Unavailable {
             connection: connection.name.clone(),
             detail: format!(
@@ -167,6 +169,14 @@ impl TokenClient {
         });
         match &outcome {
             Ok(_) => guard.record_success(),
+            // A deadline shortened by the time the caller spent waiting for another instance
+            // says nothing about the provider: the trial, if this was one, is simply released.
+            Err(Failure::OutOfTime { .. } | Failure::NoRetryCredential) if shortened => {
+                guard.record_neutral()
+            }
+            Err(Failure::OutOfTime { .. } | Failure::NoRetryCredential) => {
+                guard.record_unavailable();
+            }
             Err(Failure::Unavailable { retry_after, .. }) => {
                 guard.record_unavailable();
                 if let Some(wait) = retry_after {
@@ -222,7 +232,8 @@ impl TokenClient {
     ///
     /// A retry never replays a client assertion: providers treat its `jti` as single-use
     /// (RFC 7523 §3), and one that saw the first attempt would refuse the second. Each retry
-    /// sends a newly signed one (new `jti`, `iat`, `exp`) from the same key version.
+    /// sends a newly signed one (a new `jti`; `iat`, `nbf` and `exp` from the moment it is
+    /// signed) from the same key version. If it cannot be signed, the retry is not made.
     async fn exchange_with_retries(
         &self,
         upstream: &Upstream,
@@ -243,11 +254,7 @@ impl TokenClient {
                     Ok(Some(renewed)) => self.exchange(upstream, scopes, &renewed).await,
                     Err(error) => {
                         tracing::warn!(connection = %connection.name, reason = %error, "the client assertion could not be signed again for a retry");
-                        Err(Failure::Unavailable {
-                            detail: "the client assertion could not be signed again for a retry"
-                                .to_string(),
-                            retry_after: None,
-                        })
+                        Err(Failure::NoRetryCredential)
                     }
                 }
             },
@@ -347,9 +354,14 @@ where
     Attempt: std::future::Future<Output = Result<T, Failure>>,
 {
     let mut attempt = 0;
+    let mut previous = None;
     loop {
         let failure = match exchange(attempt).await {
             Err(failure @ Failure::Unavailable { .. }) => failure,
+            // The retry could not be made: the answer is the last attempt's.
+            Err(Failure::NoRetryCredential) if previous.is_some() => {
+                return Err(previous.expect("checked"));
+            }
             other => return other,
         };
         let Failure::Unavailable { retry_after, .. } = &failure else {
@@ -360,6 +372,7 @@ where
             return Err(failure);
         }
         attempt += 1;
+        previous = Some(failure);
         tracing::info!(
             connection = %connection,
             attempt,
@@ -379,9 +392,8 @@ async fn within_deadline<T>(
     tokio::time::timeout_at(deadline, outcome)
         .await
         .unwrap_or_else(|_| {
-            Err(Failure::Unavailable {
+            Err(Failure::OutOfTime {
                 detail: format!("no token within the {deadline_seconds}s deadline"),
-                retry_after: None,
             })
         })
 }
@@ -607,6 +619,13 @@ enum Failure {
     /// A 200 that is not a token.
     #[error("{detail}")]
     Invalid { detail: String },
+    /// The deadline passed before the exchange ended.
+    #[error("{detail}")]
+    OutOfTime { detail: String },
+    /// A retry could not be made: its newly signed assertion could not be had. Never the
+    /// outcome of a fetch (the previous attempt's failure is); says nothing of the provider.
+    #[error("the client assertion could not be signed again for a retry")]
+    NoRetryCredential,
 }
 
 impl Failure {
@@ -640,6 +659,16 @@ impl Failure {
             Failure::Invalid { detail } => TokenError::InvalidResponse {
                 connection: connection.name.clone(),
                 detail,
+            },
+            Failure::OutOfTime { detail } => TokenError::Unavailable {
+                connection: connection.name.clone(),
+                detail,
+                retry_after: None,
+            },
+            failure @ Failure::NoRetryCredential => TokenError::Unavailable {
+                connection: connection.name.clone(),
+                detail: failure.to_string(),
+                retry_after: None,
             },
         }
     }
@@ -897,6 +926,26 @@ mod tests {
         }
 
         #[tokio::test(start_paused = true)]
+        async fn a_retry_whose_assertion_cannot_be_signed_ends_with_the_providers_own_answer() {
+            // Attempt 1: the provider is unavailable and asks for a second; the retry's new
+            // assertion cannot be signed. The outcome is the provider's answer, its hint kept,
+            // not a failure charged to the provider, and nothing more is tried.
+            let fake = Fake::new(&[
+                || Err(unavailable(Some(1))),
+                || Err(Failure::NoRetryCredential),
+            ]);
+            let outcome = run(&fake, 2, 100).await;
+            assert!(
+                matches!(
+                    outcome,
+                    Err(Failure::Unavailable { retry_after: Some(wait), .. }) if wait == Duration::from_secs(1)
+                ),
+                "{outcome:?}"
+            );
+            assert_eq!(fake.attempts.get(), 2);
+        }
+
+        #[tokio::test(start_paused = true)]
         async fn rejections_and_unusable_answers_are_not_retried() {
             let rejected: Answer = || {
                 Err(Failure::Rejected {
@@ -986,12 +1035,8 @@ mod tests {
             let outcome =
                 within_deadline(started + Duration::from_secs(3), 3, run(&fake, 100, 100)).await;
             match outcome {
-                Err(Failure::Unavailable {
-                    detail,
-                    retry_after,
-                }) => {
+                Err(Failure::OutOfTime { detail }) => {
                     assert_eq!(detail, "no token within the 3s deadline");
-                    assert_eq!(retry_after, None);
                 }
                 other => panic!("expected the deadline's 503, got {other:?}"),
             }

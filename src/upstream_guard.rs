@@ -189,6 +189,13 @@ impl UpstreamGuard {
         }
     }
 
+    /// The call ended without telling anything about the IdP (the caller's own time ran out,
+    /// spent waiting elsewhere): a half-open trial is released for the next call, and no
+    /// failure is counted.
+    pub fn record_neutral(&self) {
+        self.state.lock().trial_in_flight = false;
+    }
+
     /// The IdP issued a token.
     pub fn record_success(&self) {
         let mut state = self.state.lock();

@@ -22,17 +22,24 @@ use tokio::time::Instant;
 
 use crate::config::SharedCacheSettings;
 
-/// How often a down link is probed, and an up link checked for its subscription.
+/// How often a down link is probed (and re-subscribed), and an up link pinged.
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long Redis may leave every operation without an answer in time before the link turns
-/// down: a black-holed Redis costs callers `timeout_ms` each for at most this long.
+/// down: a black-holed Redis costs callers `timeout_ms` each for about this long (the probe's
+/// own late answers count, so a silent Redis is found even without traffic).
 const UNRESPONSIVE_TO_DOWN: Duration = Duration::from_secs(1);
 
 /// Takes the fleet lock for `ARGV[1]` with a lease of `ARGV[2]` ms: free, already ours
 /// (a late answer may hide that an earlier attempt took it), or held by something no broker
-/// writes: no expiry, or a lease longer than any broker takes (`ARGV[3]` ms). 1 taken,
-/// 2 taken over from such a foreign lock, 0 held by another instance.
+/// writes: a key of another type, no expiry, or a lease longer than any broker takes
+/// (`ARGV[3]` ms). 1 taken, 2 taken over from such a foreign lock, 0 held by another instance.
 const LOCK: &str = r"
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'string' and kind ~= 'none' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 local held = redis.call('GET', KEYS[1])
 if held == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
 if not held then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
@@ -42,8 +49,13 @@ if ttl < 0 or ttl > tonumber(ARGV[3]) then
   return 2
 end
 return 0";
-/// Extends the lease of the lock `KEYS[1]` only if `ARGV[1]` still holds it.
-const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+/// Extends the lease of the lock `KEYS[1]` if `ARGV[1]` still holds it, or takes it again if
+/// it lapsed and nobody took it meanwhile (a renewal answered late); 0 when another holds it.
+const RENEW: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if not held then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+return 0";
 /// Deletes the lock `KEYS[1]` only if `ARGV[1]` still holds it.
 const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) else return 0 end";
 
@@ -68,6 +80,9 @@ pub struct SharedCacheCounters {
     /// Locks taken over because no broker could have written them (no expiry, or a lease
     /// longer than any broker takes).
     pub foreign_locks: AtomicU64,
+    /// Signed announcements no key held here could verify (forged, or signed with a newer
+    /// key this instance then read).
+    pub unverified_announcements: AtomicU64,
 }
 
 impl SharedCacheCounters {
@@ -286,6 +301,14 @@ impl RedisLink {
                 *self.late_since.lock() = None;
                 Some(value)
             }
+            // A server's error reply (a key of another type, a script error) is that
+            // operation's miss: the link is fine, and one odd key must not take the shared
+            // tier away from every key.
+            Ok(Err(error)) if !error.is_timeout() && !means_link_trouble(&error) => {
+                SharedCacheCounters::add(&self.counters.redis_errors);
+                *self.late_since.lock() = None;
+                None
+            }
             Ok(Err(error)) if !error.is_timeout() => {
                 SharedCacheCounters::add(&self.counters.redis_errors);
                 self.failed(&format!("{:?}", error.kind()));
@@ -338,8 +361,8 @@ impl RedisLink {
         Some(answer != 0)
     }
 
-    /// Extends the lock at `key` by `lease` if `holder` still holds it; `Some(false)` when it
-    /// does not (its lease lapsed and another instance took it).
+    /// Extends the lock at `key` by `lease` if `holder` still holds it (or takes it again if it
+    /// lapsed unclaimed); `Some(false)` when another instance holds it now.
     pub(crate) async fn renew(&self, key: &str, holder: &str, lease: Duration) -> Option<bool> {
         let answer: i64 = self
             .run(
@@ -413,6 +436,18 @@ impl RedisLink {
             .await?;
         Some(())
     }
+}
+
+/// Whether an error says the connection itself is in trouble (it failed, dropped, was
+/// refused, must be replaced, or no longer authenticates), not just that one command failed.
+fn means_link_trouble(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || matches!(
+            error.kind(),
+            redis::ErrorKind::AuthenticationFailed | redis::ErrorKind::Parse
+        )
 }
 
 /// The payload of a `message` push: `[channel, payload]`.

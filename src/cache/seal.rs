@@ -3,8 +3,8 @@
 //! One configured 32-byte key yields, through HKDF-SHA256, an AES-256-GCM key that seals
 //! values, an HMAC-SHA256 key that tags announcements, and a short key id. Every seal takes a
 //! fresh random nonce and carries the key id, and the entry's name is the associated data: a
-//! value copied under another name does not open. Both come from aws-lc-rs, which rustls and
-//! jsonwebtoken already bring into the binary.
+//! value copied under another name does not open. All of it (and the names' SHA-256) comes
+//! from aws-lc-rs, which rustls and jsonwebtoken already bring into the binary.
 //!
 //! The key rotates ([`KeyRing`]): values are sealed with the newest key and open with it or
 //! with the previous one for [`PREVIOUS_KEY_WINDOW`], and a value sealed under a key this
@@ -222,8 +222,9 @@ impl KeyRing {
         )
     }
 
-    pub fn current_id(&self) -> [u8; KEY_ID_LEN] {
-        self.current.id
+    /// The id of the key that seals now, as hex: what a key rotation announcement names.
+    pub fn current_id(&self) -> String {
+        hex(&self.current.id)
     }
 
     pub fn seal(&self, name: &str, plaintext: &[u8]) -> Option<Vec<u8>> {

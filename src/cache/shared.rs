@@ -24,6 +24,7 @@
 //! [`RedisLink`]), every path here falls through to the token client at once.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,7 +43,7 @@ use crate::config::{
     ConnectionName, ConnectionSettings, IdentitySettings, KeyVaultSettings, RedisAuth,
     SecretSource, SharedCacheSettings,
 };
-use crate::credentials::{Credentials, ObjectKind};
+use crate::credentials::Credentials;
 use crate::http_client::LazyClient;
 use crate::token::{FreshToken, MAX_LIFETIME, TokenError, clamp_lifetime};
 
@@ -54,10 +55,14 @@ const WAIT_POLL: Duration = Duration::from_millis(100);
 const ROTATION_WAIT: Duration = Duration::from_secs(10);
 /// Wait between attempts to read the encryption key or the password at startup.
 const SETUP_RETRY: Duration = Duration::from_secs(5);
-/// The fleet lock's lease: short, so that a holder killed mid-fetch holds the others off for
-/// at most this long; the holder renews it every [`LOCK_RENEW_EVERY`] while it works.
+/// The fleet lock's shortest lease: short, so that a holder killed mid-fetch holds the others
+/// off for at most this long; the holder renews it every [`LOCK_RENEW_EVERY`] while it works.
+/// A slow Redis lengthens it (see [`lock_lease`]), so that a renewal always lands in time.
 pub const LOCK_LEASE: Duration = Duration::from_secs(3);
 const LOCK_RENEW_EVERY: Duration = Duration::from_secs(1);
+/// How old a signed announcement may be and still be acted on: a captured one cannot be
+/// replayed later, and one seen already is not acted on twice.
+const ANNOUNCEMENT_FRESHNESS: Duration = Duration::from_secs(60);
 /// Shortest time between two re-reads of the encryption key prompted by entries sealed under
 /// a key this instance does not hold: whoever can write to Redis cannot make the fleet hammer
 /// Key Vault.
@@ -76,7 +81,7 @@ struct StoredToken {
 
 /// The Redis names of one cache key.
 struct Names {
-    /// The keyed hash that stands for the key in announcements.
+    /// The hash that stands for the key in announcements.
     id: String,
     entry: String,
     lock: String,
@@ -126,6 +131,18 @@ pub struct SharedTier {
     encryption_key: SecretSource,
     /// When the encryption key was last read again; one re-read at a time.
     key_checked: tokio::sync::Mutex<Option<Instant>>,
+    /// Set while an announcement has a key re-read under way: a flood of them costs one.
+    rechecking: AtomicBool,
+    /// Signed announcements already acted on, with when they were seen.
+    seen: Mutex<HashMap<String, Instant>>,
+    /// The fleet lock's lease for this tier's `timeout_ms`.
+    lease: Duration,
+}
+
+/// The fleet lock's lease: [`LOCK_LEASE`], or longer when a Redis answer may take so long
+/// that a renewal every [`LOCK_RENEW_EVERY`] could land after the lease ran out.
+fn lock_lease(timeout: Duration) -> Duration {
+    LOCK_LEASE.max(LOCK_RENEW_EVERY + timeout * 2)
 }
 
 impl SharedTier {
@@ -154,6 +171,9 @@ impl SharedTier {
             credentials: parts.credentials.clone(),
             encryption_key: parts.settings.encryption_key.clone(),
             key_checked: tokio::sync::Mutex::new(None),
+            rechecking: AtomicBool::new(false),
+            seen: Mutex::default(),
+            lease: lock_lease(parts.settings.timeout),
         });
         let settings = parts.settings.clone();
         let credentials = parts.credentials;
@@ -235,37 +255,100 @@ impl SharedTier {
         let Some(ready) = self.ready.get() else {
             return;
         };
-        let ring = ready.ring();
-        let Some(message) = ring.verify(message) else {
-            return;
-        };
-        if let Some(rest) = message.strip_prefix("r:") {
-            let Some((hash, instance)) = rest.split_once(':') else {
-                return;
-            };
-            if instance == self.instance {
-                return;
-            }
-            if let Some(name) = self.secrets_by_hash.get(hash) {
-                let _ = rotations.send(name.clone());
-            }
-        } else if let Some(instance) = message.strip_prefix("k:") {
-            if instance == self.instance {
-                return;
-            }
-            let tier = self.clone();
-            tokio::spawn(async move {
-                match tier.reread_key(true).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::info!(target: "shared_cache", "encryption key rotation announced; this instance holds that key already")
-                    }
-                    Err(problem) => {
-                        tracing::warn!(target: "shared_cache", problem, "encryption key rotation announced, but the key could not be read again")
-                    }
+        match ready.ring().verify(message) {
+            Some(body) => self.on_signed(body, rotations),
+            None => {
+                // Signed with a key this instance does not hold (a rotation function that
+                // started on the new key), or forged: read the key again, at most once per
+                // KEY_RECHECK whatever arrives, and look at the message once more.
+                SharedCacheCounters::add(&self.counters.unverified_announcements);
+                if self.rechecking.swap(true, Ordering::AcqRel) {
+                    return;
                 }
-            });
+                let tier = self.clone();
+                let message = message.to_string();
+                let rotations = rotations.clone();
+                tokio::spawn(async move {
+                    let changed = tier.reread_key(false, true).await == Ok(true);
+                    tier.rechecking.store(false, Ordering::Release);
+                    let verified = tier
+                        .ready
+                        .get()
+                        .and_then(|ready| ready.ring().verify(&message).map(str::to_string));
+                    match verified {
+                        Some(body) if changed => tier.on_signed(&body, &rotations),
+                        _ => {
+                            tracing::debug!(target: "shared_cache", "an announcement no key held here signed was ignored")
+                        }
+                    }
+                });
+            }
         }
+    }
+
+    /// A verified announcement: `r:<hash>:<instance>:<ms>:<nonce>` (an object rotated) or
+    /// `k:<instance>:<ms>:<nonce>:<key id>` (the encryption key rotated). Acted on once, and
+    /// only while fresh.
+    fn on_signed(self: Arc<Self>, body: &str, rotations: &mpsc::UnboundedSender<String>) {
+        let fields: Vec<&str> = body.split(':').collect();
+        let (instance, sent_ms) = match fields.as_slice() {
+            ["r", _, instance, ms, _] | ["k", instance, ms, _, _] => (*instance, *ms),
+            _ => return,
+        };
+        if instance == self.instance || !self.fresh_and_new(body, sent_ms) {
+            return;
+        }
+        match fields.as_slice() {
+            ["r", hash, ..] => {
+                if let Some(name) = self.secrets_by_hash.get(*hash) {
+                    let _ = rotations.send(name.clone());
+                }
+            }
+            ["k", _, _, _, key_id] => {
+                let held = self
+                    .ready
+                    .get()
+                    .is_some_and(|ready| ready.ring().current_id() == *key_id);
+                // Only a holder of a key can sign one, and each is acted on once (above).
+                if held {
+                    return;
+                }
+                let tier = self.clone();
+                tokio::spawn(async move {
+                    match tier.reread_key(true, true).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::info!(target: "shared_cache", "encryption key rotation announced; this instance holds that key already")
+                        }
+                        Err(problem) => {
+                            tracing::warn!(target: "shared_cache", problem, "encryption key rotation announced, but the key could not be read again")
+                        }
+                    }
+                });
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether an announcement sent at `sent_ms` (unix milliseconds) is recent and not seen
+    /// before; records it as seen.
+    fn fresh_and_new(&self, body: &str, sent_ms: &str) -> bool {
+        let Ok(sent_ms) = sent_ms.parse::<u64>() else {
+            return false;
+        };
+        let freshness = millis(ANNOUNCEMENT_FRESHNESS);
+        if unix_millis().abs_diff(sent_ms) > freshness {
+            return false;
+        }
+        let now = Instant::now();
+        let mut seen = self.seen.lock();
+        seen.retain(|_, at| now.duration_since(*at) < ANNOUNCEMENT_FRESHNESS * 2);
+        seen.insert(body.to_string(), now).is_none()
+    }
+
+    /// A fresh announcement body's suffix: when it is sent and a nonce.
+    fn stamp() -> String {
+        format!("{}:{}", unix_millis(), random_hex(8))
     }
 
     /// Whether `secret_name` is the Key Vault secret that holds this tier's encryption key.
@@ -278,8 +361,14 @@ impl SharedTier {
     /// when the fleet could not be told, so that the event is delivered again.
     pub async fn rotate_encryption_key(self: &Arc<Self>) -> Result<String, &'static str> {
         let ready = self.wait_until_ready().await?;
-        let rotated = self.reread_key(true).await?;
-        let message = ready.ring().sign(&format!("k:{}", self.instance));
+        let rotated = self.reread_key(true, true).await?;
+        let ring = ready.ring();
+        let message = ring.sign(&format!(
+            "k:{}:{}:{}",
+            self.instance,
+            Self::stamp(),
+            ring.current_id()
+        ));
         ready
             .link
             .publish(&message)
@@ -294,10 +383,19 @@ impl SharedTier {
         })
     }
 
-    /// Reads the encryption key again (unless `force` is false and it was read within
-    /// [`KEY_RECHECK`]); `true` when it changed and this instance now seals with it.
-    async fn reread_key(&self, force: bool) -> Result<bool, &'static str> {
-        let mut checked = self.key_checked.lock().await;
+    /// Reads the encryption key again, from Key Vault and never a copy (unless `force` is
+    /// false and it was read within [`KEY_RECHECK`]); `Ok(true)` when it changed and this
+    /// instance now seals with it, `Ok(false)` when it is the key held already or was not
+    /// read. With `wait` false, returns at once when another re-read is under way.
+    async fn reread_key(&self, force: bool, wait: bool) -> Result<bool, &'static str> {
+        let mut checked = if wait {
+            self.key_checked.lock().await
+        } else {
+            match self.key_checked.try_lock() {
+                Ok(checked) => checked,
+                Err(_) => return Ok(false),
+            }
+        };
         if !force && checked.is_some_and(|at| at.elapsed() < KEY_RECHECK) {
             return Ok(false);
         }
@@ -306,14 +404,11 @@ impl SharedTier {
             .ready
             .get()
             .ok_or("the shared cache is not configured")?;
-        if let SecretSource::KeyVault { secret_name } = &self.encryption_key {
-            self.credentials.invalidate(ObjectKind::Secret, secret_name);
-        }
         let secret = self
             .credentials
-            .secret(&self.encryption_key)
+            .secret_now(&self.encryption_key)
             .await
-            .map_err(|_| "the encryption key could not be read")?;
+            .map_err(|_| "the encryption key could not be read from Key Vault")?;
         let key = decode_encryption_key(&secret.value)
             .ok_or("the encryption key is not base64 of 32 bytes")?;
         let mut ring = ready.ring.write();
@@ -371,9 +466,10 @@ impl SharedTier {
             }
         }
         let message = ready.ring().sign(&format!(
-            "r:{}:{}",
+            "r:{}:{}:{}",
             secret_hash(&self.prefix, secret_name),
-            self.instance
+            self.instance,
+            Self::stamp()
         ));
         ready
             .link
@@ -396,22 +492,25 @@ impl SharedTier {
         let Some(connection) = self.connections.get(key.connection()) else {
             return direct(key).await;
         };
+        // One bound on the caller's whole wait: the deadline, counted from the first look.
+        // Waiting ends at half of it, so that a fetch begun after waiting still has the other
+        // half; only the bounded Redis writes after a fetch (each within `timeout_ms`) come on
+        // top.
+        let finish_by = finish_by.unwrap_or_else(|| Instant::now() + connection.deadline);
+        let stop_waiting = finish_by
+            .checked_sub(connection.deadline / 2)
+            .unwrap_or(finish_by);
         let names = self.names(connection, &key);
         if let Some(fresh) = self.read_fresh(ready, &names).await {
             return Ok(fresh);
         }
-        // One bound on the caller's whole wait: the deadline, counted from here. Waiting ends
-        // at half of it, so that a fetch begun after waiting still has the other half.
-        let started = Instant::now();
-        let finish_by = finish_by.unwrap_or(started + connection.deadline);
-        let stop_waiting = started + connection.deadline / 2;
         let holder = random_hex(16);
         let notify = self.waiter(&names.id);
         let mut waited = false;
         let result = loop {
             match ready
                 .link
-                .lock(&names.lock, &holder, LOCK_LEASE, LOCK_LEASE)
+                .lock(&names.lock, &holder, self.lease, self.lease)
                 .await
             {
                 Some(true) => {
@@ -475,9 +574,14 @@ impl SharedTier {
         };
         tokio::pin!(work);
         let renewing = async {
+            // On a fixed beat, not after each answer: a slow answer does not push the next
+            // renewal past the lease.
+            let mut beat =
+                tokio::time::interval_at(Instant::now() + LOCK_RENEW_EVERY, LOCK_RENEW_EVERY);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::time::sleep(LOCK_RENEW_EVERY).await;
-                if ready.link.renew(&names.lock, holder, LOCK_LEASE).await == Some(false) {
+                beat.tick().await;
+                if ready.link.renew(&names.lock, holder, self.lease).await == Some(false) {
                     tracing::warn!(target: "shared_cache", "the fleet lock lapsed while its holder was fetching; another instance may fetch too");
                     return;
                 }
@@ -544,8 +648,8 @@ impl SharedTier {
         let ring = ready.ring();
         let mut opened = ring.open(&names.entry, &sealed);
         if opened == Err(Unopened::ForeignKey) {
-            // Read again here, or by another caller while this one waited for it.
-            let _ = self.reread_key(false).await;
+            // Read again here, or by another caller meanwhile; never waited for.
+            let _ = self.reread_key(false, false).await;
             let now = ready.ring();
             if !Arc::ptr_eq(&ring, &now) {
                 opened = now.open(&names.entry, &sealed);
@@ -573,8 +677,9 @@ impl SharedTier {
         })
     }
 
-    /// Names bound to everything that makes a token differ: never the connection's name,
-    /// which two deployments may use for different clients.
+    /// Names bound to everything that makes a token differ (hashed, not keyed: see
+    /// [`seal::name`]): never the connection's name, which two deployments may use for
+    /// different clients.
     fn names(&self, connection: &ConnectionSettings, key: &CacheKey) -> Names {
         let connection_id = connection_hash(connection);
         let mut parts: Vec<&[u8]> = vec![b"token", connection_id.as_bytes()];

@@ -153,6 +153,24 @@ impl Credentials {
         }
     }
 
+    /// The latest version of a secret for the broker's own use, read now and never a copy:
+    /// for the shared cache's encryption key when its rotation is announced, where a copy
+    /// served during a Key Vault outage would be mistaken for "the key is unchanged".
+    pub async fn secret_now(
+        &self,
+        source: &SecretSource,
+    ) -> Result<Arc<ClientSecret>, CredentialError> {
+        match source {
+            SecretSource::AppSetting { value, .. } => Ok(secret::from_app_setting(value)),
+            SecretSource::KeyVault { secret_name } => {
+                self.secrets.invalidate(secret_name);
+                let vault = self.vault.as_ref();
+                let read = secret::read(vault, secret_name).await?;
+                Ok(Arc::new(read))
+            }
+        }
+    }
+
     /// Called when the token endpoint refused `rejected`: re-reads Key Vault at once and
     /// offers a credential made from another version (rotated or previous), or `None` when
     /// there is nothing else to try.
@@ -191,9 +209,9 @@ impl Credentials {
         }
     }
 
-    /// A credential to send instead of `sent` on a retry: a newly signed assertion (new
-    /// `jti`, `iat` and `exp`) from the key version that signed `sent`, since providers
-    /// refuse a replayed `jti`; `None` when `sent` may be sent again as it is (a secret, the
+    /// A credential to send instead of `sent` on a retry: a newly signed assertion (a new
+    /// `jti`, times of the moment it is signed) from the key version that signed `sent`,
+    /// since providers refuse a replayed `jti`; `None` when `sent` may be sent again as it is (a secret, the
     /// managed identity's token). One Key Vault sign.
     pub async fn renewed(
         &self,

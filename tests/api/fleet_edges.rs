@@ -149,11 +149,20 @@ async fn a_lock_key_without_expiry_does_not_stall_cold_fetches() {
         "a lock no broker wrote held a cold fetch {waited:?}"
     );
     assert_eq!(fleet.token_requests().await, 2, "one per cold key");
-    let taken_over: usize = brokers
-        .iter()
-        .map(|broker| broker.log_count("was taken over"))
-        .sum();
-    assert_eq!(taken_over, 1, "the instance that took it over says so");
+    // Log lines reach the pipe from the broker's writer thread: wait for the one expected.
+    let taken_over = || -> usize {
+        brokers
+            .iter()
+            .map(|broker| broker.log_count("was taken over"))
+            .sum()
+    };
+    for _ in 0..500 {
+        if taken_over() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(taken_over(), 1, "the instance that took it over says so");
     let left: Option<String> = redis::cmd("GET")
         .arg(&lock)
         .query(&mut redis.inspect())
@@ -271,4 +280,128 @@ async fn an_entry_under_a_key_this_instance_does_not_hold_makes_it_read_the_key_
     assert_eq!(fleet.token_requests().await, 1);
     old.wait_for_log("shared cache encryption key rotated", 1)
         .await;
+}
+
+#[tokio::test]
+async fn a_rotation_instance_that_started_on_the_new_key_still_reaches_instances_on_the_old_one() {
+    // On Flex the rotation function runs on an instance of its own, started by the event: it
+    // reads the new key at start and holds no other, so its announcement is signed with the
+    // new key only. Instances on the old key still act on it.
+    let fleet = Fleet::start(3600).await;
+    let redis = RedisServer::start(RedisOptions::default());
+    let config = fleet.config("fleet-a", Some(&vault_key_block(&redis)));
+    let mut serving = Vec::new();
+    for _ in 0..2 {
+        let broker = fleet.broker(&config, &[]).await;
+        broker.wait_for_log("shared cache connected", 1).await;
+        serving.push(broker);
+    }
+    let version = fleet.azure.vault.set_secret("cache-key", OTHER_CACHE_KEY);
+    let rotation = fleet.broker(&config, &[]).await;
+    rotation.wait_for_log("shared cache connected", 1).await;
+    let body = rotation.deliver_rotation("cache-key", &version).await;
+    assert!(
+        body["Logs"][0]
+            .as_str()
+            .unwrap()
+            .contains("told every instance"),
+        "{body}"
+    );
+    for broker in &serving {
+        broker
+            .wait_for_log("shared cache encryption key rotated", 1)
+            .await;
+    }
+    // All three now share: one token request for a cold key.
+    serving.push(rotation);
+    let tokens = burst(&serving, "demo", 5).await;
+    assert_eq!(fleet.token_requests().await, 1);
+    assert!(tokens.iter().all(|token| token == &tokens[0]));
+}
+
+#[tokio::test]
+async fn a_replayed_announcement_is_acted_on_once() {
+    let fleet = Fleet::start(3600).await;
+    let redis = RedisServer::start(RedisOptions::default());
+    let brokers = fleet.shared_brokers(&redis, 2).await;
+    brokers[1].access_token("demo").await;
+    // Someone who can read and write Redis captures a rotation announcement...
+    let mut listener = redis.inspect();
+    let mut pubsub = listener.as_pubsub();
+    pubsub.subscribe("token-broker:events").unwrap();
+    pubsub
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let version = fleet.azure.vault.set_secret("fleet-secret", FLEET_SECRET);
+    brokers[0].deliver_rotation("fleet-secret", &version).await;
+    let captured = loop {
+        let message: String = pubsub.get_message().unwrap().get_payload().unwrap();
+        if message.starts_with("r:") {
+            break message;
+        }
+    };
+    brokers[1]
+        .wait_for_log("rotation announced by another instance", 1)
+        .await;
+    // ...and publishes it again and again: nothing more happens.
+    let mut publisher = redis.inspect();
+    for _ in 0..50 {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg("token-broker:events")
+            .arg(&captured)
+            .query(&mut publisher)
+            .unwrap();
+    }
+    // A second, real rotation after the replays: the channel keeps order, so once its
+    // announcement is acted on, every replay before it was seen too.
+    let version = fleet.azure.vault.set_secret("fleet-secret", FLEET_SECRET);
+    brokers[0].deliver_rotation("fleet-secret", &version).await;
+    brokers[1]
+        .wait_for_log("rotation announced by another instance", 2)
+        .await;
+    assert_eq!(
+        brokers[1].log_count("rotation announced by another instance"),
+        2,
+        "50 replays were not acted on"
+    );
+}
+
+#[tokio::test]
+async fn a_lock_key_of_another_type_costs_that_key_nothing_and_the_tier_stays_up() {
+    let fleet = Fleet::start(3600).await;
+    let redis = RedisServer::start(RedisOptions::default());
+    let brokers = fleet.shared_brokers(&redis, 2).await;
+    brokers[0].access_token("demo").await;
+    let entry = keys(&redis, "token-broker:t:*")
+        .pop()
+        .expect("a shared entry");
+    // Another key: its entry and lock are made unusable by someone with write access.
+    let version = fleet.azure.vault.set_secret("fleet-secret", FLEET_SECRET);
+    brokers[0].deliver_rotation("fleet-secret", &version).await;
+    brokers[1]
+        .wait_for_log("rotation announced by another instance", 1)
+        .await;
+    let mut inspect = redis.inspect();
+    for name in [entry.clone(), entry.replace(":t:", ":l:")] {
+        let _: () = redis::cmd("HSET")
+            .arg(&name)
+            .arg("field")
+            .arg("value")
+            .query(&mut inspect)
+            .unwrap();
+    }
+    let tokens = burst(&brokers, "demo", 5).await;
+    assert!(tokens.iter().all(|token| token == &tokens[0]));
+    assert_eq!(
+        fleet.token_requests().await,
+        2,
+        "one per cold key, still shared"
+    );
+    for broker in &brokers {
+        assert_eq!(
+            broker.log_count("shared cache unavailable"),
+            0,
+            "an odd key is not an outage"
+        );
+    }
 }
