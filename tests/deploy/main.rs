@@ -2,12 +2,14 @@
 //! the Bicep sets, names are lower-cased where Azure needs it, Key Vault's events reach
 //! `function-rotation` (`rotation`), Flex Consumption's scale settings (`scale`), what reaches
 //! Application Insights and the queries over it (`operations`), the API Management wiring
-//! (`apim`), the smoke test (`smoke_test`), the README's deployment commands, and the package
-//! holds exactly what the Functions host needs, with a binary linked against glibc 2.28 at most.
+//! (`apim`), the smoke test (`smoke_test`), the README's deployment commands, the files and
+//! folders the documentation names (`readme`), and the package holds exactly what the Functions
+//! host needs, with a binary linked against glibc 2.28 at most.
 
 mod apim;
 mod bicep;
 mod operations;
+mod readme;
 mod rotation;
 mod scale;
 mod secretless;
