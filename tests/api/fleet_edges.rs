@@ -108,6 +108,7 @@ async fn a_lock_holder_killed_mid_fetch_holds_the_others_off_for_one_short_lease
     let started = Instant::now();
     let token = other.access_token("demo").await;
     let waited = started.elapsed();
+    eprintln!("measured: waited {waited:?} for a killed holder's lock");
     assert!(token.starts_with("eyJ"));
     assert!(
         waited < Duration::from_secs(8),
@@ -144,6 +145,7 @@ async fn a_lock_key_without_expiry_does_not_stall_cold_fetches() {
     let started = Instant::now();
     burst(&brokers, "demo", 5).await;
     let waited = started.elapsed();
+    eprintln!("measured: a cold burst behind a lock no broker wrote took {waited:?}");
     assert!(
         waited < Duration::from_secs(5),
         "a lock no broker wrote held a cold fetch {waited:?}"

@@ -667,6 +667,7 @@ assertion_audience = "{{token_url}}"
         "the negative cache answers: {stats:?}"
     );
     let signs = app.azure.vault.signs_by("signing-rsa");
+    eprintln!("measured: {signs} Key Vault sign(s) for 60 refused requests");
     assert!(
         signs <= 3,
         "{signs} Key Vault signs for 60 refused requests"
@@ -686,5 +687,6 @@ assertion_audience = "{{token_url}}"
     }
     assert_eq!(proxy.requests(), 1, "held off by Retry-After");
     let signs = app.azure.vault.signs_by("signing-held");
+    eprintln!("measured: {signs} Key Vault sign(s) for 60 held requests");
     assert!(signs <= 3, "{signs} Key Vault signs for 60 held requests");
 }
