@@ -11,6 +11,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use tokio::time::Instant;
+
 use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
@@ -22,7 +24,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app_state::AppState;
-use crate::cache::{CacheKey, CacheOutcome, panic_message};
+use crate::cache::{CacheKey, CacheOutcome, CachedToken, panic_message};
 use crate::caller_check;
 use crate::config::ScopeToken;
 use crate::error::{ApiError, ErrorLog};
@@ -129,17 +131,25 @@ async fn traced(state: &AppState, request: Request<Body>) -> Response {
     // The host's readiness probes of `/` (every 25 ms at start, then its health pings) are not
     // requests anyone made: they stay out of the counts.
     let readiness_probe = parts.uri.path() == "/";
-    let started = tokio::time::Instant::now();
-    let response = answer_even_on_panic(
-        dispatch(state, &parts, body, invocation).instrument(span.clone()),
-        || {
-            if span.is_none() {
-                request_span()
-            } else {
-                span.clone()
-            }
-        },
-    )
+    let debug = !span.is_none();
+    let started = debug.then(tokio::time::Instant::now);
+    let handler = async {
+        // Without a span there is nothing to enter: the handler runs as it is.
+        if debug {
+            dispatch(state, &parts, body, invocation)
+                .instrument(span.clone())
+                .await
+        } else {
+            dispatch(state, &parts, body, invocation).await
+        }
+    };
+    let response = answer_even_on_panic(handler, || {
+        if span.is_none() {
+            request_span()
+        } else {
+            span.clone()
+        }
+    })
     .await;
     if !readiness_probe {
         let code = response.extensions().get::<ErrorCode>().map(|code| code.0);
@@ -154,7 +164,7 @@ async fn traced(state: &AppState, request: Request<Body>) -> Response {
         let _entered = span.enter();
         log.write(response.status());
     }
-    if tracing::enabled!(tracing::Level::DEBUG) {
+    if let Some(started) = started {
         let _entered = span.enter();
         tracing::debug!(
             status = response.status().as_u16(),
@@ -190,6 +200,10 @@ async fn answer_even_on_panic(
 }
 
 fn truncate(text: &str, max: usize) -> &str {
+    // A string of at most `max` bytes has at most `max` characters: nothing to count.
+    if text.len() <= max {
+        return text;
+    }
     match text.char_indices().nth(max) {
         Some((index, _)) => &text[..index],
         None => text,
@@ -401,12 +415,13 @@ struct Ready {
 
 /// The connection segment of `/api/token/{connection}`, prefix matched case-insensitively.
 fn token_route(path: &str) -> Option<&str> {
-    let mut segments = path.strip_prefix('/')?.splitn(3, '/');
-    let api = segments.next()?;
-    let token = segments.next()?;
-    let connection = segments.next()?;
-    (api.eq_ignore_ascii_case("api") && token.eq_ignore_ascii_case("token"))
-        .then(|| connection.strip_suffix('/').unwrap_or(connection))
+    const PREFIX: &str = "/api/token/";
+    let head = path.get(..PREFIX.len())?;
+    if !head.eq_ignore_ascii_case(PREFIX) {
+        return None;
+    }
+    let connection = &path[PREFIX.len()..];
+    Some(connection.strip_suffix('/').unwrap_or(connection))
 }
 
 async fn serve_token(
@@ -443,56 +458,89 @@ async fn serve_token(
         }
     };
 
+    let handing_out = HandingOut {
+        state,
+        key_name,
+        connection,
+        key,
+        caller: &caller,
+        label,
+    };
+    // A hit this worker thread handed out lately needs no lock (`TokenCache::serve_hit`).
+    let now = tokio::time::Instant::now();
+    if let Some(response) = state.cache.serve_hit(key, now, |token| {
+        handing_out.answer(token, CacheOutcome::Hit, now)
+    }) {
+        return Ok(response);
+    }
     let (token, outcome) = state
         .cache
         .get(key)
         .await
         .map_err(|error| ApiError::from(error.as_ref()))?;
-    let now = tokio::time::Instant::now();
-    // In the stats, an answer that waited for a fetch is a miss, whoever started the fetch.
-    stats::record_cache_outcome(match outcome {
-        CacheOutcome::Joined => "miss",
-        other => other.as_str(),
-    });
-    if let Some(observed) = state.observed.get(key_name) {
-        observed.handed_out(token.expires_on, outcome == CacheOutcome::Stale);
+    Ok(handing_out.answer(&token, outcome, tokio::time::Instant::now()))
+}
+
+/// What a token answer is accounted to: the connection, the key, the caller, the request.
+struct HandingOut<'a> {
+    state: &'a AppState,
+    key_name: &'a crate::config::ConnectionName,
+    connection: &'a crate::config::ConnectionSettings,
+    key: &'a CacheKey,
+    caller: &'a caller_check::Caller,
+    label: &'a RequestLabel<'a>,
+}
+
+impl HandingOut<'_> {
+    /// The answer carrying `token`, counted, audited and observed for `/api/health`.
+    fn answer(&self, token: &Arc<CachedToken>, outcome: CacheOutcome, now: Instant) -> Response {
+        // In the stats, an answer that waited for a fetch is a miss, whoever started it.
+        stats::record_cache_outcome(match outcome {
+            CacheOutcome::Joined => "miss",
+            other => other.as_str(),
+        });
+        if let Some(observed) = self.state.observed.get(self.key_name) {
+            observed.handed_out(token.expires_on, outcome == CacheOutcome::Stale);
+        }
+        let record = crate::audit::AuditRecord {
+            connection: &self.connection.name,
+            caller: self.caller.audit_name(),
+            scopes: self.key.scopes_display(),
+            cache: outcome.as_str(),
+            expires_on: token.expires_on,
+            fingerprint: &token.fingerprint,
+            count: 1,
+            invocation_id: self.label.invocation_id,
+            method: self.label.method,
+            path: self.label.path,
+        };
+        // Hits are counted and written once per interval; a fetch or a stale answer is worth
+        // a record of its own, at once.
+        if outcome == CacheOutcome::Hit {
+            crate::audit::record_hit(token, &record);
+        } else {
+            crate::audit::record(&record);
+        }
+        // The answer's JSON is built once per token; only `expires_in` is written per request.
+        let (prefix, suffix) = token.answer_parts();
+        // The token leaves the broker here, in the response body and nowhere else.
+        let prefix = prefix.expose_secret();
+        let mut body = Vec::with_capacity(prefix.len() + 20 + suffix.len());
+        body.extend_from_slice(prefix);
+        body.extend_from_slice(itoa::Buffer::new().format(token.expires_in(now)).as_bytes());
+        body.extend_from_slice(suffix);
+        let mut response = Response::new(Body::from(body));
+        let headers = response.headers_mut();
+        // Room for the three at once: one allocation, not a growth per insert.
+        headers.reserve(3);
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+        response
     }
-    let record = crate::audit::AuditRecord {
-        connection: &connection.name,
-        caller: caller.audit_name(),
-        scopes: key.scopes_display(),
-        cache: outcome.as_str(),
-        expires_on: token.expires_on,
-        fingerprint: &token.fingerprint,
-        count: 1,
-        invocation_id: label.invocation_id,
-        method: label.method,
-        path: label.path,
-    };
-    // Hits are counted and written once per interval; a fetch or a stale answer is worth a
-    // record of its own, at once.
-    if outcome == CacheOutcome::Hit {
-        crate::audit::record_hit(&token, &record);
-    } else {
-        crate::audit::record(&record);
-    }
-    // The answer's JSON is built once per token; only `expires_in` is written per request.
-    let (prefix, suffix) = token.answer_parts();
-    // The token leaves the broker here, in the response body and nowhere else.
-    let prefix = prefix.expose_secret();
-    let mut body = Vec::with_capacity(prefix.len() + 20 + suffix.len());
-    body.extend_from_slice(prefix);
-    body.extend_from_slice(itoa::Buffer::new().format(token.expires_in(now)).as_bytes());
-    body.extend_from_slice(suffix);
-    let mut response = Response::new(Body::from(body));
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    Ok(response)
 }
 
 /// The `scope` parameters of the query and of a POST form, as a scope list; `None` when absent

@@ -24,6 +24,7 @@ use secrecy::{ExposeSecret, SecretSlice, SecretString};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
+use super::hot::{self, Generation, LastUsed};
 use crate::config::{ConnectionName, ScopeToken};
 use crate::token::{FreshToken, TokenError, clamp_lifetime};
 
@@ -41,6 +42,13 @@ pub trait TokenSource: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
         let _ = finish_by;
         self.fetch(key)
+    }
+}
+
+impl From<&CacheKey> for CacheKey {
+    /// What the map stores when a key is first seen (`HashMap::entry_ref`).
+    fn from(key: &CacheKey) -> Self {
+        key.clone()
     }
 }
 
@@ -248,11 +256,18 @@ pub struct TokenCache {
     // scopes, not attacker input (a caller can only name scopes from its connection's allowed
     // list), and a cache hit hashes one on every request.
     entries: Mutex<HashMap<CacheKey, Arc<Entry>>>,
+    /// Advanced on every change to an entry: what the worker threads' lock-free copies of
+    /// recent hits ([`hot`]) are checked against.
+    generation: Arc<Generation>,
+    /// Where `LastUsed` counts from.
+    epoch: Instant,
 }
 
 struct Entry {
     // A blocking mutex for the same reason: every critical section is a few field updates.
     state: Mutex<EntryState>,
+    /// Outside the lock: the lock-free hit path ([`hot`]) refreshes it too.
+    last_used: Arc<LastUsed>,
 }
 
 struct EntryState {
@@ -260,20 +275,19 @@ struct EntryState {
     refresh_at: Option<Instant>,
     fetch: Option<SharedFetch>,
     failed_refreshes: u32,
-    /// Set when the entry is made, so a new entry is never the "least recently used" one.
-    last_used: Instant,
 }
 
 impl Entry {
-    fn new(now: Instant) -> Self {
+    /// Made at `now`, so a new entry is never the "least recently used" one.
+    fn new(epoch: Instant, now: Instant) -> Self {
         Self {
             state: Mutex::new(EntryState {
                 token: None,
                 refresh_at: None,
                 fetch: None,
                 failed_refreshes: 0,
-                last_used: now,
             }),
+            last_used: Arc::new(LastUsed::new(epoch, now)),
         }
     }
 }
@@ -288,7 +302,21 @@ impl TokenCache {
             source,
             max_entries: max_entries.max(1),
             entries: Mutex::default(),
+            generation: Arc::new(Generation::new()),
+            epoch: Instant::now(),
         }
+    }
+
+    /// `serve` applied to a token for `key` without taking a lock, when this worker thread
+    /// handed one out lately and nothing changed since (see [`hot`]): always a `hit`.
+    /// `None` when the caller must take the slow path, [`TokenCache::get`].
+    pub fn serve_hit<R>(
+        &self,
+        key: &CacheKey,
+        now: Instant,
+        serve: impl FnOnce(&Arc<CachedToken>) -> R,
+    ) -> Option<R> {
+        hot::serve(&self.generation, key, now, serve)
     }
 
     /// A token for `key`: from memory when one is usable, else from the shared fetch.
@@ -296,11 +324,15 @@ impl TokenCache {
         &self,
         key: &CacheKey,
     ) -> Result<(Arc<CachedToken>, CacheOutcome), Arc<TokenError>> {
-        let entry = self.entry(key);
+        // Read before the entry: a change made after it empties what is remembered below.
+        let seen = self.generation.now();
         let fetch = {
+            // Looked up and read under the map's lock, without taking a reference of its own.
+            let mut entries = self.entries.lock();
+            let entry = self.entry(&mut entries, key);
             let mut state = entry.state.lock();
             let now = Instant::now();
-            state.last_used = now;
+            entry.last_used.touch(now);
             if let Some(token) = state.token.clone() {
                 // Past its normal window, a token still valid is worth more than an error while
                 // refreshing fails, and no caller waits while a refresh is in flight: both are
@@ -316,7 +348,16 @@ impl TokenCache {
                 if let Some(outcome) = outcome {
                     let refresh_due = state.refresh_at.is_some_and(|at| now >= at);
                     if refresh_due && state.fetch.is_none() {
-                        state.fetch = Some(self.spawn_fetch(&entry, key));
+                        state.fetch = Some(self.spawn_fetch(entry, key));
+                    }
+                    if outcome == CacheOutcome::Hit && state.fetch.is_none() {
+                        let fresh_until = state
+                            .refresh_at
+                            .map_or(token.usable_until, |at| at.min(token.usable_until));
+                        let last_used = entry.last_used.clone();
+                        drop(state);
+                        drop(entries);
+                        hot::remember(seen, key, &token, fresh_until, &last_used, now);
                     }
                     return Ok((token, outcome));
                 }
@@ -324,7 +365,7 @@ impl TokenCache {
             match &state.fetch {
                 Some(fetch) => (fetch.clone(), CacheOutcome::Joined),
                 None => {
-                    let fetch = self.spawn_fetch(&entry, key);
+                    let fetch = self.spawn_fetch(entry, key);
                     state.fetch = Some(fetch.clone());
                     (fetch, CacheOutcome::Miss)
                 }
@@ -340,6 +381,7 @@ impl TokenCache {
         let mut entries = self.entries.lock();
         let before = entries.len();
         entries.retain(|key, _| !connections.contains(&key.connection()));
+        self.generation.advance();
         before - entries.len()
     }
 
@@ -353,18 +395,21 @@ impl TokenCache {
         self.len() == 0
     }
 
-    fn entry(&self, key: &CacheKey) -> Arc<Entry> {
-        let mut entries = self.entries.lock();
-        if let Some(entry) = entries.get(key) {
-            return entry.clone();
+    /// The entry for `key` in `entries` (the map, locked by the caller), made when absent.
+    fn entry<'a>(
+        &self,
+        entries: &'a mut HashMap<CacheKey, Arc<Entry>>,
+        key: &CacheKey,
+    ) -> &'a Arc<Entry> {
+        if entries.len() >= self.max_entries && !entries.contains_key(key) {
+            evict(entries, self.max_entries - 1, Instant::now());
+            self.generation.advance();
         }
-        let now = Instant::now();
-        if entries.len() >= self.max_entries {
-            evict(&mut entries, self.max_entries - 1, now);
-        }
-        let entry = Arc::new(Entry::new(now));
-        entries.insert(key.clone(), entry.clone());
-        entry
+        // One hash look-up on a hit; the key is cloned only when it is new.
+        let epoch = self.epoch;
+        entries
+            .entry_ref(key)
+            .or_insert_with(|| Arc::new(Entry::new(epoch, Instant::now())))
     }
 
     /// Starts the one fetch for `key` on its own task. Called with the entry's lock held, so
@@ -372,6 +417,7 @@ impl TokenCache {
     fn spawn_fetch(&self, entry: &Arc<Entry>, key: &CacheKey) -> SharedFetch {
         let source = self.source.clone();
         let entry = entry.clone();
+        let generation = self.generation.clone();
         let connection = key.connection().to_string();
         let key = key.clone();
         let task = tokio::spawn(async move {
@@ -392,6 +438,8 @@ impl TokenCache {
             let now = Instant::now();
             let mut state = entry.state.lock();
             state.fetch = None;
+            // Whatever follows changes the entry: the threads' copies must look again.
+            generation.advance();
             match result {
                 Ok(fresh) => {
                     let refresh_in =
@@ -460,7 +508,10 @@ fn evict(entries: &mut HashMap<CacheKey, Arc<Entry>>, target: usize, now: Instan
             .iter()
             .filter_map(|(key, entry)| {
                 let state = entry.state.lock();
-                state.fetch.is_none().then_some((state.last_used, key))
+                state
+                    .fetch
+                    .is_none()
+                    .then_some((entry.last_used.get(), key))
             })
             .min_by_key(|(last_used, _)| *last_used)
             .map(|(_, key)| key.clone());

@@ -11,6 +11,7 @@
 //! on the OAuth client above it.
 
 pub mod entra;
+mod hot;
 pub mod memory;
 pub mod redis_link;
 pub mod seal;
