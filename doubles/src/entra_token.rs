@@ -5,11 +5,16 @@
 //!   `x5t#S256` (SHA-256 of the registered certificate's DER), signed by the certificate's key,
 //!   with `aud` = this endpoint's URL, `iss` = `sub` = the client id, a lifetime within ten
 //!   minutes and a `jti` never seen before;
-//! - federated identity credentials: the managed identity double's token for the federation
-//!   audience, issued to the trusted user-assigned identity and still valid.
+//! - federated identity credentials: a token the managed identity double issued (its registry
+//!   stands in for Entra's signature check) and still valid, whose `iss`, `aud` and `sub`
+//!   match the credential's issuer, audience and subject exactly; the subject is the
+//!   identity's object (principal) id, as the README has users register it.
 //!
+//! Client credentials requests must name exactly one scope, `<resource>/.default`, as Entra
+//! requires (AADSTS1002012 for another scope, AADSTS70011 for several, AADSTS900144 for none).
 //! Answers use Entra's shapes: `invalid_client` with `AADSTS` codes in `error_codes`, and a
-//! JWT-shaped access token (so that the broker's log scans find one if it leaks).
+//! JWT-shaped access token (so that the broker's log scans find one if it leaks). Every
+//! request's form is recorded, for tests to check what the broker sent.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,10 +50,11 @@ const SKEW: u64 = 300;
 enum Credential {
     /// A certificate (DER) and its public key (SubjectPublicKeyInfo DER).
     Certificate { der: Vec<u8>, spki: Vec<u8> },
-    /// A federated identity credential trusting a user-assigned managed identity's tokens
-    /// for `audience`.
+    /// A federated identity credential trusting tokens with `iss` = `issuer`, `sub` =
+    /// `subject` (a managed identity's object id) and `aud` = `audience`.
     Federated {
-        identity_client_id: String,
+        issuer: String,
+        subject: String,
         audience: String,
     },
 }
@@ -66,6 +72,8 @@ struct Shared {
     refusals: Mutex<Vec<u64>>,
     /// Header and claims of every assertion accepted, in order.
     accepted: Mutex<Vec<(Value, Value)>>,
+    /// The form of every request, in order.
+    forms: Mutex<Vec<HashMap<String, String>>>,
 }
 
 /// A running Entra token endpoint.
@@ -111,16 +119,23 @@ impl EntraTokenDouble {
         *self.shared.issued.lock().unwrap() = Some(issued);
     }
 
-    /// Registers app `client_id` with a federated credential trusting the user-assigned
-    /// identity `identity_client_id`'s tokens for `audience`.
-    pub fn set_federated(&self, client_id: &str, identity_client_id: &str, audience: &str) {
+    /// Registers app `client_id` with a federated credential as the README has users create
+    /// it: issuer this tenant's v2.0 issuer, `subject` (a managed identity's object id, not
+    /// its client id), `audience`.
+    pub fn set_federated(&self, client_id: &str, subject: &str, audience: &str) {
         self.shared.apps.lock().unwrap().insert(
             client_id.to_string(),
             vec![Credential::Federated {
-                identity_client_id: identity_client_id.to_string(),
+                issuer: format!("https://login.microsoftonline.com/{TENANT}/v2.0"),
+                subject: subject.to_string(),
                 audience: audience.to_string(),
             }],
         );
+    }
+
+    /// The form of every token request received, in order.
+    pub fn forms(&self) -> Vec<HashMap<String, String>> {
+        self.shared.forms.lock().unwrap().clone()
     }
 
     /// Token requests received.
@@ -165,6 +180,7 @@ async fn token(
     Form(form): Form<HashMap<String, String>>,
 ) -> Response {
     shared.requests.fetch_add(1, Ordering::SeqCst);
+    shared.forms.lock().unwrap().push(form.clone());
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
     if tenant != TENANT {
         return refuse(
@@ -183,6 +199,9 @@ async fn token(
             70003,
             "The app requested an unsupported grant type.",
         );
+    }
+    if let Some((code, error, message)) = scope_refusal(field("scope")) {
+        return refuse(&shared, StatusCode::BAD_REQUEST, error, code, &message);
     }
     if form.contains_key("client_secret") {
         return refuse(
@@ -215,7 +234,7 @@ async fn token(
     let assertion = field("client_assertion");
     let mut outcome = Err((
         7000215u64,
-        "No credential of the application matches the assertion.",
+        "No credential of the application matches the assertion.".to_string(),
     ));
     for credential in &credentials {
         outcome = match credential {
@@ -223,9 +242,10 @@ async fn token(
                 check_certificate(&shared, client_id, assertion, der, spki)
             }
             Credential::Federated {
-                identity_client_id,
+                issuer,
+                subject,
                 audience,
-            } => check_federated(&shared, assertion, identity_client_id, audience),
+            } => check_federated(&shared, assertion, issuer, subject, audience),
         };
         if outcome.is_ok() {
             break;
@@ -237,7 +257,7 @@ async fn token(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             code,
-            message,
+            &message,
         );
     }
     shared.issued_tokens.fetch_add(1, Ordering::SeqCst);
@@ -255,7 +275,34 @@ async fn token(
     .into_response()
 }
 
-type Check = Result<(), (u64, &'static str)>;
+type Check = Result<(), (u64, String)>;
+
+/// Entra's refusal of a client credentials `scope`: exactly one scope, `<resource>/.default`.
+fn scope_refusal(scope: &str) -> Option<(u64, &'static str, String)> {
+    let scopes: Vec<&str> = scope.split(' ').filter(|s| !s.is_empty()).collect();
+    match scopes.as_slice() {
+        [] => Some((
+            900144,
+            "invalid_request",
+            "The request body must contain the following parameter: 'scope'.".to_string(),
+        )),
+        [one] if !one.ends_with("/.default") => Some((
+            1002012,
+            "invalid_scope",
+            format!(
+                "The provided value for scope {one} is not valid. Client credential flows must have a scope value with /.default suffixed to the resource identifier (application ID URI)."
+            ),
+        )),
+        [_] => None,
+        _ => Some((
+            70011,
+            "invalid_scope",
+            format!(
+                "The provided request must include a 'scope' input parameter. The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid."
+            ),
+        )),
+    }
+}
 
 fn decode(part: &str) -> Option<Value> {
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).ok()?).ok()
@@ -268,6 +315,17 @@ fn check_certificate(
     der: &[u8],
     spki: &[u8],
 ) -> Check {
+    certificate_check(shared, client_id, assertion, der, spki)
+        .map_err(|(code, message)| (code, message.to_string()))
+}
+
+fn certificate_check(
+    shared: &Shared,
+    client_id: &str,
+    assertion: &str,
+    der: &[u8],
+    spki: &[u8],
+) -> Result<(), (u64, &'static str)> {
     let malformed = (50027u64, "The client assertion is not a valid JWT.");
     let mut parts = assertion.split('.');
     let (Some(header_part), Some(claims_part), Some(signature_part), None) =
@@ -338,33 +396,74 @@ fn check_certificate(
 fn check_federated(
     shared: &Shared,
     assertion: &str,
-    identity_client_id: &str,
+    issuer: &str,
+    subject: &str,
     audience: &str,
 ) -> Check {
+    let malformed = || {
+        (
+            50027u64,
+            "The client assertion is not a valid JWT.".to_string(),
+        )
+    };
+    let mut parts = assertion.split('.');
+    let (Some(_), Some(claims_part), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(malformed());
+    };
+    let claims = decode(claims_part).ok_or_else(malformed)?;
+    // The managed identity double's registry stands in for the signature check.
     let registry = shared.issued.lock().unwrap().clone();
     let issued = registry.and_then(|issued| issued.lock().unwrap().get(assertion).cloned());
     let Some(issued) = issued else {
         return Err((
-            700211,
-            "No matching federated identity record found for the presented assertion issuer.",
+            50027,
+            "The client assertion's signature could not be validated.".to_string(),
         ));
     };
-    if issued.resource.trim_end_matches('/') != audience.trim_end_matches('/') {
-        return Err((
-            700212,
-            "No matching federated identity record found for the presented assertion audience.",
-        ));
-    }
-    if issued.client_id.as_deref() != Some(identity_client_id) {
-        return Err((
-            70021,
-            "No matching federated identity record found for the presented assertion subject.",
-        ));
-    }
     if issued.expires_on <= now() {
         return Err((
             700024,
-            "Client assertion is not within its valid time range.",
+            "Client assertion is not within its valid time range.".to_string(),
+        ));
+    }
+    let claim = |name: &str| claims[name].as_str().unwrap_or_default().to_string();
+    let presented = format!(
+        "Assertion Issuer: '{}'. Assertion Subject: '{}'. Assertion Audience: '{}'.",
+        claim("iss"),
+        claim("sub"),
+        claim("aud")
+    );
+    if claim("iss") != issuer {
+        return Err((
+            700211,
+            format!(
+                "No matching federated identity record found for presented assertion issuer. {presented}"
+            ),
+        ));
+    }
+    if claim("aud").trim_end_matches('/') != audience.trim_end_matches('/') {
+        return Err((
+            700212,
+            format!(
+                "No matching federated identity record found for presented assertion audience. {presented}"
+            ),
+        ));
+    }
+    let sub = claim("sub");
+    if sub != subject {
+        // Matching is case-sensitive; Entra says so when only the case differs.
+        let code = if sub.eq_ignore_ascii_case(subject) {
+            7002138
+        } else {
+            700213
+        };
+        return Err((
+            code,
+            format!(
+                "No matching federated identity record found for presented assertion subject '{sub}'. Check your federated identity credential Subject, Audience and Issuer against the presented assertion."
+            ),
         ));
     }
     Ok(())

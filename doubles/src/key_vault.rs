@@ -4,13 +4,18 @@
 //! without `Authorization` gets the 401 challenge naming the tenant and resource; bearer tokens
 //! must be ones the managed identity double issued for `https://vault.azure.net` and still
 //! valid; `GET /secrets/{name}/{version}?api-version=...` answers the documented body, and
-//! errors use the documented `{"error":{"code","message","innererror"}}` shape.
+//! errors use the documented `{"error":{"code","message","innererror"}}` shape. A request
+//! without an `api-version`, or with one Key Vault does not know, is refused with 400
+//! `BadParameter` before anything else, as Key Vault refuses it. Object ids (`id`, `kid`) are
+//! URLs under the host the request was sent to (its `Host` header), as a real vault's are
+//! under its own name: a caller that reached the vault as `tests.vault.azure.net` through the
+//! CONNECT proxy sees ids under that name, not under the double's loopback address.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -45,13 +50,32 @@ pub enum ChallengeForm {
     Scope,
 }
 
-/// A fault the vault answers every secret read with, until cleared.
+/// The `api-version`s the double answers, as Key Vault's data plane does: every released
+/// version the SDKs have used, the pinned SDK's `2025-07-01` among them.
+pub const API_VERSIONS: &[&str] = &[
+    "2016-10-01",
+    "7.0",
+    "7.1",
+    "7.2",
+    "7.3",
+    "7.4",
+    "7.5",
+    "7.6",
+    "2025-07-01",
+];
+
+/// A fault the vault answers every secret read with (after the bearer check), until cleared.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
     /// 429 `Throttled` with `Retry-After: 1`.
     Throttled,
     /// 503 `ServiceUnavailable`.
     Unavailable,
+    /// Wait, then answer normally: a slow vault.
+    Delay(Duration),
+    /// Hold the read until [`KeyVaultDouble::release_held`], then answer normally: a vault
+    /// that hangs for exactly as long as the test needs, with no clock involved.
+    Hold,
 }
 
 struct Version {
@@ -63,7 +87,8 @@ struct Version {
 
 #[derive(Default)]
 pub(crate) struct Shared {
-    /// The vault URI, known once the port is bound; secret ids are built from it.
+    /// The vault URI under its loopback address, known once the port is bound: object ids of
+    /// requests without a `Host` header are built from it.
     pub(crate) base: std::sync::OnceLock<String>,
     issued: Issued,
     secrets: Mutex<HashMap<String, Vec<Version>>>,
@@ -74,6 +99,12 @@ pub(crate) struct Shared {
     /// The bearer tokens of the requests that got past the token check, in order.
     accepted: Mutex<Vec<String>>,
     requests: AtomicUsize,
+    /// The request count, for tests that wait until the vault has seen a request.
+    seen: tokio::sync::watch::Sender<usize>,
+    /// Bumped by `release_held`: the reads held before it go on.
+    released: tokio::sync::watch::Sender<u64>,
+    /// Reads being held by [`Fault::Hold`] right now.
+    held: AtomicUsize,
     challenges: AtomicUsize,
     reads: AtomicUsize,
     /// Signing keys and certificates (`key_vault_keys`).
@@ -193,9 +224,33 @@ impl KeyVaultDouble {
         }
     }
 
-    /// Makes every secret read fail with `fault`, or clears it.
+    /// Makes every secret read meet `fault`, or clears it. Clearing does not release reads
+    /// already held: [`Self::release_held`] does.
     pub fn set_fault(&self, fault: Option<Fault>) {
         *self.shared.fault.lock().unwrap() = fault;
+    }
+
+    /// Lets every read held by [`Fault::Hold`] so far go on (reads held later wait for the
+    /// next release).
+    pub fn release_held(&self) {
+        self.shared
+            .released
+            .send_modify(|generation| *generation += 1);
+    }
+
+    /// Reads being held by [`Fault::Hold`] right now.
+    pub fn held(&self) -> usize {
+        self.shared.held.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the vault has received at least `count` requests (challenges included),
+    /// for at most `within`; returns whether it did. Woken by each request, so it neither
+    /// spins nor sleeps.
+    pub async fn wait_for_requests(&self, count: usize, within: Duration) -> bool {
+        let mut seen = self.shared.seen.subscribe();
+        tokio::time::timeout(within, seen.wait_for(|seen| *seen >= count))
+            .await
+            .is_ok_and(|result| result.is_ok())
     }
 
     pub(crate) fn shared(&self) -> &Shared {
@@ -255,6 +310,19 @@ fn challenge(form: ChallengeForm, message: &str) -> Response {
     response
 }
 
+/// The vault's URL as the request addressed it (`https://` and its `Host` header), under
+/// which the object ids of the answer are: a real vault's ids are under its own name.
+pub(crate) fn base(shared: &Shared, headers: &HeaderMap) -> String {
+    headers
+        .get(header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .filter(|host| !host.is_empty())
+        .map_or_else(
+            || shared.base.get().cloned().unwrap_or_default(),
+            |host| format!("https://{host}"),
+        )
+}
+
 /// Checks API version and bearer token; `Some` is the refusal to send.
 pub(crate) fn refusal(
     shared: &Shared,
@@ -262,13 +330,28 @@ pub(crate) fn refusal(
     query: &HashMap<String, String>,
 ) -> Option<Response> {
     shared.requests.fetch_add(1, Ordering::SeqCst);
-    if query.get("api-version").is_none_or(|v| v.is_empty()) {
-        return Some(error(
-            StatusCode::BAD_REQUEST,
-            "BadParameter",
-            "The request URI contains an invalid or missing api-version query parameter.",
-            None,
-        ));
+    shared.seen.send_modify(|seen| *seen += 1);
+    match query.get("api-version").filter(|v| !v.is_empty()) {
+        None => {
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "BadParameter",
+                "The request URI contains an invalid or missing api-version query parameter.",
+                None,
+            ));
+        }
+        Some(version) if !API_VERSIONS.contains(&version.as_str()) => {
+            let latest = API_VERSIONS.last().copied().unwrap_or_default();
+            return Some(error(
+                StatusCode::BAD_REQUEST,
+                "BadParameter",
+                &format!(
+                    "The specified version ({version}) is not recognized. Consider using the latest supported version ({latest})."
+                ),
+                None,
+            ));
+        }
+        Some(_) => {}
     }
     let form = *shared.challenge_form.lock().unwrap();
     let Some(authorization) = headers.get(header::AUTHORIZATION) else {
@@ -289,9 +372,10 @@ pub(crate) fn refusal(
         Some(issued) if issued.resource.trim_end_matches('/') != RESOURCE => {
             Some(challenge(form, "AKV10022: Invalid audience."))
         }
-        Some(issued) if issued.expires_on <= now() => {
-            Some(challenge(form, "AKV10032: Token has expired."))
-        }
+        Some(issued) if issued.expires_on <= now() => Some(challenge(
+            form,
+            "[TokenExpired] Error validating token: 'S2S12086'.",
+        )),
         Some(_) => {
             shared.accepted.lock().unwrap().push(token.to_string());
             None
@@ -305,7 +389,7 @@ async fn latest(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    read(&shared, &name, None, &headers, &query)
+    read(&shared, &name, None, &headers, &query).await
 }
 
 async fn versioned(
@@ -314,7 +398,7 @@ async fn versioned(
     headers: HeaderMap,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    read(&shared, &name, Some(&version), &headers, &query)
+    read(&shared, &name, Some(&version), &headers, &query).await
 }
 
 async fn not_found() -> Response {
@@ -326,7 +410,7 @@ async fn not_found() -> Response {
     )
 }
 
-fn read(
+async fn read(
     shared: &Shared,
     name: &str,
     version: Option<&str>,
@@ -336,7 +420,20 @@ fn read(
     if let Some(response) = refusal(shared, headers, query) {
         return response;
     }
-    match *shared.fault.lock().unwrap() {
+    let fault = *shared.fault.lock().unwrap();
+    match fault {
+        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::Hold) => {
+            let mut released = shared.released.subscribe();
+            let generation = *released.borrow_and_update();
+            shared.held.fetch_add(1, Ordering::SeqCst);
+            // Counted out on every way out, a caller that gave up (the future dropped) too.
+            let _held = Held(&shared.held);
+            let _ = released.wait_for(|now| *now != generation).await;
+        }
+        _ => {}
+    }
+    match fault {
         Some(Fault::Throttled) => {
             let mut response = error(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -357,7 +454,7 @@ fn read(
                 None,
             );
         }
-        None => {}
+        Some(Fault::Delay(_) | Fault::Hold) | None => {}
     }
     if shared.denied.lock().unwrap().contains(name) {
         return error(
@@ -391,7 +488,7 @@ fn read(
     shared.reads.fetch_add(1, Ordering::SeqCst);
     let body: Value = json!({
         "value": found.value,
-        "id": format!("{}/secrets/{name}/{}", shared.base.get().map_or("", String::as_str), found.id),
+        "id": format!("{}/secrets/{name}/{}", base(shared, headers), found.id),
         "attributes": {
             "enabled": true,
             "created": found.created,
@@ -402,4 +499,13 @@ fn read(
         "tags": {}
     });
     Json(body).into_response()
+}
+
+/// Counts a held read out when dropped.
+struct Held<'a>(&'a AtomicUsize);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }

@@ -21,7 +21,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 
-use crate::key_vault::{Shared, error, now, refusal};
+use crate::key_vault::{Shared, base, error, now, refusal};
 use crate::random_hex;
 
 /// The kind of key a vault key is.
@@ -41,7 +41,7 @@ enum Private {
 struct KeyVersion {
     version: String,
     private: Private,
-    /// The public JWK without `kid` (added per answer, from the vault's base URI).
+    /// The public JWK without `kid` (added per answer, under the host the request named).
     public: Value,
     /// Public key as X.509 SubjectPublicKeyInfo DER, for verifiers.
     spki: Vec<u8>,
@@ -160,11 +160,9 @@ impl Keys {
     }
 }
 
-fn kid(shared: &Shared, name: &str, version: &str) -> String {
-    format!(
-        "{}/keys/{name}/{version}",
-        shared.base.get().map_or("", String::as_str)
-    )
+/// The full key id under the vault URL `base`.
+fn kid(base: &str, name: &str, version: &str) -> String {
+    format!("{base}/keys/{name}/{version}")
 }
 
 impl crate::KeyVaultDouble {
@@ -179,11 +177,14 @@ impl crate::KeyVaultDouble {
         self.shared().keys.create(name, KeyKind::Rsa, true)
     }
 
-    /// The latest version of key (or certificate) `name`, as a verifier sees it.
+    /// The latest version of key (or certificate) `name`, as a verifier sees it, with the
+    /// key id a caller gets that reaches the vault under its `vault.azure.net` name
+    /// ([`crate::key_vault::PUBLIC_HOST`]), as the tests' brokers do.
     pub fn public_key(&self, name: &str) -> Option<PublicKey> {
         let shared = self.shared();
         let found = shared.keys.find(name, None)?;
-        let kid = kid(shared, name, &found.version);
+        let base = format!("https://{}", crate::key_vault::PUBLIC_HOST);
+        let kid = kid(&base, name, &found.version);
         let mut jwk = found.public.clone();
         jwk["kid"] = kid.clone().into();
         Some(PublicKey {
@@ -297,7 +298,7 @@ fn get_key(
         return key_not_found(name);
     };
     let mut jwk = found.public.clone();
-    jwk["kid"] = kid(shared, name, &found.version).into();
+    jwk["kid"] = kid(&base(shared, headers), name, &found.version).into();
     let mut body = json!({ "key": jwk, "attributes": attributes(found.created), "tags": {} });
     if found.certificate.is_some() {
         body["managed"] = true.into();
@@ -347,7 +348,8 @@ async fn sign(
         .entry(name.clone())
         .or_default() += 1;
     shared.keys.signatures.lock().unwrap().push(encoded.clone());
-    Json(json!({ "kid": kid(&shared, &name, &version), "value": encoded })).into_response()
+    let kid = kid(&base(&shared, &headers), &name, &version);
+    Json(json!({ "kid": kid, "value": encoded })).into_response()
 }
 
 /// Signs `digest` as Key Vault does for `algorithm`: PKCS #1 v1.5 or PSS (salt as long as the
@@ -428,7 +430,7 @@ fn get_certificate(
         );
     };
     let der = found.certificate.as_deref().unwrap_or_default();
-    let base = shared.base.get().map_or("", String::as_str);
+    let base = base(shared, headers);
     let version = &found.version;
     Json(json!({
         "id": format!("{base}/certificates/{name}/{version}"),

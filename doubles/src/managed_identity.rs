@@ -1,6 +1,12 @@
 //! The App Service managed identity endpoint (`IDENTITY_ENDPOINT` / `IDENTITY_HEADER`), as
 //! azure_identity 1.x calls it: `GET ?api-version=2019-08-01&resource=...` with headers
 //! `x-identity-header` and `metadata: true`; 200 answers carry `expires_on` as a JSON string.
+//!
+//! A user-assigned identity is selected as App Service lets a caller select it: by
+//! `client_id`, by `principal_id` (or its alias `object_id`, which azure_identity sends), or by
+//! `mi_res_id` (its ARM resource id, compared case-insensitively as ARM ids are). Tokens are
+//! shaped like Entra's: a JWT whose `sub` and `oid` are the identity's object (principal) id,
+//! `appid` its client id, `aud` the resource; what a federated credential is matched on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +18,8 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::json;
 
 use crate::random_hex;
@@ -20,22 +28,65 @@ use crate::serve::{self, Server};
 /// Path of the endpoint; App Service uses a similar local URL.
 pub const PATH: &str = "/msi/token";
 
-/// What the vault double needs to know about a token this endpoint issued.
+/// The tenant the identities live in: the Entra token endpoint double's, so that a federated
+/// credential naming that tenant's issuer matches the identity's tokens.
+pub const TENANT: &str = crate::entra_token::TENANT;
+
+/// What the doubles that check a bearer or an assertion need to know about a token this
+/// endpoint issued (the registry stands in for Entra's signature, which no double can make).
 #[derive(Clone, Debug)]
 pub struct IssuedToken {
     pub resource: String,
     pub expires_on: u64,
-    /// The user-assigned identity it was issued to (`None`: system-assigned).
+    /// The user-assigned identity's client id (`None`: the system-assigned identity).
     pub client_id: Option<String>,
+    /// The identity's object (principal) id: the token's `sub` and `oid`.
+    pub object_id: String,
 }
 
 /// Tokens issued so far, by value: the "directory" the Key Vault double checks bearers against.
 pub type Issued = Arc<Mutex<HashMap<String, IssuedToken>>>;
 
+/// One managed identity: its client id, object (principal) id and ARM resource id.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub client_id: String,
+    pub object_id: String,
+    pub resource_id: String,
+}
+
+impl Identity {
+    /// A user-assigned identity with `client_id`, and an object id of its own (a different
+    /// GUID, as in Entra).
+    fn user_assigned(client_id: String) -> Self {
+        Self {
+            client_id,
+            object_id: guid(),
+            resource_id: "/subscriptions/00000000-0000-4000-8000-0000000000a1/resourceGroups/rg-token-broker/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id-token-broker".to_string(),
+        }
+    }
+}
+
+/// A random GUID-shaped id.
+fn guid() -> String {
+    let hex = random_hex(16);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
 #[derive(Default)]
 struct Shared {
     header: String,
-    client_id: Option<String>,
+    /// The only user-assigned identity the app has; `None`: only a system-assigned one.
+    user_assigned: Option<Identity>,
+    /// The system-assigned identity's object id (used when `user_assigned` is `None`).
+    system_object_id: String,
     issued: Issued,
     requests: AtomicUsize,
     /// The `client_id` of each request (`None` when absent), in order.
@@ -54,13 +105,14 @@ pub struct ManagedIdentityDouble {
 
 impl ManagedIdentityDouble {
     /// Starts the endpoint on `port` (0 for any). `client_id`, when given, is the only
-    /// identity the app "has", a user-assigned one: other client ids, and requests naming
-    /// none (which ask for a system-assigned identity the app does not have), get App
-    /// Service's 400. Without it, the app has only a system-assigned identity.
+    /// identity the app "has", a user-assigned one: requests selecting another identity, and
+    /// requests selecting none (which ask for a system-assigned identity the app does not
+    /// have), get App Service's 400. Without it, the app has only a system-assigned identity.
     pub async fn start(port: u16, client_id: Option<String>) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
             header: random_hex(16),
-            client_id,
+            user_assigned: client_id.map(Identity::user_assigned),
+            system_object_id: guid(),
             lifetime: Mutex::new(Duration::from_secs(24 * 3600)),
             ..Default::default()
         });
@@ -79,6 +131,22 @@ impl ManagedIdentityDouble {
     /// The `IDENTITY_HEADER` value.
     pub fn header(&self) -> &str {
         &self.shared.header
+    }
+
+    /// The user-assigned identity, when the app has one.
+    pub fn user_assigned(&self) -> Option<&Identity> {
+        self.shared.user_assigned.as_ref()
+    }
+
+    /// The object (principal) id of the identity tokens are issued to: the user-assigned
+    /// one's when the app has one, else the system-assigned one's.
+    pub fn object_id(&self) -> &str {
+        self.shared
+            .user_assigned
+            .as_ref()
+            .map_or(&self.shared.system_object_id, |identity| {
+                &identity.object_id
+            })
     }
 
     /// The registry of issued tokens, for the vault double.
@@ -104,6 +172,40 @@ impl ManagedIdentityDouble {
     /// Lifetime of tokens issued from now on.
     pub fn set_token_lifetime(&self, lifetime: Duration) {
         *self.shared.lifetime.lock().unwrap() = lifetime;
+    }
+
+    /// Ends every token issued so far, as the services that check them see it: the Key Vault
+    /// and Entra doubles refuse them from now on, while their holder, told a lifetime of a
+    /// day, still takes them for valid (a token revoked, or a clock that drifted). Returns
+    /// how many tokens were ended.
+    pub fn expire_issued(&self) -> usize {
+        let mut issued = self.shared.issued.lock().unwrap();
+        let ended = now().saturating_sub(1);
+        for token in issued.values_mut() {
+            token.expires_on = token.expires_on.min(ended);
+        }
+        issued.len()
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The selectors App Service's identity endpoint takes for a user-assigned identity, with
+/// what each names.
+const SELECTORS: [&str; 4] = ["client_id", "principal_id", "object_id", "mi_res_id"];
+
+/// Whether `value`, given for `selector`, names `identity`.
+fn names(identity: &Identity, selector: &str, value: &str) -> bool {
+    match selector {
+        "client_id" => value.eq_ignore_ascii_case(&identity.client_id),
+        "principal_id" | "object_id" => value.eq_ignore_ascii_case(&identity.object_id),
+        "mi_res_id" => value.eq_ignore_ascii_case(&identity.resource_id),
+        _ => false,
     }
 }
 
@@ -149,41 +251,75 @@ async fn token(
             "Identity endpoint failure (injected by the double).",
         );
     }
-    let requested_client = query.get("client_id");
     shared
         .client_ids
         .lock()
         .unwrap()
-        .push(requested_client.cloned());
-    match (requested_client, shared.client_id.as_ref()) {
-        (Some(requested), Some(assigned)) if requested == assigned => {}
-        (None, None) => {}
-        (Some(_), _) => {
+        .push(query.get("client_id").cloned());
+    let selected: Vec<(&str, &String)> = SELECTORS
+        .iter()
+        .filter_map(|selector| query.get(*selector).map(|value| (*selector, value)))
+        .collect();
+    let (client_id, object_id, resource_id) = match (&shared.user_assigned, selected.is_empty()) {
+        (Some(identity), false)
+            if selected
+                .iter()
+                .all(|(selector, value)| names(identity, selector, value)) =>
+        {
+            (
+                Some(identity.client_id.clone()),
+                identity.object_id.clone(),
+                Some(identity.resource_id.clone()),
+            )
+        }
+        (None, true) => (None, shared.system_object_id.clone(), None),
+        (_, false) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "No User Assigned or Delegated Managed Identity found for specified ClientId/ResourceId/PrincipalId.",
             );
         }
-        (None, Some(_)) => {
+        (Some(_), true) => {
             return error(
                 StatusCode::BAD_REQUEST,
                 "No MSI found for specified ClientId/ResourceId/PrincipalId (the app has no system-assigned identity).",
             );
         }
-    }
+    };
     let lifetime = *shared.lifetime.lock().unwrap();
-    let expires_on = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + lifetime.as_secs();
-    let access_token = format!("mi-{}", random_hex(24));
+    let issued_at = now();
+    let expires_on = issued_at + lifetime.as_secs();
+    let app_id = client_id
+        .clone()
+        .unwrap_or_else(|| "00000000-0000-0000-0000-00000000beef".to_string());
+    // Entra's shape: v2 tokens for the federation audience (the exchange app accepts v2), v1
+    // tokens for Azure resources such as Key Vault.
+    let issuer = if resource.starts_with("api://AzureADTokenExchange") {
+        format!("https://login.microsoftonline.com/{TENANT}/v2.0")
+    } else {
+        format!("https://sts.windows.net/{TENANT}/")
+    };
+    let mut claims = json!({
+        "aud": resource, "iss": issuer, "iat": issued_at, "nbf": issued_at, "exp": expires_on,
+        "sub": object_id, "oid": object_id, "appid": app_id, "appidacr": "2", "idtyp": "app",
+        "tid": TENANT, "uti": random_hex(8),
+    });
+    if let Some(resource_id) = &resource_id {
+        claims["xms_mirid"] = resource_id.clone().into();
+    }
+    let access_token = format!(
+        "{}.{}.{}",
+        URL_SAFE_NO_PAD.encode(r#"{"typ":"JWT","alg":"RS256","kid":"managed-identity-double"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string()),
+        URL_SAFE_NO_PAD.encode(random_hex(64)),
+    );
     shared.issued.lock().unwrap().insert(
         access_token.clone(),
         IssuedToken {
             resource: resource.clone(),
             expires_on,
-            client_id: requested_client.cloned(),
+            client_id: client_id.clone(),
+            object_id,
         },
     );
     Json(json!({
@@ -192,7 +328,7 @@ async fn token(
         "expires_on": expires_on.to_string(),
         "resource": resource,
         "token_type": "Bearer",
-        "client_id": shared.client_id.clone().unwrap_or_else(|| "00000000-0000-0000-0000-00000000beef".to_string()),
+        "client_id": app_id,
     }))
     .into_response()
 }

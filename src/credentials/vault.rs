@@ -1,11 +1,22 @@
 //! The Azure SDK clients of the configured Key Vault (secrets, keys, certificates) and the
 //! managed identity credential they share, built on first use so that startup does no TLS or
 //! credential work.
+//!
+//! azure_identity keeps the identity's token until five minutes before the expiry it was told,
+//! and offers no way to drop it: a token Key Vault refuses before then (401: revoked, or a
+//! clock that drifted) would be sent again on every read until then, a day for App Service's
+//! tokens. So the credential is renewable, and a Key Vault answer of 401 renews it and sends
+//! the request once more, with a token the identity endpoint gives anew.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use azure_core::credentials::TokenCredential;
-use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
+use async_trait::async_trait;
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::http::policies::{Policy, PolicyResult};
+use azure_core::http::{
+    ClientOptions, Context, ExponentialRetryOptions, Request, RetryOptions, StatusCode, Transport,
+};
 use azure_core::time::Duration as SdkDuration;
 use azure_identity::{
     AzureCliCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
@@ -28,7 +39,7 @@ pub(crate) struct Vault {
 
 pub(crate) struct Clients {
     /// The managed identity (or developer CLI) credential every client authenticates with;
-    /// federation asks it for its own tokens too.
+    /// federation asks it for its own tokens too. Renewed when Key Vault refuses its token.
     pub(crate) credential: Arc<dyn TokenCredential>,
     pub(crate) secrets: SecretClient,
     pub(crate) keys: KeyClient,
@@ -61,17 +72,31 @@ impl Vault {
 
     fn build(&self) -> Result<Clients, String> {
         let http = self.http.get().map_err(str::to_string)?;
-        let credential = credential(&self.settings, &self.identity, http)
-            .map_err(|error| format!("cannot build the credential: {error}"))?;
+        let renewable = {
+            let (settings, identity, http) =
+                (self.settings.clone(), self.identity.clone(), http.clone());
+            Arc::new(
+                RenewableCredential::new(move || credential(&settings, &identity, &http))
+                    .map_err(|error| format!("cannot build the credential: {error}"))?,
+            )
+        };
+        let credential: Arc<dyn TokenCredential> = renewable.clone();
         let uri = self.settings.uri.as_str();
         let verify = Some(self.settings.verify_challenge_resource);
         let failed =
             |error: azure_core::Error| format!("cannot build the Key Vault client: {error}");
+        let options = || {
+            let mut options = sdk_client_options(http);
+            options
+                .per_call_policies
+                .push(Arc::new(RenewOnUnauthorized(renewable.clone())));
+            options
+        };
         let secrets = SecretClient::new(
             uri,
             credential.clone(),
             Some(SecretClientOptions {
-                client_options: sdk_client_options(http),
+                client_options: options(),
                 verify_challenge_resource: verify,
                 ..Default::default()
             }),
@@ -81,7 +106,7 @@ impl Vault {
             uri,
             credential.clone(),
             Some(KeyClientOptions {
-                client_options: sdk_client_options(http),
+                client_options: options(),
                 verify_challenge_resource: verify,
                 ..Default::default()
             }),
@@ -91,7 +116,7 @@ impl Vault {
             uri,
             credential.clone(),
             Some(CertificateClientOptions {
-                client_options: sdk_client_options(http),
+                client_options: options(),
                 verify_challenge_resource: verify,
                 ..Default::default()
             }),
@@ -103,6 +128,102 @@ impl Vault {
             keys,
             certificates,
         })
+    }
+}
+
+type BuildCredential =
+    dyn Fn() -> azure_core::Result<Arc<dyn TokenCredential>> + Send + Sync + 'static;
+
+/// A credential that can be replaced by a new one (with an empty token cache).
+pub(crate) struct RenewableCredential {
+    current: parking_lot::Mutex<Arc<dyn TokenCredential>>,
+    /// Bumped by each renewal: a request renews only the credential it was sent with, so a
+    /// burst of refused requests costs one renewal.
+    generation: AtomicU64,
+    build: Box<BuildCredential>,
+}
+
+impl RenewableCredential {
+    fn new(
+        build: impl Fn() -> azure_core::Result<Arc<dyn TokenCredential>> + Send + Sync + 'static,
+    ) -> azure_core::Result<Self> {
+        Ok(Self {
+            current: parking_lot::Mutex::new(build()?),
+            generation: AtomicU64::new(0),
+            build: Box::new(build),
+        })
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the credential, unless another request did since `generation`; returns
+    /// whether the credential in use now differs from the one of `generation`.
+    fn renew(&self, generation: u64) -> bool {
+        let mut current = self.current.lock();
+        if self.generation() != generation {
+            return true;
+        }
+        match (self.build)() {
+            Ok(fresh) => {
+                *current = fresh;
+                self.generation.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            Err(error) => {
+                tracing::warn!(reason = %error, "the managed identity credential could not be built again");
+                false
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RenewableCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenewableCredential")
+            .field("generation", &self.generation())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl TokenCredential for RenewableCredential {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let current = self.current.lock().clone();
+        current.get_token(scopes, options).await
+    }
+}
+
+/// A Key Vault client's policy: a request Key Vault still answers 401 after the SDK's own
+/// challenge handling (its token refused) renews the credential and is sent once more. The
+/// SDK's authorization policy dropped its copy of the token on the 401, so the retry asks the
+/// renewed credential, which asks the identity endpoint.
+#[derive(Debug)]
+struct RenewOnUnauthorized(Arc<RenewableCredential>);
+
+#[async_trait]
+impl Policy for RenewOnUnauthorized {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        let generation = self.0.generation();
+        let response = next[0].send(ctx, request, &next[1..]).await?;
+        if response.status() != StatusCode::Unauthorized || !self.0.renew(generation) {
+            return Ok(response);
+        }
+        tracing::warn!(
+            "key vault refused the managed identity's token; retrying once with a new token"
+        );
+        request.body_mut().reset().await?;
+        next[0].send(ctx, request, &next[1..]).await
     }
 }
 

@@ -77,6 +77,24 @@ pub struct IdpStats {
 
 pub const RESOURCE: &str = "api://demo";
 
+/// One token request as the provider received it.
+#[derive(Deserialize, Debug, Clone)]
+pub struct IdpTokenRequest {
+    /// Every form field, as the provider parsed it (a repeated field is a list).
+    pub form: Option<serde_json::Map<String, Value>>,
+    /// Whether the request carried Basic credentials (`client_secret_basic`).
+    pub basic: bool,
+    /// The provider's answer.
+    pub status: u16,
+}
+
+impl IdpTokenRequest {
+    /// Form field `name`, when the request had it once.
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.form.as_ref()?.get(name)?.as_str()
+    }
+}
+
 /// Counters the provider keeps of its key set and discovery document downloads.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdpKeyStats {
@@ -198,6 +216,18 @@ impl Idp {
     pub async fn stats(&self) -> IdpStats {
         let url = self.issuer.clone() + "/_test/stats";
         reqwest::get(url).await.unwrap().json().await.unwrap()
+    }
+
+    /// The provider's record of the token requests it received (the last 1,000), oldest
+    /// first: the form of each, as the provider parsed it.
+    pub async fn token_requests(&self) -> Vec<IdpTokenRequest> {
+        #[derive(Deserialize)]
+        struct Recorded {
+            token_requests: Vec<IdpTokenRequest>,
+        }
+        let url = self.issuer.clone() + "/_test/requests";
+        let recorded: Recorded = reqwest::get(url).await.unwrap().json().await.unwrap();
+        recorded.token_requests
     }
 
     /// How often the provider's key set and discovery document were downloaded.

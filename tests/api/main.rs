@@ -4,6 +4,7 @@
 mod audit;
 mod callers;
 mod demo;
+mod doubles;
 mod errors;
 mod faults;
 mod fleet;

@@ -1,7 +1,7 @@
 //! The Azure paths production takes, end to end: a user-assigned managed identity, Key Vault
 //! challenge verification on (the vault under `vault.azure.net`, reached through an egress
-//! proxy), both challenge forms, a managed identity token that expires in a running broker,
-//! and a SIGTERM that arrives while a request is in flight.
+//! proxy), both challenge forms, a managed identity token the vault refuses before the expiry
+//! the broker was told, and a SIGTERM that arrives while a request is in flight.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -116,36 +116,68 @@ async fn challenge_verification_refuses_a_vault_outside_the_challenge_resource()
     assert_eq!(app.azure.vault.reads(), 0);
 }
 
+/// The identity endpoint issues tokens for a day, as App Service does, so azure_identity keeps
+/// the token (it renews one only in its last five minutes). The vault then stops accepting it
+/// (ended in the identity double: revoked, or a clock that drifted) while the broker still
+/// takes it for valid. The refusal grace is 0, so a broker that kept sending the refused token
+/// could only answer 503: the 200 is the broker having asked for a new token and read again.
 #[tokio::test]
-async fn an_expired_identity_token_is_replaced_at_the_next_key_vault_read() {
-    let app = spawn_app().await;
-    app.azure
-        .identity
-        .set_token_lifetime(Duration::from_secs(2));
+async fn a_token_the_vault_refuses_before_its_expiry_is_replaced_and_the_read_recovers() {
+    let app = spawn_app_with(Setup {
+        extra_config: "\n[cache]\nsecret_refusal_grace_seconds = 0\n".to_string(),
+        ..Setup::default()
+    })
+    .await;
     assert_eq!(app.token("demo").await.status(), 200);
     assert_eq!(app.azure.identity.requests(), 1);
     let first = app.azure.vault.accepted_tokens();
     assert_eq!(first.len(), 1);
-
-    // Until the vault itself would refuse it (bounded: the lifetime and a second of rounding).
     let expires_on = app.azure.identity.issued().lock().unwrap()[&first[0]].expires_on;
-    assert!(expires_on <= unix_now() + 3);
-    while unix_now() < expires_on {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    assert!(
+        expires_on > unix_now() + 23 * 3600,
+        "a day's token, far outside azure_identity's five-minute renewal window"
+    );
 
+    assert_eq!(app.azure.identity.expire_issued(), 1);
+    let (challenges, vault_requests) = (app.azure.vault.challenges(), app.azure.vault.requests());
     secret_changed(&app, "basic-secret").await;
     let response = app.token("demo").await;
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
-    assert_eq!(app.azure.vault.reads(), 2, "the secret was read again");
+    assert!(
+        app.azure.vault.requests() - vault_requests >= 2,
+        "the old token was sent and refused first"
+    );
+    assert_eq!(
+        app.azure.vault.challenges(),
+        challenges,
+        "every refusal was of a token, not of a request without one"
+    );
     assert_eq!(
         app.azure.identity.requests(),
         2,
-        "a new identity token for the read"
+        "one new identity token, no more"
     );
+    assert_eq!(app.azure.vault.reads(), 2, "the secret was read again");
     let accepted = app.azure.vault.accepted_tokens();
     assert_eq!(accepted.len(), 2);
     assert_ne!(accepted[1], accepted[0], "the read used the new token");
+    app.log_records_when(|r| {
+        r["message"]
+            == "key vault refused the managed identity's token; retrying once with a new token"
+    })
+    .await;
+    assert!(
+        !app.logs()
+            .iter()
+            .any(|line| line.contains("using the copy in memory")),
+        "the read itself succeeded: no copy was needed"
+    );
+
+    // The new token serves the reads after it: no further identity request.
+    secret_changed(&app, "basic-secret").await;
+    assert_eq!(app.token("demo").await.status(), 200);
+    assert_eq!(app.azure.vault.reads(), 3);
+    assert_eq!(app.azure.identity.requests(), 2);
 }
 
 const HELD: &str = r#"

@@ -132,6 +132,36 @@ async fn private_key_jwt_signs_in_key_vault_with_rs256_ps256_and_es256_once_per_
     let stats = app.idp.stats().await;
     assert_eq!(stats.token_errors, 0, "{stats:?}");
     assert_eq!(stats.token_issued, 4, "{stats:?}");
+    // The `kid` is the key id Key Vault answered, under the name the broker called it by
+    // (through the egress proxy), not the double's loopback address: what users register.
+    let requests = app.idp.token_requests().await;
+    assert_eq!(requests.len(), 4);
+    for request in &requests {
+        let assertion = request.field("client_assertion").expect("an assertion");
+        let header: Value = serde_json::from_slice(
+            &URL_SAFE_NO_PAD
+                .decode(assertion.split('.').next().unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        let key = match request.field("client_id") {
+            Some("broker-jwt-rs256") => "signing-rsa",
+            Some("broker-jwt-ps256") => "signing-rsa-pss",
+            _ => "signing-ec",
+        };
+        assert_eq!(
+            header["kid"],
+            app.azure.vault.public_key(key).unwrap().kid.as_str(),
+            "{header}"
+        );
+        assert!(
+            header["kid"]
+                .as_str()
+                .unwrap()
+                .starts_with("https://tests.vault.azure.net/keys/"),
+            "{header}"
+        );
+    }
 }
 
 /// The provider knows only the key's newest version from now on.
@@ -282,7 +312,7 @@ client_id = "entra-cert-app"
 auth_method = "private_key_jwt"
 client_assertion_key = {{ key_vault_certificate = "entra-cert" }}
 scopes = ["api://contoso/.default"]
-allowed_scopes = ["api://contoso/.default", "api://other/.default"]
+allowed_scopes = ["api://contoso/.default", "api://other/.default", "api://third/.default"]
 
 [connections.entra-cert-rs256]
 token_url = "{token_url}"
@@ -360,8 +390,9 @@ scopes = ["api://contoso/.default"]
         renewed.certificate.clone().unwrap(),
         renewed.spki.clone(),
     );
+    // (Entra takes one `/.default` scope per client credentials request: another resource.)
     let response = app
-        .get("/api/token/entra-cert?scope=api://contoso/.default%20api://other/.default")
+        .get("/api/token/entra-cert?scope=api://third/.default")
         .await;
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
     assert_eq!(entra.refusals(), vec![700027], "the old thumbprint, once");
@@ -487,7 +518,12 @@ async fn managed_identity_federation_sends_the_user_assigned_identitys_exchange_
         .unwrap();
     let entra = EntraTokenDouble::start().await.unwrap();
     entra.trust_identity(azure.identity.issued());
-    entra.set_federated("entra-federated-app", IDENTITY, AUDIENCE);
+    // Registered as the README says: the subject is the identity's object (principal) id.
+    let object_id = azure.identity.object_id().to_string();
+    assert_ne!(object_id, IDENTITY);
+    entra.set_federated("entra-federated-app", &object_id, AUDIENCE);
+    // And as it warns not to: with the identity's client id as the subject.
+    entra.set_federated("entra-client-id-subject-app", IDENTITY, AUDIENCE);
     let config = format!(
         r#"
 [key_vault]
@@ -507,6 +543,13 @@ token_url = "{token_url}"
 client_id = "entra-federated-app"
 auth_method = "managed_identity_federation"
 federation_audience = "api://AzureADTokenExchangeUSGov"
+scopes = ["api://contoso/.default"]
+
+[connections.client-id-subject]
+token_url = "{token_url}"
+client_id = "entra-client-id-subject-app"
+auth_method = "managed_identity_federation"
+scopes = ["api://contoso/.default"]
 "#,
         vault = azure.vault.uri(),
         token_url = entra.token_url(),
@@ -557,6 +600,20 @@ federation_audience = "api://AzureADTokenExchangeUSGov"
     assert_eq!(refused.status(), 502);
     assert_eq!(body_json(refused).await["upstream_error"], "invalid_client");
     assert_eq!(entra.refusals(), vec![700212]);
+    // A credential whose subject is the client id matches nothing the identity presents.
+    let refused = broker.token("client-id-subject").await;
+    assert_eq!(refused.status(), 502);
+    assert_eq!(body_json(refused).await["upstream_error"], "invalid_client");
+    assert_eq!(entra.refusals(), vec![700212, 700213]);
+    // What went to Entra: the identity's token as the assertion, one `/.default` scope.
+    for form in entra.forms() {
+        assert_eq!(
+            form.get("client_assertion_type").map(String::as_str),
+            Some(token_broker_doubles::entra_token::JWT_BEARER)
+        );
+        assert!(!form.contains_key("client_secret"), "{:?}", form.keys());
+        assert!(form["scope"].ends_with("/.default") && !form["scope"].contains(' '));
+    }
 
     let issued: Vec<String> = azure
         .identity

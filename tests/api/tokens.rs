@@ -3,7 +3,9 @@ use std::time::Duration;
 use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, jwk::JwkSet};
 use serde_json::Value;
 
-use crate::helpers::{MANAGED_IDENTITY_CLIENT_ID, RESOURCE, json, spawn_app};
+use crate::helpers::{
+    MANAGED_IDENTITY_CLIENT_ID, RESOURCE, Setup, json, post_secret, spawn_app, spawn_app_with,
+};
 
 /// Verifies an access token against the provider's published JWKS.
 async fn verify(app: &crate::helpers::TestApp, token: &str) -> Value {
@@ -265,4 +267,75 @@ async fn a_scope_in_a_post_form_is_honoured_and_any_other_body_is_refused() {
         "an empty body is a plain token request"
     );
     assert_eq!(json(response).await["scope"], "read");
+}
+
+/// A connection with every optional form field: `audience`, `resource` and `extra_params`,
+/// values with characters a form must encode.
+const SHAPED: &str = r#"
+[connections.shaped]
+token_url = "{token_url}"
+client_id = "broker-post"
+client_secret = { key_vault_secret = "post-secret" }
+auth_method = "client_secret_post"
+scopes = ["read", "write"]
+audience = "https://api.contoso.example/v1?x=1&y=2"
+resource = "api://demo"
+extra_params = { tenant = "contoso", "x-note" = "a b&c=d/é+%" }
+"#;
+
+#[tokio::test]
+async fn audience_resource_and_extra_params_reach_the_provider_as_configured() {
+    let app = spawn_app_with(Setup {
+        extra_config: SHAPED.to_string(),
+        ..Setup::default()
+    })
+    .await;
+    let response = app.token("shaped").await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let claims = verify(&app, json(response).await["access_token"].as_str().unwrap()).await;
+    assert_eq!(claims["aud"], RESOURCE, "the provider honoured `resource`");
+    assert_eq!(app.token("demo").await.status(), 200);
+
+    let requests = app.idp.token_requests().await;
+    assert_eq!(requests.len(), 2, "{requests:?}");
+    let (shaped, demo) = (&requests[0], &requests[1]);
+    assert_eq!(shaped.status, 200);
+    let fields = |request: &crate::helpers::IdpTokenRequest| -> Vec<String> {
+        let mut names: Vec<String> = request.form.as_ref().unwrap().keys().cloned().collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        fields(shaped),
+        [
+            "audience",
+            "client_id",
+            "client_secret",
+            "grant_type",
+            "resource",
+            "scope",
+            "tenant",
+            "x-note"
+        ],
+        "{shaped:?}"
+    );
+    assert_eq!(shaped.field("grant_type"), Some("client_credentials"));
+    assert_eq!(shaped.field("scope"), Some("read write"));
+    assert_eq!(
+        shaped.field("audience"),
+        Some("https://api.contoso.example/v1?x=1&y=2")
+    );
+    assert_eq!(shaped.field("resource"), Some("api://demo"));
+    assert_eq!(shaped.field("tenant"), Some("contoso"));
+    assert_eq!(shaped.field("x-note"), Some("a b&c=d/é+%"));
+    assert_eq!(shaped.field("client_id"), Some("broker-post"));
+    assert_eq!(
+        shaped.field("client_secret"),
+        Some(post_secret().as_str()),
+        "client_secret_post: the secret in the body, every reserved character intact"
+    );
+    assert!(!shaped.basic, "and no Basic credentials beside it");
+    // A connection without them sends none of them (and its secret only as Basic).
+    assert_eq!(fields(demo), ["grant_type", "scope"], "{demo:?}");
+    assert!(demo.basic);
 }

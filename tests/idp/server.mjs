@@ -1,8 +1,9 @@
 // The OAuth server the broker's tests and demo talk to: the real `oidc-provider` (an OpenID
 // Certified implementation), configured for the client-credentials grant with JWT access
-// tokens. Nothing here imitates OAuth; this file only configures the real server and adds a
-// read-only counter endpoint so tests can prove how many token requests and key set (JWKS) and
-// discovery downloads the broker made.
+// tokens. Nothing here imitates OAuth; this file only configures the real server and adds two
+// read-only endpoints: counters (`/_test/stats`), so tests can prove how many token requests
+// and key set (JWKS) and discovery downloads the broker made, and the form of every token
+// request (`/_test/requests`), so tests can prove what the broker sent.
 //
 // Usage: node server.mjs <config.json>
 //   config: {
@@ -36,6 +37,10 @@ const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: randomUUID(),
 const stats = {
   token_requests: 0, token_issued: 0, token_errors: 0, jwks_requests: 0, discovery_requests: 0,
 };
+// The last token requests, oldest first: each one's form fields as the provider parsed them
+// (every field, known to OAuth or not), whether it carried Basic credentials, and the status.
+const MAX_RECORDED = 1000;
+const tokenRequests = [];
 
 const server = createServer();
 server.on('error', (error) => {
@@ -96,6 +101,10 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
       ctx.body = stats;
       return;
     }
+    if (ctx.path === '/_test/requests' && ctx.method === 'GET') {
+      ctx.body = { token_requests: tokenRequests };
+      return;
+    }
     if (ctx.method === 'GET' && ctx.path === '/jwks') stats.jwks_requests += 1;
     if (ctx.method === 'GET' && ctx.path === '/.well-known/openid-configuration') {
       stats.discovery_requests += 1;
@@ -106,6 +115,13 @@ server.listen(config.port ?? 0, '127.0.0.1', () => {
     if (isToken) {
       if (ctx.status === 200) stats.token_issued += 1;
       else stats.token_errors += 1;
+      const form = ctx.oidc?.body;
+      tokenRequests.push({
+        form: form ? { ...form } : null,
+        basic: /^basic /i.test(ctx.get('authorization')),
+        status: ctx.status,
+      });
+      if (tokenRequests.length > MAX_RECORDED) tokenRequests.shift();
     }
   });
 
