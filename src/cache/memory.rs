@@ -372,6 +372,14 @@ impl TokenCache {
             }
         };
         let (fetch, outcome) = fetch;
+        if outcome == CacheOutcome::Joined {
+            // At DEBUG only (a cold burst writes one per caller): single flight made visible
+            // while the fetch is still in flight, not only in the audit record afterwards.
+            tracing::debug!(
+                connection = key.connection(),
+                "waiting for the token fetch in flight"
+            );
+        }
         fetch.await.map(|token| (token, outcome))
     }
 
@@ -610,26 +618,34 @@ mod tests {
                 tokio::spawn(async move { cache.get(&key).await })
             })
             .collect();
-        // Let every caller reach the cache before the single fetch is released.
-        while source.count() == 0 {
-            tokio::task::yield_now().await;
-        }
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        wait_until_idle().await;
+        assert_eq!(source.count(), 1, "every caller is waiting on one fetch");
         source.gate.add_permits(1);
-        let mut misses = 0;
+        let (mut misses, mut joined) = (0, 0);
         for caller in callers {
             let (token, outcome) = caller.await.unwrap().unwrap();
             assert_eq!(token_text(&token), "token-1");
-            assert!(matches!(outcome, CacheOutcome::Miss | CacheOutcome::Joined));
-            misses += usize::from(outcome == CacheOutcome::Miss);
+            match outcome {
+                CacheOutcome::Miss => misses += 1,
+                CacheOutcome::Joined => joined += 1,
+                other => panic!("{other:?}: every caller came while the fetch was held"),
+            }
         }
-        assert_eq!(misses, 1, "one caller started the fetch; 499 joined it");
+        assert_eq!(
+            (misses, joined),
+            (1, 499),
+            "one caller started the fetch; 499 joined it"
+        );
         assert_eq!(source.count(), 1);
         let (_, outcome) = cache.get(&key).await.unwrap();
         assert_eq!(outcome, CacheOutcome::Hit);
         assert_eq!(source.count(), 1);
+    }
+
+    /// Returns once every task has run until it waits: on the paused clock a timer fires only
+    /// when the runtime has nothing else to do, so this is a fact of the run, not a guess.
+    async fn wait_until_idle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -660,7 +676,7 @@ mod tests {
             );
             assert_eq!(token_text(&token), "token-1");
         }
-        tokio::task::yield_now().await;
+        wait_until_idle().await;
         assert_eq!(
             source.count(),
             2,
@@ -668,17 +684,12 @@ mod tests {
         );
 
         source.gate.add_permits(1);
-        while cache
-            .get(&key)
-            .await
-            .unwrap()
-            .0
-            .access_token
-            .expose_secret()
-            == "token-1"
-        {
-            tokio::task::yield_now().await;
-        }
+        wait_until_idle().await;
+        let (token, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!(
+            (token_text(&token), outcome),
+            ("token-2", CacheOutcome::Hit)
+        );
         assert_eq!(source.count(), 2);
     }
 
@@ -701,7 +712,7 @@ mod tests {
         for _ in 0..50 {
             cache.get(&key).await.unwrap();
         }
-        tokio::task::yield_now().await;
+        wait_until_idle().await;
         assert_eq!(source.count(), 2, "refreshes are spaced by backoff");
         // Past the normal hand-out window (100 s less a 10 s margin) but before expiry, the
         // failing refresh means the token is served stale rather than replaced by an error.
@@ -723,17 +734,10 @@ mod tests {
         );
     }
 
-    /// Yields until the source has seen `count` fetches and they have finished (bounded).
+    /// Waits until every task is idle (fetches finished or held at the gate), then checks
+    /// that the source has seen `count` fetches.
     async fn settle(source: &CountingSource, count: usize) {
-        for _ in 0..1000 {
-            if source.count() >= count {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        wait_until_idle().await;
         assert_eq!(source.count(), count);
     }
 
@@ -812,7 +816,7 @@ mod tests {
                 cache
                     .get(&key)
                     .await
-                    .map(|(t, _)| token_text(&t).to_string())
+                    .map(|(t, outcome)| (token_text(&t).to_string(), outcome))
             })
         };
         let first = get(key_of(["a"]));
@@ -823,16 +827,18 @@ mod tests {
         settle(&source, 6).await;
         // The key's entry survived five inserts past the bound: this caller joins its fetch.
         let second = get(key_of(["a"]));
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
+        wait_until_idle().await;
         assert_eq!(source.count(), 6, "no second fetch for a key in flight");
         source.gate.add_permits(Semaphore::MAX_PERMITS);
         let (first, second) = (
             first.await.unwrap().unwrap(),
             second.await.unwrap().unwrap(),
         );
-        assert_eq!(first, second);
+        assert_eq!(first.0, second.0);
+        assert_eq!(
+            (first.1, second.1),
+            (CacheOutcome::Miss, CacheOutcome::Joined)
+        );
         for other in others {
             other.await.unwrap().unwrap();
         }
@@ -875,18 +881,22 @@ mod tests {
             let (cache, key) = (cache.clone(), key.clone());
             tokio::spawn(async move { cache.get(&key).await.map(|_| ()) })
         };
-        while source.count() == 0 {
-            tokio::task::yield_now().await;
-        }
+        wait_until_idle().await;
+        assert_eq!(source.count(), 1, "the impatient caller's fetch is held");
         impatient.abort();
-        let patient = {
-            let (cache, key) = (cache.clone(), key.clone());
-            tokio::spawn(async move { cache.get(&key).await })
-        };
-        tokio::task::yield_now().await;
+        assert!(
+            impatient.await.unwrap_err().is_cancelled(),
+            "the caller went away while the fetch was held"
+        );
+        // Nobody waits for the fetch any more; it still runs to its end and fills the entry.
         source.gate.add_permits(1);
-        let (token, _) = patient.await.unwrap().unwrap();
-        assert_eq!(token_text(&token), "token-1");
+        wait_until_idle().await;
+        let (token, outcome) = cache.get(&key).await.unwrap();
+        assert_eq!(
+            (token_text(&token), outcome),
+            ("token-1", CacheOutcome::Hit),
+            "the fetch finished with no caller left waiting for it"
+        );
         assert_eq!(source.count(), 1);
     }
 

@@ -421,6 +421,40 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn keys_are_read_again_in_the_background_every_hour_and_not_before() {
+        let (source, store) = store(&["k1"]);
+        store.key("k1").await.unwrap();
+        for hour in 1..=2 {
+            // No earlier than the keys were last read.
+            let read_at = Instant::now();
+            // A key rotated in at the issuer; the broker learns of it only by reading again.
+            let rotated_in = format!("k{}", hour + 1);
+            source.kids.lock().unwrap().push(rotated_in.clone());
+            // A second short of an hour: lookups answer from the keys held and read nothing.
+            tokio::time::advance(MAX_AGE - Duration::from_secs(1)).await;
+            for _ in 0..10 {
+                assert_eq!(timed(&store, "k1").await.1, Duration::ZERO);
+            }
+            tokio::time::sleep(LATENCY * 2).await;
+            assert_eq!(downloads(&source), hour, "no download before the hour");
+            // The hour is up: the next lookup still answers at once from the keys held, and
+            // starts one download in the background, whatever the number of lookups.
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert!(read_at.elapsed() >= MAX_AGE);
+            for _ in 0..10 {
+                let (result, waited) = timed(&store, "k1").await;
+                assert!(result.is_ok());
+                assert_eq!(waited, Duration::ZERO, "no caller waits for the re-read");
+            }
+            tokio::time::sleep(LATENCY * 2).await;
+            assert_eq!(downloads(&source), hour + 1, "one re-read after the hour");
+            // The re-read brought the rotated-in key: found without a reload of its own.
+            assert!(store.key(&rotated_in).await.is_ok());
+            assert_eq!(downloads(&source), hour + 1);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_failed_download_backs_off_and_keeps_the_keys_held() {
         let (source, store) = store(&["k1"]);
         store.key("k1").await.unwrap();

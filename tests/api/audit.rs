@@ -14,6 +14,10 @@ use crate::helpers::{Setup, TestApp, jwt_callers, spawn_app, spawn_app_with};
 /// The broker's interval for aggregated cache-hit records (`audit::HIT_INTERVAL`).
 const HIT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The slowest a cache hit may be with stdout blocked: a hit's own work is a millisecond or so,
+/// the rest is slack for a loaded machine. Log output must not be what a request waits for.
+const SLOWEST_HIT: Duration = Duration::from_secs(1);
+
 /// Tokens the written records stand for (the sum of `count`), and the tokens reported lost.
 fn written_and_lost(records: &[Value]) -> (u64, u64) {
     let written = records
@@ -50,7 +54,7 @@ async fn audit_records_are_written_when_rust_log_asks_for_warnings_only() {
     .await;
     assert_eq!(app.token("demo").await.status(), 200);
     assert_eq!(app.token("demo").await.status(), 200);
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let records = app.audit_records();
     let caches: Vec<(&str, u64)> = records
         .iter()
@@ -129,16 +133,86 @@ async fn wait_for(app: &TestApp, since: Instant, done: impl Fn(&[Value]) -> bool
 async fn records_counted_at_shutdown_are_written_before_the_process_exits() {
     let mut app = spawn_app().await;
     assert_eq!(app.token("demo").await.status(), 200);
+    assert_eq!(app.token("demo").await.status(), 200);
+    // That hit's record comes at the end of the log writer's period: the next period ends
+    // 5 s later, time enough for the hits below to stay counted, not written, until SIGTERM.
+    let started = Instant::now();
+    wait_for(&app, started, |records| !hit_records(records).is_empty()).await;
+    let period_ended = Instant::now();
     let requests = (0..20).map(|_| app.token("demo"));
     for response in futures_util::future::join_all(requests).await {
         assert_eq!(response.status(), 200);
     }
+    // A fetch after them: its record is written at once, after anything queued before it, so
+    // once it is out, a record written per hit would be out too.
+    assert_eq!(app.get("/api/token/demo?scope=write").await.status(), 200);
+    wait_for(&app, period_ended, |records| {
+        records.iter().any(|r| r["scopes"] == "write")
+    })
+    .await;
     let (before, _) = written_and_lost(&app.log_records());
-    let status = app.terminate();
+    let waited = period_ended.elapsed();
+    assert!(
+        waited < HIT_INTERVAL - Duration::from_secs(1),
+        "the requests took {waited:?}: their period may have ended, the test proves nothing"
+    );
+    let status = app.terminate().await;
     assert!(status.success(), "{status:?}");
     let (written, lost) = written_and_lost(&app.log_records());
     println!("tokens written before SIGTERM {before}, after {written}");
-    assert_eq!((written, lost), (21, 0));
+    assert_eq!(
+        before, 3,
+        "before SIGTERM: the two fetches' records and the first hit's; the 20 hits only counted"
+    );
+    assert_eq!(
+        (written, lost),
+        (23, 0),
+        "SIGTERM wrote the 20 hits' record"
+    );
+    let hits: Vec<u64> = hit_records(&app.log_records())
+        .iter()
+        .map(|r| r["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        hits,
+        [1, 20],
+        "one record for the 20 hits, written at shutdown"
+    );
+}
+
+/// The broker's cap on its last log flush when stdout is blocked (`telemetry::SHUTDOWN_FLUSH`).
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+#[tokio::test]
+async fn sigterm_with_stdout_blocked_exits_within_the_five_second_flush_cap() {
+    // At debug every request writes a line: unread, they fill the pipe and block the writer.
+    let mut app = spawn_app_with(Setup {
+        rust_log: "debug",
+        ..Setup::default()
+    })
+    .await;
+    assert_eq!(app.token("demo").await.status(), 200);
+    app.pause_stdout();
+    let served = futures_util::stream::iter(0..2000)
+        .map(|_| async { app.token("demo").await.status() })
+        .buffer_unordered(16)
+        .filter(|status| std::future::ready(*status == 200))
+        .count()
+        .await;
+    assert_eq!(served, 2000);
+    let signalled = Instant::now();
+    app.send_sigterm().await;
+    let margin = Duration::from_secs(3);
+    let status = app.wait_for_exit(SHUTDOWN_FLUSH + margin).await;
+    let took = signalled.elapsed();
+    println!("with stdout blocked the broker exited {took:?} after SIGTERM: {status:?}");
+    let status = status.expect("the broker did not exit within the flush cap and a margin");
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= SHUTDOWN_FLUSH,
+        "exited after {took:?}: stdout was not blocked, the test proves nothing"
+    );
+    app.resume_stdout();
 }
 
 /// Requests `paths` (each as one of `bearers`, when any) from `clients` concurrent clients;
@@ -201,9 +275,13 @@ async fn under_load_the_counts_of_the_audit_records_add_up_to_every_token_served
     .await;
     let interval_hits = hit_records(&app.audit_records()).len();
     println!("the interval's hit records came {waited:?} after the first burst");
+    assert!(
+        waited < HIT_INTERVAL + Duration::from_secs(1),
+        "hit records are written every {HIT_INTERVAL:?}; these took {waited:?}"
+    );
     let second = load(&app, REQUESTS, 64, &paths, &bearers).await;
     // The second burst's hits are in memory until SIGTERM makes the broker write them.
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
 
     let records = app.log_records();
     let (written, lost) = written_and_lost(&records);
@@ -285,6 +363,12 @@ async fn a_full_stdout_pipe_holds_up_no_request_and_every_lost_record_is_counted
     println!(
         "{HITS} requests with stdout blocked in {:?}, slowest {slowest:?}",
         started.elapsed()
+    );
+    // A cache hit takes a millisecond or so; one that waited on the blocked stdout (or on a
+    // full queue) would take until the collector reads again.
+    assert!(
+        slowest < SLOWEST_HIT,
+        "a request took {slowest:?} with stdout blocked: log output held it up"
     );
     let seen_while_paused = app.logs().len();
 

@@ -208,7 +208,7 @@ async fn an_unknown_key_id_after_a_key_rotation_is_found_by_reloading_the_jwks()
     let before = app.idp.caller_token("caller-app").await;
     assert_eq!(app.get_as("/api/token/demo", &before).await.status(), 200);
     // The provider restarts with new signing keys (same issuer): a rotation.
-    app.idp.restart(|_| {});
+    app.idp.restart_async(|_| {}).await;
     let after = app.idp.caller_token("caller-app").await;
     let kid = |token: &str| jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
     assert_ne!(kid(&before), kid(&after), "the provider rotated its key");
@@ -274,7 +274,7 @@ async fn a_caller_not_listed_is_denied_even_when_the_token_is_cached() {
         app.get_as("/api/token/guarded", &listed).await.status(),
         200
     );
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let mut handed_out = std::collections::BTreeMap::<(String, String), u64>::new();
     for record in app.audit_records() {
         *handed_out
@@ -630,6 +630,63 @@ async fn entra_app(keys: &EntraKeysDouble) -> TestApp {
     .await
 }
 
+/// The leeway the clock-skew test configures: tokens are minted 20 s inside it or 45 s outside
+/// it, so that neither the machine's pace nor a second's rounding can move a case across.
+const SKEW_SECONDS: u64 = 30;
+
+#[tokio::test]
+async fn nbf_and_exp_are_checked_with_the_configured_clock_skew() {
+    let keys = EntraKeysDouble::start().await.unwrap();
+    let app = spawn_app_with(Setup {
+        extra_config: format!(
+            r#"
+[callers]
+mode = "jwt"
+issuer = "{issuer}"
+audience = "{BROKER_CLIENT_ID}"
+tenant = "{TENANT}"
+jwks_uri = "{jwks_uri}"
+clock_skew_seconds = {SKEW_SECONDS}
+"#,
+            issuer = v2_issuer(),
+            jwks_uri = keys.jwks_uri(),
+        ),
+        ..Setup::default()
+    })
+    .await;
+    let hour = 3600;
+    let within = SKEW_SECONDS - 10;
+    let beyond = SKEW_SECONDS + 15;
+    let with_times = |nbf: u64, exp: u64| {
+        let mut claims = v2_token(APIM_CLIENT_ID, APIM_OBJECT_ID, TENANT);
+        claims["iat"] = nbf.into();
+        claims["nbf"] = nbf.into();
+        claims["exp"] = exp.into();
+        sign(&keys, &claims)
+    };
+    // Not valid yet, but within the leeway of a clock that runs behind: accepted.
+    let early = with_times(now() + within, now() + hour);
+    assert_eq!(app.get_as("/api/token/demo", &early).await.status(), 200);
+    // Just expired, but within the leeway of a clock that runs ahead: accepted.
+    let late = with_times(now() - hour, now() - within);
+    assert_eq!(app.get_as("/api/token/demo", &late).await.status(), 200);
+    // Beyond the leeway either way: refused, saying which.
+    for (token, why) in [
+        (with_times(now() + beyond, now() + hour), "not valid yet"),
+        (with_times(now() - hour, now() - beyond), "expired"),
+    ] {
+        let response = app.get_as("/api/token/demo", &token).await;
+        assert_eq!(response.status(), 401, "{why}");
+        let body = json(response).await;
+        assert!(
+            body["error_description"].as_str().unwrap().contains(why),
+            "{why}: {body}"
+        );
+    }
+    let audit = app.audit_records_when(1).await;
+    assert_eq!(audit[0]["caller"], APIM_OBJECT_ID, "{}", audit[0]);
+}
+
 #[tokio::test]
 async fn v1_and_v2_entra_tokens_are_accepted_and_a_client_id_in_allowed_callers_matches() {
     let keys = EntraKeysDouble::start().await.unwrap();
@@ -642,7 +699,7 @@ async fn v1_and_v2_entra_tokens_are_accepted_and_a_client_id_in_allowed_callers_
         assert_eq!(response.status(), 200, "{token}");
     }
     // The audit line names the caller by its object id (the hit's once SIGTERM writes it).
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let callers: Vec<Value> = app
         .audit_records()
         .iter()
@@ -681,7 +738,7 @@ async fn a_user_signed_in_through_the_listed_client_is_denied_unless_the_user_is
     let denied = app.get_as("/api/token/signed-in", &bearer).await;
     assert_eq!(denied.status(), 403);
     // The audit lines name the user by object id, never the client the user came through.
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let callers: std::collections::BTreeSet<String> = app
         .audit_records()
         .iter()
@@ -861,8 +918,8 @@ const JWT_MODE: &str = r#"mode = "jwt"
 issuer = "https://login.microsoftonline.com/t/v2.0"
 audience = "api://token-broker""#;
 
-#[tokio::test]
-async fn a_connection_without_allowed_callers_stops_jwt_and_easy_auth_modes_from_starting() {
+#[test]
+fn a_connection_without_allowed_callers_stops_jwt_and_easy_auth_modes_from_starting() {
     let jwt = minimal_config(JWT_MODE, "");
     let easy_auth = minimal_config("mode = \"easy_auth\"", "");
     for (config, env) in [
@@ -886,8 +943,8 @@ async fn a_connection_without_allowed_callers_stops_jwt_and_easy_auth_modes_from
     assert!(ok, "{output}");
 }
 
-#[tokio::test]
-async fn easy_auth_refuses_to_start_unless_app_service_authentication_is_on() {
+#[test]
+fn easy_auth_refuses_to_start_unless_app_service_authentication_is_on() {
     let config = minimal_config(
         "mode = \"easy_auth\"",
         r#"allowed_roles = ["Tokens.Contoso"]"#,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{Value, json};
 use token_broker_doubles::Fault as VaultFault;
 use token_broker_doubles::fault_proxy::Fault;
 
@@ -347,22 +347,43 @@ async fn an_identity_endpoint_outage_on_a_cold_start_is_a_clean_bounded_503() {
 
 #[tokio::test]
 async fn a_caller_that_gives_up_does_not_cancel_the_fetch_others_wait_for() {
-    let app = faulty_app().await;
+    let app = hanging_app().await;
     let proxy = app.proxy.as_ref().unwrap();
-    proxy.push(Fault::Delay(Duration::from_millis(700)), 1);
-    let impatient = app
-        .request("/api/token/flaky")
-        .timeout(Duration::from_millis(100))
-        .send()
-        .await;
-    assert!(impatient.is_err(), "the first caller gave up");
-    let patient = app.token("flaky").await;
-    assert_eq!(patient.status(), 200);
-    assert_eq!(
-        proxy.requests(),
-        1,
-        "the second caller joined the first caller's fetch"
+    proxy.set_default(Fault::Hold);
+    // The first caller's request starts the fetch, which is held at the proxy; then the
+    // caller gives up: its connection is dropped while the fetch is in flight.
+    let impatient = tokio::spawn(app.request("/api/token/hanging").send());
+    assert!(
+        proxy.wait_for_requests(1, Duration::from_secs(30)).await,
+        "the first caller's fetch never reached the provider"
     );
+    impatient.abort();
+    assert!(
+        impatient.await.unwrap_err().is_cancelled(),
+        "the first caller gave up before its answer"
+    );
+    // A second caller joins the fetch still held, which then goes on.
+    let patient = tokio::spawn(app.request("/api/token/hanging").send());
+    app.log_count_when(
+        |r| r["message"] == "waiting for the token fetch in flight" && r["connection"] == "hanging",
+        1,
+    )
+    .await;
+    proxy.release_held();
+    let response = patient.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        (proxy.requests(), proxy.forwarded()),
+        (1, 1),
+        "the one fetch the first caller started served the second"
+    );
+    let joined = app
+        .audit_count_when(
+            |r| r["connection"] == "hanging" && r["cache"] == "joined",
+            1,
+        )
+        .await;
+    assert_eq!(joined, 1, "the second caller joined the first one's fetch");
 }
 
 /// The hanging connection's fetch is held at the proxy until the test lets it go, so "while
@@ -376,14 +397,18 @@ timeout_seconds = 60
 deadline_seconds = 60
 "#;
 
-#[tokio::test]
-async fn one_connections_outage_never_delays_another_connections_cache_hits() {
-    let app = spawn_app_with(Setup {
+async fn hanging_app() -> TestApp {
+    spawn_app_with(Setup {
         proxy: true,
         extra_config: HANGING.to_string(),
         ..Setup::default()
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn one_connections_outage_never_delays_another_connections_cache_hits() {
+    let app = hanging_app().await;
     let proxy = app.proxy.as_ref().unwrap();
     assert_eq!(app.token("demo").await.status(), 200);
     proxy.set_default(Fault::Hold);
@@ -424,6 +449,144 @@ async fn one_connections_outage_never_delays_another_connections_cache_hits() {
         "the held fetch completes once released"
     );
     assert_eq!(proxy.forwarded(), 1);
+}
+
+/// A connection with 20 s tokens behind the proxy: handed out until 18 s, then (a refresh
+/// failing) served `stale` until 19 s. Failures are quick: one attempt of at most 1 s.
+const TWENTY: &str = r#"
+[connections.twenty]
+token_url = "{proxy_url}/token"
+client_id = "broker-twenty"
+client_secret = { key_vault_secret = "twenty-secret" }
+timeout_seconds = 1
+deadline_seconds = 2
+max_retries = 0
+"#;
+
+/// The `twenty` connection's entry in `/api/health`.
+async fn twenty_health(app: &TestApp) -> Value {
+    let response = app.get("/api/health").await;
+    assert_eq!(response.status(), 200);
+    let body = body_json(response).await;
+    let mut connection = body["connections"]["twenty"].clone();
+    connection["status"] = body["status"].clone();
+    connection
+}
+
+#[tokio::test]
+async fn a_provider_down_past_the_refresh_time_means_stale_answers_and_health_says_stale() {
+    let app = spawn_app_with(Setup {
+        proxy: true,
+        extra_config: TWENTY.to_string(),
+        ..Setup::default()
+    })
+    .await;
+    let proxy = app.proxy.as_ref().unwrap();
+    let sent = Instant::now();
+    let first = body_json(app.token("twenty").await).await;
+    let expires_on = first["expires_on"].as_u64().unwrap();
+    assert_eq!(twenty_health(&app).await["token"], "fresh");
+    // The provider goes down before the refresh is due (10 to 15 s into the token's life).
+    proxy.set_default(Fault::Status {
+        status: 503,
+        retry_after: None,
+    });
+    // Call every 50 ms until the broker refuses: the cached token throughout, then a 503 only
+    // once it has at most a second to live. Health is read after every answer.
+    let mut seen = Vec::new();
+    let refusal = loop {
+        assert!(
+            sent.elapsed() < Duration::from_secs(30),
+            "no refusal within 30 s of a 20 s token"
+        );
+        let response = app.token("twenty").await;
+        if response.status() != 200 {
+            break response;
+        }
+        let body = body_json(response).await;
+        assert_eq!(
+            body["access_token"], first["access_token"],
+            "the cached token"
+        );
+        assert!(body["expires_in"].as_u64().unwrap() >= 1, "{body}");
+        let health = twenty_health(&app).await;
+        seen.push((
+            sent.elapsed(),
+            health["token"].as_str().unwrap().to_string(),
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        unix_now() + 1 >= expires_on,
+        "refused with more than a second of the token's life left"
+    );
+    assert_eq!(refusal.status(), 503);
+    assert!(refusal.headers().contains_key("retry-after"));
+    assert_eq!(body_json(refusal).await["error"], "upstream_unavailable");
+    // Health said `fresh`, then `stale` once answers were stale: never before the last tenth of
+    // the token's life (18 s after its fetch, which came after `sent`).
+    let first_stale = seen
+        .iter()
+        .position(|(_, token)| token == "stale")
+        .expect("health never said stale while the stale token was served");
+    println!(
+        "stale report | first stale answer {:?} after the fetch | {} answers, {} stale by health | upstream calls {}",
+        seen[first_stale].0,
+        seen.len(),
+        seen.len() - first_stale,
+        proxy.requests()
+    );
+    assert!(
+        seen[first_stale].0 >= Duration::from_secs(18),
+        "stale before the last tenth of the token's life: {:?}",
+        seen[first_stale].0
+    );
+    assert!(
+        seen[..first_stale]
+            .iter()
+            .all(|(_, token)| token == "fresh")
+    );
+    assert!(
+        seen[first_stale..]
+            .iter()
+            .all(|(_, token)| token == "stale")
+    );
+    let health = twenty_health(&app).await;
+    assert_eq!(
+        (health["last_fetch"].as_str(), health["status"].as_str()),
+        (Some("failed"), Some("degraded")),
+        "{health}"
+    );
+    assert!(proxy.requests() > 1, "refreshes were tried and failed");
+    // The audit says the same: the first answer a miss, the last ones `stale`, one token.
+    let stale_answers = (seen.len() - first_stale) as u64;
+    let stale = app
+        .audit_count_when(
+            |r| r["connection"] == "twenty" && r["cache"] == "stale",
+            stale_answers,
+        )
+        .await;
+    let audit: Vec<Value> = app
+        .audit_records()
+        .into_iter()
+        .filter(|r| r["connection"] == "twenty")
+        .collect();
+    assert_eq!(audit[0]["cache"], "miss");
+    assert!(
+        audit
+            .iter()
+            .all(|r| r["fingerprint"] == audit[0]["fingerprint"] && r["expires_on"] == expires_on),
+        "one token throughout"
+    );
+    assert_eq!(
+        stale, stale_answers,
+        "a stale record for every answer health called stale"
+    );
+    // Once the token has expired, health no longer reports one.
+    while unix_now() <= expires_on {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(twenty_health(&app).await["token"], "none");
 }
 
 fn unix_now() -> u64 {

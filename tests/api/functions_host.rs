@@ -177,7 +177,7 @@ async fn readiness_is_answered_and_forwarded_requests_are_served() {
 async fn sigterm_stops_the_broker_cleanly() {
     let mut app = spawn_app().await;
     assert_eq!(app.token("demo").await.status(), 200);
-    let status = app.terminate();
+    let status = app.terminate().await;
     assert!(status.success(), "{status:?}");
     let logs = app.logs().join("\n");
     assert!(logs.contains("shutdown signal received"), "{logs}");

@@ -102,27 +102,21 @@ pub struct IdpKeyStats {
     pub discovery_requests: u64,
 }
 
-impl Idp {
-    pub fn start(dir: &Path, clients: &[IdpClient]) -> Idp {
-        Self::launch(dir.join("idp.json"), clients.to_vec(), 0)
-    }
+/// A provider process just started, and the line it will print when it is ready.
+struct Launched {
+    child: Child,
+    stdin: ChildStdin,
+    ready: std::sync::mpsc::Receiver<String>,
+    config_path: std::path::PathBuf,
+    clients: Vec<IdpClient>,
+}
 
-    /// Starts the provider; a start that prints nothing within 20 s is retried once (seen
-    /// rarely on a loaded two-core machine), so a slow start cannot hang the suite.
-    fn launch(config_path: std::path::PathBuf, clients: Vec<IdpClient>, port: u16) -> Idp {
-        match Self::try_launch(&config_path, &clients, port) {
-            Ok(idp) => idp,
-            Err(reason) => {
-                eprintln!("oidc-provider start failed ({reason}); retrying once");
-                Self::try_launch(&config_path, &clients, port)
-                    .unwrap_or_else(|reason| panic!("{reason}"))
-            }
-        }
-    }
+/// How long a provider start may take before it counts as failed.
+const IDP_START: Duration = Duration::from_secs(20);
 
-    fn try_launch(config_path: &Path, clients: &[IdpClient], port: u16) -> Result<Idp, String> {
-        let config_path = config_path.to_path_buf();
-        let clients = clients.to_vec();
+impl Launched {
+    /// Writes the provider's configuration and starts it; does not wait.
+    fn spawn(config_path: &Path, clients: &[IdpClient], port: u16) -> Self {
         let config = serde_json::json!({
             "port": port,
             "resource": RESOURCE,
@@ -138,11 +132,11 @@ impl Idp {
                 "token_endpoint_auth_signing_alg": c.signing_alg,
             })).collect::<Vec<_>>(),
         });
-        std::fs::write(&config_path, config.to_string()).unwrap();
+        std::fs::write(config_path, config.to_string()).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp/server.mjs");
         let mut child = Command::new("node")
             .arg(script)
-            .arg(&config_path)
+            .arg(config_path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -150,40 +144,131 @@ impl Idp {
             .expect("node must be installed and tests/idp installed (npm ci)");
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
-        let (sender, receiver) = std::sync::mpsc::channel();
+        let (sender, ready) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut line = String::new();
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = sender.send(line);
         });
-        let Ok(line) = receiver.recv_timeout(Duration::from_secs(20)) else {
+        Self {
+            child,
+            stdin,
+            ready,
+            config_path: config_path.to_path_buf(),
+            clients: clients.to_vec(),
+        }
+    }
+
+    /// Waits for the ready line, blocking the calling thread (for callers that are not async).
+    fn wait(self) -> Result<Idp, String> {
+        let line = self.ready.recv_timeout(IDP_START).ok();
+        self.into_idp(line).map_err(|(mut child, reason)| {
             let _ = child.kill();
             let _ = child.wait();
-            return Err("oidc-provider did not print its ready line within 20 s".to_string());
+            reason
+        })
+    }
+
+    /// Waits for the ready line without blocking the runtime, which serves the doubles.
+    async fn wait_async(self) -> Result<Idp, String> {
+        let deadline = tokio::time::Instant::now() + IDP_START;
+        let line = loop {
+            match self.ready.try_recv() {
+                Ok(line) => break Some(line),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break None,
+                Err(std::sync::mpsc::TryRecvError::Empty)
+                    if tokio::time::Instant::now() >= deadline =>
+                {
+                    break None;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        match self.into_idp(line) {
+            Ok(idp) => Ok(idp),
+            Err((child, reason)) => {
+                reap(child).await;
+                Err(reason)
+            }
+        }
+    }
+
+    /// The running provider, or the process to stop and why.
+    fn into_idp(self, line: Option<String>) -> Result<Idp, (Child, String)> {
+        let Some(line) = line else {
+            return Err((
+                self.child,
+                format!(
+                    "oidc-provider did not print its ready line within {} s",
+                    IDP_START.as_secs()
+                ),
+            ));
         };
         let Ok(ready) = serde_json::from_str::<IdpReady>(&line) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!(
-                "oidc-provider did not start (run npm ci in tests/idp): {line:?}"
+            return Err((
+                self.child,
+                format!("oidc-provider did not start (run npm ci in tests/idp): {line:?}"),
             ));
         };
         Ok(Idp {
-            child,
-            _stdin: stdin,
-            config_path,
-            clients,
+            child: self.child,
+            _stdin: self.stdin,
+            config_path: self.config_path,
+            clients: self.clients,
             port: ready.port,
             token_endpoint: ready.token_endpoint,
             jwks_uri: ready.jwks_uri,
             issuer: ready.issuer,
         })
     }
+}
+
+/// Kills `child` and waits for it to end without blocking the runtime.
+async fn reap(mut child: Child) {
+    let _ = child.kill();
+    while matches!(child.try_wait(), Ok(None)) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+impl Idp {
+    /// Starts the provider, blocking the calling thread until it is ready; from an async test
+    /// use [`Idp::start_async`], which leaves the runtime free to serve the doubles.
+    pub fn start(dir: &Path, clients: &[IdpClient]) -> Idp {
+        let config_path = dir.join("idp.json");
+        // A start that prints nothing within 20 s is retried once (seen rarely on a loaded
+        // two-core machine), so a slow start cannot hang the suite.
+        Launched::spawn(&config_path, clients, 0)
+            .wait()
+            .or_else(|reason| {
+                eprintln!("oidc-provider start failed ({reason}); retrying once");
+                Launched::spawn(&config_path, clients, 0).wait()
+            })
+            .unwrap_or_else(|reason| panic!("{reason}"))
+    }
+
+    /// Starts the provider (see [`Idp::start`]) without blocking the runtime.
+    pub async fn start_async(dir: &Path, clients: &[IdpClient]) -> Idp {
+        let config_path = dir.join("idp.json");
+        match Launched::spawn(&config_path, clients, 0).wait_async().await {
+            Ok(idp) => idp,
+            Err(reason) => {
+                eprintln!("oidc-provider start failed ({reason}); retrying once");
+                Launched::spawn(&config_path, clients, 0)
+                    .wait_async()
+                    .await
+                    .unwrap_or_else(|reason| panic!("{reason}"))
+            }
+        }
+    }
 
     /// Restarts the provider on the same port (same issuer) with new signing keys, after
     /// `change` edits its clients: a key rotation, or a client secret changed at the provider.
     /// The port was free a moment ago but another process may take it meanwhile (or the old
     /// socket may linger): the start is retried for up to 20 s, then the test fails saying so.
+    /// Blocks the calling thread; from an async test use [`Idp::restart_async`].
     pub fn restart(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -191,7 +276,7 @@ impl Idp {
         change(&mut clients);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let replacement = loop {
-            match Self::try_launch(&self.config_path, &clients, self.port) {
+            match Launched::spawn(&self.config_path, &clients, self.port).wait() {
                 Ok(idp) => break idp,
                 Err(reason) if std::time::Instant::now() < deadline => {
                     eprintln!(
@@ -199,6 +284,41 @@ impl Idp {
                         self.port
                     );
                     std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(reason) => panic!(
+                    "oidc-provider could not get its port {} back within 20 s, so the issuer would change: {reason}",
+                    self.port
+                ),
+            }
+        };
+        assert_eq!(
+            replacement.port, self.port,
+            "the restarted provider kept its port"
+        );
+        *self = replacement;
+    }
+
+    /// [`Idp::restart`] without blocking the runtime, which serves the doubles meanwhile.
+    pub async fn restart_async(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
+        let _ = self.child.kill();
+        while matches!(self.child.try_wait(), Ok(None)) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut clients = self.clients.clone();
+        change(&mut clients);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let replacement = loop {
+            match Launched::spawn(&self.config_path, &clients, self.port)
+                .wait_async()
+                .await
+            {
+                Ok(idp) => break idp,
+                Err(reason) if tokio::time::Instant::now() < deadline => {
+                    eprintln!(
+                        "oidc-provider restart on port {} failed ({reason}); retrying",
+                        self.port
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(reason) => panic!(
                     "oidc-provider could not get its port {} back within 20 s, so the issuer would change: {reason}",
@@ -365,6 +485,12 @@ pub fn standard_clients() -> Vec<IdpClient> {
         ttl_seconds: 6,
         ..IdpClient::new("broker-short", "short-lived-secret", "client_secret_basic")
     };
+    // Long enough for a stale window: a 20 s token is handed out until 18 s, then served
+    // `stale` while a refresh fails until 19 s (a 6 s token's window is empty: 5 s to 5 s).
+    let twenty = IdpClient {
+        ttl_seconds: 20,
+        ..IdpClient::new("broker-twenty", TWENTY_SECRET, "client_secret_basic")
+    };
     let caller_short = IdpClient {
         ttl_seconds: 1,
         ..IdpClient::new("caller-short", CALLER_SECRET, "client_secret_post")
@@ -377,6 +503,7 @@ pub fn standard_clients() -> Vec<IdpClient> {
         IdpClient::new("broker-basic", TRICKY_SECRET, "client_secret_basic"),
         IdpClient::new("broker-post", &post_secret(), "client_secret_post"),
         short,
+        twenty,
         IdpClient::new("broker-setting", &setting_secret(), "client_secret_basic"),
         IdpClient::new("broker-rotating", ROTATION_V1, "client_secret_basic"),
         IdpClient::new("caller-app", CALLER_SECRET, "client_secret_post"),
@@ -384,6 +511,9 @@ pub fn standard_clients() -> Vec<IdpClient> {
         caller_short,
     ]
 }
+
+/// The secret of `broker-twenty`, the client with 20 s tokens (Key Vault: `twenty-secret`).
+pub const TWENTY_SECRET: &str = "twenty-seconds-secret";
 
 /// The rotating connection's secret before and after a rotation.
 pub const ROTATION_V1: &str = "rotation secret v1 /+=";
@@ -406,7 +536,7 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the IdP, the doubles and the broker, and waits until `/` answers.
 pub async fn spawn_app_with(setup: Setup) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let idp = Idp::start(dir.path(), &standard_clients());
+    let idp = Idp::start_async(dir.path(), &standard_clients()).await;
     // A user-assigned identity, as production uses: the identity double refuses requests
     // that do not name it.
     let azure = AzureDoubles::start(dir.path(), Some(MANAGED_IDENTITY_CLIENT_ID.to_string()))
@@ -423,6 +553,7 @@ pub async fn spawn_app_with(setup: Setup) -> TestApp {
     azure.vault.set_secret("basic-secret", TRICKY_SECRET);
     azure.vault.set_secret("post-secret", &post_secret());
     azure.vault.set_secret("short-secret", "short-lived-secret");
+    azure.vault.set_secret("twenty-secret", TWENTY_SECRET);
     azure
         .vault
         .set_secret("wrong-secret", "not-the-registered-secret");
@@ -581,7 +712,24 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
             }
         }));
     }
-    let port = wait_for_listening_port(&mut child, &logs);
+    let port = match listening_port(&mut child, &logs).await {
+        Ok(port) => port,
+        Err(reason) => {
+            reap(child).await;
+            // The readers end at the end of the pipes: the log is then complete.
+            tokio::task::spawn_blocking(move || {
+                for reader in log_readers {
+                    let _ = reader.join();
+                }
+            })
+            .await
+            .unwrap();
+            panic!(
+                "the broker {reason} without a \"token-broker listening\" line with its port; logs:\n{}",
+                logs.lock().unwrap().join("\n")
+            );
+        }
+    };
     let app = TestApp {
         child,
         log_readers,
@@ -613,17 +761,41 @@ fn rust_log(level: &str) -> String {
     }
 }
 
+/// The port a "token-broker listening" line in `logs` names, if one does.
+fn reported_port(logs: &Mutex<Vec<String>>) -> Option<u16> {
+    logs.lock().unwrap().iter().find_map(|line| {
+        let record: Value = serde_json::from_str(line).ok()?;
+        let port = (record["message"] == "token-broker listening").then(|| record["port"].as_u64());
+        port.flatten()
+            .map(|port| u16::try_from(port).expect("a port number"))
+    })
+}
+
+/// The port the broker reports in its "token-broker listening" line, waited for at most 30 s
+/// without blocking the runtime; else why not (it exited, or ran 30 s without saying).
+async fn listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> Result<u16, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(port) = reported_port(logs) {
+            return Ok(port);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            return Err(format!("exited ({status})"));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err("ran for 30 s".to_string());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The port the broker reports in its "token-broker listening" line, waited for at most 30 s.
-/// Fails at once, with the log, when the broker exits instead.
+/// Fails at once, with the log, when the broker exits instead. Blocks the calling thread.
 pub fn wait_for_listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> u16 {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let port = logs.lock().unwrap().iter().find_map(|line| {
-            let record: Value = serde_json::from_str(line).ok()?;
-            (record["message"] == "token-broker listening").then(|| record["port"].as_u64())?
-        });
-        if let Some(port) = port {
-            return u16::try_from(port).expect("a port number");
+        if let Some(port) = reported_port(logs) {
+            return port;
         }
         let exited = child.try_wait().unwrap();
         if exited.is_some() || std::time::Instant::now() >= deadline {
@@ -744,6 +916,28 @@ impl TestApp {
         );
     }
 
+    /// How many log records match `predicate`, once at least `at_least` do (waited for at most
+    /// 30 s): how a test learns that the broker has reached a point it logs.
+    pub async fn log_count_when(
+        &self,
+        predicate: impl Fn(&Value) -> bool,
+        at_least: usize,
+    ) -> usize {
+        let count = || self.log_records().iter().filter(|r| predicate(r)).count();
+        for _ in 0..3000 {
+            let matching = count();
+            if matching >= at_least {
+                return matching;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{} matching log lines, fewer than {at_least}, after 30 s:\n{}",
+            count(),
+            self.logs().join("\n")
+        );
+    }
+
     /// The tokens handed out that audit records matching `predicate` account for (the sum of
     /// their `count`), once it reaches `at_least`: cache hits are written as one record per
     /// caller and token every 5 s, so this waits up to 15 s.
@@ -752,7 +946,11 @@ impl TestApp {
             self.audit_records()
                 .iter()
                 .filter(|record| predicate(record))
-                .map(|record| record["count"].as_u64().unwrap_or(0))
+                .map(|record| {
+                    record["count"]
+                        .as_u64()
+                        .unwrap_or_else(|| panic!("an audit record without a count: {record}"))
+                })
                 .sum()
         };
         for _ in 0..1500 {
@@ -814,16 +1012,15 @@ impl TestApp {
         body
     }
 
-    /// Sends SIGTERM and returns at once.
-    pub fn send_sigterm(&self) {
+    /// Sends SIGTERM and returns once it is sent.
+    pub async fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
+        let sent = tokio::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}: {sent}");
     }
 
     /// Waits for the process to end, at most `within`; its exit status, if it ended.
@@ -840,16 +1037,26 @@ impl TestApp {
         }
     }
 
-    /// Sends SIGTERM and waits for the process to end; returns its exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let status = self.child.wait().unwrap();
+    /// Sends SIGTERM and waits (at most 60 s, without blocking the runtime, which serves the
+    /// doubles a request in flight may still need) for the process to end; its exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm().await;
+        let Some(status) = self.wait_for_exit(Duration::from_secs(60)).await else {
+            panic!(
+                "the broker did not exit within 60 s of SIGTERM; logs:\n{}",
+                self.logs().join("\n")
+            );
+        };
         // The process has exited, but its last lines may still be in the pipe: read them all
         // before the caller looks at the log (the readers end at end of file).
-        for reader in self.log_readers.drain(..) {
-            let _ = reader.join();
-        }
+        let readers: Vec<_> = self.log_readers.drain(..).collect();
+        tokio::task::spawn_blocking(move || {
+            for reader in readers {
+                let _ = reader.join();
+            }
+        })
+        .await
+        .unwrap();
         status
     }
 }
@@ -863,6 +1070,7 @@ impl TestApp {
         let mut needles: Vec<String> = [
             TRICKY_SECRET,
             "short-lived-secret",
+            TWENTY_SECRET,
             "not-the-registered-secret",
             ROTATION_V1,
             ROTATION_V2,

@@ -71,7 +71,7 @@ async fn every_answer_to_generated_requests_matches_the_openapi_document() {
     // The broker took real traffic, tokens included, and handed them only to the caller whose
     // token schemathesis presented: generated requests without it never got one.
     let mut app = app;
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     // No answer was a 500, and nothing panicked, whatever schemathesis made of the answers.
     let internal: Vec<String> = app
         .logs()

@@ -207,7 +207,7 @@ async fn sigterm_with_a_request_in_flight_loses_nothing() {
         proxy.wait_for_requests(1, Duration::from_secs(30)).await,
         "the request's token fetch never reached the provider"
     );
-    app.send_sigterm();
+    app.send_sigterm().await;
     app.log_records_when(|r| {
         r["message"]
             .as_str()

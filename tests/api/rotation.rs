@@ -25,14 +25,16 @@ fn new_version_event(secret: &str, version: &str) -> Value {
     })
 }
 
-fn rotate_at_provider(app: &mut TestApp) {
-    app.idp.restart(|clients| {
-        let client = clients
-            .iter_mut()
-            .find(|c| c.client_id == "broker-rotating")
-            .unwrap();
-        client.client_secret = ROTATION_V2.to_string();
-    });
+async fn rotate_at_provider(app: &mut TestApp) {
+    app.idp
+        .restart_async(|clients| {
+            let client = clients
+                .iter_mut()
+                .find(|c| c.client_id == "broker-rotating")
+                .unwrap();
+            client.client_secret = ROTATION_V2.to_string();
+        })
+        .await;
 }
 
 #[tokio::test]
@@ -42,7 +44,7 @@ async fn a_rotation_already_in_key_vault_causes_no_error_for_callers() {
     assert_eq!(first.status(), 200, "{}", first.text().await.unwrap());
     // The secret is rotated everywhere, but the broker still holds v1 in memory (TTL).
     app.azure.vault.set_secret("rotating-secret", ROTATION_V2);
-    rotate_at_provider(&mut app);
+    rotate_at_provider(&mut app).await;
     // A new scope set needs a new token: v1 is refused, Key Vault is re-read, v2 works.
     let response = app.get("/api/token/rotating?scope=read").await;
     let status = response.status();
@@ -72,7 +74,7 @@ async fn the_previous_version_keeps_working_until_the_provider_accepts_the_new_o
     let stats = app.idp.stats().await;
     assert_eq!((stats.token_errors, stats.token_issued), (1, 2));
     // Now the provider accepts only v2: the next fetch switches to it, still without error.
-    rotate_at_provider(&mut app);
+    rotate_at_provider(&mut app).await;
     deliver(&app, new_version_event("rotating-secret", &version)).await;
     assert_eq!(app.token("rotating").await.status(), 200);
 }
@@ -82,7 +84,7 @@ async fn a_key_vault_event_makes_a_rotation_take_effect_at_once() {
     let mut app = spawn_app().await;
     let before = body_json(app.token("rotating").await).await["access_token"].clone();
     let version = app.azure.vault.set_secret("rotating-secret", ROTATION_V2);
-    rotate_at_provider(&mut app);
+    rotate_at_provider(&mut app).await;
     // The event arrives as a JSON string this time, with camelCase keys as in the docs.
     let mut event = new_version_event("rotating-secret", &version);
     event["data"] = json!({ "id": "x", "vaultName": "kv", "objectType": "Secret", "objectName": "rotating-secret", "version": version });
@@ -157,7 +159,7 @@ async fn a_double_encoded_rotation_event_makes_the_broker_read_key_vault_again()
     assert_eq!(app.token("rotating").await.status(), 200);
     assert_eq!(app.azure.vault.reads(), 2, "Key Vault was read again");
     // The hit's record is written at the end of its interval, here at SIGTERM.
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let mut caches: Vec<String> = app
         .audit_records()
         .iter()

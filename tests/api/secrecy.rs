@@ -38,7 +38,7 @@ async fn secrets_tokens_and_function_keys_never_reach_the_trace_log() {
     assert_eq!(tokens.len(), 6, "three connections served tokens twice");
     let mut app = app;
     // Stop the broker so that every line it wrote is flushed before the scan.
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let logs = app.logs();
     assert!(
         logs.len() > 50,

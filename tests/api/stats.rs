@@ -7,15 +7,26 @@ use serde_json::Value;
 
 use crate::helpers::{Setup, spawn_app_with};
 
-/// The sum of `field` (a number, or a path into an object of counts) over `lines`.
+/// The sum of `path` over `lines`: a field every line must carry (`["requests"]`), or a count
+/// in one of its objects of counts (`["requests_by_status", "200"]`), which leaves a name out
+/// when its count is zero. A missing field or object fails the test; it is never read as 0.
 fn sum(lines: &[Value], path: &[&str]) -> u64 {
     lines
         .iter()
         .map(|line| {
-            path.iter()
-                .fold(line, |value, key| &value[*key])
-                .as_u64()
-                .unwrap_or(0)
+            let (name, objects) = path.split_last().expect("a field name");
+            let holder = objects.iter().fold(line, |value, key| {
+                value
+                    .get(*key)
+                    .unwrap_or_else(|| panic!("a stats line without {key}: {line}"))
+            });
+            match holder.get(*name) {
+                Some(count) => count
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{path:?} is not a count: {line}")),
+                None if !objects.is_empty() && holder.is_object() => 0,
+                None => panic!("a stats line without {path:?}: {line}"),
+            }
         })
         .sum()
 }
@@ -62,7 +73,7 @@ async fn stats_lines_count_requests_cache_outcomes_fetches_and_key_vault_reads()
     assert!(line.get("shared_hits").is_none(), "{line}");
 
     // SIGTERM writes the last partial period: summed, the lines hold every count.
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let lines: Vec<Value> = app
         .log_records()
         .into_iter()
@@ -137,7 +148,7 @@ stats_interval_seconds = 1
     })
     .await;
     assert_eq!(app.token("fragile").await.status(), 503);
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let last = app
         .log_records()
         .into_iter()

@@ -1,10 +1,13 @@
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, jwk::JwkSet};
 use serde_json::Value;
+use token_broker_doubles::fault_proxy::Fault;
 
 use crate::helpers::{
-    MANAGED_IDENTITY_CLIENT_ID, RESOURCE, Setup, json, post_secret, spawn_app, spawn_app_with,
+    MANAGED_IDENTITY_CLIENT_ID, RESOURCE, Setup, TestApp, json, post_secret, spawn_app,
+    spawn_app_with,
 };
 
 /// Verifies an access token against the provider's published JWKS.
@@ -93,7 +96,7 @@ async fn a_second_request_is_a_cache_hit() {
         "the secret is read once, not per request"
     );
     // Hits are recorded once per interval: SIGTERM writes the one counted so far.
-    assert!(app.terminate().success());
+    assert!(app.terminate().await.success());
     let audit = app.audit_records();
     let outcomes: Vec<&str> = audit.iter().map(|r| r["cache"].as_str().unwrap()).collect();
     assert_eq!(outcomes, ["miss", "hit"]);
@@ -137,13 +140,78 @@ async fn a_requested_scope_overrides_the_default_and_is_cached_apart() {
     );
 }
 
+/// The broker's debug line for a caller that waits for a fetch another caller started.
+fn waiting_on(connection: &'static str) -> impl Fn(&Value) -> bool {
+    move |record| {
+        record["message"] == "waiting for the token fetch in flight"
+            && record["connection"] == connection
+    }
+}
+
+/// The audited tokens of `connection` by cache outcome (`miss`, `joined`, `hit`, `stale`).
+fn outcomes(audit: &[Value], connection: &str) -> BTreeMap<String, u64> {
+    let mut counts = BTreeMap::new();
+    for record in audit.iter().filter(|r| r["connection"] == connection) {
+        *counts
+            .entry(record["cache"].as_str().unwrap().to_string())
+            .or_default() += record["count"].as_u64().unwrap();
+    }
+    counts
+}
+
+/// A connection behind the fault proxy, whose token request a test holds until it lets go.
+const HELD: &str = r#"
+[connections.held]
+token_url = "{proxy_url}/token"
+client_id = "broker-post"
+client_secret = { key_vault_secret = "post-secret" }
+auth_method = "client_secret_post"
+timeout_seconds = 60
+deadline_seconds = 60
+
+[connections.ahead]
+token_url = "{proxy_url}/token"
+client_id = "broker-short"
+client_secret = { key_vault_secret = "short-secret" }
+timeout_seconds = 60
+deadline_seconds = 60
+"#;
+
+async fn held_app() -> TestApp {
+    spawn_app_with(Setup {
+        proxy: true,
+        extra_config: HELD.to_string(),
+        ..Setup::default()
+    })
+    .await
+}
+
 #[tokio::test]
 async fn two_hundred_concurrent_cold_requests_cause_one_token_request() {
-    let app = spawn_app().await;
-    let requests = (0..200).map(|_| app.token("posty"));
-    let responses = futures_util::future::join_all(requests).await;
+    const CALLERS: usize = 200;
+    let app = held_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    // The token request is held at the proxy until every caller is known to wait for it, so
+    // that "concurrent" is a fact of the run rather than a matter of timing.
+    proxy.set_default(Fault::Hold);
+    let callers: Vec<_> = (0..CALLERS)
+        .map(|_| tokio::spawn(app.request("/api/token/held").send()))
+        .collect();
+    assert!(
+        proxy.wait_for_requests(1, Duration::from_secs(30)).await,
+        "the token request never reached the provider"
+    );
+    app.log_count_when(waiting_on("held"), CALLERS - 1).await;
+    assert_eq!(
+        (proxy.requests(), proxy.forwarded()),
+        (1, 0),
+        "one token request, still held, while {} callers wait",
+        CALLERS - 1
+    );
+    proxy.release_held();
     let mut tokens = std::collections::HashSet::new();
-    for response in responses {
+    for caller in callers {
+        let response = caller.await.unwrap().unwrap();
         assert_eq!(response.status(), 200);
         tokens.insert(
             json(response).await["access_token"]
@@ -155,77 +223,105 @@ async fn two_hundred_concurrent_cold_requests_cause_one_token_request() {
     assert_eq!(tokens.len(), 1);
     let stats = app.idp.stats().await;
     println!(
-        "single flight: 200 concurrent cold requests -> {} token request(s)",
+        "single flight: {CALLERS} concurrent cold requests -> {} token request(s)",
         stats.token_requests
     );
-    assert_eq!(stats.token_requests, 1);
+    assert_eq!((stats.token_requests, proxy.requests()), (1, 1));
     assert_eq!(app.azure.vault.reads(), 1);
     // The audit trail tells the same story: 200 tokens handed out, all one token; the one
-    // caller whose request started the fetch is the `miss`, the callers that waited for that
-    // same fetch are `joined`, any later one a hit (hits are counted per interval).
-    let total = app.audit_count_when(|_| true, 200).await;
-    assert_eq!(total, 200, "the records account for exactly the 200 tokens");
+    // caller whose request started the fetch is the `miss`, the 199 that waited for that same
+    // fetch are `joined`.
+    let total = app
+        .audit_count_when(|r| r["connection"] == "held", CALLERS as u64)
+        .await;
+    assert_eq!(
+        total, CALLERS as u64,
+        "the records account for exactly the tokens"
+    );
     let audit = app.audit_records();
     let fingerprints: std::collections::HashSet<&str> = audit
         .iter()
         .map(|r| r["fingerprint"].as_str().unwrap())
         .collect();
     assert_eq!(fingerprints.len(), 1, "one token in every record");
-    let count = |cache: &str| -> u64 {
-        audit
-            .iter()
-            .filter(|r| r["cache"] == cache)
-            .map(|r| r["count"].as_u64().unwrap())
-            .sum()
-    };
-    let (misses, joined, hits) = (count("miss"), count("joined"), count("hit"));
-    println!("single flight: audit accounts {misses} miss, {joined} joined, {hits} hits");
+    let counts = outcomes(&audit, "held");
+    println!("single flight: audit accounts {counts:?}");
     assert_eq!(
-        misses, 1,
-        "single flight: exactly one caller's request started the fetch"
+        counts,
+        BTreeMap::from([
+            ("joined".to_string(), CALLERS as u64 - 1),
+            ("miss".to_string(), 1)
+        ]),
+        "single flight: one caller started the fetch, every other one joined it"
     );
-    assert_eq!(misses + joined + hits, 200);
 }
 
 #[tokio::test]
 async fn short_lived_tokens_are_refreshed_ahead_without_callers_waiting() {
     // The provider issues 6 s tokens for this client: a refresh is due after 3 to 4.5 s, and a
-    // token is handed out until 5 s. Callers every 50 ms for 6 s must always get a token from
-    // memory (no miss after the first) and see it change without an error.
-    let mut app = spawn_app().await;
-    let mut seen = Vec::<String>::new();
-    for _ in 0..120 {
-        let response = app.token("short").await;
+    // token is handed out until 5 s. The refresh is held at the proxy: callers go on getting
+    // the cached token from memory while it is in flight, none of them waits for it.
+    let mut app = held_app().await;
+    let proxy = app.proxy.as_ref().unwrap();
+    let token = |body: Value| body["access_token"].as_str().unwrap().to_string();
+    // Callers are answered at once or not at all: one that waited for the held refresh would
+    // hang until it is released.
+    let call = || async {
+        let response = tokio::time::timeout(Duration::from_secs(2), app.token("ahead"))
+            .await
+            .expect("a caller waited for the refresh");
         assert_eq!(response.status(), 200);
-        let token = json(response).await["access_token"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        if seen.last() != Some(&token) {
-            seen.push(token);
-        }
+        json(response).await
+    };
+    let sent = Instant::now();
+    let first = token(call().await);
+    proxy.set_default(Fault::Hold);
+    let mut calls = 1;
+    while proxy.requests() < 2 {
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "no refresh within the token's hand-out window"
+        );
+        assert_eq!(token(call().await), first);
+        calls += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(app.terminate().success());
+    // The refresh has reached the provider and is held. Until the token's 5 s are up (counted
+    // from before its fetch, so on the safe side) callers keep getting it.
+    let mut while_held = 0;
+    while while_held < 5 && sent.elapsed() < Duration::from_millis(4800) {
+        assert_eq!(token(call().await), first);
+        calls += 1;
+        while_held += 1;
+    }
+    assert!(while_held > 0, "no caller came while the refresh was held");
+    assert_eq!(proxy.forwarded(), 1, "the refresh was held throughout");
+    proxy.release_held();
+    let refreshed = loop {
+        let current = token(call().await);
+        calls += 1;
+        if current != first {
+            break current;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "the released refresh never replaced the token"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_ne!(refreshed, first);
+    let upstream = (proxy.requests(), proxy.forwarded());
+    assert!(app.terminate().await.success());
     let audit = app.audit_records();
     let handed_out: u64 = audit.iter().map(|r| r["count"].as_u64().unwrap()).sum();
-    assert_eq!(handed_out, 120, "the audit counts every token");
-    let misses = audit.iter().filter(|r| r["cache"] == "miss").count();
+    assert_eq!(handed_out, calls, "the audit counts every token");
+    let counts = outcomes(&audit, "ahead");
     assert_eq!(
-        misses, 1,
-        "only the very first request waited for the provider"
+        counts,
+        BTreeMap::from([("hit".to_string(), calls - 1), ("miss".to_string(), 1)]),
+        "only the very first request waited for the provider; no caller joined the refresh"
     );
-    assert!(
-        seen.len() >= 2,
-        "the token was refreshed: {} distinct",
-        seen.len()
-    );
-    let stats = app.idp.stats().await;
-    assert_eq!(
-        stats.token_requests as usize,
-        seen.len(),
-        "one request per refresh"
-    );
+    assert_eq!(upstream, (2, 2), "one request per refresh");
 }
 
 #[tokio::test]
