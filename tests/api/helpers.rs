@@ -583,17 +583,50 @@ fn rust_log(level: &str) -> String {
     }
 }
 
+/// The port of the broker's "token-broker listening" line, once it is logged.
+fn reported_port(logs: &Mutex<Vec<String>>) -> Option<u16> {
+    logs.lock().unwrap().iter().find_map(|line| {
+        let record: Value = serde_json::from_str(line).ok()?;
+        (record["message"] == "token-broker listening")
+            .then(|| record["port"].as_u64())?
+            .map(|port| u16::try_from(port).expect("a port number"))
+    })
+}
+
+/// `wait_for_listening_port` for a test whose runtime serves doubles: it waits without
+/// blocking that runtime.
+pub async fn listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> u16 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(port) = reported_port(logs) {
+            return port;
+        }
+        let exited = child.try_wait().unwrap();
+        if exited.is_some() || tokio::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            // Let the readers take in what the process wrote last.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            panic!(
+                "the broker {} without a \"token-broker listening\" line with its port; logs:\n{}",
+                match exited {
+                    Some(status) => format!("exited ({status})"),
+                    None => "ran for 30 s".to_string(),
+                },
+                logs.lock().unwrap().join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// The port the broker reports in its "token-broker listening" line, waited for at most 30 s.
 /// Fails at once, with the log, when the broker exits instead.
 pub fn wait_for_listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> u16 {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let port = logs.lock().unwrap().iter().find_map(|line| {
-            let record: Value = serde_json::from_str(line).ok()?;
-            (record["message"] == "token-broker listening").then(|| record["port"].as_u64())?
-        });
-        if let Some(port) = port {
-            return u16::try_from(port).expect("a port number");
+        if let Some(port) = reported_port(logs) {
+            return port;
         }
         let exited = child.try_wait().unwrap();
         if exited.is_some() || std::time::Instant::now() >= deadline {

@@ -391,15 +391,11 @@ impl OwnBroker {
         use std::io::BufRead as _;
         let config_path = dir.join("broker.toml");
         std::fs::write(&config_path, config).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            // Port 0: the broker binds any free port and reports it in its "listening" line.
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", "0")
             .env("TOKEN_BROKER_CONFIG", &config_path)
             .env("IDENTITY_ENDPOINT", azure.identity.endpoint())
             .env("IDENTITY_HEADER", azure.identity.header())
@@ -428,6 +424,7 @@ impl OwnBroker {
                 })
             })
             .collect();
+        let port = crate::helpers::listening_port(&mut child, &logs).await;
         let broker = Self {
             child,
             address: format!("http://127.0.0.1:{port}"),
