@@ -6,7 +6,9 @@
 //! loaded machine, a Redis that stalls for a moment during a cold burst) is only that
 //! operation's miss: turning the whole link down for it would send every instance to the
 //! identity provider at once, which is what the shared tier exists to prevent. A background task probes once a second, re-subscribes to the event channel
-//! and turns the link *up* again; the redis crate's connection manager reconnects by itself.
+//! and turns the link *up* again; the redis crate's connection manager reconnects by itself
+//! after an I/O error, and after any other failure to connect (a refused `AUTH`) the probe
+//! starts over with a new one.
 //! Each change of state is logged once (a warning going down, an info line coming back) and
 //! counted, never once per request.
 
@@ -113,7 +115,12 @@ pub(crate) type Message = String;
 
 /// The connection, its health and its subscription.
 pub(crate) struct RedisLink {
-    manager: ConnectionManager,
+    /// Replaced by the probe when a connection attempt failed in a way the manager never
+    /// retries by itself (see [`RedisLink::probe`]).
+    manager: parking_lot::RwLock<ConnectionManager>,
+    /// What a replacement manager is built from.
+    client: redis::Client,
+    config: ConnectionManagerConfig,
     timeout: Duration,
     state: AtomicU8,
     /// When the first late answer since the last answer in time came.
@@ -179,10 +186,12 @@ impl RedisLink {
         let config = config
             .set_push_sender(pushes)
             .set_automatic_resubscription();
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|error| format!("redis connection not usable ({:?})", error.kind()))?;
         let link = Arc::new(Self {
-            manager,
+            manager: parking_lot::RwLock::new(manager),
+            client,
+            config,
             timeout: settings.timeout,
             state: AtomicU8::new(STARTING),
             late_since: parking_lot::Mutex::new(None),
@@ -231,10 +240,15 @@ impl RedisLink {
             .is_ok_and(|result| result.is_ok())
     }
 
+    /// A handle on the current connection.
+    fn connection(&self) -> ConnectionManager {
+        self.manager.read().clone()
+    }
+
     /// One probe: a PING, and on the way up the subscription, before operations resume.
     /// While the link is up, a late PING counts like any late answer.
     async fn probe(&self) {
-        let mut connection = self.manager.clone();
+        let mut connection = self.connection();
         let command = redis::cmd("PING");
         let ping = command.query_async::<Value>(&mut connection);
         if self.is_up() {
@@ -243,7 +257,16 @@ impl RedisLink {
         }
         match tokio::time::timeout(self.timeout, ping).await {
             Ok(Ok(_)) => {}
-            Ok(Err(error)) => return self.failed(&format!("{:?}", error.kind())),
+            Ok(Err(error)) => {
+                // The connection manager connects again by itself only after an I/O error.
+                // Any other failure to connect (an AUTH refused because an Entra access
+                // policy has not propagated yet, a server still loading its data) it keeps
+                // answering for ever: the next probe starts with a new manager instead.
+                if !error.is_io_error() {
+                    self.replace_manager();
+                }
+                return self.failed(&format!("{:?}", error.kind()));
+            }
             Err(_) => return self.failed("no answer within timeout_ms"),
         }
         let subscribe = connection.subscribe(&self.channel);
@@ -260,6 +283,16 @@ impl RedisLink {
             }
             Ok(Err(error)) => self.failed(&format!("subscribe: {:?}", error.kind())),
             Err(_) => self.failed("subscribe: no answer within timeout_ms"),
+        }
+    }
+
+    /// A new connection manager in place of the current one; it connects on first use.
+    fn replace_manager(&self) {
+        match ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone()) {
+            Ok(manager) => *self.manager.write() = manager,
+            Err(error) => {
+                tracing::debug!(target: "shared_cache", kind = ?error.kind(), "redis connection not rebuilt");
+            }
         }
     }
 
@@ -284,7 +317,7 @@ impl RedisLink {
         if !self.is_up() {
             return None;
         }
-        let mut connection = self.manager.clone();
+        let mut connection = self.connection();
         self.bounded(command.query_async::<T>(&mut connection))
             .await
     }
@@ -413,7 +446,7 @@ impl RedisLink {
         if !self.is_up() {
             return None;
         }
-        let mut connection = self.manager.clone();
+        let mut connection = self.connection();
         self.bounded(pipe.query_async::<()>(&mut connection)).await
     }
 

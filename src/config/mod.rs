@@ -48,8 +48,9 @@ pub struct Settings {
 /// `[shared_cache]`: where the fleet's shared, encrypted token tier lives.
 #[derive(Clone)]
 pub struct SharedCacheSettings {
-    /// `redis://` or `rediss://` (TLS), host and port, with no credentials in it; plain
-    /// `redis://` with `auth` other than `none` only on loopback.
+    /// `redis://` or `rediss://` (TLS), host and port, or a socket on this machine
+    /// (`redis+unix:///path`), with no credentials in it; plain `redis://` with `auth` other
+    /// than `none` only on loopback.
     pub redis_url: Url,
     /// Base64 of 32 random bytes: seals the values and keys the hashed key names.
     pub encryption_key: SecretSource,

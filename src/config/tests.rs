@@ -416,6 +416,22 @@ fn shared_cache_mistakes_are_named_without_echoing_values() {
             "shared_cache.redis_url: must be redis://",
         ),
         (
+            "redis_url = \"redis+unix:///run/redis.sock?pass=hunter2-password\"\nencryption_key = { key_vault_secret = \"k\" }",
+            "shared_cache.redis_url: must not hold credentials",
+        ),
+        (
+            "redis_url = \"unix:///run/redis.sock?user=admin&db=1\"\nencryption_key = { key_vault_secret = \"k\" }",
+            "shared_cache.redis_url: must not hold credentials",
+        ),
+        (
+            "redis_url = \"redis+unix://cache.example/run/redis.sock\"\nencryption_key = { key_vault_secret = \"k\" }",
+            "shared_cache.redis_url: a socket is redis+unix:///path/to/socket",
+        ),
+        (
+            "redis_url = \"redis+unix://\"\nencryption_key = { key_vault_secret = \"k\" }",
+            "shared_cache.redis_url: a socket is redis+unix:///path/to/socket",
+        ),
+        (
             "redis_url = \"redis://h:6379\"\nencryption_key = { app_setting = \"SHORT_KEY\" }",
             "app setting SHORT_KEY is not base64 of 32 bytes",
         ),
@@ -523,6 +539,16 @@ fn redis_credentials_cross_the_network_only_over_tls() {
             "redis://localhost:6379",
             "redis://[::1]:6379",
         ] {
+            let settings = parse_with(&shared_at(url, auth), &env);
+            assert!(settings.is_ok(), "{url} {auth}: {:?}", settings.err());
+        }
+    }
+    // A socket on this machine never crosses a network either.
+    for url in [
+        "redis+unix:///run/redis/redis.sock",
+        "unix:///tmp/redis.sock",
+    ] {
+        for auth in ["none", "password", "entra"] {
             let settings = parse_with(&shared_at(url, auth), &env);
             assert!(settings.is_ok(), "{url} {auth}: {:?}", settings.err());
         }

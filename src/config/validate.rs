@@ -127,6 +127,30 @@ impl Validator<'_> {
         let redis_url = self
             .expand("shared_cache.redis_url", &raw.redis_url)
             .and_then(|url| match Url::parse(&url) {
+                // A socket on this machine: nothing crosses a network, like loopback.
+                Ok(url) if matches!(url.scheme(), "redis+unix" | "unix") => {
+                    let credentials = !url.username().is_empty()
+                        || url.password().is_some()
+                        || url
+                            .query_pairs()
+                            .any(|(name, _)| matches!(name.as_ref(), "user" | "pass"));
+                    if credentials {
+                        self.problems.push(
+                            "shared_cache.redis_url: must not hold credentials; use auth, username and password".into(),
+                        );
+                        return None;
+                    }
+                    if url.host_str().is_some_and(|host| !host.is_empty())
+                        || url.path().len() < 2
+                    {
+                        self.problems.push(
+                            "shared_cache.redis_url: a socket is redis+unix:///path/to/socket (no host)"
+                                .into(),
+                        );
+                        return None;
+                    }
+                    Some(url)
+                }
                 Ok(url)
                     if matches!(url.scheme(), "redis" | "rediss")
                         && url.host_str().is_some_and(|host| !host.is_empty()) =>
@@ -141,7 +165,7 @@ impl Validator<'_> {
                 }
                 Ok(_) => {
                     self.problems.push(
-                        "shared_cache.redis_url: must be redis://host:port or rediss://host:port (TLS)"
+                        "shared_cache.redis_url: must be redis://host:port, rediss://host:port (TLS) or redis+unix:///path/to/socket"
                             .into(),
                     );
                     None

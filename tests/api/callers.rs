@@ -208,7 +208,7 @@ async fn an_unknown_key_id_after_a_key_rotation_is_found_by_reloading_the_jwks()
     let before = app.idp.caller_token("caller-app").await;
     assert_eq!(app.get_as("/api/token/demo", &before).await.status(), 200);
     // The provider restarts with new signing keys (same issuer): a rotation.
-    app.idp.restart_async(|_| {}).await;
+    app.idp.restart(|_| {}).await;
     let after = app.idp.caller_token("caller-app").await;
     let kid = |token: &str| jsonwebtoken::decode_header(token).unwrap().kid.unwrap();
     assert_ne!(kid(&before), kid(&after), "the provider rotated its key");

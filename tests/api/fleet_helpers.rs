@@ -1,16 +1,25 @@
 //! Several broker processes against one identity provider, one set of Azure doubles and a
 //! real `redis-server`: the shared tier's tests need a fleet, not one `TestApp`.
+//!
+//! No port is picked here and bound later: a test's `redis-server` listens on a Unix socket
+//! in a directory of its own (TLS, which needs TCP, checks that the port it reached is its
+//! own server's), brokers bind port 0 and report it, and the proxy binds port 0 itself.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use base64::Engine as _;
 use token_broker_doubles::AzureDoubles;
+use token_broker_doubles::managed_identity::Issued;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::helpers::{FUNCTION_KEY, Idp, IdpClient, contains_jwt, wait_for_listening_port};
+use crate::helpers::{FUNCTION_KEY, Idp, IdpClient, contains_jwt, listening_port};
 
 /// The encryption key every fleet broker is given unless a test says otherwise (base64 of 32
 /// bytes), and the Key Vault secret the brokers read their client secret from.
@@ -29,9 +38,21 @@ pub struct RedisOptions {
     pub tls_dir: Option<PathBuf>,
 }
 
-/// A loopback port that was free a moment ago. Only for `redis-server`, which cannot report a
-/// port it chose itself: the race with another process is handled by `RedisServer::start`
-/// trying again when the bind fails.
+/// A `redis-server` process of this test; killed by PID on drop. It always listens on a Unix
+/// socket in a directory of its own (which no other test can take); with TLS also on a TCP
+/// port, checked to be this server's (see `start`).
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Holds the socket.
+    dir: tempfile::TempDir,
+    /// TLS only: the port of its TLS listener.
+    tls_port: Option<u16>,
+    options: RedisOptions,
+}
+
+/// A loopback port that was free a moment ago: only for a TLS `redis-server`, which cannot
+/// report a port it chose itself. Another process may take it first; `RedisServer::launch`
+/// then finds that the server it reaches there is not its own and tries another.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -39,43 +60,50 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
-/// A `redis-server` process of this test, on a port of its own; killed by PID on drop.
-pub struct RedisServer {
-    child: Option<Child>,
-    pub port: u16,
-    options: RedisOptions,
-}
-
 impl RedisServer {
-    pub fn start(options: RedisOptions) -> RedisServer {
-        // A free port may be taken between finding it and redis-server binding it: try again.
+    pub async fn start(options: RedisOptions) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer {
+            child: None,
+            dir,
+            tls_port: None,
+            options,
+        };
         for _ in 0..5 {
-            let port = free_port();
-            if let Some(server) = Self::start_on(port, options.clone()) {
+            let port = server.options.tls_dir.is_some().then(free_port);
+            if let Some(child) = server.launch(port).await {
+                server.child = Some(child);
+                server.tls_port = port;
                 return server;
             }
         }
         panic!("redis-server did not start (scripts/test installs it)");
     }
 
-    fn start_on(port: u16, options: RedisOptions) -> Option<RedisServer> {
+    /// The socket this server listens on.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
+    }
+
+    /// Starts the process and waits until it answers on its socket (and, with TLS, until the
+    /// port is shown to be its own); `None` when it exited (a port taken) or is not its own.
+    async fn launch(&self, tls_port: Option<u16>) -> Option<Child> {
+        let socket = self.socket();
         let mut command = Command::new("redis-server");
-        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(["--port", "0", "--bind", "127.0.0.1"]);
+        command.arg("--unixsocket").arg(&socket);
+        command.args(["--unixsocketperm", "700"]);
+        command.args(["--save", "", "--appendonly", "no"]);
         command.args(["--protected-mode", "no", "--loglevel", "warning"]);
-        match &options.tls_dir {
-            Some(dir) => {
-                let file = |name: &str| dir.join(name).display().to_string();
-                command.args(["--port", "0", "--tls-port", &port.to_string()]);
-                command.args(["--tls-cert-file", &file("server-cert.pem")]);
-                command.args(["--tls-key-file", &file("server-key.pem")]);
-                command.args(["--tls-ca-cert-file", &file("ca.pem")]);
-                command.args(["--tls-auth-clients", "no"]);
-            }
-            None => {
-                command.args(["--port", &port.to_string()]);
-            }
+        if let (Some(dir), Some(port)) = (&self.options.tls_dir, tls_port) {
+            let file = |name: &str| dir.join(name).display().to_string();
+            command.args(["--tls-port", &port.to_string()]);
+            command.args(["--tls-cert-file", &file("server-cert.pem")]);
+            command.args(["--tls-key-file", &file("server-key.pem")]);
+            command.args(["--tls-ca-cert-file", &file("ca.pem")]);
+            command.args(["--tls-auth-clients", "no"]);
         }
-        if options.password {
+        if self.options.password {
             command.args(["--requirepass", REDIS_PASSWORD]);
         }
         let mut child = command
@@ -83,63 +111,148 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
-        for _ in 0..200 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
             if let Ok(Some(_)) = child.try_wait() {
                 return None;
             }
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(RedisServer {
-                    child: Some(child),
-                    port,
-                    options,
-                });
+            // Only this server creates a socket in this directory; a stale one (the process
+            // before a restart) refuses connections.
+            if answers_ping(&socket).await {
+                break;
             }
-            std::thread::sleep(Duration::from_millis(25));
+            if tokio::time::Instant::now() >= deadline {
+                stop(&mut child);
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
+        if let Some(port) = tls_port
+            && !self.owns_tls_port(port).await
+        {
+            stop(&mut child);
+            return None;
+        }
+        Some(child)
     }
 
-    /// The URL brokers are configured with.
-    pub fn url(&self) -> String {
-        let scheme = if self.options.tls_dir.is_some() {
-            "rediss"
+    /// Whether the server reached over TLS at `port` is this one: a random value written
+    /// through the socket must be read back there.
+    async fn owns_tls_port(&self, port: u16) -> bool {
+        let marker = token_broker_doubles::random_hex(16);
+        let mut local = self
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("fleet-test:owner")
+            .arg(&marker)
+            .query_async(&mut local)
+            .await
+            .unwrap();
+        let dir = self.options.tls_dir.as_ref().unwrap();
+        let password = if self.options.password {
+            format!(":{REDIS_PASSWORD}@")
         } else {
-            "redis"
+            String::new()
         };
-        format!("{scheme}://localhost:{}", self.port)
+        let client = redis::Client::build_with_tls(
+            format!("rediss://{password}localhost:{port}"),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(std::fs::read(dir.join("ca.pem")).unwrap()),
+            },
+        )
+        .unwrap();
+        let read = async {
+            let mut remote = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("GET")
+                .arg("fleet-test:owner")
+                .query_async::<Option<String>>(&mut remote)
+                .await
+                .ok()
+                .flatten()
+        };
+        let seen = tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .ok()
+            .flatten();
+        let _: () = redis::cmd("DEL")
+            .arg("fleet-test:owner")
+            .query_async(&mut local)
+            .await
+            .unwrap();
+        seen.as_deref() == Some(marker.as_str())
+    }
+
+    /// The URL brokers are configured with: the socket, or with TLS its port.
+    pub fn url(&self) -> String {
+        match self.tls_port {
+            Some(port) => format!("rediss://localhost:{port}"),
+            None => format!("redis+unix://{}", self.socket().display()),
+        }
     }
 
     /// Kills the server (SIGKILL, by PID): what a crash looks like to the brokers.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(&mut child);
         }
     }
 
-    /// Starts it again on the same port, empty.
-    pub fn restart(&mut self) {
+    /// Starts it again, empty, on the same socket (and TLS port: another process may hold it
+    /// for a moment, so that is tried for up to 20 s).
+    pub async fn restart(&mut self) {
         self.kill();
-        for _ in 0..40 {
-            if let Some(mut server) = Self::start_on(self.port, self.options.clone()) {
-                self.child = server.child.take();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            if let Some(child) = self.launch(self.tls_port).await {
+                self.child = Some(child);
                 return;
             }
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("redis-server did not restart on port {}", self.port);
+        panic!("redis-server did not restart at {}", self.url());
     }
 
-    /// A plain connection for the test to look inside (no TLS; password when needed).
+    /// A client of this server over its socket (with the password when there is one).
+    pub fn client(&self) -> redis::Client {
+        let password = if self.options.password {
+            format!("?pass={REDIS_PASSWORD}")
+        } else {
+            String::new()
+        };
+        redis::Client::open(format!(
+            "redis+unix://{}{password}",
+            self.socket().display()
+        ))
+        .unwrap()
+    }
+
+    /// A plain connection for the test to look inside.
     pub fn inspect(&self) -> redis::Connection {
-        assert!(self.options.tls_dir.is_none(), "inspect a plain server");
-        let mut url = format!("redis://127.0.0.1:{}", self.port);
-        if self.options.password {
-            url = format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{}", self.port);
-        }
-        redis::Client::open(url).unwrap().get_connection().unwrap()
+        self.client().get_connection().unwrap()
+    }
+
+    /// Every message published on `channel` from now on, collected in the background.
+    pub async fn listen(&self, channel: &str) -> Listener {
+        let mut pubsub = self.client().get_async_pubsub().await.unwrap();
+        pubsub.subscribe(channel).await.unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn({
+            let messages = messages.clone();
+            async move {
+                use futures_util::StreamExt as _;
+                let mut stream = pubsub.into_on_message();
+                while let Some(message) = stream.next().await {
+                    if let Ok(text) = message.get_payload::<String>() {
+                        messages.lock().unwrap().push(text);
+                    }
+                }
+            }
+        });
+        Listener { messages, task }
     }
 }
 
@@ -149,11 +262,225 @@ impl Drop for RedisServer {
     }
 }
 
+/// Kills a child process (SIGKILL, by PID) and reaps it.
+fn stop(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Whether something answers a `PING` on the socket at `path` (an error reply counts: a
+/// server that wants a password is up).
+async fn answers_ping(path: &Path) -> bool {
+    let Ok(mut stream) = tokio::net::UnixStream::connect(path).await else {
+        return false;
+    };
+    if stream.write_all(b"PING\r\n").await.is_err() {
+        return false;
+    }
+    let mut answer = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), stream.read(&mut answer)).await,
+        Ok(Ok(read)) if read > 0
+    )
+}
+
+/// Messages published on a channel, as a subscriber of the test received them.
+pub struct Listener {
+    messages: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    pub fn messages(&self) -> Vec<String> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// The messages once `count` of them satisfy `predicate` (at most 10 s).
+    pub async fn when(&self, count: usize, predicate: impl Fn(&str) -> bool) -> Vec<String> {
+        for _ in 0..1000 {
+            let messages = self.messages();
+            if messages.iter().filter(|message| predicate(message)).count() >= count {
+                return messages;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "fewer than {count} matching messages: {:?}",
+            self.messages()
+        );
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A TCP proxy in front of a test's `redis-server` (its socket), on a port it bound itself:
+/// it can stop forwarding (a black hole: connections stay open, nothing is answered, and
+/// what was sent is delivered once it forwards again, as TCP would after a partition), and
+/// it can hold every chunk a client sends that carries an `AUTH` until the test releases it.
+pub struct RedisProxy {
+    pub port: u16,
+    shared: Arc<ProxyShared>,
+    held: tokio::sync::Mutex<mpsc::UnboundedReceiver<HeldAuth>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxyShared {
+    forwarding: watch::Sender<bool>,
+    gate_auth: AtomicBool,
+    connections: AtomicUsize,
+    held: mpsc::UnboundedSender<HeldAuth>,
+}
+
+/// A chunk a client sent with an `AUTH` in it, held until released.
+pub struct HeldAuth {
+    /// Which connection sent it (1 for the proxy's first).
+    pub connection: usize,
+    pub bytes: Vec<u8>,
+    release: oneshot::Sender<()>,
+}
+
+impl HeldAuth {
+    /// Forwards the chunk to Redis.
+    pub fn release(self) {
+        let _ = self.release.send(());
+    }
+}
+
+impl RedisProxy {
+    pub async fn start(redis: &RedisServer) -> RedisProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (held_sender, held) = mpsc::unbounded_channel();
+        let shared = Arc::new(ProxyShared {
+            forwarding: watch::Sender::new(true),
+            gate_auth: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            held: held_sender,
+        });
+        let socket = redis.socket();
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                // Dropped with the accept loop: every connection ends with the proxy.
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((client, _)) = listener.accept().await {
+                    let number = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                    let shared = shared.clone();
+                    let socket = socket.clone();
+                    connections.spawn(async move {
+                        let Ok(upstream) = tokio::net::UnixStream::connect(&socket).await else {
+                            return;
+                        };
+                        let (from_client, to_client) = client.into_split();
+                        let (from_redis, to_redis) = upstream.into_split();
+                        tokio::select! {
+                            () = pump(from_client, to_redis, &shared, Some(number)) => {}
+                            () = pump(from_redis, to_client, &shared, None) => {}
+                        }
+                    });
+                }
+            }
+        });
+        RedisProxy {
+            port,
+            shared,
+            held: tokio::sync::Mutex::new(held),
+            task,
+        }
+    }
+
+    /// The URL brokers use to reach Redis through the proxy.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops forwarding in both directions (`true`), or forwards again what was held.
+    pub fn black_hole(&self, on: bool) {
+        self.shared.forwarding.send_replace(!on);
+    }
+
+    /// Holds (`true`) every chunk a client sends with an `AUTH` in it until released.
+    pub fn hold_auth(&self, on: bool) {
+        self.shared.gate_auth.store(on, Ordering::SeqCst);
+    }
+
+    /// The next held `AUTH`, waited for at most `within`.
+    pub async fn next_auth(&self, within: Duration) -> HeldAuth {
+        tokio::time::timeout(within, self.held.lock().await.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no AUTH within {within:?}"))
+            .unwrap()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RedisProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` while the proxy forwards; a chunk from a client (`connection` set)
+/// with an `AUTH` in it waits for the test when the proxy holds them.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    shared: &ProxyShared,
+    connection: Option<usize>,
+) {
+    let mut forwarding = shared.forwarding.subscribe();
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if forwarding.wait_for(|on| *on).await.is_err() {
+            return;
+        }
+        let chunk = &buffer[..read];
+        if let Some(connection) = connection
+            && shared.gate_auth.load(Ordering::SeqCst)
+            && carries_auth(chunk)
+        {
+            let (release, released) = oneshot::channel();
+            let _ = shared.held.send(HeldAuth {
+                connection,
+                bytes: chunk.to_vec(),
+                release,
+            });
+            if released.await.is_err() {
+                return;
+            }
+        }
+        if to.write_all(chunk).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Whether a RESP chunk carries `AUTH` as a bulk string (the command, or `HELLO`'s option).
+fn carries_auth(chunk: &[u8]) -> bool {
+    chunk
+        .windows(8)
+        .any(|window| window.eq_ignore_ascii_case(b"\r\nAUTH\r\n"))
+}
+
 /// The identity provider, the Azure doubles and the configuration the brokers share.
 pub struct Fleet {
     pub idp: Idp,
     pub azure: AzureDoubles,
     pub dir: tempfile::TempDir,
+    /// Every value each Key Vault secret has had in this test, by secret name.
+    vault_values: Arc<Mutex<HashMap<String, Vec<String>>>>,
 }
 
 /// The provider's clients for fleet tests: two clients, 10 s tokens.
@@ -173,12 +500,30 @@ pub fn fleet_clients(ttl_seconds: u64) -> Vec<IdpClient> {
 impl Fleet {
     pub async fn start(ttl_seconds: u64) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
-        let idp = Idp::start(dir.path(), &fleet_clients(ttl_seconds));
+        let idp = Idp::start(dir.path(), &fleet_clients(ttl_seconds)).await;
         let azure = AzureDoubles::start(dir.path(), None).await.unwrap();
-        azure.vault.set_secret("fleet-secret", FLEET_SECRET);
-        azure.vault.set_secret("cache-key", CACHE_KEY);
-        azure.vault.set_secret("redis-password", REDIS_PASSWORD);
-        Fleet { idp, azure, dir }
+        let fleet = Fleet {
+            idp,
+            azure,
+            dir,
+            vault_values: Arc::default(),
+        };
+        fleet.set_secret("fleet-secret", FLEET_SECRET);
+        fleet.set_secret("cache-key", CACHE_KEY);
+        fleet.set_secret("redis-password", REDIS_PASSWORD);
+        fleet
+    }
+
+    /// A new version of the Key Vault secret `name`; returns its version. Fleet tests set
+    /// secrets only through this, so that the leak scan knows every value a broker may hold.
+    pub fn set_secret(&self, name: &str, value: &str) -> String {
+        self.vault_values
+            .lock()
+            .unwrap()
+            .entry(name.to_string())
+            .or_default()
+            .push(value.to_string());
+        self.azure.vault.set_secret(name, value)
     }
 
     /// The configuration of a broker: connection `demo` for `client_id` (and `other`, a
@@ -214,9 +559,13 @@ scopes = ["write"]
 
     /// The usual `[shared_cache]` block for `redis`, the key from an app setting.
     pub fn shared_block(redis: &RedisServer) -> String {
+        Self::shared_block_at(&redis.url())
+    }
+
+    /// The usual `[shared_cache]` block for Redis at `url`.
+    pub fn shared_block_at(url: &str) -> String {
         format!(
-            "redis_url = \"{}\"\nencryption_key = {{ app_setting = \"CACHE_KEY\" }}\ntimeout_ms = 100\n",
-            redis.url()
+            "redis_url = \"{url}\"\nencryption_key = {{ app_setting = \"CACHE_KEY\" }}\ntimeout_ms = 100\n"
         )
     }
 
@@ -227,6 +576,12 @@ scopes = ["write"]
             token_broker_doubles::random_hex(4)
         ));
         std::fs::write(&path, config).unwrap();
+        let mut settings: HashMap<String, String> =
+            HashMap::from([("CACHE_KEY".to_string(), CACHE_KEY.to_string())]);
+        settings.extend(
+            env.iter()
+                .map(|(name, value)| (name.to_string(), value.to_string())),
+        );
         let mut command = Command::new(env!("CARGO_BIN_EXE_token-broker"));
         command
             .env_clear()
@@ -238,32 +593,32 @@ scopes = ["write"]
             .env("IDENTITY_HEADER", self.azure.identity.header())
             .env("KEY_VAULT_URI", self.azure.vault.uri())
             .env("SSL_CERT_FILE", self.azure.vault.ca_file())
-            .env("CACHE_KEY", CACHE_KEY)
             .env("RUST_LOG", "info")
+            .envs(&settings)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        for (name, value) in env {
-            command.env(name, value);
-        }
         let mut child = command.spawn().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let logs = logs.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     logs.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
-        let port = wait_for_listening_port(&mut child, &logs);
+        let port = listening_port(&mut child, &logs).await;
         let broker = Broker {
-            child,
+            child: Some(child),
+            readers,
             address: format!("http://127.0.0.1:{port}"),
             http: reqwest::Client::new(),
             logs,
+            held: HeldCredentials::of(config, settings, self),
         };
         for _ in 0..1200 {
             if broker.http.get(&broker.address).send().await.is_ok() {
@@ -291,12 +646,70 @@ scopes = ["write"]
     }
 }
 
+/// Where the credentials a broker holds come from: what its configuration names (Key Vault
+/// secrets, app settings, client ids), what the identity endpoint issued, and the function
+/// key every request carries.
+struct HeldCredentials {
+    client_ids: Vec<String>,
+    vault_secrets: Vec<String>,
+    settings: Vec<String>,
+    vault_values: Arc<Mutex<HashMap<String, Vec<String>>>>,
+    identity_tokens: Issued,
+}
+
+impl HeldCredentials {
+    fn of(config: &str, settings: HashMap<String, String>, fleet: &Fleet) -> Self {
+        let config: toml::Value = toml::from_str(config).expect("a TOML configuration");
+        let mut found = HashMap::<&str, Vec<String>>::new();
+        collect_strings(&config, &mut found);
+        let mut take = |field| found.remove(field).unwrap_or_default();
+        let (client_ids, vault_secrets, app_settings) = (
+            take("client_id"),
+            take("key_vault_secret"),
+            take("app_setting"),
+        );
+        HeldCredentials {
+            client_ids,
+            vault_secrets,
+            settings: app_settings
+                .iter()
+                .filter_map(|name| settings.get(name).cloned())
+                .collect(),
+            vault_values: fleet.vault_values.clone(),
+            identity_tokens: fleet.azure.identity.issued(),
+        }
+    }
+}
+
+/// Every string value of `client_id`, `key_vault_secret` and `app_setting` fields in `value`.
+fn collect_strings(value: &toml::Value, found: &mut HashMap<&'static str, Vec<String>>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (name, value) in table {
+                for field in ["client_id", "key_vault_secret", "app_setting"] {
+                    if name == field
+                        && let Some(text) = value.as_str()
+                    {
+                        found.entry(field).or_default().push(text.to_string());
+                    }
+                }
+                collect_strings(value, found);
+            }
+        }
+        toml::Value::Array(items) => items.iter().for_each(|item| collect_strings(item, found)),
+        _ => {}
+    }
+}
+
 /// One broker process of a fleet.
 pub struct Broker {
-    child: Child,
+    /// `None` once it stopped.
+    child: Option<Child>,
+    readers: Vec<std::thread::JoinHandle<()>>,
     pub address: String,
     pub http: reqwest::Client,
     logs: Arc<Mutex<Vec<String>>>,
+    held: HeldCredentials,
 }
 
 impl Broker {
@@ -324,10 +737,48 @@ impl Broker {
     }
 
     /// Kills the process at once (SIGKILL), as a scale-in or a crash would: nothing it holds
-    /// is released.
+    /// is released, and what it had not written yet is lost.
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            stop(&mut child);
+        }
+    }
+
+    /// Stops the process as the host does (SIGTERM), waiting (at most 10 s, without blocking
+    /// the runtime) for it to exit and for its last lines, the final `stats` line among them,
+    /// to be read. Fails when it does not stop in time or exits with a failure.
+    pub async fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        sigterm(&child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                stop(&mut child);
+                panic!(
+                    "the broker did not stop within 10 s of SIGTERM:\n{}",
+                    self.logs().join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        self.finish(status);
+    }
+
+    /// After the process exited: reads what is left in the pipes; the exit must be a success.
+    fn finish(&mut self, status: ExitStatus) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+        assert!(
+            status.success(),
+            "the broker exited with {status} on SIGTERM:\n{}",
+            self.logs().join("\n")
+        );
     }
 
     /// Waits (at most 10 s) until `text` appears in `count` log lines.
@@ -373,28 +824,114 @@ impl Broker {
             .await
             .unwrap()
     }
+
+    /// Every credential this broker held, in the forms a careless log line would show: the
+    /// values of the Key Vault secrets and app settings its configuration names (client
+    /// secrets, the cache key, the Redis password when it authenticates with one), plain and
+    /// form-encoded; the Basic credential of each of its client ids with each of them (RFC
+    /// 6749 §2.3.1: base64 of the form-encoded `id:secret`, and of the unencoded pair); the
+    /// function key; and every token the managed identity endpoint issued to the fleet.
+    /// Access tokens are JWTs, found by their shape.
+    pub fn credentials(&self) -> Vec<String> {
+        let held = &self.held;
+        let values = held.vault_values.lock().unwrap();
+        let mut secrets: Vec<String> = held
+            .vault_secrets
+            .iter()
+            .flat_map(|name| values.get(name).cloned().unwrap_or_default())
+            .chain(held.settings.iter().cloned())
+            .collect();
+        secrets.sort();
+        secrets.dedup();
+        let form =
+            |s: &str| -> String { url::form_urlencoded::byte_serialize(s.as_bytes()).collect() };
+        let mut needles = Vec::new();
+        for id in &held.client_ids {
+            for secret in &secrets {
+                for pair in [
+                    format!("{}:{}", form(id), form(secret)),
+                    format!("{id}:{secret}"),
+                ] {
+                    needles.push(base64::engine::general_purpose::STANDARD.encode(pair));
+                }
+            }
+        }
+        needles.extend(secrets.iter().map(|secret| form(secret)));
+        needles.extend(secrets);
+        needles.push(FUNCTION_KEY.to_string());
+        needles.extend(held.identity_tokens.lock().unwrap().keys().cloned());
+        needles
+    }
+
+    /// Log lines that carry one of `credentials()` or a JWT.
+    pub fn leaks(&self) -> Vec<String> {
+        let needles = self.credentials();
+        self.logs()
+            .into_iter()
+            .filter(|line| contains_jwt(line) || needles.iter().any(|n| line.contains(n.as_str())))
+            .collect()
+    }
+
+    /// Adds a line to what the test read from the broker, as if the broker had written it:
+    /// to show that the scan finds what it looks for.
+    pub fn pretend_logged(&self, line: &str) {
+        self.logs.lock().unwrap().push(line.to_string());
+    }
+
+    /// Takes back the lines `pretend_logged` added.
+    pub fn forget_pretended(&self, lines: &[String]) {
+        self.logs
+            .lock()
+            .unwrap()
+            .retain(|line| !lines.contains(line));
+    }
+}
+
+/// Sends SIGTERM to `child`, by PID.
+fn sigterm(child: &Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // SIGTERM, not SIGKILL: the broker writes its log from a background thread and
+        // flushes it on the way out, so the scan below sees every line. A drop cannot await:
+        // the exit is waited for on a thread of its own, at most 10 s.
+        if let Some(mut child) = self.child.take() {
+            sigterm(&child);
+            let pid = child.id().to_string();
+            let (sender, exited) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let _ = sender.send(child.wait());
+            });
+            let status = match exited.recv_timeout(Duration::from_secs(10)) {
+                Ok(status) => status.ok(),
+                Err(_) => {
+                    let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                    let _ = exited.recv();
+                    None
+                }
+            };
+            if std::thread::panicking() {
+                return;
+            }
+            match status {
+                Some(status) => self.finish(status),
+                None => panic!(
+                    "the broker did not stop within 10 s of SIGTERM:\n{}",
+                    self.logs().join("\n")
+                ),
+            }
+        }
         if std::thread::panicking() {
             return;
         }
-        let leaks: Vec<String> = self
-            .logs()
-            .into_iter()
-            .filter(|line| {
-                contains_jwt(line)
-                    || [FLEET_SECRET, FLEET_SECRET_V2, CACHE_KEY, REDIS_PASSWORD]
-                        .iter()
-                        .any(|secret| line.contains(secret))
-            })
-            .collect();
+        let leaks = self.leaks();
         assert!(
             leaks.is_empty(),
-            "secrets in a broker's log:\n{}",
+            "credentials in a broker's log:\n{}",
             leaks.join("\n")
         );
     }
@@ -409,4 +946,87 @@ pub fn tls_dir(fleet: &Fleet) -> PathBuf {
         .parent()
         .map(Path::to_path_buf)
         .unwrap()
+}
+
+/// The shared tier's on-Redis format, written again from its description (README "Fleet:
+/// the shared cache", `src/cache/seal.rs`) rather than taken from the code under test, so a
+/// test can open what Redis holds with nothing but the configured key: HKDF-SHA256 (no
+/// salt) of the key gives an AES-256-GCM key, an HMAC-SHA256 key and an 8-byte key id; a
+/// value is format byte 2, key id, 12-byte nonce, then ciphertext and tag, with the entry's
+/// name as associated data; a signed announcement is `message|tag[,tag]`, each tag the hex
+/// of an HMAC's first 16 bytes. A rolling upgrade needs old and new instances to read each
+/// other, so a change to any of this must be deliberate, and fails these tests.
+pub mod sealed {
+    use aws_lc_rs::{aead, hkdf, hmac};
+    use base64::Engine as _;
+
+    const SEALING_INFO: &[u8] = b"token-broker shared cache: sealed values v2";
+    const TAGGING_INFO: &[u8] = b"token-broker shared cache: announcements v1";
+    const KEY_ID_INFO: &[u8] = b"token-broker shared cache: key id v1";
+    const AAD_PREFIX: &[u8] = b"token-broker shared cache v2\0";
+
+    struct Length(usize);
+
+    impl hkdf::KeyType for Length {
+        fn len(&self) -> usize {
+            self.0
+        }
+    }
+
+    fn prk(key: &str) -> hkdf::Prk {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .unwrap();
+        assert_eq!(bytes.len(), 32);
+        hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(&bytes)
+    }
+
+    /// The id every value sealed under `key` (base64) carries.
+    pub fn key_id(key: &str) -> [u8; 8] {
+        let mut id = [0u8; 8];
+        prk(key)
+            .expand(&[KEY_ID_INFO], Length(8))
+            .unwrap()
+            .fill(&mut id)
+            .unwrap();
+        id
+    }
+
+    /// The plaintext of `value` stored at `name`, when it opens under `key`.
+    pub fn open(key: &str, name: &str, value: &[u8]) -> Option<Vec<u8>> {
+        let (&format, rest) = value.split_first()?;
+        if format != 2 || rest.len() < 8 + aead::NONCE_LEN {
+            return None;
+        }
+        let (id, rest) = rest.split_at(8);
+        if id != key_id(key) {
+            return None;
+        }
+        let (nonce, body) = rest.split_at(aead::NONCE_LEN);
+        let unbound: aead::UnboundKey = prk(key)
+            .expand(&[SEALING_INFO], &aead::AES_256_GCM)
+            .unwrap()
+            .into();
+        let mut body = body.to_vec();
+        let plain = aead::LessSafeKey::new(unbound)
+            .open_in_place(
+                aead::Nonce::try_assume_unique_for_key(nonce).ok()?,
+                aead::Aad::from([AAD_PREFIX, name.as_bytes()].concat()),
+                &mut body,
+            )
+            .ok()?;
+        Some(plain.to_vec())
+    }
+
+    /// The tag a holder of `key` puts on `message`.
+    pub fn tag(key: &str, message: &str) -> String {
+        let tagging: hmac::Key = prk(key)
+            .expand(&[TAGGING_INFO], hmac::HMAC_SHA256)
+            .unwrap()
+            .into();
+        hmac::sign(&tagging, message.as_bytes()).as_ref()[..16]
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect()
+    }
 }

@@ -159,18 +159,8 @@ impl Launched {
         }
     }
 
-    /// Waits for the ready line, blocking the calling thread (for callers that are not async).
-    fn wait(self) -> Result<Idp, String> {
-        let line = self.ready.recv_timeout(IDP_START).ok();
-        self.into_idp(line).map_err(|(mut child, reason)| {
-            let _ = child.kill();
-            let _ = child.wait();
-            reason
-        })
-    }
-
     /// Waits for the ready line without blocking the runtime, which serves the doubles.
-    async fn wait_async(self) -> Result<Idp, String> {
+    async fn wait(self) -> Result<Idp, String> {
         let deadline = tokio::time::Instant::now() + IDP_START;
         let line = loop {
             match self.ready.try_recv() {
@@ -234,72 +224,26 @@ async fn reap(mut child: Child) {
 }
 
 impl Idp {
-    /// Starts the provider, blocking the calling thread until it is ready; from an async test
-    /// use [`Idp::start_async`], which leaves the runtime free to serve the doubles.
-    pub fn start(dir: &Path, clients: &[IdpClient]) -> Idp {
+    /// Starts the provider without blocking the runtime, which serves the doubles meanwhile.
+    /// A start that prints nothing within 20 s is retried once (seen rarely on a loaded
+    /// two-core machine), so a slow start cannot hang the suite.
+    pub async fn start(dir: &Path, clients: &[IdpClient]) -> Idp {
         let config_path = dir.join("idp.json");
-        // A start that prints nothing within 20 s is retried once (seen rarely on a loaded
-        // two-core machine), so a slow start cannot hang the suite.
-        Launched::spawn(&config_path, clients, 0)
-            .wait()
-            .or_else(|reason| {
-                eprintln!("oidc-provider start failed ({reason}); retrying once");
-                Launched::spawn(&config_path, clients, 0).wait()
-            })
-            .unwrap_or_else(|reason| panic!("{reason}"))
-    }
-
-    /// Starts the provider (see [`Idp::start`]) without blocking the runtime.
-    pub async fn start_async(dir: &Path, clients: &[IdpClient]) -> Idp {
-        let config_path = dir.join("idp.json");
-        match Launched::spawn(&config_path, clients, 0).wait_async().await {
+        match Launched::spawn(&config_path, clients, 0).wait().await {
             Ok(idp) => idp,
             Err(reason) => {
                 eprintln!("oidc-provider start failed ({reason}); retrying once");
                 Launched::spawn(&config_path, clients, 0)
-                    .wait_async()
+                    .wait()
                     .await
                     .unwrap_or_else(|reason| panic!("{reason}"))
             }
         }
     }
 
-    /// Restarts the provider on the same port (same issuer) with new signing keys, after
-    /// `change` edits its clients: a key rotation, or a client secret changed at the provider.
-    /// The port was free a moment ago but another process may take it meanwhile (or the old
-    /// socket may linger): the start is retried for up to 20 s, then the test fails saying so.
-    /// Blocks the calling thread; from an async test use [`Idp::restart_async`].
-    pub fn restart(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let mut clients = self.clients.clone();
-        change(&mut clients);
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        let replacement = loop {
-            match Launched::spawn(&self.config_path, &clients, self.port).wait() {
-                Ok(idp) => break idp,
-                Err(reason) if std::time::Instant::now() < deadline => {
-                    eprintln!(
-                        "oidc-provider restart on port {} failed ({reason}); retrying",
-                        self.port
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(reason) => panic!(
-                    "oidc-provider could not get its port {} back within 20 s, so the issuer would change: {reason}",
-                    self.port
-                ),
-            }
-        };
-        assert_eq!(
-            replacement.port, self.port,
-            "the restarted provider kept its port"
-        );
-        *self = replacement;
-    }
-
-    /// [`Idp::restart`] without blocking the runtime, which serves the doubles meanwhile.
-    pub async fn restart_async(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
+    /// Restarts the provider on the same port (same issuer) with the clients `change` makes,
+    /// without blocking the runtime, which serves the doubles meanwhile.
+    pub async fn restart(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
         let _ = self.child.kill();
         while matches!(self.child.try_wait(), Ok(None)) {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -309,7 +253,7 @@ impl Idp {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let replacement = loop {
             match Launched::spawn(&self.config_path, &clients, self.port)
-                .wait_async()
+                .wait()
                 .await
             {
                 Ok(idp) => break idp,
@@ -536,7 +480,7 @@ pub async fn spawn_app() -> TestApp {
 /// Starts the IdP, the doubles and the broker, and waits until `/` answers.
 pub async fn spawn_app_with(setup: Setup) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let idp = Idp::start_async(dir.path(), &standard_clients()).await;
+    let idp = Idp::start(dir.path(), &standard_clients()).await;
     // A user-assigned identity, as production uses: the identity double refuses requests
     // that do not name it.
     let azure = AzureDoubles::start(dir.path(), Some(MANAGED_IDENTITY_CLIENT_ID.to_string()))
@@ -712,7 +656,7 @@ client_secret = {{ app_setting = "SETTING_SECRET" }}
             }
         }));
     }
-    let port = match listening_port(&mut child, &logs).await {
+    let port = match try_listening_port(&mut child, &logs).await {
         Ok(port) => port,
         Err(reason) => {
             reap(child).await;
@@ -773,7 +717,7 @@ fn reported_port(logs: &Mutex<Vec<String>>) -> Option<u16> {
 
 /// The port the broker reports in its "token-broker listening" line, waited for at most 30 s
 /// without blocking the runtime; else why not (it exited, or ran 30 s without saying).
-async fn listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> Result<u16, String> {
+async fn try_listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> Result<u16, String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(port) = reported_port(logs) {
@@ -789,30 +733,21 @@ async fn listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> Result<
     }
 }
 
-/// The port the broker reports in its "token-broker listening" line, waited for at most 30 s.
-/// Fails at once, with the log, when the broker exits instead. Blocks the calling thread.
-pub fn wait_for_listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> u16 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(port) = reported_port(logs) {
-            return port;
-        }
-        let exited = child.try_wait().unwrap();
-        if exited.is_some() || std::time::Instant::now() >= deadline {
+/// `try_listening_port` for a launcher that has nothing to do on failure but fail: panics
+/// with the broker's log. Does not block the runtime that serves the doubles.
+pub async fn listening_port(child: &mut Child, logs: &Mutex<Vec<String>>) -> u16 {
+    match try_listening_port(child, logs).await {
+        Ok(port) => port,
+        Err(reason) => {
             let _ = child.kill();
             let _ = child.wait();
             // Let the readers take in what the process wrote last.
-            std::thread::sleep(Duration::from_millis(100));
+            tokio::time::sleep(Duration::from_millis(100)).await;
             panic!(
-                "the broker {} without a \"token-broker listening\" line with its port; logs:\n{}",
-                match exited {
-                    Some(status) => format!("exited ({status})"),
-                    None => "ran for 30 s".to_string(),
-                },
+                "the broker {reason} without a \"token-broker listening\" line with its port; logs:\n{}",
                 logs.lock().unwrap().join("\n")
             );
         }
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -27,7 +27,7 @@ fn new_version_event(secret: &str, version: &str) -> Value {
 
 async fn rotate_at_provider(app: &mut TestApp) {
     app.idp
-        .restart_async(|clients| {
+        .restart(|clients| {
             let client = clients
                 .iter_mut()
                 .find(|c| c.client_id == "broker-rotating")

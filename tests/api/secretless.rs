@@ -87,7 +87,9 @@ async fn spawn_with_keys(extra: &str) -> TestApp {
         jwt_client(&app, "broker-jwt-ps256", "signing-rsa-pss", "PS256"),
         jwt_client(&app, "broker-jwt-es256", "signing-ec", "ES256"),
     ];
-    app.idp.restart(|registered| registered.extend(clients));
+    app.idp
+        .restart(|registered| registered.extend(clients))
+        .await;
     app
 }
 
@@ -165,17 +167,19 @@ async fn private_key_jwt_signs_in_key_vault_with_rs256_ps256_and_es256_once_per_
 }
 
 /// The provider knows only the key's newest version from now on.
-fn rotate_key_at_provider(
+async fn rotate_key_at_provider(
     app: &mut TestApp,
     client_id: &'static str,
     key: &str,
     alg: &'static str,
 ) {
     let client = jwt_client(app, client_id, key, alg);
-    app.idp.restart(|clients| {
-        clients.retain(|c| c.client_id != client_id);
-        clients.push(client);
-    });
+    app.idp
+        .restart(|clients| {
+            clients.retain(|c| c.client_id != client_id);
+            clients.push(client);
+        })
+        .await;
 }
 
 #[tokio::test]
@@ -191,7 +195,7 @@ async fn a_key_rotated_without_an_event_is_read_again_after_invalid_client_and_r
     let old = app.azure.vault.public_key("signing-rsa").unwrap().version;
     let new = app.azure.vault.create_key("signing-rsa", KeyKind::Rsa);
     assert_ne!(old, new);
-    rotate_key_at_provider(&mut app, "broker-jwt-rs256", "signing-rsa", "RS256");
+    rotate_key_at_provider(&mut app, "broker-jwt-rs256", "signing-rsa", "RS256").await;
 
     // A scope not cached yet: the broker signs with the version it has in memory, the
     // provider refuses it, and the broker reads the key again and signs with the new one.
@@ -234,7 +238,7 @@ async fn a_key_rotation_event_makes_the_next_fetch_sign_with_the_new_version_at_
     let mut app = spawn_with_keys("").await;
     assert_eq!(app.token("jwt-es256").await.status(), 200);
     let new = app.azure.vault.create_key("signing-ec", KeyKind::EcP256);
-    rotate_key_at_provider(&mut app, "broker-jwt-es256", "signing-ec", "ES256");
+    rotate_key_at_provider(&mut app, "broker-jwt-es256", "signing-ec", "ES256").await;
 
     let outcome = deliver_key_event(&app, "signing-ec", &new).await;
     let logs = outcome["Logs"].to_string();
@@ -422,15 +426,11 @@ impl OwnBroker {
         use std::io::BufRead as _;
         let config_path = dir.join("broker.toml");
         std::fs::write(&config_path, config).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            // Port 0: the broker binds any free port and reports it in its "listening" line.
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", "0")
             .env("TOKEN_BROKER_CONFIG", &config_path)
             .env("IDENTITY_ENDPOINT", azure.identity.endpoint())
             .env("IDENTITY_HEADER", azure.identity.header())
@@ -459,6 +459,7 @@ impl OwnBroker {
                 })
             })
             .collect();
+        let port = crate::helpers::listening_port(&mut child, &logs).await;
         let broker = Self {
             child,
             address: format!("http://127.0.0.1:{port}"),

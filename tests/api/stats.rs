@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{Setup, spawn_app_with};
+use crate::helpers::{Setup, refusing_port, spawn_app_with};
 
 /// The sum of `path` over `lines`: a field every line must carry (`["requests"]`), or a count
 /// in one of its objects of counts (`["requests_by_status", "200"]`), which leaves a name out
@@ -129,13 +129,16 @@ async fn stats_lines_count_requests_cache_outcomes_fetches_and_key_vault_reads()
 
 #[tokio::test]
 async fn the_stats_line_names_the_open_circuit_breakers() {
+    // A port held for the test's lifetime and refusing: nothing else can answer on it.
+    let (_refusing, port) = refusing_port();
     let mut app = spawn_app_with(Setup {
         rust_log: "warn",
-        extra_config: r#"
+        extra_config: format!(
+            r#"
 [connections.fragile]
-token_url = "http://127.0.0.1:9/token"
+token_url = "http://127.0.0.1:{port}/token"
 client_id = "broker-basic"
-client_secret = { app_setting = "SETTING_SECRET" }
+client_secret = {{ app_setting = "SETTING_SECRET" }}
 max_retries = 0
 breaker_failures = 1
 breaker_open_seconds = 600
@@ -143,7 +146,7 @@ breaker_open_seconds = 600
 [telemetry]
 stats_interval_seconds = 1
 "#
-        .to_string(),
+        ),
         ..Setup::default()
     })
     .await;
