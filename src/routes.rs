@@ -81,8 +81,10 @@ impl tower_service::Service<Request<Body>> for BrokerService {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let state = self.state.clone();
-        Box::pin(async move { Ok(traced(&state, request).await) })
+        // The request is taken apart here, not inside the future: a future holds its
+        // arguments and its locals side by side, and it is allocated for every request.
+        let (parts, body) = request.into_parts();
+        Box::pin(traced(self.state.clone(), parts, body))
     }
 }
 
@@ -110,10 +112,10 @@ fn invocation_id(invocation: Option<&HeaderValue>) -> &str {
 /// request (its "finished processing request" line), else only for an error answer's line
 /// or a panic. The host logs each invocation with status and duration; tokens get their audit
 /// record either way.
-async fn traced(state: &AppState, request: Request<Body>) -> Response {
+async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Response, Infallible> {
     // The head stays here and is lent to the handler, so that a span made after the handler
     // (for an error line or a panic) can still read it without a copy made per request.
-    let (parts, body) = request.into_parts();
+    let state = state.as_ref();
     let invocation = invocation_id(parts.headers.get(&INVOCATION_ID));
     let request_span = || {
         tracing::info_span!(
@@ -133,16 +135,7 @@ async fn traced(state: &AppState, request: Request<Body>) -> Response {
     let readiness_probe = parts.uri.path() == "/";
     let debug = !span.is_none();
     let started = debug.then(tokio::time::Instant::now);
-    let handler = async {
-        // Without a span there is nothing to enter: the handler runs as it is.
-        if debug {
-            dispatch(state, &parts, body, invocation)
-                .instrument(span.clone())
-                .await
-        } else {
-            dispatch(state, &parts, body, invocation).await
-        }
-    };
+    let handler = dispatch(state, &parts, body, invocation).instrument(span.clone());
     let response = answer_even_on_panic(handler, || {
         if span.is_none() {
             request_span()
@@ -172,30 +165,34 @@ async fn traced(state: &AppState, request: Request<Body>) -> Response {
             "finished processing request"
         );
     }
-    response
+    Ok(response)
 }
 
 /// A panic anywhere in a request is a bug, but the caller still gets the documented JSON
 /// answer (500 `internal_error`) instead of a dropped connection, and the worker lives on.
-async fn answer_even_on_panic(
+///
+/// Not an `async fn`: one would hold `handler` twice (as its argument, and inside the
+/// unwind-catching future), and this future is allocated for every request.
+fn answer_even_on_panic(
     handler: impl std::future::Future<Output = Response>,
     span: impl FnOnce() -> tracing::Span,
-) -> Response {
+) -> impl std::future::Future<Output = Response> {
     AssertUnwindSafe(handler)
         .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| {
-            let span = span();
-            let _entered = span.enter();
-            tracing::error!(
-                panic = panic_message(panic.as_ref()),
-                "request handler panicked"
-            );
-            ApiError::Internal(
-                "the broker failed unexpectedly on this request (a bug; its log has the details)"
-                    .to_string(),
-            )
-            .into_response()
+        .map(move |outcome| {
+            outcome.unwrap_or_else(|panic| {
+                let span = span();
+                let _entered = span.enter();
+                tracing::error!(
+                    panic = panic_message(panic.as_ref()),
+                    "request handler panicked"
+                );
+                ApiError::Internal(
+                    "the broker failed unexpectedly on this request (a bug; its log has the details)"
+                        .to_string(),
+                )
+                .into_response()
+            })
         })
 }
 
@@ -215,7 +212,7 @@ async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &s
         // Whatever the limit, a body still arriving is read away first; but a client that
         // waits for `100 Continue` has sent nothing yet, and reading would invite it to.
         let drained = !expects_continue(&parts.headers)
-            && discard(body, declared_length(&parts.headers), 0).await;
+            && Box::pin(discard(body, declared_length(&parts.headers), 0)).await;
         return refused(error, drained);
     }
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
@@ -231,8 +228,10 @@ async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &s
         if method != Method::POST {
             return ApiError::MethodNotAllowed("POST").into_response();
         }
-        return match read_body(body, headers).await {
-            Ok(bytes) => rotation::handle(state, &bytes).await,
+        // Rare paths are boxed: their state would otherwise make every request's future
+        // (allocated per request) as large as the largest of them.
+        return match Box::pin(read_body(body, headers)).await {
+            Ok(bytes) => Box::pin(rotation::handle(state, &bytes)).await,
             Err(refusal) => refusal,
         };
     }
@@ -254,7 +253,7 @@ async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &s
         path: truncate(uri.path(), 200),
     };
     let form = if method == Method::POST {
-        let bytes = match read_body(body, headers).await {
+        let bytes = match Box::pin(read_body(body, headers)).await {
             Ok(bytes) => bytes,
             Err(refusal) => return refusal,
         };
@@ -473,9 +472,8 @@ async fn serve_token(
     }) {
         return Ok(response);
     }
-    let (token, outcome) = state
-        .cache
-        .get(key)
+    // The slow path, boxed: a hit never pays for the size of its state.
+    let (token, outcome) = Box::pin(state.cache.get(key))
         .await
         .map_err(|error| ApiError::from(error.as_ref()))?;
     Ok(handing_out.answer(&token, outcome, tokio::time::Instant::now()))

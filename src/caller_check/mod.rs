@@ -96,7 +96,9 @@ impl CallerCheck {
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
         match self {
             CallerCheck::FunctionKeyOnly => Ok(Caller::default()),
-            CallerCheck::Jwt(validator) => validator.authenticate(headers).await,
+            // Boxed: its state (a key set download) would otherwise be in every request's
+            // future, whatever the mode.
+            CallerCheck::Jwt(validator) => Box::pin(validator.authenticate(headers)).await,
             CallerCheck::EasyAuth => easy_auth::caller(headers),
         }
     }

@@ -440,6 +440,8 @@ async fn a_dead_redis_costs_callers_nothing_and_sharing_resumes_when_it_is_back(
         }
     }
     for broker in &brokers {
+        // Lines reach the pipe from the broker's writer thread: wait for the one expected.
+        broker.wait_for_log("shared cache unavailable", 1).await;
         assert_eq!(
             broker.log_count("shared cache unavailable"),
             1,
