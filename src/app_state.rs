@@ -70,8 +70,12 @@ impl AppState {
     /// The connection called `name`, any casing, without allocating. Configured names are
     /// valid by construction, so a malformed name (a traversal attempt included) matches none.
     pub fn connection(&self, name: &str) -> Option<(&ConnectionName, &ConnectionSettings)> {
-        self.connections
-            .iter()
-            .find(|(key, _)| key.as_str().eq_ignore_ascii_case(name))
+        // Names as configured (lower case) are found by one look-up; only another casing
+        // needs the comparison with each.
+        self.connections.get_key_value(name).or_else(|| {
+            self.connections
+                .iter()
+                .find(|(key, _)| key.as_str().eq_ignore_ascii_case(name))
+        })
     }
 }

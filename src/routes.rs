@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -116,7 +116,8 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     // The head stays here and is lent to the handler, so that a span made after the handler
     // (for an error line or a panic) can still read it without a copy made per request.
     let state = state.as_ref();
-    let invocation = invocation_id(parts.headers.get(&INVOCATION_ID));
+    let head = HeadFacts::scan(&parts.headers);
+    let invocation = invocation_id(head.invocation);
     let request_span = || {
         tracing::info_span!(
             "request",
@@ -135,7 +136,7 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     let readiness_probe = parts.uri.path() == "/";
     let debug = !span.is_none();
     let started = debug.then(tokio::time::Instant::now);
-    let handler = dispatch(state, &parts, body, invocation).instrument(span.clone());
+    let handler = dispatch(state, &parts, &head, body, invocation).instrument(span.clone());
     let response = answer_even_on_panic(handler, || {
         if span.is_none() {
             request_span()
@@ -207,15 +208,28 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &str) -> Response {
-    if let Err(error) = check_limits(parts) {
+async fn dispatch(
+    state: &AppState,
+    parts: &Parts,
+    head: &HeadFacts<'_>,
+    body: Body,
+    invocation_id: &str,
+) -> Response {
+    if let Err(error) = check_limits(parts, head) {
         // Whatever the limit, a body still arriving is read away first; but a client that
         // waits for `100 Continue` has sent nothing yet, and reading would invite it to.
         let drained = !expects_continue(&parts.headers)
-            && Box::pin(discard(body, declared_length(&parts.headers), 0)).await;
+            && Box::pin(discard(body, head.content_length, 0)).await;
         return refused(error, drained);
     }
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
+    // Token requests first: nearly every request is one.
+    if let Some(connection) = token_route(uri.path()) {
+        if method != Method::GET && method != Method::POST {
+            return ApiError::MethodNotAllowed("GET, POST").into_response();
+        }
+        return token_request(state, connection, parts, body, invocation_id).await;
+    }
     if uri.path() == "/" {
         // The host polls `/` every 25 ms until it answers; nothing here may wait.
         return (
@@ -241,12 +255,18 @@ async fn dispatch(state: &AppState, parts: &Parts, body: Body, invocation_id: &s
         }
         return health::answer(state);
     }
-    let Some(connection) = token_route(uri.path()) else {
-        return ApiError::NotFound.into_response();
-    };
-    if method != Method::GET && method != Method::POST {
-        return ApiError::MethodNotAllowed("GET, POST").into_response();
-    }
+    ApiError::NotFound.into_response()
+}
+
+/// `GET|POST /api/token/{connection}`.
+async fn token_request(
+    state: &AppState,
+    connection: &str,
+    parts: &Parts,
+    body: Body,
+    invocation_id: &str,
+) -> Response {
+    let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
     let label = RequestLabel {
         invocation_id,
         method: method.as_str(),
@@ -378,8 +398,36 @@ fn form_body(headers: &HeaderMap, bytes: Vec<u8>) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
+/// What the broker reads from a request's headers, found in one pass over them rather than a
+/// hashed look-up for each.
+struct HeadFacts<'a> {
+    /// Names and values together, with the separators a request line carries.
+    bytes: usize,
+    content_length: Option<u64>,
+    invocation: Option<&'a HeaderValue>,
+}
+
+impl<'a> HeadFacts<'a> {
+    fn scan(headers: &'a HeaderMap) -> Self {
+        let mut facts = Self {
+            bytes: 0,
+            content_length: None,
+            invocation: None,
+        };
+        for (name, value) in headers {
+            facts.bytes += name.as_str().len() + value.len() + 4;
+            if name == header::CONTENT_LENGTH {
+                facts.content_length = value.to_str().ok().and_then(|v| v.parse().ok());
+            } else if name == INVOCATION_ID && facts.invocation.is_none() {
+                facts.invocation = Some(value);
+            }
+        }
+        facts
+    }
+}
+
 /// Refuses requests larger than a token request can need, before any work is done.
-fn check_limits(request: &Parts) -> Result<(), ApiError> {
+fn check_limits(request: &Parts, head: &HeadFacts<'_>) -> Result<(), ApiError> {
     let uri_length = request
         .uri
         .path_and_query()
@@ -390,18 +438,16 @@ fn check_limits(request: &Parts) -> Result<(), ApiError> {
             what: "the request URI is longer than the broker accepts (4096 bytes)",
         });
     }
-    let header_bytes: usize = request
-        .headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
-        .sum();
-    if header_bytes > MAX_HEADER_BYTES {
+    if head.bytes > MAX_HEADER_BYTES {
         return Err(ApiError::TooLarge {
             status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             what: "the request headers are larger than the broker accepts (16 KiB)",
         });
     }
-    if declared_length(&request.headers).is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+    if head
+        .content_length
+        .is_some_and(|length| length > MAX_BODY_BYTES as u64)
+    {
         return Err(body_too_large());
     }
     Ok(())
@@ -519,32 +565,67 @@ impl HandingOut<'_> {
         } else {
             crate::audit::record(&record);
         }
-        // The answer's JSON is built once per token; only `expires_in` is written per request.
+        let mut response = Response::new(Body::from(answer_body(token, token.expires_in(now))));
+        // A copy of headers made once: no name is hashed per request.
+        *response.headers_mut() = TOKEN_ANSWER_HEADERS.clone();
+        response
+    }
+}
+
+/// The headers of every token answer: JSON, and never stored by a cache (RFC 6749 §5.1).
+static TOKEN_ANSWER_HEADERS: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(|| {
+    HeaderMap::from_iter([
+        (
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        ),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        (header::PRAGMA, HeaderValue::from_static("no-cache")),
+    ])
+});
+
+thread_local! {
+    /// The last answer body this worker thread wrote: the token's id, its `expires_in`, and
+    /// the bytes. The same token within the same second has the same body, so a hit reuses
+    /// it (a reference count on memory only this thread touches) instead of writing a
+    /// kilobyte again. It holds the token, like the cache, until the thread answers with
+    /// another token.
+    static LAST_ANSWER: std::cell::RefCell<Option<(u64, u64, Bytes)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The answer's JSON for `token` with `expires_in`: built once per token (prefix and suffix)
+/// and once per second per worker thread (the whole), never per request.
+fn answer_body(token: &CachedToken, expires_in: u64) -> Bytes {
+    LAST_ANSWER.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((id, seconds, body)) = last.as_ref()
+            && *id == token.id
+            && *seconds == expires_in
+        {
+            return body.clone();
+        }
         let (prefix, suffix) = token.answer_parts();
         // The token leaves the broker here, in the response body and nowhere else.
         let prefix = prefix.expose_secret();
         let mut body = Vec::with_capacity(prefix.len() + 20 + suffix.len());
         body.extend_from_slice(prefix);
-        body.extend_from_slice(itoa::Buffer::new().format(token.expires_in(now)).as_bytes());
+        body.extend_from_slice(itoa::Buffer::new().format(expires_in).as_bytes());
         body.extend_from_slice(suffix);
-        let mut response = Response::new(Body::from(body));
-        let headers = response.headers_mut();
-        // Room for the three at once: one allocation, not a growth per insert.
-        headers.reserve(3);
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-        response
-    }
+        let body = Bytes::from(body);
+        *last = Some((token.id, expires_in, body.clone()));
+        body
+    })
 }
 
 /// The `scope` parameters of the query and of a POST form, as a scope list; `None` when absent
 /// or empty. Repeated parameters are joined, as are the comma-joined values the Functions host
 /// makes of them.
 fn requested_scopes(query: Option<&str>, form: &[u8]) -> Result<Option<Vec<ScopeToken>>, ApiError> {
+    // Most requests name no scope: nothing to parse when the word is not there at all.
+    if form.is_empty() && query.is_none_or(|query| !query.contains("scope")) {
+        return Ok(None);
+    }
     let query = query.unwrap_or_default().as_bytes();
     let mut scopes = Vec::new();
     let mut length = 0;

@@ -53,22 +53,37 @@ impl From<&CacheKey> for CacheKey {
 }
 
 /// A connection (lower-cased name) and a sorted, de-duplicated scope set.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Eq)]
 pub struct CacheKey {
     connection: ConnectionName,
     scopes: Arc<[ScopeToken]>,
     /// The scopes joined by spaces, for the audit line; computed once per key, not per request.
     display: Arc<str>,
+    /// A digest of the connection and the scopes, computed once: what the key hashes as, so
+    /// that a look-up (two per request on the slow path, one on the fast one) hashes a word,
+    /// not the names.
+    digest: u64,
 }
 
-/// Hashes the connection and the scopes only: `display` is made from the scopes, so equal keys
-/// still hash equally, and a cache hit does not hash the scopes twice.
 impl std::hash::Hash for CacheKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.connection.hash(state);
-        self.scopes.hash(state);
+        state.write_u64(self.digest);
     }
 }
+
+/// The connection and the scopes decide; the same key (one of the defaults, built once) is
+/// recognised by its allocation before any name is compared.
+impl PartialEq for CacheKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+            && (Arc::ptr_eq(&self.scopes, &other.scopes) || self.scopes == other.scopes)
+            && self.connection == other.connection
+    }
+}
+
+/// One hasher state for every key's digest, so that equal keys digest equally.
+static DIGEST: std::sync::LazyLock<hashbrown::DefaultHashBuilder> =
+    std::sync::LazyLock::new(hashbrown::DefaultHashBuilder::default);
 
 impl CacheKey {
     pub fn new(connection: &ConnectionName, scopes: impl IntoIterator<Item = ScopeToken>) -> Self {
@@ -80,10 +95,18 @@ impl CacheKey {
             .map(ScopeToken::as_str)
             .collect::<Vec<_>>()
             .join(" ");
+        let digest = {
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut hasher = DIGEST.build_hasher();
+            connection.hash(&mut hasher);
+            scopes.hash(&mut hasher);
+            hasher.finish()
+        };
         Self {
             connection: connection.clone(),
             display: Arc::from(display),
             scopes: Arc::from(scopes),
+            digest,
         }
     }
 
@@ -103,6 +126,9 @@ impl CacheKey {
 
 /// A token as the cache holds and hands it out.
 pub struct CachedToken {
+    /// Unique among the tokens this process has held: what a per-thread copy of this token's
+    /// answer is keyed by (an address could be reused by a later token).
+    pub id: u64,
     pub access_token: SecretString,
     pub token_type: String,
     pub scope: Option<String>,
@@ -140,7 +166,9 @@ impl CachedToken {
             expires_on,
             fresh.scope.as_deref(),
         );
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             fingerprint: fingerprint(fresh.access_token.expose_secret()),
             answer_prefix,
             answer_suffix,
