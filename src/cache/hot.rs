@@ -10,14 +10,17 @@
 //! next request, so the copy can be stale by no more than that.
 
 use std::cell::RefCell;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::LocalKey;
 use std::time::Duration;
 
 use hashbrown::HashMap;
 use tokio::time::Instant;
 
-use super::memory::{CacheKey, CachedToken};
+// Generic over the key and the token, so that this module needs nothing from the memory
+// tier (which declares the thread-local copy for its own types).
 
 /// Counts every change to a cache's entries; a thread's copy is good for one value.
 #[derive(Default)]
@@ -49,8 +52,8 @@ impl Generation {
 }
 
 /// One remembered hit.
-struct Hot {
-    token: Arc<CachedToken>,
+struct Hot<T> {
+    token: Arc<T>,
     /// Served from here until then: the earlier of the token's refresh time and its end.
     fresh_until: Instant,
     /// Told when the key was last used (for the map's eviction), at most once a second.
@@ -58,16 +61,24 @@ struct Hot {
     last_used: Arc<LastUsed>,
 }
 
-/// A thread's remembered hits, for one cache and one generation.
-#[derive(Default)]
-struct Copy {
+/// A thread's remembered hits, for one cache and one generation: the memory tier keeps one
+/// in a `thread_local!`.
+pub(crate) struct Copy<K, T> {
     generation: (u64, u64),
-    hits: HashMap<CacheKey, Hot>,
+    hits: HashMap<K, Hot<T>>,
 }
 
-thread_local! {
-    static COPY: RefCell<Copy> = RefCell::default();
+impl<K, T> Default for Copy<K, T> {
+    fn default() -> Self {
+        Self {
+            generation: (0, 0),
+            hits: HashMap::default(),
+        }
+    }
 }
+
+/// Where a thread keeps its copy.
+pub(crate) type ThreadCopy<K, T> = LocalKey<RefCell<Copy<K, T>>>;
 
 /// When an entry was last used, as nanoseconds since the cache's epoch: an atomic, so that
 /// the lock-free path can refresh it (rarely) for the eviction order.
@@ -102,14 +113,15 @@ const TOUCH_EVERY: Duration = Duration::from_secs(1);
 
 /// `serve` applied to the token this thread remembers for `key`, when it is still fresh at
 /// `now` and nothing changed since (`generation`); `None` sends the caller to the slow path.
-pub(crate) fn serve<R>(
+pub(crate) fn serve<K: Hash + Eq, T, R>(
+    copy: &'static ThreadCopy<K, T>,
     generation: &Generation,
-    key: &CacheKey,
+    key: &K,
     now: Instant,
-    serve: impl FnOnce(&Arc<CachedToken>) -> R,
+    serve: impl FnOnce(&Arc<T>) -> R,
 ) -> Option<R> {
     let current = generation.now();
-    COPY.with(|copy| {
+    copy.with(|copy| {
         let mut copy = copy.try_borrow_mut().ok()?;
         if copy.generation != current {
             copy.hits.clear();
@@ -129,10 +141,11 @@ pub(crate) fn serve<R>(
 }
 
 /// Remembers a hit the slow path handed out, found when the cache's count was `seen`.
-pub(crate) fn remember(
+pub(crate) fn remember<K: Hash + Eq + Clone, T>(
+    copy: &'static ThreadCopy<K, T>,
     seen: (u64, u64),
-    key: &CacheKey,
-    token: &Arc<CachedToken>,
+    key: &K,
+    token: &Arc<T>,
     fresh_until: Instant,
     last_used: &Arc<LastUsed>,
     now: Instant,
@@ -140,7 +153,7 @@ pub(crate) fn remember(
     if now >= fresh_until {
         return;
     }
-    COPY.with(|copy| {
+    copy.with(|copy| {
         let Ok(mut copy) = copy.try_borrow_mut() else {
             return;
         };

@@ -320,6 +320,12 @@ impl Entry {
     }
 }
 
+thread_local! {
+    /// This worker thread's copy of the hits it handed out lately (see [`hot`]).
+    static HOT_COPY: std::cell::RefCell<hot::Copy<CacheKey, CachedToken>> =
+        std::cell::RefCell::default();
+}
+
 /// Past its normal window (refresh failing or in flight), a token is handed out only while it
 /// has at least this long to live.
 const STALE_FLOOR: Duration = Duration::from_secs(1);
@@ -344,7 +350,7 @@ impl TokenCache {
         now: Instant,
         serve: impl FnOnce(&Arc<CachedToken>) -> R,
     ) -> Option<R> {
-        hot::serve(&self.generation, key, now, serve)
+        hot::serve(&HOT_COPY, &self.generation, key, now, serve)
     }
 
     /// A token for `key`: from memory when one is usable, else from the shared fetch.
@@ -385,7 +391,7 @@ impl TokenCache {
                         let last_used = entry.last_used.clone();
                         drop(state);
                         drop(entries);
-                        hot::remember(seen, key, &token, fresh_until, &last_used, now);
+                        hot::remember(&HOT_COPY, seen, key, &token, fresh_until, &last_used, now);
                     }
                     return Ok((token, outcome));
                 }
