@@ -238,6 +238,20 @@ impl KeyVaultDouble {
             .send_modify(|generation| *generation += 1);
     }
 
+    /// Waits (at most `within`) until `count` reads are held by [`Fault::Hold`]: a request is
+    /// counted as it arrives and as held a moment later, so a test that saw it arrive waits
+    /// here before it counts on the hold.
+    pub async fn wait_for_held(&self, count: usize, within: std::time::Duration) -> bool {
+        let until = tokio::time::Instant::now() + within;
+        while self.held() < count {
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     /// Reads being held by [`Fault::Hold`] right now.
     pub fn held(&self) -> usize {
         self.shared.held.load(Ordering::SeqCst)

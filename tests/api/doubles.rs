@@ -237,6 +237,13 @@ async fn the_vault_doubles_delay_and_hold_faults_hold_a_read_back_until_due() {
             .await,
         "the read reached the vault"
     );
+    assert!(
+        vault
+            .azure
+            .vault
+            .wait_for_held(1, Duration::from_secs(10))
+            .await
+    );
     assert_eq!(vault.azure.vault.held(), 1);
     assert!(!held.is_finished(), "held");
     let reads = vault.azure.vault.reads();

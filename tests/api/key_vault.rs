@@ -221,6 +221,12 @@ async fn one_caller_re_reads_while_the_others_get_the_copy_at_once() {
             .await,
         "the first caller's re-read reached the vault"
     );
+    assert!(
+        app.azure
+            .vault
+            .wait_for_held(1, Duration::from_secs(10))
+            .await
+    );
     assert_eq!(app.azure.vault.held(), 1);
     // Four other connections on the same secret, each with a fetch of its own to make.
     let others = futures_util::future::join_all(
@@ -239,7 +245,6 @@ async fn one_caller_re_reads_while_the_others_get_the_copy_at_once() {
         before + 1,
         "the four did not go to the vault: one caller at a time re-reads"
     );
-    assert_eq!(app.azure.vault.held(), 1);
     app.azure.vault.set_fault(None);
     app.azure.vault.release_held();
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
@@ -311,8 +316,11 @@ async fn a_hanging_vault_without_a_copy_costs_a_caller_the_deadline_and_no_more(
         "the deadline passed: {waited:?}"
     );
     assert!(waited < deadline + SLACK, "and no more: {waited:?}");
-    assert_eq!(app.azure.vault.held(), 1, "the read was still hanging");
-    assert_eq!(app.azure.vault.reads(), 0);
+    // The vault was asked and never answered. (Whether the double still holds the read when
+    // the caller has its answer depends on when it notices the broker gave up on it, so that
+    // is not asserted.)
+    assert!(app.azure.vault.requests() >= 1, "the vault was asked");
+    assert_eq!(app.azure.vault.reads(), 0, "and answered no secret");
     assert_eq!(
         app.idp.stats().await.token_requests,
         0,
