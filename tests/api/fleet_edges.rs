@@ -56,14 +56,20 @@ async fn six_cold_bursts_of_120_over_three_instances_make_one_token_request_each
             tokens.iter().all(|token| token == &tokens[0]),
             "round {round}: one token for the fleet"
         );
-        // Cold again everywhere: a rotation drops every instance's token and the shared entry.
-        let version = fleet.set_secret("fleet-secret", FLEET_SECRET);
-        brokers[0].deliver_rotation("fleet-secret", &version).await;
-        for broker in &brokers[1..] {
-            broker
-                .wait_for_log("rotation announced by another instance", round)
-                .await;
-        }
+        make_cold(&fleet, &brokers, round).await;
+    }
+}
+
+/// Cold again everywhere: a rotation delivered to the first broker drops every instance's
+/// token and the shared entry; returns once every other broker has heard of a rotation
+/// `nth` times.
+async fn make_cold(fleet: &Fleet, brokers: &[Broker], nth: usize) {
+    let version = fleet.set_secret("fleet-secret", FLEET_SECRET);
+    brokers[0].deliver_rotation("fleet-secret", &version).await;
+    for broker in &brokers[1..] {
+        broker
+            .wait_for_log("rotation announced by another instance", nth)
+            .await;
     }
 }
 
@@ -132,11 +138,7 @@ async fn a_lock_key_without_expiry_does_not_stall_cold_fetches() {
         .expect("a shared entry");
     let lock = entry.replace(":t:", ":l:");
     // Cold again, and someone with write access leaves a lock that never expires.
-    let version = fleet.set_secret("fleet-secret", FLEET_SECRET);
-    brokers[0].deliver_rotation("fleet-secret", &version).await;
-    brokers[1]
-        .wait_for_log("rotation announced by another instance", 1)
-        .await;
+    make_cold(&fleet, &brokers, 1).await;
     let _: () = redis::cmd("SET")
         .arg(&lock)
         .arg("not-a-broker")
@@ -373,11 +375,7 @@ async fn a_lock_key_of_another_type_costs_that_key_nothing_and_the_tier_stays_up
         .pop()
         .expect("a shared entry");
     // Another key: its entry and lock are made unusable by someone with write access.
-    let version = fleet.set_secret("fleet-secret", FLEET_SECRET);
-    brokers[0].deliver_rotation("fleet-secret", &version).await;
-    brokers[1]
-        .wait_for_log("rotation announced by another instance", 1)
-        .await;
+    make_cold(&fleet, &brokers, 1).await;
     let mut inspect = redis.inspect();
     for name in [entry.clone(), entry.replace(":t:", ":l:")] {
         let _: () = redis::cmd("HSET")
