@@ -250,7 +250,10 @@ impl Idp {
         }
         let mut clients = self.clients.clone();
         change(&mut clients);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        // Three starts' worth: a start that hangs (seen on a loaded CI machine) is retried,
+        // as `start` does, instead of spending the whole budget on one attempt.
+        let budget = IDP_START * 3;
+        let deadline = tokio::time::Instant::now() + budget;
         let replacement = loop {
             match Launched::spawn(&self.config_path, &clients, self.port)
                 .wait()
@@ -265,8 +268,9 @@ impl Idp {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(reason) => panic!(
-                    "oidc-provider could not get its port {} back within 20 s, so the issuer would change: {reason}",
-                    self.port
+                    "oidc-provider could not get its port {} back within {} s, so the issuer would change: {reason}",
+                    self.port,
+                    budget.as_secs()
                 ),
             }
         };
