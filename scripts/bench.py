@@ -2,8 +2,8 @@
 """token-broker's benchmark: the broker against this machine's own limit, in one run.
 
 Measures, with the load generator `wrk`:
-  1. the broker's cache-hit path, a bare axum server answering a constant body of the same
-     size (the machine's limit), and callers going straight to the identity provider's token
+  1. the broker's cache-hit path, bare axum servers sent the same request and answering it
+     with the same bytes as constants (the machine's limit), and callers going straight to the identity provider's token
      endpoint, at the same concurrency levels; the three are interleaved (in an order that
      rotates from one round to the next) and each cell is measured BENCH_ROUNDS times (at
      least 3), so the report gives medians and ranges rather than one lucky run,
@@ -314,8 +314,10 @@ scopes = ["read"]
     basic = base64.b64encode(f"bench:{urllib.parse.quote_plus(SECRET)}".encode()).decode()
     targets = {
         "broker": lambda c: wrk(token_url, c, headers=HOST_HEADERS),
-        "bare": lambda c: wrk(f"http://127.0.0.1:{bare_port}/", c, headers=HOST_HEADERS),
-        "lean": lambda c: wrk(f"http://127.0.0.1:{lean_port}/", c, headers=HOST_HEADERS),
+        # The bare servers get the same request as the broker (path and headers): what differs
+        # is only what the broker does with it.
+        "bare": lambda c: wrk(f"http://127.0.0.1:{bare_port}/api/token/bench", c, headers=HOST_HEADERS),
+        "lean": lambda c: wrk(f"http://127.0.0.1:{lean_port}/api/token/bench", c, headers=HOST_HEADERS),
         "idp": lambda c: wrk(ready["token_endpoint"], c, headers={"Authorization": f"Basic {basic}"},
                              method="POST", body="grant_type=client_credentials&scope=read"),
     }
@@ -339,7 +341,7 @@ scopes = ["read"]
 
     log(f"pinned: servers on core 0, wrk on core 1; {ROUNDS} interleaved rounds of {DURATION}")
     pinned = {(name, c): [] for name in ("broker", "lean") for c in PINNED_CONCURRENCY}
-    servers = {"broker": (broker, token_url), "lean": (lean, f"http://127.0.0.1:{lean_port}/")}
+    servers = {"broker": (broker, token_url), "lean": (lean, f"http://127.0.0.1:{lean_port}/api/token/bench")}
     for name, (process, _) in servers.items():
         subprocess.run(["taskset", "-a", "-p", "-c", "0", str(process.pid)], check=True,
                        capture_output=True)
@@ -555,8 +557,9 @@ def write_report(samples, pinned, flight_ok, single_flight_calls, flight, refres
         "",
         "## Cache-hit path versus the machine's limit, and versus the identity provider",
         "",
-        "`GET /api/token/bench` (a cached token); two bare servers answering a constant body of the same",
-        "size: `bare, no router` through one hand-made service, as the broker itself is served (the",
+        "`GET /api/token/bench` (a cached token); two bare servers sent the same request (path and",
+        "headers) and answering it with the same bytes as constants (the token answer's three headers",
+        "and a body of its size): `bare, no router` through one hand-made service, as the broker itself is served (the",
         "strictest limit, which the targets are graded against), and `bare` through an axum `Router`;",
         "and the identity provider's token endpoint called directly (oidc-provider, client credentials",
         "with Basic authentication), at the same concurrency.",

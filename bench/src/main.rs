@@ -1,6 +1,8 @@
-//! `bare-server`: the physical limit the broker is measured against. It answers every request
-//! with a constant JSON body of `BARE_BODY_BYTES` bytes (the size of a broker token answer)
-//! on `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT` (0 for any free port; the bound port is
+//! `bare-server`: the physical limit the broker is measured against. It answers every request,
+//! whatever its path, with the broker's token answer reduced to constants: the same headers
+//! (`Content-Type`, `Cache-Control: no-store`, `Pragma: no-cache`) and a JSON body of
+//! `BARE_BODY_BYTES` bytes (the size of a broker token answer), so that it sends the same bytes
+//! as the broker, on `127.0.0.1:$FUNCTIONS_CUSTOMHANDLER_PORT` (0 for any free port; the bound port is
 //! printed as `{"port":N}` on stdout either way), on the same runtime, HTTP stack and build
 //! profile as the broker, and does nothing else: no routing logic, no cache, no logging.
 //!
@@ -39,20 +41,26 @@ async fn main() {
         )
         .into_boxed_str(),
     );
-    let app = axum::Router::new().fallback(move || async move {
-        ([(header::CONTENT_TYPE, "application/json")], body).into_response()
-    });
+    let answer = move || {
+        (
+            [
+                (header::CONTENT_TYPE, "application/json"),
+                (header::CACHE_CONTROL, "no-store"),
+                (header::PRAGMA, "no-cache"),
+            ],
+            body,
+        )
+            .into_response()
+    };
+    let app = axum::Router::new().fallback(move || async move { answer() });
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
         .expect("bind");
     let bound = listener.local_addr().expect("bound address").port();
     println!("{{\"port\":{bound}}}");
     if std::env::var("BARE_STACK").as_deref() == Ok("service") {
-        let service = tower::service_fn(move |_: Request<Body>| async move {
-            Ok::<_, Infallible>(
-                ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-            )
-        });
+        let service =
+            tower::service_fn(move |_: Request<Body>| async move { Ok::<_, Infallible>(answer()) });
         axum::serve(listener, service.into_make_service())
             .await
             .expect("serve");
