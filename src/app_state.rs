@@ -8,7 +8,7 @@ use crate::cache::{CacheKey, SharedTier, TokenCache};
 use crate::caller_check::CallerCheck;
 use crate::config::{ConnectionName, ConnectionSettings};
 use crate::credentials::Credentials;
-use crate::stats::{ConnectionStats, connection_stats};
+use crate::observe::stats::{ConnectionStats, connection_stats};
 use crate::token_client::TokenClient;
 
 /// What every request handler shares.

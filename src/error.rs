@@ -274,7 +274,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, Json(body)).into_response();
         response
             .extensions_mut()
-            .insert(crate::stats::ErrorCode(code));
+            .insert(crate::observe::stats::ErrorCode(code));
         response.extensions_mut().insert(log);
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -15,12 +15,12 @@
 //!   a client assertion signed inside Key Vault, or the managed identity's own token.
 //!
 //! Around them: [`config`] (the validated `broker.toml`), [`http_client`] (the one outgoing
-//! HTTP stack), [`telemetry`] (JSON logs; [`audit`] accounts for every token handed out,
-//! [`stats`] writes the counters every interval), [`startup`] (wiring and the listener) and
+//! HTTP stack), [`observe`] (what the broker says about itself: the JSON log pipeline, the
+//! audit records of every token handed out, the counters written every interval; a leaf that
+//! imports nothing from the domain), [`startup`] (wiring and the listener) and
 //! [`rotation`] (Key Vault events that make a rotated secret, key or certificate take effect at once).
 
 pub mod app_state;
-pub mod audit;
 pub mod cache;
 pub mod caller_check;
 pub mod config;
@@ -28,11 +28,10 @@ pub mod credentials;
 pub mod error;
 pub mod health;
 pub mod http_client;
+pub mod observe;
 pub mod rotation;
 pub mod routes;
 pub mod startup;
-pub mod stats;
-pub mod telemetry;
 pub mod token;
 /// The cache's former path, kept for the fuzz target and other outside users.
 pub use cache as token_cache;

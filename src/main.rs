@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use token_broker::config::{self, ProcessEnvironment};
+use token_broker::observe::{audit, stats, telemetry};
 use token_broker::startup::{Application, shutdown_signal};
 
 /// mimalloc rather than the C library's allocator: a request's buffers are often freed on
@@ -53,7 +54,13 @@ fn check() -> ExitCode {
 
 fn serve() -> ExitCode {
     // Dropped last: writes out the log, audit records included, before the process exits.
-    let _log_writer = token_broker::telemetry::init();
+    // The writer is told what to do besides writing lines: the audit's hit records every
+    // interval, and where lost audit records are counted.
+    let _log_writer = telemetry::init(telemetry::Producers {
+        periodic: audit::drain_hits,
+        every: audit::HIT_INTERVAL,
+        audit_lost: stats::record_audit_dropped,
+    });
     let settings = match config::load(&ProcessEnvironment) {
         Ok(settings) => settings,
         Err(error) => {
@@ -90,7 +97,7 @@ fn serve() -> ExitCode {
         );
         // Out now rather than at the log writer's next interval: whoever started the broker
         // on port 0 is waiting for this line to learn where to send requests.
-        token_broker::telemetry::flush(std::time::Duration::from_millis(250));
+        telemetry::flush(std::time::Duration::from_millis(250));
         match application.run_until(shutdown_signal()).await {
             Ok(()) => {
                 tracing::info!("stopped");

@@ -8,8 +8,8 @@
 //! (or a repaired secret) takes effect at once in the process that receives the event instead
 //! of at the next cache TTL. On Flex Consumption that process serves no token requests
 //! (per-function scaling): with the shared cache it tells every instance; without it, HTTP
-//! instances pick the new version up at their next re-read (see the README's "How it runs on
-//! Flex Consumption").
+//! instances pick the new version up at their next re-read (see "How it runs on
+//! Flex Consumption" in docs/deployment.md).
 //!
 //! `*NearExpiry` and `*Expired` are reminders, not changes: nothing has a new version yet, so
 //! they change nothing but a warning line (the near-expiry alert is Azure Monitor's job).
@@ -25,7 +25,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use crate::app_state::AppState;
-use crate::config::{AssertionKey, ConnectionSettings, CredentialSource, SecretSource};
 use crate::credentials::ObjectKind;
 use crate::error::ApiError;
 
@@ -62,20 +61,6 @@ const EXPIRY_EVENTS: &[&str] = &[
 ];
 
 /// The Key Vault object of `kind` the connection uses, if any.
-fn object_of(connection: &ConnectionSettings, kind: ObjectKind) -> Option<&str> {
-    match (&connection.credential, kind) {
-        (CredentialSource::Secret(SecretSource::KeyVault { secret_name }), ObjectKind::Secret) => {
-            Some(secret_name)
-        }
-        (CredentialSource::Assertion(settings), _) => match (&settings.key, kind) {
-            (AssertionKey::KeyVaultKey(name), ObjectKind::Key)
-            | (AssertionKey::KeyVaultCertificate(name), ObjectKind::Certificate) => Some(name),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
 /// Handles one invocation. Malformed JSON is a 400 (the host never sends it); an event that
 /// is not for this broker is acknowledged with a log line, since retrying it cannot help. A
 /// rotation that could not be announced to the fleet is a 503: the host then fails the
@@ -208,7 +193,7 @@ async fn apply(state: &AppState, event: &Map<String, Value>) -> Outcome {
     if let Some(shared) = &state.shared {
         let connections: Vec<&str> = rotated.connections.iter().map(String::as_str).collect();
         match shared
-            .announce_rotation(&announced_object(kind, &rotated.object_name), &connections)
+            .announce_rotation(&kind.object_id(&rotated.object_name), &connections)
             .await
         {
             Ok(deleted) => line.push_str(&format!(
@@ -249,20 +234,6 @@ struct Rotated {
     evicted: usize,
 }
 
-/// How a rotated object is named between instances: its kind and its configured name
-/// (`secret/contoso-secret`); Key Vault names hold no `/`.
-pub fn announced_object(kind: ObjectKind, name: &str) -> String {
-    format!("{}/{}", kind.as_str(), name.to_ascii_lowercase())
-}
-
-/// The Key Vault objects a connection uses, as `announced_object` names them.
-pub fn objects_of(connection: &ConnectionSettings) -> Vec<String> {
-    [ObjectKind::Secret, ObjectKind::Key, ObjectKind::Certificate]
-        .into_iter()
-        .filter_map(|kind| object_of(connection, kind).map(|name| announced_object(kind, name)))
-        .collect()
-}
-
 /// Makes this process read the object again before its next use, forget a rejection the
 /// negative cache holds for the connections using it, and drop their tokens from memory.
 /// `None` when no connection uses that object.
@@ -271,13 +242,15 @@ fn rotate_locally(state: &AppState, kind: ObjectKind, object_name: &str) -> Opti
         .connections
         .iter()
         .filter(|(_, connection)| {
-            object_of(connection, kind).is_some_and(|name| name.eq_ignore_ascii_case(object_name))
+            connection
+                .vault_object(kind)
+                .is_some_and(|name| name.eq_ignore_ascii_case(object_name))
         })
         .map(|(key, _)| key.as_str())
         .collect();
     let configured_name = connections
         .first()
-        .and_then(|key| object_of(&state.connections[*key], kind))?
+        .and_then(|key| state.connections[*key].vault_object(kind))?
         .to_string();
     state.credentials.invalidate(kind, &configured_name);
     for connection in &connections {
@@ -292,7 +265,7 @@ fn rotate_locally(state: &AppState, kind: ObjectKind, object_name: &str) -> Opti
 }
 
 /// Applies a rotation another instance announced through the shared cache (`object` as
-/// `announced_object` names it).
+/// `ObjectKind::object_id` names it).
 pub async fn apply_announced(state: &AppState, object: &str) {
     let Some((kind, name)) = object.split_once('/') else {
         return;

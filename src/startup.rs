@@ -113,7 +113,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let last_report = Arc::new(parking_lot::Mutex::new(LastReport {
             at: tokio::time::Instant::now(),
-            shared: crate::stats::SharedTierCounts::default(),
+            shared: crate::observe::stats::SharedTierCounts::default(),
         }));
         let reporter = tokio::spawn(report_stats_every(
             self.stats_interval,
@@ -150,7 +150,7 @@ async fn report_stats_every(
 #[derive(Clone, Copy)]
 struct LastReport {
     at: tokio::time::Instant,
-    shared: crate::stats::SharedTierCounts,
+    shared: crate::observe::stats::SharedTierCounts,
 }
 
 /// One `stats` line: the counts since the last one, and the circuit breakers open now.
@@ -177,7 +177,7 @@ fn report_stats(state: &AppState, last_report: &parking_lot::Mutex<LastReport>) 
         .shared
         .as_ref()
         .map(|_| now.shared.since(&last.shared));
-    crate::stats::report(now.at - last.at, &open, shared);
+    crate::observe::stats::report(now.at - last.at, &open, shared);
 }
 
 /// Completes on SIGTERM (how the host and App Service stop a worker) or Ctrl-C.

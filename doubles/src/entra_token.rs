@@ -31,15 +31,13 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
-use crate::key_vault::now;
-use crate::managed_identity::Issued;
+use crate::directory::{Issued, now};
 use crate::random_hex;
 use crate::serve::{self, Server};
 
 /// RFC 7523's assertion type.
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-/// The tenant in the double's URL.
-pub const TENANT: &str = "c0ffee00-0000-4000-8000-00000000e17a";
+pub use crate::directory::TENANT;
 /// The longest assertion lifetime accepted (`exp - nbf`).
 const MAX_LIFETIME: u64 = 600;
 /// Clock skew allowed on `nbf` and `exp`.

@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -24,8 +24,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde_json::{Value, json};
 
-use crate::managed_identity::Issued;
+use crate::directory::{Issued, now};
+use crate::key_vault_keys::{self, KeyKind, PublicKey};
 use crate::serve::{self, Server};
+use crate::vault_error::error;
 use crate::{random_hex, tls};
 
 /// The resource Key Vault names in its challenge.
@@ -108,7 +110,7 @@ pub(crate) struct Shared {
     challenges: AtomicUsize,
     reads: AtomicUsize,
     /// Signing keys and certificates (`key_vault_keys`).
-    pub(crate) keys: crate::key_vault_keys::Keys,
+    pub(crate) keys: key_vault_keys::Keys,
 }
 
 /// A running Key Vault double.
@@ -135,7 +137,7 @@ impl KeyVaultDouble {
             .route("/secrets/{name}/", get(latest))
             .route("/secrets/{name}", get(latest))
             .route("/secrets/{name}/{version}", get(versioned))
-            .merge(crate::key_vault_keys::routes())
+            .merge(key_vault_keys::routes())
             .fallback(not_found)
             .with_state(shared.clone());
         let server = serve::spawn(router, port, Some(tls.acceptor)).await?;
@@ -287,26 +289,6 @@ impl KeyVaultDouble {
     }
 }
 
-pub(crate) fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-pub(crate) fn error(
-    status: StatusCode,
-    code: &str,
-    message: &str,
-    inner: Option<&str>,
-) -> Response {
-    let mut body = json!({ "error": { "code": code, "message": message } });
-    if let Some(inner) = inner {
-        body["error"]["innererror"] = json!({ "code": inner });
-    }
-    (status, Json(body)).into_response()
-}
-
 fn challenge(form: ChallengeForm, message: &str) -> Response {
     let mut response = error(StatusCode::UNAUTHORIZED, "Unauthorized", message, None);
     let value = match form {
@@ -335,6 +317,62 @@ pub(crate) fn base(shared: &Shared, headers: &HeaderMap) -> String {
             || shared.base.get().cloned().unwrap_or_default(),
             |host| format!("https://{host}"),
         )
+}
+
+impl KeyVaultDouble {
+    /// Adds a new version of signing key `name` and returns its version id.
+    pub fn create_key(&self, name: &str, kind: KeyKind) -> String {
+        self.shared().keys.create(name, kind, false)
+    }
+
+    /// Adds a new version of certificate `name` (a self-signed certificate for a new RSA key
+    /// of the same name and version, as Key Vault makes them) and returns its version id.
+    pub fn create_certificate(&self, name: &str) -> String {
+        self.shared().keys.create(name, KeyKind::Rsa, true)
+    }
+
+    /// The latest version of key (or certificate) `name`, as a verifier sees it, with the
+    /// key id a caller gets that reaches the vault under its `vault.azure.net` name
+    /// ([`PUBLIC_HOST`]), as the tests' brokers do.
+    pub fn public_key(&self, name: &str) -> Option<PublicKey> {
+        self.shared()
+            .keys
+            .public_key(&format!("https://{PUBLIC_HOST}"), name)
+    }
+
+    /// Sign operations answered with a signature, all keys together.
+    pub fn signs(&self) -> usize {
+        self.shared().keys.signs()
+    }
+
+    /// Sign operations answered with a signature by key `name`.
+    pub fn signs_by(&self, name: &str) -> usize {
+        self.shared().keys.signs_by(name)
+    }
+
+    /// Every signature returned so far, base64url.
+    pub fn signatures(&self) -> Vec<String> {
+        self.shared().keys.signatures()
+    }
+}
+
+/// The keys and certificates API, served from this vault's state.
+impl key_vault_keys::Vault for Shared {
+    fn refusal(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> Option<Response> {
+        refusal(self, headers, query)
+    }
+
+    fn base(&self, headers: &HeaderMap) -> String {
+        base(self, headers)
+    }
+
+    fn denied(&self, name: &str) -> bool {
+        self.denied.lock().unwrap().contains(name)
+    }
+
+    fn keys(&self) -> &key_vault_keys::Keys {
+        &self.keys
+    }
 }
 
 /// Checks API version and bearer token; `Some` is the refusal to send.

@@ -21,8 +21,22 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Value, json};
 
-use crate::key_vault::{Shared, base, error, now, refusal};
+use crate::directory::now;
 use crate::random_hex;
+use crate::vault_error::error;
+
+/// What the keys and certificates API needs from the vault it is part of: its request checks
+/// (API version, bearer token, faults), the vault URL a request reached, its access policy and
+/// its keys. The vault implements it, so this module does not import the vault.
+pub(crate) trait Vault: Send + Sync + 'static {
+    /// `Some` is the refusal to send instead of an answer.
+    fn refusal(&self, headers: &HeaderMap, query: &HashMap<String, String>) -> Option<Response>;
+    /// The vault URL the request reached (its `Host`), which key ids are built under.
+    fn base(&self, headers: &HeaderMap) -> String;
+    /// Whether the identity has no role on object `name` (403 ForbiddenByRbac).
+    fn denied(&self, name: &str) -> bool;
+    fn keys(&self) -> &Keys;
+}
 
 /// The kind of key a vault key is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,9 +89,45 @@ pub struct PublicKey {
 }
 
 impl Keys {
+    /// The latest version of key (or certificate) `name` as a verifier sees it, its key id
+    /// under the vault URL `base`.
+    pub(crate) fn public_key(&self, base: &str, name: &str) -> Option<PublicKey> {
+        let found = self.find(name, None)?;
+        let kid = kid(base, name, &found.version);
+        let mut jwk = found.public.clone();
+        jwk["kid"] = kid.clone().into();
+        Some(PublicKey {
+            kid,
+            version: found.version.clone(),
+            jwk,
+            spki: found.spki.clone(),
+            certificate: found.certificate.clone(),
+        })
+    }
+
+    /// Sign operations answered with a signature, all keys together.
+    pub(crate) fn signs(&self) -> usize {
+        self.signs.load(Ordering::SeqCst)
+    }
+
+    /// Sign operations answered with a signature by key `name`.
+    pub(crate) fn signs_by(&self, name: &str) -> usize {
+        self.signs_by_key
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every signature returned so far, base64url.
+    pub(crate) fn signatures(&self) -> Vec<String> {
+        self.signatures.lock().unwrap().clone()
+    }
+
     /// Adds a new version of key `name` (a certificate's key when `certificate` is set, then
     /// RSA) and returns its version id.
-    fn create(&self, name: &str, kind: KeyKind, certificate: bool) -> String {
+    pub(crate) fn create(&self, name: &str, kind: KeyKind, certificate: bool) -> String {
         let (key_pair, algorithm) = match kind {
             KeyKind::Rsa => (rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256), "RSA"),
             KeyKind::EcP256 => (
@@ -165,94 +215,43 @@ fn kid(base: &str, name: &str, version: &str) -> String {
     format!("{base}/keys/{name}/{version}")
 }
 
-impl crate::KeyVaultDouble {
-    /// Adds a new version of signing key `name` and returns its version id.
-    pub fn create_key(&self, name: &str, kind: KeyKind) -> String {
-        self.shared().keys.create(name, kind, false)
-    }
-
-    /// Adds a new version of certificate `name` (a self-signed certificate for a new RSA key
-    /// of the same name and version, as Key Vault makes them) and returns its version id.
-    pub fn create_certificate(&self, name: &str) -> String {
-        self.shared().keys.create(name, KeyKind::Rsa, true)
-    }
-
-    /// The latest version of key (or certificate) `name`, as a verifier sees it, with the
-    /// key id a caller gets that reaches the vault under its `vault.azure.net` name
-    /// ([`crate::key_vault::PUBLIC_HOST`]), as the tests' brokers do.
-    pub fn public_key(&self, name: &str) -> Option<PublicKey> {
-        let shared = self.shared();
-        let found = shared.keys.find(name, None)?;
-        let base = format!("https://{}", crate::key_vault::PUBLIC_HOST);
-        let kid = kid(&base, name, &found.version);
-        let mut jwk = found.public.clone();
-        jwk["kid"] = kid.clone().into();
-        Some(PublicKey {
-            kid,
-            version: found.version.clone(),
-            jwk,
-            spki: found.spki.clone(),
-            certificate: found.certificate.clone(),
-        })
-    }
-
-    /// Sign operations answered with a signature, all keys together.
-    pub fn signs(&self) -> usize {
-        self.shared().keys.signs.load(Ordering::SeqCst)
-    }
-
-    /// Sign operations answered with a signature by key `name`.
-    pub fn signs_by(&self, name: &str) -> usize {
-        self.shared()
-            .keys
-            .signs_by_key
-            .lock()
-            .unwrap()
-            .get(name)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Every signature returned so far, base64url.
-    pub fn signatures(&self) -> Vec<String> {
-        self.shared().keys.signatures.lock().unwrap().clone()
-    }
-}
-
 /// The keys and certificates routes, to merge into the vault's router.
-pub(crate) fn routes() -> axum::Router<Arc<Shared>> {
+pub(crate) fn routes<V: Vault>() -> axum::Router<Arc<V>> {
     axum::Router::new()
-        .route("/keys/{name}", get(key_latest))
-        .route("/keys/{name}/", get(key_latest))
-        .route("/keys/{name}/{version}", get(key_versioned))
-        .route("/keys/{name}/{version}/sign", post(sign))
-        .route("/certificates/{name}", get(certificate_latest))
-        .route("/certificates/{name}/", get(certificate_latest))
-        .route("/certificates/{name}/{version}", get(certificate_versioned))
+        .route("/keys/{name}", get(key_latest::<V>))
+        .route("/keys/{name}/", get(key_latest::<V>))
+        .route("/keys/{name}/{version}", get(key_versioned::<V>))
+        .route("/keys/{name}/{version}/sign", post(sign::<V>))
+        .route("/certificates/{name}", get(certificate_latest::<V>))
+        .route("/certificates/{name}/", get(certificate_latest::<V>))
+        .route(
+            "/certificates/{name}/{version}",
+            get(certificate_versioned::<V>),
+        )
 }
 
 type Q = Query<HashMap<String, String>>;
 
-async fn key_latest(
-    State(shared): State<Arc<Shared>>,
+async fn key_latest<V: Vault>(
+    State(shared): State<Arc<V>>,
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
     Query(query): Q,
 ) -> Response {
-    get_key(&shared, &name, None, &headers, &query)
+    get_key(shared.as_ref(), &name, None, &headers, &query)
 }
 
-async fn key_versioned(
-    State(shared): State<Arc<Shared>>,
+async fn key_versioned<V: Vault>(
+    State(shared): State<Arc<V>>,
     UrlPath((name, version)): UrlPath<(String, String)>,
     headers: HeaderMap,
     Query(query): Q,
 ) -> Response {
-    get_key(&shared, &name, Some(&version), &headers, &query)
+    get_key(shared.as_ref(), &name, Some(&version), &headers, &query)
 }
 
-fn denied(shared: &Shared, name: &str, action: &str) -> Option<Response> {
-    shared.denied.lock().unwrap().contains(name).then(|| {
+fn denied<V: Vault>(shared: &V, name: &str, action: &str) -> Option<Response> {
+    shared.denied(name).then(|| {
         error(
             StatusCode::FORBIDDEN,
             "Forbidden",
@@ -281,24 +280,24 @@ fn attributes(created: u64) -> Value {
     })
 }
 
-fn get_key(
-    shared: &Shared,
+fn get_key<V: Vault>(
+    shared: &V,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
 ) -> Response {
-    if let Some(response) = refusal(shared, headers, query) {
+    if let Some(response) = shared.refusal(headers, query) {
         return response;
     }
     if let Some(response) = denied(shared, name, "keys/read") {
         return response;
     }
-    let Some(found) = shared.keys.find(name, version) else {
+    let Some(found) = shared.keys().find(name, version) else {
         return key_not_found(name);
     };
     let mut jwk = found.public.clone();
-    jwk["kid"] = kid(&base(shared, headers), name, &found.version).into();
+    jwk["kid"] = kid(&shared.base(headers), name, &found.version).into();
     let mut body = json!({ "key": jwk, "attributes": attributes(found.created), "tags": {} });
     if found.certificate.is_some() {
         body["managed"] = true.into();
@@ -306,20 +305,20 @@ fn get_key(
     Json(body).into_response()
 }
 
-async fn sign(
-    State(shared): State<Arc<Shared>>,
+async fn sign<V: Vault>(
+    State(shared): State<Arc<V>>,
     UrlPath((name, version)): UrlPath<(String, String)>,
     headers: HeaderMap,
     Query(query): Q,
     body: Option<Json<Value>>,
 ) -> Response {
-    if let Some(response) = refusal(&shared, &headers, &query) {
+    if let Some(response) = shared.refusal(&headers, &query) {
         return response;
     }
-    if let Some(response) = denied(&shared, &name, "keys/sign/action") {
+    if let Some(response) = denied(shared.as_ref(), &name, "keys/sign/action") {
         return response;
     }
-    let Some(found) = shared.keys.find(&name, Some(&version)) else {
+    let Some(found) = shared.keys().find(&name, Some(&version)) else {
         return key_not_found(&name);
     };
     let bad = |message: &str| error(StatusCode::BAD_REQUEST, "BadParameter", message, None);
@@ -339,16 +338,21 @@ async fn sign(
         Err(message) => return bad(message),
     };
     let encoded = URL_SAFE_NO_PAD.encode(&signature);
-    shared.keys.signs.fetch_add(1, Ordering::SeqCst);
+    shared.keys().signs.fetch_add(1, Ordering::SeqCst);
     *shared
-        .keys
+        .keys()
         .signs_by_key
         .lock()
         .unwrap()
         .entry(name.clone())
         .or_default() += 1;
-    shared.keys.signatures.lock().unwrap().push(encoded.clone());
-    let kid = kid(&base(&shared, &headers), &name, &version);
+    shared
+        .keys()
+        .signatures
+        .lock()
+        .unwrap()
+        .push(encoded.clone());
+    let kid = kid(&shared.base(&headers), &name, &version);
     Json(json!({ "kid": kid, "value": encoded })).into_response()
 }
 
@@ -386,39 +390,39 @@ fn sign_digest(private: &Private, algorithm: &str, value: &[u8]) -> Result<Vec<u
     }
 }
 
-async fn certificate_latest(
-    State(shared): State<Arc<Shared>>,
+async fn certificate_latest<V: Vault>(
+    State(shared): State<Arc<V>>,
     UrlPath(name): UrlPath<String>,
     headers: HeaderMap,
     Query(query): Q,
 ) -> Response {
-    get_certificate(&shared, &name, None, &headers, &query)
+    get_certificate(shared.as_ref(), &name, None, &headers, &query)
 }
 
-async fn certificate_versioned(
-    State(shared): State<Arc<Shared>>,
+async fn certificate_versioned<V: Vault>(
+    State(shared): State<Arc<V>>,
     UrlPath((name, version)): UrlPath<(String, String)>,
     headers: HeaderMap,
     Query(query): Q,
 ) -> Response {
-    get_certificate(&shared, &name, Some(&version), &headers, &query)
+    get_certificate(shared.as_ref(), &name, Some(&version), &headers, &query)
 }
 
-fn get_certificate(
-    shared: &Shared,
+fn get_certificate<V: Vault>(
+    shared: &V,
     name: &str,
     version: Option<&str>,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
 ) -> Response {
-    if let Some(response) = refusal(shared, headers, query) {
+    if let Some(response) = shared.refusal(headers, query) {
         return response;
     }
     if let Some(response) = denied(shared, name, "certificates/read") {
         return response;
     }
     let found = shared
-        .keys
+        .keys()
         .find(name, version)
         .filter(|found| found.certificate.is_some());
     let Some(found) = found else {
@@ -430,7 +434,7 @@ fn get_certificate(
         );
     };
     let der = found.certificate.as_deref().unwrap_or_default();
-    let base = base(shared, headers);
+    let base = shared.base(headers);
     let version = &found.version;
     Json(json!({
         "id": format!("{base}/certificates/{name}/{version}"),

@@ -9,6 +9,7 @@
 //! or inject a fault mid-run) and the local demo (the `token-broker-doubles` binary).
 
 pub mod connect_proxy;
+pub mod directory;
 pub mod entra_keys;
 pub mod entra_token;
 pub mod fault_proxy;
@@ -18,6 +19,7 @@ pub mod key_vault_keys;
 pub mod managed_identity;
 pub mod serve;
 pub mod tls;
+mod vault_error;
 
 pub use connect_proxy::ConnectProxy;
 pub use entra_token::EntraTokenDouble;

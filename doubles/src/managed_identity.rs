@@ -28,24 +28,7 @@ use crate::serve::{self, Server};
 /// Path of the endpoint; App Service uses a similar local URL.
 pub const PATH: &str = "/msi/token";
 
-/// The tenant the identities live in: the Entra token endpoint double's, so that a federated
-/// credential naming that tenant's issuer matches the identity's tokens.
-pub const TENANT: &str = crate::entra_token::TENANT;
-
-/// What the doubles that check a bearer or an assertion need to know about a token this
-/// endpoint issued (the registry stands in for Entra's signature, which no double can make).
-#[derive(Clone, Debug)]
-pub struct IssuedToken {
-    pub resource: String,
-    pub expires_on: u64,
-    /// The user-assigned identity's client id (`None`: the system-assigned identity).
-    pub client_id: Option<String>,
-    /// The identity's object (principal) id: the token's `sub` and `oid`.
-    pub object_id: String,
-}
-
-/// Tokens issued so far, by value: the "directory" the Key Vault double checks bearers against.
-pub type Issued = Arc<Mutex<HashMap<String, IssuedToken>>>;
+pub use crate::directory::{Issued, IssuedToken, TENANT};
 
 /// One managed identity: its client id, object (principal) id and ARM resource id.
 #[derive(Clone, Debug)]

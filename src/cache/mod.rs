@@ -21,5 +21,4 @@ pub use memory::{
     CacheKey, CacheOutcome, CachedToken, TokenCache, TokenSource, fingerprint, panic_message,
 };
 pub use redis_link::SharedCacheCounters;
-pub use seal::decode_encryption_key;
 pub use shared::{SharedTier, SharedTierParts};

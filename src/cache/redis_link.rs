@@ -93,9 +93,9 @@ impl SharedCacheCounters {
     }
 
     /// The totals so far, as the `stats` line names them.
-    pub fn totals(&self) -> crate::stats::SharedTierCounts {
+    pub fn totals(&self) -> crate::observe::stats::SharedTierCounts {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        crate::stats::SharedTierCounts {
+        crate::observe::stats::SharedTierCounts {
             shared_hits: read(&self.hits),
             shared_misses: read(&self.locked_fetches) + read(&self.impatient_fetches),
             shared_waits: read(&self.waits),

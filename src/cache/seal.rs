@@ -21,9 +21,7 @@ use std::time::Duration;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::{digest, hkdf, hmac, rand};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
-use secrecy::{ExposeSecret, SecretBox, SecretString};
+use secrecy::{ExposeSecret, SecretBox};
 use tokio::time::Instant;
 
 use crate::config::ENCRYPTION_KEY_BYTES;
@@ -43,17 +41,6 @@ const TAG_LEN: usize = 16;
 /// How long the previous key still opens entries after a rotation: the longest life an entry
 /// can have (a token's, at most a day), so that no entry written before the rotation is lost.
 pub const PREVIOUS_KEY_WINDOW: Duration = crate::token::MAX_LIFETIME;
-
-/// The configured key as bytes: base64 (standard alphabet, padded or not) of exactly 32 bytes.
-pub fn decode_encryption_key(text: &SecretString) -> Option<SecretBox<[u8; ENCRYPTION_KEY_BYTES]>> {
-    let text = text.expose_secret().trim();
-    let decoded = STANDARD
-        .decode(text)
-        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(text))
-        .ok()?;
-    let bytes: [u8; ENCRYPTION_KEY_BYTES] = decoded.as_slice().try_into().ok()?;
-    Some(SecretBox::new(Box::new(bytes)))
-}
 
 /// A SHA-256 of `parts` as lower-case hex: the name of an entry, lock or announcement. Each
 /// part is length-prefixed, so that no two different lists of parts hash the same input.
@@ -342,17 +329,5 @@ mod tests {
             Err(Unopened::ForeignKey),
             "the window closed"
         );
-    }
-
-    #[test]
-    fn only_base64_of_32_bytes_is_a_key() {
-        let good = STANDARD.encode([9u8; 32]);
-        assert!(decode_encryption_key(&SecretString::from(good.clone())).is_some());
-        assert!(
-            decode_encryption_key(&SecretString::from(good.trim_end_matches('=').to_string()))
-                .is_some()
-        );
-        assert!(decode_encryption_key(&SecretString::from(STANDARD.encode([9u8; 16]))).is_none());
-        assert!(decode_encryption_key(&SecretString::from("not base64!".to_string())).is_none());
     }
 }

@@ -194,7 +194,7 @@ impl<S: KeySource> KeyStore<S> {
             Ok(set) if set.keys.is_empty() => Err("the key set holds no keys".to_string()),
             other => other,
         };
-        crate::stats::record_jwks_reload(result.is_ok());
+        crate::observe::stats::record_jwks_reload(result.is_ok());
         let mut state = self.state();
         let now = Instant::now();
         state.attempts += 1;

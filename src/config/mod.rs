@@ -13,6 +13,7 @@ mod raw;
 mod tests;
 mod types;
 mod validate;
+mod vault_objects;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -24,6 +25,7 @@ use url::Url;
 
 pub use types::{ConnectionName, EndpointUrl, EndpointUrlError, ScopeToken};
 use validate::{Validator, shape_error};
+pub use vault_objects::{ObjectKind, decode_encryption_key};
 
 /// Where the configuration file is read from when `TOKEN_BROKER_CONFIG` is unset.
 pub const DEFAULT_CONFIG_PATH: &str = "broker.toml";

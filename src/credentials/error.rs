@@ -1,30 +1,14 @@
 //! Why a connection's credential could not be had. A leaf of the credentials module: the
 //! cache, the vault clients and the token errors all name it.
 
-/// The kind of Key Vault object a credential comes from, as operators read it in the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ObjectKind {
-    Secret,
-    Key,
-    Certificate,
-}
+pub use crate::config::ObjectKind;
 
-impl ObjectKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ObjectKind::Secret => "secret",
-            ObjectKind::Key => "key",
-            ObjectKind::Certificate => "certificate",
-        }
-    }
-
-    /// The role an identity needs to use an object of this kind.
-    fn role(self) -> &'static str {
-        match self {
-            ObjectKind::Secret => "Key Vault Secrets User",
-            ObjectKind::Key => "Key Vault Crypto User",
-            ObjectKind::Certificate => "Key Vault Certificate User",
-        }
+/// The role an identity needs to use an object of this kind.
+fn role(kind: ObjectKind) -> &'static str {
+    match kind {
+        ObjectKind::Secret => "Key Vault Secrets User",
+        ObjectKind::Key => "Key Vault Crypto User",
+        ObjectKind::Certificate => "Key Vault Certificate User",
     }
 }
 
@@ -42,7 +26,7 @@ pub enum CredentialError {
     NotFound { kind: ObjectKind, name: String },
     #[error(
         "Key Vault refused to use {kind} '{name}' ({code}); check the identity's '{}' role and that the {kind} is enabled",
-        kind.role()
+        role(*kind)
     )]
     Forbidden {
         kind: ObjectKind,

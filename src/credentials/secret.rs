@@ -36,7 +36,10 @@ pub(super) async fn read(
         .secrets
         .get_secret(name, None::<SecretClientGetSecretOptions<'_>>)
         .await
-        .map_or_else(crate::stats::key_vault_failed, crate::stats::key_vault_read)
+        .map_or_else(
+            crate::observe::stats::key_vault_failed,
+            crate::observe::stats::key_vault_read,
+        )
         .map_err(failed)?
         .into_model()
         .map_err(failed)?;

@@ -22,10 +22,11 @@ use std::any::Any;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
-use chrono::{DateTime, SecondsFormat, Utc};
 use hashbrown::{Equivalent, HashMap};
 use parking_lot::Mutex;
 use serde::Serialize;
+
+use super::telemetry::rfc3339_micros;
 
 /// How long cache hits are counted before their records are written: within the bound
 /// of 10 s, short enough that an operator sees a caller's activity in the same minute.
@@ -57,7 +58,7 @@ pub struct AuditRecord<'a> {
 
 /// Writes a record of one answer now (queued; see `telemetry`).
 pub fn record(record: &AuditRecord<'_>) {
-    if !crate::telemetry::installed() {
+    if !super::telemetry::installed() {
         // No log output installed (library use): fall back to an ordinary event.
         tracing::info!(
             target: "audit",
@@ -72,14 +73,14 @@ pub fn record(record: &AuditRecord<'_>) {
         );
         return;
     }
-    crate::telemetry::write_audit(format_line(record, None, SystemTime::now()), record.count);
+    super::telemetry::write_audit(format_line(record, None, SystemTime::now()), record.count);
 }
 
 /// Counts a cache hit of `token` (the cached token itself: its address, kept alive while it is
 /// counted, tells tokens apart without hashing the token) for `record.caller`. Its record is
 /// written at the end of the period, by [`drain_hits`].
 pub fn record_hit<T: Send + Sync + 'static>(token: &Arc<T>, record: &AuditRecord<'_>) {
-    if !crate::telemetry::installed() {
+    if !super::telemetry::installed() {
         self::record(record);
         return;
     }
@@ -90,8 +91,8 @@ pub fn record_hit<T: Send + Sync + 'static>(token: &Arc<T>, record: &AuditRecord
 
 /// Takes every hit counted so far and hands each key's record to `write` with its count: one
 /// line per (caller, token) however many threads counted it. Called by the log writer every
-/// [`HIT_INTERVAL`] and when the log is flushed (shutdown).
-pub(crate) fn drain_hits(now: SystemTime, write: impl FnMut(Vec<u8>, u64)) {
+/// [`HIT_INTERVAL`] and when the log is flushed (shutdown), as `main` tells it to.
+pub fn drain_hits(now: SystemTime, write: &mut super::telemetry::RecordSink<'_>) {
     HITS.drain(now, write);
 }
 
@@ -126,7 +127,7 @@ impl HitAggregator {
             token: Arc::as_ptr(token) as *const () as usize,
             caller: record.caller,
         };
-        let shard = &self.shards[crate::stats::thread_shard(HIT_SHARDS)];
+        let shard = &self.shards[super::shard::thread_shard(HIT_SHARDS)];
         let mut tallies = shard.tallies.lock();
         if let Some(tally) = tallies.get_mut(&key) {
             tally.count += 1;
@@ -260,12 +261,7 @@ pub fn format_line(record: &AuditRecord<'_>, since: Option<&str>, now: SystemTim
             name: "request",
         }),
     };
-    crate::telemetry::json_line(&line, 384)
-}
-
-/// RFC 3339 UTC with microseconds, as the other log lines have it.
-pub(crate) fn rfc3339_micros(now: SystemTime) -> String {
-    DateTime::<Utc>::from(now).to_rfc3339_opts(SecondsFormat::Micros, true)
+    super::telemetry::json_line(&line, 384)
 }
 
 #[cfg(test)]

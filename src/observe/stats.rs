@@ -16,7 +16,7 @@
 //! for `/api/health` in [`ConnectionStats`].
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +24,7 @@ use parking_lot::RwLock;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-use crate::token::TokenError;
+use super::shard::thread_shard;
 
 /// Attached to every error response by the error type, so that the request counters can say
 /// which documented error code was answered without parsing the body.
@@ -35,7 +35,7 @@ pub struct ErrorCode(pub &'static str);
 const STATUSES: [&str; 12] = [
     "200", "400", "401", "403", "404", "405", "413", "414", "431", "500", "502", "503",
 ];
-/// The documented error codes (README "Errors"); anything else is counted as `other`.
+/// The documented error codes (the README's error table); anything else is counted as `other`.
 pub const ERROR_CODES: [&str; 13] = [
     "unknown_connection",
     "not_found",
@@ -111,16 +111,6 @@ pub struct Registry {
 }
 
 static REGISTRY: Registry = Registry::new();
-
-/// The calling thread's shard index, also used by the audit aggregator: assigned round-robin
-/// on a thread's first use, so the runtime's workers land on different shards.
-pub(crate) fn thread_shard(shards: usize) -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static INDEX: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    INDEX.with(|index| *index) % shards
-}
 
 fn add(counter: &AtomicU64, amount: u64) {
     counter.fetch_add(amount, Ordering::Relaxed);
@@ -223,31 +213,37 @@ pub fn record_cache_outcome(outcome: &str) {
     REGISTRY.cache_outcome(outcome);
 }
 
-/// The result of one token fetch (what the cache asked the token client for), and how long the
-/// cache's waiters waited for it.
-pub fn record_fetch<T>(connection: &str, result: &Result<T, TokenError>, elapsed: Duration) {
-    let name = match result {
-        Ok(_) => "ok",
-        Err(TokenError::Rejected { .. }) => "rejected",
-        Err(TokenError::Unavailable { .. }) => "unavailable",
-        Err(TokenError::InvalidResponse { .. }) => "invalid_response",
-        Err(TokenError::Secret { .. }) => "secret_unavailable",
-        Err(TokenError::Internal { .. } | TokenError::UnknownConnection(_)) => "internal",
-    };
-    REGISTRY.fetch(name, elapsed);
-    connection_stats(connection).fetched(result.is_ok());
+/// How a token fetch ended, as the stats line counts it (`fetches`). The token client says
+/// which of these a fetch's error is; nothing here knows the error types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FetchResult {
+    Ok,
+    Rejected,
+    Unavailable,
+    InvalidResponse,
+    SecretUnavailable,
+    Internal,
 }
 
-/// Times `fetch` and records its result for `connection`: wraps the token client's fetch so
-/// that its call site stays one line.
-pub async fn timed_fetch<T>(
-    connection: &str,
-    fetch: impl Future<Output = Result<T, TokenError>>,
-) -> Result<T, TokenError> {
-    let started = tokio::time::Instant::now();
-    let result = fetch.await;
-    record_fetch(connection, &result, started.elapsed());
-    result
+impl FetchResult {
+    /// The name in the stats line, one of [`FETCH_RESULTS`].
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::Rejected => "rejected",
+            Self::Unavailable => "unavailable",
+            Self::InvalidResponse => "invalid_response",
+            Self::SecretUnavailable => "secret_unavailable",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// The result of one token fetch (what the cache asked the token client for), and how long the
+/// cache's waiters waited for it.
+pub fn record_fetch(connection: &str, result: FetchResult, elapsed: Duration) {
+    REGISTRY.fetch(result.as_str(), elapsed);
+    connection_stats(connection).fetched(result == FetchResult::Ok);
 }
 
 /// A Key Vault read answered; passes the answer on (`Result::map_or_else`, so that the read's
@@ -417,7 +413,7 @@ pub fn format_line(
 ) -> Vec<u8> {
     let fetches: u64 = snapshot.fetches.iter().sum();
     let line = StatsLine {
-        timestamp: crate::audit::rfc3339_micros(now),
+        timestamp: super::telemetry::rfc3339_micros(now),
         level: "INFO",
         message: "stats",
         period_seconds: (period.as_millis() as f64 / 1000.0),
@@ -453,7 +449,7 @@ pub fn format_line(
         shared: snapshot.shared,
         target: "stats",
     };
-    crate::telemetry::json_line(&line, 1024)
+    super::telemetry::json_line(&line, 1024)
 }
 
 /// Takes the global counters and writes the `stats` line (through the log queue, whatever
@@ -462,7 +458,7 @@ pub fn report(period: Duration, open_breakers: &[&str], shared: Option<SharedTie
     let mut snapshot = REGISTRY.take();
     snapshot.shared = shared;
     let line = format_line(&snapshot, period, open_breakers, SystemTime::now());
-    crate::telemetry::write_stats(line);
+    super::telemetry::write_stats(line);
 }
 
 /// What `/api/health` reports of one connection, as the broker observed it.
@@ -535,87 +531,4 @@ impl ConnectionStats {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_period_s_counts_are_summed_over_shards_and_start_over() {
-        let registry = Registry::new();
-        std::thread::scope(|scope| {
-            for _ in 0..4 {
-                scope.spawn(|| {
-                    for _ in 0..1000 {
-                        registry.response(200, None);
-                        registry.cache_outcome("hit");
-                    }
-                    registry.response(503, Some("upstream_unavailable"));
-                    registry.response(418, Some("teapot"));
-                });
-            }
-        });
-        let snapshot = registry.take();
-        let line = format_line(
-            &snapshot,
-            Duration::from_secs(60),
-            &["flaky"],
-            UNIX_EPOCH + Duration::from_secs(1_800_000_000),
-        );
-        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(value["target"], "stats");
-        assert_eq!(value["message"], "stats");
-        assert_eq!(value["requests"], 4 * 1002);
-        assert_eq!(value["requests_by_status"]["200"], 4000);
-        assert_eq!(value["requests_by_status"]["503"], 4);
-        assert_eq!(value["requests_by_status"]["other"], 4);
-        assert_eq!(value["errors_by_code"]["upstream_unavailable"], 4);
-        assert_eq!(value["errors_by_code"]["other"], 4);
-        assert!(value["errors_by_code"].get("invalid_scope").is_none());
-        assert_eq!(value["cache_hits"], 4000);
-        assert_eq!(value["breakers_open"], 1);
-        assert_eq!(value["breakers_open_connections"][0], "flaky");
-        assert_eq!(value["token_fetch_p50_ms"], serde_json::Value::Null);
-        let again = registry.take();
-        assert_eq!(again.statuses.iter().sum::<u64>(), 0, "counts are deltas");
-    }
-
-    #[test]
-    fn latency_percentiles_come_from_the_buckets_capped_at_the_largest_seen() {
-        let registry = Registry::new();
-        for _ in 0..90 {
-            registry.fetch("ok", Duration::from_millis(7));
-        }
-        for _ in 0..9 {
-            registry.fetch("unavailable", Duration::from_millis(300));
-        }
-        registry.fetch("unavailable", Duration::from_millis(1_234));
-        let snapshot = registry.take();
-        assert_eq!(snapshot.latency_percentile(50), Some(10));
-        assert_eq!(snapshot.latency_percentile(95), Some(500));
-        assert_eq!(snapshot.latency_percentile(99), Some(500));
-        assert_eq!(snapshot.latency_percentile(100), Some(1_234));
-        let line = format_line(&snapshot, Duration::from_secs(1), &[], SystemTime::now());
-        let value: serde_json::Value = serde_json::from_slice(&line).unwrap();
-        assert_eq!(value["token_fetches"], 100);
-        assert_eq!(value["token_fetch_failures"], 10);
-        assert_eq!(value["token_fetches_by_result"]["ok"], 90);
-        assert_eq!(value["token_fetch_max_ms"], 1_234);
-    }
-
-    #[test]
-    fn a_connection_s_token_is_none_once_expired_and_stale_when_handed_out_stale() {
-        let stats = ConnectionStats::default();
-        let at = |seconds| UNIX_EPOCH + Duration::from_secs(seconds);
-        assert_eq!(
-            (stats.token(at(100)), stats.last_fetch()),
-            ("none", "never")
-        );
-        stats.fetched(true);
-        stats.handed_out(200, false);
-        assert_eq!((stats.token(at(100)), stats.last_fetch()), ("fresh", "ok"));
-        stats.handed_out(200, true);
-        assert_eq!(stats.token(at(100)), "stale");
-        assert_eq!(stats.token(at(200)), "none");
-        stats.fetched(false);
-        assert_eq!(stats.last_fetch(), "failed");
-    }
-}
+mod tests;

@@ -64,8 +64,34 @@ struct Line {
     kind: Kind,
 }
 
+/// Where periodic work hands its records: a whole line, and the number of tokens it stands for.
+pub type RecordSink<'a> = dyn FnMut(Vec<u8>, u64) + 'a;
+
+/// What the log writer is given to do besides writing queued lines, by `main`: the pipeline
+/// does not import its producers.
+#[derive(Clone, Copy)]
+pub struct Producers {
+    /// Called every `every` and at each flush with a sink for records (a whole line and the
+    /// number of tokens it stands for): the audit's aggregated hit records.
+    pub periodic: fn(SystemTime, &mut RecordSink<'_>),
+    pub every: Duration,
+    /// Told how many tokens' audit records were lost (dropped at a full queue, or lost to a
+    /// failed write), so that the counters can report it.
+    pub audit_lost: fn(u64),
+}
+
+impl Producers {
+    /// No periodic work and no loss counter: the writer only writes what is queued.
+    pub const NONE: Self = Self {
+        periodic: |_, _| {},
+        every: Duration::from_secs(3600),
+        audit_lost: |_| {},
+    };
+}
+
 /// The producer side, shared by every thread.
 struct Pipeline {
+    producers: Producers,
     sender: SyncSender<Line>,
     capacity: usize,
     /// Lines sent and not yet taken by the writer (an upper bound of the queue's length).
@@ -85,6 +111,12 @@ static INSTALLED: AtomicBool = AtomicBool::new(false);
 /// Whether `init` ran (the audit writer falls back to `tracing` events otherwise).
 pub fn installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)
+}
+
+/// `now` as the log lines write it: RFC 3339, UTC, microseconds (the audit records, the stats
+/// lines and the loss reports alike).
+pub(crate) fn rfc3339_micros(now: SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(now).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 /// `value` as one JSON log line, newline included. Serializing the broker's own records
@@ -131,7 +163,7 @@ impl Pipeline {
             match kind {
                 Kind::Audit(count) => {
                     self.audit_dropped.fetch_add(count, Ordering::Relaxed);
-                    crate::stats::record_audit_dropped(count);
+                    (self.producers.audit_lost)(count);
                 }
                 // Reports are made by the writer itself, never queued.
                 Kind::Report => {}
@@ -213,8 +245,9 @@ impl Drop for FlushGuard {
     }
 }
 
-/// Installs the global subscriber and starts the writer thread. Called once from `main`.
-pub fn init() -> FlushGuard {
+/// Installs the global subscriber and starts the writer thread, which also does `producers`'
+/// periodic work. Called once from `main`.
+pub fn init(producers: Producers) -> FlushGuard {
     let (capacity, bad_setting) = match std::env::var(QUEUE_LINES_SETTING) {
         Err(_) => (DEFAULT_QUEUE_LINES, false),
         Ok(text) => match text.trim().parse::<usize>() {
@@ -222,7 +255,7 @@ pub fn init() -> FlushGuard {
             _ => (DEFAULT_QUEUE_LINES, true),
         },
     };
-    start(capacity, std::io::stdout);
+    start(capacity, std::io::stdout, producers);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .json()
@@ -246,7 +279,7 @@ pub fn init() -> FlushGuard {
 
 /// Starts the writer thread on `output` (a factory, as `Stdout` handles are cheap and the
 /// writer takes one per batch). Only the first call has an effect.
-fn start<W: Write + 'static>(capacity: usize, output: fn() -> W) {
+fn start<W: Write + 'static>(capacity: usize, output: fn() -> W, producers: Producers) {
     let (sender, receiver) = std::sync::mpsc::sync_channel(capacity);
     let handle = std::thread::Builder::new()
         .name("log-writer".to_string())
@@ -258,7 +291,7 @@ fn start<W: Write + 'static>(capacity: usize, output: fn() -> W) {
                     None => std::thread::park(),
                 }
             };
-            Writer::new(output).run(pipeline, &receiver);
+            Writer::new(output, producers.audit_lost).run(pipeline, &receiver);
         });
     let Ok(handle) = handle else {
         // No thread, no log: the process still serves (lines are counted as dropped).
@@ -266,6 +299,7 @@ fn start<W: Write + 'static>(capacity: usize, output: fn() -> W) {
     };
     let writer = handle.thread().clone();
     let _ = PIPELINE.set(Pipeline {
+        producers,
         sender,
         capacity,
         pending: AtomicUsize::new(0),
@@ -282,6 +316,8 @@ fn start<W: Write + 'static>(capacity: usize, output: fn() -> W) {
 /// The consumer side, owned by the writer thread.
 struct Writer<W> {
     output: fn() -> W,
+    /// Where lost audit records are counted besides the writer's own report.
+    audit_lost_to: fn(u64),
     batch: Vec<u8>,
     /// Where each line of the batch ends, and what it is.
     lines: Vec<(usize, Kind)>,
@@ -306,9 +342,10 @@ struct LossReport<'a> {
 }
 
 impl<W: Write> Writer<W> {
-    fn new(output: fn() -> W) -> Self {
+    fn new(output: fn() -> W, audit_lost_to: fn(u64)) -> Self {
         Self {
             output,
+            audit_lost_to,
             batch: Vec::with_capacity(BATCH_BYTES),
             lines: Vec::new(),
             audit_lost: 0,
@@ -319,7 +356,8 @@ impl<W: Write> Writer<W> {
     }
 
     fn run(mut self, pipeline: &Pipeline, receiver: &Receiver<Line>) {
-        let mut hits_due = Instant::now() + crate::audit::HIT_INTERVAL;
+        let producers = pipeline.producers;
+        let mut periodic_due = Instant::now() + producers.every;
         let mut flushes_seen = 0;
         loop {
             std::thread::park_timeout(FLUSH_INTERVAL);
@@ -339,10 +377,10 @@ impl<W: Write> Writer<W> {
             // Hits counted before a flush request are written by that flush (shutdown), after
             // the records queued before them.
             let now = Instant::now();
-            if now >= hits_due || flush_request > flushes_seen {
-                hits_due = now + crate::audit::HIT_INTERVAL;
+            if now >= periodic_due || flush_request > flushes_seen {
+                periodic_due = now + producers.every;
                 flushes_seen = flush_request;
-                crate::audit::drain_hits(SystemTime::now(), |line, count| {
+                (producers.periodic)(SystemTime::now(), &mut |line, count| {
                     self.push(&line, Kind::Audit(count));
                 });
             }
@@ -372,7 +410,7 @@ impl<W: Write> Writer<W> {
     /// Appends the loss reports last: they are written only if everything before them was,
     /// so the counts they carry are cleared only once they are out.
     fn push_reports(&mut self) {
-        let timestamp = || crate::audit::rfc3339_micros(SystemTime::now());
+        let timestamp = || rfc3339_micros(SystemTime::now());
         if self.audit_lost > 0 || self.write_errors > 0 {
             let report = LossReport {
                 timestamp: timestamp(),
@@ -445,7 +483,7 @@ impl<W: Write> Writer<W> {
                     match kind {
                         Kind::Audit(count) => {
                             self.audit_lost += count;
-                            crate::stats::record_audit_dropped(count);
+                            (self.audit_lost_to)(count);
                         }
                         Kind::Log | Kind::Stats => self.log_lost += 1,
                         Kind::Report => {}
@@ -464,124 +502,4 @@ impl<W: Write> Writer<W> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An output that fails its first `failures` writes after writing `partial` bytes once.
-    struct Flaky {
-        written: std::rc::Rc<std::cell::RefCell<Vec<u8>>>,
-        failures: std::rc::Rc<std::cell::Cell<u32>>,
-    }
-
-    impl Write for Flaky {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            if self.failures.get() > 0 {
-                self.failures.set(self.failures.get() - 1);
-                return Err(std::io::Error::other("disk full"));
-            }
-            self.written.borrow_mut().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    thread_local! {
-        static WRITTEN: std::rc::Rc<std::cell::RefCell<Vec<u8>>> = Default::default();
-        static FAILURES: std::rc::Rc<std::cell::Cell<u32>> = Default::default();
-    }
-
-    fn flaky() -> Flaky {
-        Flaky {
-            written: WRITTEN.with(Clone::clone),
-            failures: FAILURES.with(Clone::clone),
-        }
-    }
-
-    fn written_lines() -> Vec<serde_json::Value> {
-        let text = WRITTEN.with(|w| String::from_utf8(w.borrow().clone()).unwrap());
-        text.lines()
-            .map(|line| serde_json::from_str(line).unwrap())
-            .collect()
-    }
-
-    #[test]
-    fn a_failed_write_is_counted_and_reported_with_the_records_it_lost() {
-        let mut writer = Writer::new(flaky);
-        FAILURES.with(|f| f.set(1));
-        writer.push(b"{\"n\":1}\n", Kind::Audit(1));
-        writer.push(b"{\"n\":2}", Kind::Audit(40));
-        writer.push(b"{\"n\":3}\n", Kind::Log);
-        writer.write_batch();
-        // The aggregated record stood for 40 tokens: all of them are reported lost.
-        assert_eq!((writer.audit_lost, writer.log_lost), (41, 1));
-        assert_eq!(writer.write_errors, 1);
-        // The next batch carries the reports, and once they are out the counts start over.
-        writer.push(b"{\"n\":4}\n", Kind::Audit(1));
-        writer.push_reports();
-        writer.write_batch();
-        let lines = written_lines();
-        assert_eq!(lines[0]["n"], 4);
-        assert_eq!(lines[1]["message"], "audit records lost");
-        assert_eq!(lines[1]["target"], "audit");
-        assert_eq!(
-            (
-                lines[1]["dropped"].as_u64(),
-                lines[1]["write_errors"].as_u64()
-            ),
-            (Some(41), Some(1))
-        );
-        assert_eq!(lines[2]["message"], "log lines lost");
-        assert_eq!(lines[2]["dropped"], 1);
-        assert_eq!(
-            (writer.audit_lost, writer.log_lost, writer.write_errors),
-            (0, 0, 0)
-        );
-    }
-
-    #[test]
-    fn an_aggregated_record_the_queue_has_no_room_for_is_counted_as_its_tokens() {
-        let (sender, _receiver) = std::sync::mpsc::sync_channel(16);
-        let pipeline = Pipeline {
-            sender,
-            capacity: 16,
-            pending: AtomicUsize::new(0),
-            writer: std::thread::current(),
-            audit_dropped: AtomicU64::new(0),
-            log_dropped: AtomicU64::new(0),
-            flush_requested: AtomicU64::new(0),
-            flush_completed: Mutex::new(0),
-            flushed: Condvar::new(),
-        };
-        for _ in 0..16 {
-            pipeline.send(b"{}\n".to_vec(), Kind::Audit(1));
-        }
-        pipeline.send(b"{}\n".to_vec(), Kind::Audit(250));
-        pipeline.send(b"{}\n".to_vec(), Kind::Log);
-        assert_eq!(pipeline.audit_dropped.load(Ordering::Relaxed), 250);
-        assert_eq!(pipeline.log_dropped.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn a_report_that_cannot_be_written_keeps_its_counts() {
-        let mut writer = Writer::new(flaky);
-        writer.audit_lost = 3;
-        FAILURES.with(|f| f.set(1));
-        writer.push_reports();
-        writer.write_batch();
-        assert_eq!((writer.audit_lost, writer.write_errors), (3, 1));
-        writer.push_reports();
-        writer.write_batch();
-        let lines = written_lines();
-        assert_eq!(lines.len(), 1);
-        assert_eq!(
-            (
-                lines[0]["dropped"].as_u64(),
-                lines[0]["write_errors"].as_u64()
-            ),
-            (Some(3), Some(1))
-        );
-    }
-}
+mod tests;

@@ -180,7 +180,7 @@ async fn records_counted_at_shutdown_are_written_before_the_process_exits() {
     );
 }
 
-/// The broker's cap on its last log flush when stdout is blocked (`telemetry::SHUTDOWN_FLUSH`).
+/// The broker's cap on its last log flush when stdout is blocked (`observe::telemetry::SHUTDOWN_FLUSH`).
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
 
 #[tokio::test]

@@ -349,7 +349,7 @@ async fn the_entra_double_wants_one_default_scope_and_matches_federation_by_the_
     entra.trust_identity(identity.issued());
     let object_id = identity.object_id().to_string();
     entra.set_federated("by-object-id", &object_id, EXCHANGE);
-    // Registered as the README warns not to: with the identity's client id as the subject.
+    // Registered as docs/secretless.md warns not to: with the identity's client id as the subject.
     entra.set_federated("by-client-id", IDENTITY, EXCHANGE);
     entra.set_federated("by-upper-case", &object_id.to_uppercase(), EXCHANGE);
     let assertion = identity_token(&identity, &[("client_id", IDENTITY)], EXCHANGE)

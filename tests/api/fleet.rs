@@ -104,7 +104,7 @@ async fn redis_holds_no_token_secret_key_or_name_in_clear_and_every_key_expires(
         assert!(ttl > 0, "{key} has no expiry ({ttl})");
     }
 
-    // Each entry opens with the configured key (and the format the README describes) under its
+    // Each entry opens with the configured key (and the format docs/fleet.md describes) under its
     // own name, and holds what was handed out: a token, its type and times, nothing else.
     let entries: Vec<&String> = keys
         .iter()

@@ -948,7 +948,7 @@ pub fn tls_dir(fleet: &Fleet) -> PathBuf {
         .unwrap()
 }
 
-/// The shared tier's on-Redis format, written again from its description (README "Fleet:
+/// The shared tier's on-Redis format, written again from its description (docs/fleet.md, "Fleet:
 /// the shared cache", `src/cache/seal.rs`) rather than taken from the code under test, so a
 /// test can open what Redis holds with nothing but the configured key: HKDF-SHA256 (no
 /// salt) of the key gives an AES-256-GCM key, an HMAC-SHA256 key and an 8-byte key id; a

@@ -44,7 +44,7 @@ auth_method = "private_key_jwt"
 client_assertion_key = { key_vault_key = "absent-key" }
 "#;
 
-/// The public JWK as the README has users register it: Key Vault's, with only the members an
+/// The public JWK as docs/secretless.md has users register it: Key Vault's, with only the members an
 /// identity provider reads (its `key_ops` lists `sign`, which jose-based providers refuse on
 /// a public key, and an HSM key's `kty` ends in `-HSM`).
 fn registrable(jwk: &Value) -> Value {
@@ -519,7 +519,7 @@ async fn managed_identity_federation_sends_the_user_assigned_identitys_exchange_
         .unwrap();
     let entra = EntraTokenDouble::start().await.unwrap();
     entra.trust_identity(azure.identity.issued());
-    // Registered as the README says: the subject is the identity's object (principal) id.
+    // Registered as docs/secretless.md says: the subject is the identity's object (principal) id.
     let object_id = azure.identity.object_id().to_string();
     assert_ne!(object_id, IDENTITY);
     entra.set_federated("entra-federated-app", &object_id, AUDIENCE);

@@ -2,9 +2,9 @@
 //! the Bicep sets, names are lower-cased where Azure needs it, Key Vault's events reach
 //! `function-rotation` (`rotation`), Flex Consumption's scale settings (`scale`), what reaches
 //! Application Insights and the queries over it (`operations`), the API Management wiring
-//! (`apim`), the smoke test (`smoke_test`), the README's deployment commands, the files and
-//! folders the documentation names (`readme`), and the package holds exactly what the Functions
-//! host needs, with a binary linked against glibc 2.28 at most.
+//! (`apim`), the smoke test (`smoke_test`), the deployment commands in `docs/deployment.md`,
+//! the files and folders the documentation names (`readme`), and the package holds exactly what
+//! the Functions host needs, with a binary linked against glibc 2.28 at most.
 
 mod apim;
 mod bicep;
@@ -30,13 +30,8 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// A README section: from its heading to the next heading of the same or a higher level
-/// (lines starting with `#` inside fenced code blocks are shell comments, not headings).
-fn readme_section(heading: &str) -> String {
-    markdown_section("README.md", heading)
-}
-
-/// A section of a Markdown file, as [`readme_section`] reads the README's.
+/// A section of a Markdown file: from its heading to the next heading of the same or a higher
+/// level (lines starting with `#` inside fenced code blocks are shell comments, not headings).
 fn markdown_section(path: &str, heading: &str) -> String {
     let readme = read(path);
     let level = heading.chars().take_while(|c| *c == '#').count();
@@ -238,7 +233,10 @@ fn names_built_from_base_name_are_lower_cased() {
 
 #[test]
 fn the_func_start_steps_start_azurite_and_export_the_local_settings_for_check() {
-    let section = readme_section("## Running under `func start` against a real Key Vault");
+    let section = markdown_section(
+        "docs/deployment.md",
+        "## Running under `func start` against a real Key Vault",
+    );
     assert!(section.contains("npx azurite"), "Azurite is started");
     assert!(section.contains("UseDevelopmentStorage=true"));
     let export = section
@@ -277,7 +275,7 @@ fn the_func_start_steps_start_azurite_and_export_the_local_settings_for_check() 
 
 #[test]
 fn the_deployment_steps_take_names_and_the_url_from_the_deployment_outputs() {
-    let steps = readme_section("### Step by step");
+    let steps = markdown_section("docs/deployment.md", "### Step by step");
     assert!(steps.contains("out functionAppUrl"), "{steps}");
     assert!(
         !steps.contains(".azurewebsites.net"),

@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
-use token_broker::audit::{AuditRecord, format_line as audit_line};
-use token_broker::stats::{
+use token_broker::observe::audit::{AuditRecord, format_line as audit_line};
+use token_broker::observe::stats::{
     ERROR_CODES, FETCH_RESULTS, SharedTierCounts, Snapshot, format_line as stats_line,
 };
 
@@ -129,7 +129,7 @@ fn every_field_the_workbook_and_the_alert_rules_read_is_one_the_broker_writes() 
         assert!(text.contains(needle), "{needle}");
     }
     assert!(read("src/rotation.rs").contains("will be read again"));
-    assert!(read("src/telemetry.rs").contains("\"audit records lost\""));
+    assert!(read("src/observe/telemetry.rs").contains("\"audit records lost\""));
     // Tokens are counted by `count`, not by lines: a line stands for many cache hits (and a
     // row for `itemCount` lines).
     assert!(text.contains("sum(tolong(line[\"count\"]) * itemCount)"));
@@ -317,8 +317,9 @@ fn host_json_keeps_traces_out_of_sampling_and_the_host_s_own_logs_down() {
 }
 
 #[test]
-fn the_readme_says_what_reaches_application_insights_and_what_it_costs() {
-    let section = crate::readme_section("## Operating it").replace('\n', " ");
+fn the_operations_doc_says_what_reaches_application_insights_and_what_it_costs() {
+    let section =
+        crate::markdown_section("docs/operations.md", "## Operating it").replace('\n', " ");
     let host: Value = serde_json::from_str(&read("host.json")).unwrap();
     let sampling = &host["logging"]["applicationInsights"]["samplingSettings"];
     let excluded = sampling["excludedTypes"].as_str().expect("excludedTypes");
@@ -338,7 +339,7 @@ fn the_readme_says_what_reaches_application_insights_and_what_it_costs() {
     ] {
         assert!(
             section.contains(&needle),
-            "README \"Operating it\" does not say {needle}"
+            "docs/operations.md \"Operating it\" does not say {needle}"
         );
     }
 }
@@ -435,8 +436,8 @@ fn the_workbook_shows_what_an_operator_asks_and_the_rules_cover_the_failures() {
 }
 
 #[test]
-fn the_readme_explains_every_field_of_the_stats_line() {
-    let section = crate::readme_section("## Operating it");
+fn the_operations_doc_explains_every_field_of_the_stats_line() {
+    let section = crate::markdown_section("docs/operations.md", "## Operating it");
     let line = stats_line(
         &Snapshot::default(),
         Duration::from_secs(60),
@@ -450,7 +451,7 @@ fn the_readme_explains_every_field_of_the_stats_line() {
         }
         assert!(
             section.contains(&format!("`{field}`")),
-            "README \"Operating it\" does not explain `{field}`"
+            "docs/operations.md \"Operating it\" does not explain `{field}`"
         );
     }
     for needle in ["GET /api/health", "stats_interval_seconds", "MonitorAlert"] {

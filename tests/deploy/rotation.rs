@@ -207,7 +207,7 @@ fn the_subscription_is_a_step_after_the_package_is_deployed() {
         "{param}"
     );
     // The README's steps deploy the package, then turn the subscription on.
-    let steps = crate::readme_section("### Step by step");
+    let steps = crate::markdown_section("docs/deployment.md", "### Step by step");
     let package = steps
         .find("config-zip")
         .expect("a step deploys the package");
@@ -221,22 +221,41 @@ fn the_subscription_is_a_step_after_the_package_is_deployed() {
 }
 
 #[test]
-fn the_readme_states_the_rotation_bound_of_the_shipped_configuration() {
+fn the_deployment_doc_states_the_rotation_bound_of_the_shipped_configuration() {
     let shipped: toml::Value = toml::from_str(&read("infra/broker.toml")).unwrap();
     let ttl = shipped["cache"]["secret_ttl_seconds"]
         .as_integer()
         .expect("infra/broker.toml states secret_ttl_seconds, the pickup bound");
-    let rolling = crate::readme_section("### Rolling a secret");
+    let rolling = crate::markdown_section("docs/deployment.md", "### Rolling a secret");
     let bound = format!("`secret_ttl_seconds` ({ttl} s in `infra/broker.toml`)");
     assert!(rolling.contains(&bound), "Rolling a secret states {bound}");
     assert!(rolling.contains("Flex Consumption"));
-    // No sentence in the README promises a rotation in seconds.
-    let readme = read("README.md").replace('\n', " ");
+    // No sentence in the README or the documentation promises a rotation in seconds.
+    let mut documents = vec!["README.md".to_string()];
+    for entry in std::fs::read_dir(crate::root().join("docs")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if name.ends_with(".md") {
+            documents.push(format!("docs/{name}"));
+        }
+    }
+    assert!(
+        documents.len() > 5,
+        "the docs/ folder is read: {documents:?}"
+    );
+    let readme = documents
+        .iter()
+        .map(|document| read(document))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .replace('\n', " ");
     for claim in [
         "takes effect in seconds",
         "within seconds",
         "picks the new version up within seconds",
     ] {
-        assert!(!readme.contains(claim), "the README still says {claim:?}");
+        assert!(
+            !readme.contains(claim),
+            "the documentation still says {claim:?}"
+        );
     }
 }

@@ -116,7 +116,8 @@ fn http_concurrency_per_instance_is_set_from_a_parameter_above_flex_s_default() 
         );
     }
     // The README's table and Flex section state the value deployed.
-    let deploying = crate::readme_section("## Deploying").replace('\n', " ");
+    let deploying =
+        crate::markdown_section("docs/deployment.md", "## Deploying").replace('\n', " ");
     assert!(
         deploying.contains(&format!("{default} requests in flight per instance")),
         "README \"Deploying\" states {default} requests in flight per instance"

@@ -1,0 +1,295 @@
+//! `GET|POST /api/token/{connection}`: the scopes asked for, the caller checked, the token
+//! from the cache, and the answer counted, audited and written.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, header};
+use axum::response::{IntoResponse, Response};
+use secrecy::ExposeSecret;
+
+use super::limits::read_body;
+use super::truncate;
+use crate::app_state::AppState;
+use crate::cache::{CacheKey, CacheOutcome, CachedToken};
+use crate::caller_check;
+use crate::config::ScopeToken;
+use crate::error::ApiError;
+use crate::observe::stats::{self};
+
+/// Most scopes one request may name, and the longest `scope` value accepted.
+pub(super) const MAX_SCOPES: usize = 32;
+
+pub(super) const MAX_SCOPE_PARAMETER: usize = 2048;
+
+/// What identifies a request in its log lines: the host's invocation id (so the broker's lines
+/// join the host's own in Application Insights), the method and the path; never the query
+/// string, which may hold the function key (`code=`), and never a header.
+pub(super) struct RequestLabel<'a> {
+    invocation_id: &'a str,
+    method: &'a str,
+    path: &'a str,
+}
+
+/// `GET|POST /api/token/{connection}`.
+pub(super) async fn token_request(
+    state: &AppState,
+    connection: &str,
+    parts: &Parts,
+    body: Body,
+    invocation_id: &str,
+) -> Response {
+    let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
+    let label = RequestLabel {
+        invocation_id,
+        method: method.as_str(),
+        path: truncate(uri.path(), 200),
+    };
+    let form = if method == Method::POST {
+        let bytes = match Box::pin(read_body(body, headers)).await {
+            Ok(bytes) => bytes,
+            Err(refusal) => return refusal,
+        };
+        match form_body(headers, bytes) {
+            Ok(form) => form,
+            Err(error) => return error.into_response(),
+        }
+    } else {
+        Vec::new()
+    };
+    match serve_token(state, connection, uri.query(), &form, headers, &label).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+/// A POST's body: empty, or an `application/x-www-form-urlencoded` form (RFC 6749 token
+/// requests are forms) whose `scope` is honoured like the query's. Any other body is refused
+/// rather than silently ignored.
+pub(super) fn form_body(headers: &HeaderMap, bytes: Vec<u8>) -> Result<Vec<u8>, ApiError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let is_form = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| {
+            media
+                .trim()
+                .eq_ignore_ascii_case("application/x-www-form-urlencoded")
+        });
+    if !is_form {
+        return Err(ApiError::InvalidRequest(
+            "a POST body must be an application/x-www-form-urlencoded form (or empty)".to_string(),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The connection segment of `/api/token/{connection}`, prefix matched case-insensitively.
+pub(super) fn token_route(path: &str) -> Option<&str> {
+    const PREFIX: &str = "/api/token/";
+    let head = path.get(..PREFIX.len())?;
+    if !head.eq_ignore_ascii_case(PREFIX) {
+        return None;
+    }
+    let connection = &path[PREFIX.len()..];
+    Some(connection.strip_suffix('/').unwrap_or(connection))
+}
+
+pub(super) async fn serve_token(
+    state: &AppState,
+    name: &str,
+    query: Option<&str>,
+    form: &[u8],
+    headers: &HeaderMap,
+    label: &RequestLabel<'_>,
+) -> Result<Response, ApiError> {
+    // Who is asking comes first: an unauthenticated caller learns nothing, not even which
+    // connections exist.
+    let caller = state.callers.authenticate(headers).await?;
+    // Configured names are valid by construction: anything malformed, a traversal attempt
+    // included, is simply not a configured connection.
+    let (key_name, connection) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
+    caller_check::authorize(&caller, connection)?;
+    // The default key is borrowed: cloning it would touch three reference counts per request.
+    let scoped;
+    let key = match requested_scopes(query, form)? {
+        None => &state.default_keys[key_name],
+        Some(scopes) => {
+            if let Some(refused) = scopes
+                .iter()
+                .find(|s| !connection.allowed_scopes.contains(s))
+            {
+                return Err(ApiError::InvalidScope(format!(
+                    "scope '{refused}' is not allowed for connection '{}'",
+                    connection.name
+                )));
+            }
+            scoped = CacheKey::new(key_name, scopes);
+            &scoped
+        }
+    };
+
+    let handing_out = HandingOut {
+        state,
+        key_name,
+        connection,
+        key,
+        caller: &caller,
+        label,
+    };
+    // A hit this worker thread handed out lately needs no lock (`TokenCache::serve_hit`).
+    let now = tokio::time::Instant::now();
+    if let Some(response) = state.cache.serve_hit(key, now, |token| {
+        handing_out.answer(token, CacheOutcome::Hit, now)
+    }) {
+        return Ok(response);
+    }
+    // The slow path, boxed: a hit never pays for the size of its state.
+    let (token, outcome) = Box::pin(state.cache.get(key))
+        .await
+        .map_err(|error| ApiError::from(error.as_ref()))?;
+    Ok(handing_out.answer(&token, outcome, tokio::time::Instant::now()))
+}
+
+/// What a token answer is accounted to: the connection, the key, the caller, the request.
+pub(super) struct HandingOut<'a> {
+    state: &'a AppState,
+    key_name: &'a crate::config::ConnectionName,
+    connection: &'a crate::config::ConnectionSettings,
+    key: &'a CacheKey,
+    caller: &'a caller_check::Caller,
+    label: &'a RequestLabel<'a>,
+}
+
+impl HandingOut<'_> {
+    /// The answer carrying `token`, counted, audited and observed for `/api/health`.
+    fn answer(&self, token: &Arc<CachedToken>, outcome: CacheOutcome, now: Instant) -> Response {
+        // In the stats, an answer that waited for a fetch is a miss, whoever started it.
+        stats::record_cache_outcome(match outcome {
+            CacheOutcome::Joined => "miss",
+            other => other.as_str(),
+        });
+        if let Some(observed) = self.state.observed.get(self.key_name) {
+            observed.handed_out(token.expires_on, outcome == CacheOutcome::Stale);
+        }
+        let record = crate::observe::audit::AuditRecord {
+            connection: &self.connection.name,
+            caller: self.caller.audit_name(),
+            scopes: self.key.scopes_display(),
+            cache: outcome.as_str(),
+            expires_on: token.expires_on,
+            fingerprint: &token.fingerprint,
+            count: 1,
+            invocation_id: self.label.invocation_id,
+            method: self.label.method,
+            path: self.label.path,
+        };
+        // Hits are counted and written once per interval; a fetch or a stale answer is worth
+        // a record of its own, at once.
+        if outcome == CacheOutcome::Hit {
+            crate::observe::audit::record_hit(token, &record);
+        } else {
+            crate::observe::audit::record(&record);
+        }
+        let mut response = Response::new(Body::from(answer_body(token, token.expires_in(now))));
+        // A copy of headers made once: no name is hashed per request.
+        *response.headers_mut() = TOKEN_ANSWER_HEADERS.clone();
+        response
+    }
+}
+
+/// The headers of every token answer: JSON, and never stored by a cache (RFC 6749 §5.1).
+pub(super) static TOKEN_ANSWER_HEADERS: std::sync::LazyLock<HeaderMap> =
+    std::sync::LazyLock::new(|| {
+        HeaderMap::from_iter([
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (header::PRAGMA, HeaderValue::from_static("no-cache")),
+        ])
+    });
+
+thread_local! {
+    /// The last answer body this worker thread wrote: the token's id, its `expires_in`, and
+    /// the bytes. The same token within the same second has the same body, so a hit reuses
+    /// it (a reference count on memory only this thread touches) instead of writing a
+    /// kilobyte again. It holds the token, like the cache, until the thread answers with
+    /// another token.
+    static LAST_ANSWER: std::cell::RefCell<Option<(u64, u64, Bytes)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The answer's JSON for `token` with `expires_in`: built once per token (prefix and suffix)
+/// and once per second per worker thread (the whole), never per request.
+pub(super) fn answer_body(token: &CachedToken, expires_in: u64) -> Bytes {
+    LAST_ANSWER.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((id, seconds, body)) = last.as_ref()
+            && *id == token.id
+            && *seconds == expires_in
+        {
+            return body.clone();
+        }
+        let (prefix, suffix) = token.answer_parts();
+        // The token leaves the broker here, in the response body and nowhere else.
+        let prefix = prefix.expose_secret();
+        let mut body = Vec::with_capacity(prefix.len() + 20 + suffix.len());
+        body.extend_from_slice(prefix);
+        body.extend_from_slice(itoa::Buffer::new().format(expires_in).as_bytes());
+        body.extend_from_slice(suffix);
+        let body = Bytes::from(body);
+        *last = Some((token.id, expires_in, body.clone()));
+        body
+    })
+}
+
+/// The `scope` parameters of the query and of a POST form, as a scope list; `None` when absent
+/// or empty. Repeated parameters are joined, as are the comma-joined values the Functions host
+/// makes of them.
+pub(super) fn requested_scopes(
+    query: Option<&str>,
+    form: &[u8],
+) -> Result<Option<Vec<ScopeToken>>, ApiError> {
+    // Most requests name no scope: nothing to parse when the word is not there at all.
+    if form.is_empty() && query.is_none_or(|query| !query.contains("scope")) {
+        return Ok(None);
+    }
+    let query = query.unwrap_or_default().as_bytes();
+    let mut scopes = Vec::new();
+    let mut length = 0;
+    let parameters = url::form_urlencoded::parse(query).chain(url::form_urlencoded::parse(form));
+    for (name, value) in parameters {
+        if name != "scope" {
+            continue;
+        }
+        length += value.len();
+        if length > MAX_SCOPE_PARAMETER {
+            return Err(ApiError::InvalidRequest(format!(
+                "the scope parameter is longer than {MAX_SCOPE_PARAMETER} bytes"
+            )));
+        }
+        for scope in value.split([' ', ',']).filter(|s| !s.is_empty()) {
+            let scope = ScopeToken::parse(scope).ok_or_else(|| {
+                ApiError::InvalidRequest(
+                    "the scope parameter holds a character RFC 6749 does not allow in a scope"
+                        .to_string(),
+                )
+            })?;
+            scopes.push(scope);
+        }
+    }
+    if scopes.len() > MAX_SCOPES {
+        return Err(ApiError::InvalidRequest(format!(
+            "at most {MAX_SCOPES} scopes may be requested"
+        )));
+    }
+    Ok((!scopes.is_empty()).then_some(scopes))
+}
