@@ -14,7 +14,7 @@ use token_broker::config::{CredentialSource, SecretSource};
 /// lifetime it claims, the cache's insert must not panic and must hand the token out with
 /// `0 < expires_in <= 24 h`.
 pub fn token_response(data: &[u8]) {
-    let Ok(response) = token_broker::token_response::parse(data) else {
+    let Ok(response) = token_broker::testing::parse_token_response(data) else {
         return;
     };
     let debug = format!("{response:?}");
@@ -32,7 +32,7 @@ pub fn token_response(data: &[u8]) {
     {
         fields.insert("access_token".to_string(), serde_json::Value::from("\u{1}"));
         let reference = serde_json::to_vec(&fields).unwrap();
-        let reference = token_broker::token_response::parse(&reference)
+        let reference = token_broker::testing::parse_token_response(&reference)
             .map(|r| format!("{r:?}"))
             .unwrap_or_default();
         if !reference.contains(&token) {
@@ -45,10 +45,10 @@ pub fn token_response(data: &[u8]) {
     // Through the cache's insert, as a fetched token goes.
     let fresh = response.into_fresh_token(Duration::from_secs(300), &["read".to_string()]);
     let now = tokio::time::Instant::now();
-    let cached = token_broker::token_cache::CachedToken::new(fresh, now);
+    let cached = token_broker::testing::CachedToken::new(fresh, now);
     let left = cached.expires_in(now);
     assert!(
-        left > 0 && left <= token_broker::token::MAX_LIFETIME.as_secs(),
+        left > 0 && left <= token_broker::testing::MAX_LIFETIME.as_secs(),
         "a token handed out with expires_in {left}"
     );
 }

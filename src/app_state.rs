@@ -13,7 +13,7 @@ use crate::token_client::TokenClient;
 
 /// What every request handler shares.
 #[derive(Clone)]
-pub struct AppState {
+pub(crate) struct AppState {
     pub cache: Arc<TokenCache>,
     pub credentials: Arc<Credentials>,
     pub callers: Arc<CallerCheck>,
@@ -34,7 +34,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(
+    pub(crate) fn new(
         cache: Arc<TokenCache>,
         credentials: Arc<Credentials>,
         callers: Arc<CallerCheck>,
@@ -62,14 +62,14 @@ impl AppState {
     }
 
     /// The same state with the shared tier the cache fetches through.
-    pub fn with_shared_tier(mut self, shared: Option<Arc<SharedTier>>) -> Self {
+    pub(crate) fn with_shared_tier(mut self, shared: Option<Arc<SharedTier>>) -> Self {
         self.shared = shared;
         self
     }
 
     /// The connection called `name`, any casing, without allocating. Configured names are
     /// valid by construction, so a malformed name (a traversal attempt included) matches none.
-    pub fn connection(&self, name: &str) -> Option<(&ConnectionName, &ConnectionSettings)> {
+    pub(crate) fn connection(&self, name: &str) -> Option<(&ConnectionName, &ConnectionSettings)> {
         // Names as configured (lower case) are found by one look-up; only another casing
         // needs the comparison with each.
         self.connections.get_key_value(name).or_else(|| {

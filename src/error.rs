@@ -15,13 +15,13 @@ use crate::token::TokenError;
 /// Longest `Retry-After` the broker gives its callers. An identity provider that asks for an
 /// hour (or a circuit open for long) must not park every caller for that long: they come back
 /// within this, and are answered fast from the circuit breaker or the negative cache.
-pub const MAX_CALLER_RETRY_AFTER: Duration = Duration::from_secs(60);
+pub(crate) const MAX_CALLER_RETRY_AFTER: Duration = Duration::from_secs(60);
 
 /// What the log says of an error answer: a warning ("request failed") for 5xx and 502, else
 /// an INFO line ("request refused"). Carried on the response to the request's handler, which
 /// writes it with the request's label.
 #[derive(Clone, Debug)]
-pub struct ErrorLog {
+pub(crate) struct ErrorLog {
     pub failed: bool,
     pub code: &'static str,
     pub description: String,
@@ -29,7 +29,7 @@ pub struct ErrorLog {
 
 impl ErrorLog {
     /// Writes the line (inside whatever span is entered).
-    pub fn write(&self, status: StatusCode) {
+    pub(crate) fn write(&self, status: StatusCode) {
         if self.failed {
             tracing::warn!(
                 status = status.as_u16(),
@@ -50,7 +50,7 @@ impl ErrorLog {
 
 /// Every way a request can fail, with the status and code the API documents.
 #[derive(Debug)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// 404 `unknown_connection`.
     UnknownConnection,
     /// 404 `not_found`: a path the broker does not serve.

@@ -19,7 +19,7 @@ use crate::app_state::AppState;
 use crate::upstream_guard::BreakerState;
 
 /// The path the host forwards `function-health` to (`route: "health"` under the `api` prefix).
-pub const PATH: &str = "/api/health";
+pub(crate) const PATH: &str = "/api/health";
 
 #[derive(Serialize)]
 struct Health<'a> {
@@ -38,7 +38,7 @@ struct ConnectionHealth {
 }
 
 /// The health answer.
-pub fn answer(state: &AppState) -> Response {
+pub(crate) fn answer(state: &AppState) -> Response {
     let now = SystemTime::now();
     let mut degraded = false;
     let connections = state

@@ -11,7 +11,7 @@ use std::time::Duration;
 /// connection's token endpoint gets its own, with its own connection pool, so that a slow or
 /// dead identity provider cannot tie up connections another one needs.
 /// Fails only when the TLS roots cannot be loaded.
-pub fn build(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+pub(crate) fn build(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
     reqwest::Client::builder()
         .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(connect_timeout)
@@ -22,13 +22,13 @@ pub fn build(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
 
 /// A client built on first use. Loading the TLS roots takes milliseconds per client, and the
 /// Functions host's readiness probe (and so every cold start) should not wait for them.
-pub struct LazyClient {
+pub(crate) struct LazyClient {
     connect_timeout: Duration,
     client: std::sync::OnceLock<Result<reqwest::Client, String>>,
 }
 
 impl LazyClient {
-    pub fn new(connect_timeout: Duration) -> Self {
+    pub(crate) fn new(connect_timeout: Duration) -> Self {
         Self {
             connect_timeout,
             client: std::sync::OnceLock::new(),
@@ -36,7 +36,7 @@ impl LazyClient {
     }
 
     /// The client, built now if this is the first use.
-    pub fn get(&self) -> Result<&reqwest::Client, &str> {
+    pub(crate) fn get(&self) -> Result<&reqwest::Client, &str> {
         self.client
             .get_or_init(|| {
                 build(self.connect_timeout)

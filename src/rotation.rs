@@ -29,7 +29,7 @@ use crate::credentials::ObjectKind;
 use crate::error::ApiError;
 
 /// The function's folder name, which is its path.
-pub const PATH: &str = "/function-rotation";
+pub(crate) const PATH: &str = "/function-rotation";
 
 /// How many times a trigger value may be JSON-encoded as a string: the host encodes a string
 /// value once more (an Event Grid event the binding hands over as a string arrives as a
@@ -65,7 +65,7 @@ const EXPIRY_EVENTS: &[&str] = &[
 /// is not for this broker is acknowledged with a log line, since retrying it cannot help. A
 /// rotation that could not be announced to the fleet is a 503: the host then fails the
 /// invocation and Event Grid delivers the event again.
-pub async fn handle(state: &AppState, bytes: &[u8]) -> Response {
+pub(crate) async fn handle(state: &AppState, bytes: &[u8]) -> Response {
     let Ok(payload) = serde_json::from_slice::<Value>(bytes) else {
         return ApiError::InvalidRequest("the invocation body is not JSON".into()).into_response();
     };
@@ -266,7 +266,7 @@ fn rotate_locally(state: &AppState, kind: ObjectKind, object_name: &str) -> Opti
 
 /// Applies a rotation another instance announced through the shared cache (`object` as
 /// `ObjectKind::object_id` names it).
-pub async fn apply_announced(state: &AppState, object: &str) {
+pub(crate) async fn apply_announced(state: &AppState, object: &str) {
     let Some((kind, name)) = object.split_once('/') else {
         return;
     };

@@ -39,14 +39,14 @@ use crate::rotation;
 /// its per-request work (cloning its boxed service, recording path parameters, wrapping the
 /// handler), which measured about a tenth of a cache hit's cost (BENCHMARKS.md).
 #[derive(Clone)]
-pub struct BrokerService {
+pub(crate) struct BrokerService {
     // One `Arc` for the whole state: it is cloned for every request, and one reference count
     // is one cache line shared by the workers, where the fields' own counts would be eight.
     state: Arc<AppState>,
 }
 
 /// The broker's service over `state`: what `startup` hands to `axum::serve`.
-pub fn service(state: AppState) -> BrokerService {
+pub(crate) fn service(state: AppState) -> BrokerService {
     BrokerService {
         state: Arc::new(state),
     }

@@ -15,10 +15,10 @@ use crate::credentials::CredentialError;
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 /// The shortest lifetime: two seconds, so that a token handed out in its last second of
 /// hand-out window still has `expires_in >= 1` when the caller reads it.
-pub const MIN_LIFETIME: Duration = Duration::from_secs(2);
+pub(crate) const MIN_LIFETIME: Duration = Duration::from_secs(2);
 
 /// A lifetime as the cache uses it: within `[MIN_LIFETIME, MAX_LIFETIME]`.
-pub fn clamp_lifetime(lifetime: Duration) -> Duration {
+pub(crate) fn clamp_lifetime(lifetime: Duration) -> Duration {
     lifetime.clamp(MIN_LIFETIME, MAX_LIFETIME)
 }
 
@@ -37,7 +37,7 @@ pub struct FreshToken {
 /// none carries a secret, a token, a Key Vault object name or the upstream's raw body: the
 /// details an operator needs go to the log where the failure happens.
 #[derive(Debug, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     #[error("unknown connection '{0}'")]
     UnknownConnection(String),
     /// The token endpoint answered 3xx or 4xx (other than 429): it will not issue a token for

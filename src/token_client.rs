@@ -9,12 +9,13 @@ mod failure;
 mod retry;
 mod transport;
 
-use failure::*;
-use retry::*;
+use failure::{Failure, OAuthErrorBody, classify, oauth_error_code, refusal_error};
+use retry::{with_retries, within_deadline};
+use transport::OAuthTransport;
+
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use transport::*;
 
 use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
@@ -52,7 +53,7 @@ type OAuthClient = oauth2::Client<
 >;
 
 /// Performs token requests for the configured connections.
-pub struct TokenClient {
+pub(crate) struct TokenClient {
     credentials: Arc<Credentials>,
     /// Connections by lower-cased name, as in `Settings`, each with its own HTTP client and
     /// guard so that one identity provider's trouble stays its own.
@@ -66,7 +67,7 @@ struct Upstream {
 }
 
 impl TokenClient {
-    pub fn new(
+    pub(crate) fn new(
         credentials: Arc<Credentials>,
         connections: &BTreeMap<ConnectionName, ConnectionSettings>,
     ) -> Self {
@@ -92,14 +93,14 @@ impl TokenClient {
 
     /// A rotation event named `connection` (lower-cased name): a rejection remembered by its
     /// negative cache no longer holds, so the repaired secret is tried at the next request.
-    pub fn connection_rotated(&self, connection: &str) {
+    pub(crate) fn connection_rotated(&self, connection: &str) {
         if let Some(upstream) = self.upstreams.get(connection) {
             upstream.guard.clear_rejection();
         }
     }
 
     /// Where `connection`'s (lower-cased name) circuit breaker stands; read-only.
-    pub fn breaker(&self, connection: &str) -> Option<BreakerState> {
+    pub(crate) fn breaker(&self, connection: &str) -> Option<BreakerState> {
         self.upstreams.get(connection).map(|u| u.guard.breaker())
     }
 

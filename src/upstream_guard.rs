@@ -27,7 +27,7 @@ const RETRY_BUDGET_PER_REQUEST: f64 = 0.2;
 
 /// Tunables, from the connection's configuration.
 #[derive(Debug, Clone)]
-pub struct GuardSettings {
+pub(crate) struct GuardSettings {
     pub breaker_failures: u32,
     pub breaker_open: Duration,
     pub negative_cache: Duration,
@@ -35,7 +35,7 @@ pub struct GuardSettings {
 
 /// Why a call was refused without reaching the IdP.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// The circuit is open; try again after the duration.
     CircuitOpen { retry_after: Duration },
     /// The IdP asked the broker to wait (`Retry-After` on a 429 or 503): no call before then.
@@ -49,14 +49,14 @@ pub enum Refusal {
 
 /// How the IdP refused the client: its HTTP status and OAuth error code, if it gave one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
+pub(crate) struct Rejection {
     pub status: u16,
     pub code: Option<String>,
 }
 
 /// Where a connection's circuit breaker stands, for `/api/health` and the `stats` line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BreakerState {
+pub(crate) enum BreakerState {
     Closed,
     /// Calls fail fast until the open period ends.
     Open,
@@ -65,7 +65,7 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BreakerState::Closed => "closed",
             BreakerState::Open => "open",
@@ -75,7 +75,7 @@ impl BreakerState {
 }
 
 /// The state of one connection's upstream.
-pub struct UpstreamGuard {
+pub(crate) struct UpstreamGuard {
     settings: GuardSettings,
     // A std mutex: every critical section is a few field updates, never an await.
     state: Mutex<GuardState>,
@@ -92,7 +92,7 @@ struct GuardState {
 }
 
 impl UpstreamGuard {
-    pub fn new(settings: GuardSettings) -> Self {
+    pub(crate) fn new(settings: GuardSettings) -> Self {
         Self {
             settings,
             state: Mutex::new(GuardState {
@@ -110,7 +110,7 @@ impl UpstreamGuard {
     /// earned). The token client asks this before it makes a credential, so that a refused
     /// client, an open circuit or a pending `Retry-After` costs no Key Vault read or sign:
     /// those count against the vault's limits, which every other secret read shares.
-    pub fn check(&self) -> Result<(), Refusal> {
+    pub(crate) fn check(&self) -> Result<(), Refusal> {
         let now = Instant::now();
         let state = self.state.lock();
         if let Some((rejection, until)) = &state.rejected
@@ -140,7 +140,7 @@ impl UpstreamGuard {
     }
 
     /// Whether a call may go to the IdP now. Also earns retry budget.
-    pub fn admit(&self) -> Result<(), Refusal> {
+    pub(crate) fn admit(&self) -> Result<(), Refusal> {
         let now = Instant::now();
         let mut state = self.state.lock();
         if let Some((rejection, until)) = &state.rejected {
@@ -179,7 +179,7 @@ impl UpstreamGuard {
     }
 
     /// Takes one retry from the budget; `false` when it is spent.
-    pub fn take_retry(&self) -> bool {
+    pub(crate) fn take_retry(&self) -> bool {
         let mut state = self.state.lock();
         if state.retry_tokens >= 1.0 {
             state.retry_tokens -= 1.0;
@@ -192,12 +192,12 @@ impl UpstreamGuard {
     /// The call ended without telling anything about the IdP (the caller's own time ran out,
     /// spent waiting elsewhere): a half-open trial is released for the next call, and no
     /// failure is counted.
-    pub fn record_neutral(&self) {
+    pub(crate) fn record_neutral(&self) {
         self.state.lock().trial_in_flight = false;
     }
 
     /// The IdP issued a token.
-    pub fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         let mut state = self.state.lock();
         state.consecutive_failures = 0;
         state.open_until = None;
@@ -205,7 +205,7 @@ impl UpstreamGuard {
     }
 
     /// The IdP was unreachable, slow, or answered 5xx/429. Returns when the circuit opened.
-    pub fn record_unavailable(&self) -> Option<Duration> {
+    pub(crate) fn record_unavailable(&self) -> Option<Duration> {
         let mut state = self.state.lock();
         state.consecutive_failures = state.consecutive_failures.saturating_add(1);
         let trial_failed = state.trial_in_flight;
@@ -225,14 +225,14 @@ impl UpstreamGuard {
     /// The IdP asked for `wait` before the next call (its `Retry-After`, at most a minute is
     /// honoured): every request for this connection is answered without asking it until then,
     /// instead of only the request that got the answer.
-    pub fn asked_to_wait(&self, wait: Duration) {
+    pub(crate) fn asked_to_wait(&self, wait: Duration) {
         let until = Instant::now() + wait.min(MAX_HOLD_OFF);
         let mut state = self.state.lock();
         state.not_before = Some(state.not_before.map_or(until, |at| at.max(until)));
     }
 
     /// The IdP answered, but refused the client: remember it for a while.
-    pub fn record_rejected(&self, rejection: Rejection) {
+    pub(crate) fn record_rejected(&self, rejection: Rejection) {
         let mut state = self.state.lock();
         state.consecutive_failures = 0;
         state.open_until = None;
@@ -243,12 +243,12 @@ impl UpstreamGuard {
     }
 
     /// The IdP answered with another OAuth error (nothing to remember).
-    pub fn record_answered(&self) {
+    pub(crate) fn record_answered(&self) {
         self.record_success();
     }
 
     /// Where the circuit breaker stands now (read-only).
-    pub fn breaker(&self) -> BreakerState {
+    pub(crate) fn breaker(&self) -> BreakerState {
         match self.state.lock().open_until {
             None => BreakerState::Closed,
             Some(until) if Instant::now() < until => BreakerState::Open,
@@ -257,7 +257,7 @@ impl UpstreamGuard {
     }
 
     /// Forgets a remembered rejection: the secret was rotated, so the next call may succeed.
-    pub fn clear_rejection(&self) {
+    pub(crate) fn clear_rejection(&self) {
         self.state.lock().rejected = None;
     }
 }

@@ -16,16 +16,12 @@ use redis::RedisResult;
 use redis::auth::{BasicAuth, StreamingCredentialsProvider};
 use tokio::sync::watch;
 
-use azure_identity::{
-    AzureCliCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
-};
-
 use crate::config::IdentitySettings;
-use crate::credentials::vault::sdk_client_options;
+use crate::credentials::vault::azure_credential;
 use crate::http_client::LazyClient;
 
 /// The scope of a token Azure Managed Redis and Azure Cache for Redis accept.
-pub const REDIS_SCOPE: &str = "https://redis.azure.com/.default";
+pub(crate) const REDIS_SCOPE: &str = "https://redis.azure.com/.default";
 /// Microsoft asks for re-authentication at least 3 minutes before expiry; a random extra
 /// minute keeps a fleet of instances from asking the identity endpoint at the same moment.
 const RENEW_BEFORE: Duration = Duration::from_secs(180);
@@ -33,27 +29,16 @@ const RENEW_JITTER_SECONDS: u64 = 60;
 /// Wait after a failed token request before the next.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(5);
 
-/// The broker's managed identity (or, on a laptop, the developer's Azure CLI login), with
-/// the same HTTP client and retry bounds as the Key Vault client.
+/// The broker's identity for Redis: the same credential, HTTP client and retry bounds as the
+/// Key Vault clients' (`credentials::vault::azure_credential`).
 pub(crate) fn credential(
     identity: &IdentitySettings,
     client_id: Option<String>,
     http: &LazyClient,
 ) -> Result<Arc<dyn TokenCredential>, String> {
     let http = http.get().map_err(str::to_string)?;
-    let credential: Result<Arc<dyn TokenCredential>, _> = match identity {
-        IdentitySettings::ManagedIdentity => {
-            ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
-                user_assigned_id: client_id.map(UserAssignedId::ClientId),
-                client_options: sdk_client_options(http),
-            }))
-            .map(|credential| credential as Arc<dyn TokenCredential>)
-        }
-        IdentitySettings::DeveloperCli => {
-            AzureCliCredential::new(None).map(|credential| credential as Arc<dyn TokenCredential>)
-        }
-    };
-    credential.map_err(|error| format!("cannot build the credential ({:?})", error.kind()))
+    azure_credential(identity, client_id, http)
+        .map_err(|error| format!("cannot build the credential ({:?})", error.kind()))
 }
 
 /// The latest credentials, renewed by a background task ahead of each token's expiry.

@@ -29,7 +29,7 @@ use crate::config::{ConnectionName, ScopeToken};
 use crate::token::{FreshToken, TokenError, clamp_lifetime};
 
 /// Produces tokens for cache keys; the token client in production, a counting fake in tests.
-pub trait TokenSource: Send + Sync + 'static {
+pub(crate) trait TokenSource: Send + Sync + 'static {
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>>;
 
     /// `fetch`, ending by `finish_by` at the latest when given (a caller that already waited
@@ -54,7 +54,7 @@ impl From<&CacheKey> for CacheKey {
 
 /// A connection (lower-cased name) and a sorted, de-duplicated scope set.
 #[derive(Clone, Debug, Eq)]
-pub struct CacheKey {
+pub(crate) struct CacheKey {
     connection: ConnectionName,
     scopes: Arc<[ScopeToken]>,
     /// The scopes joined by spaces, for the audit line; computed once per key, not per request.
@@ -86,7 +86,10 @@ static DIGEST: std::sync::LazyLock<hashbrown::DefaultHashBuilder> =
     std::sync::LazyLock::new(hashbrown::DefaultHashBuilder::default);
 
 impl CacheKey {
-    pub fn new(connection: &ConnectionName, scopes: impl IntoIterator<Item = ScopeToken>) -> Self {
+    pub(crate) fn new(
+        connection: &ConnectionName,
+        scopes: impl IntoIterator<Item = ScopeToken>,
+    ) -> Self {
         let mut scopes: Vec<ScopeToken> = scopes.into_iter().collect();
         scopes.sort();
         scopes.dedup();
@@ -111,15 +114,15 @@ impl CacheKey {
     }
 
     /// The scopes joined by spaces.
-    pub fn scopes_display(&self) -> &str {
+    pub(crate) fn scopes_display(&self) -> &str {
         &self.display
     }
 
-    pub fn connection(&self) -> &str {
+    pub(crate) fn connection(&self) -> &str {
         self.connection.as_str()
     }
 
-    pub fn scopes(&self) -> &[ScopeToken] {
+    pub(crate) fn scopes(&self) -> &[ScopeToken] {
         &self.scopes
     }
 }
@@ -243,14 +246,14 @@ fn later(now: Instant, after: Duration) -> Instant {
 }
 
 /// SHA-256 of the token, first 12 hex digits.
-pub fn fingerprint(token: &str) -> String {
+pub(crate) fn fingerprint(token: &str) -> String {
     let digest = Sha256::digest(token.as_bytes());
-    digest[..6].iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&digest[..6])
 }
 
 /// Whether a caller was served from memory or waited for the token endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CacheOutcome {
+pub(crate) enum CacheOutcome {
     Hit,
     /// Served from memory past its normal hand-out window (its last tenth of life, at most
     /// 30 s), because a refresh is failing or still in flight: still valid for at least 1 s.
@@ -263,7 +266,7 @@ pub enum CacheOutcome {
 }
 
 impl CacheOutcome {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CacheOutcome::Hit => "hit",
             CacheOutcome::Stale => "stale",
@@ -276,7 +279,7 @@ impl CacheOutcome {
 type SharedFetch = Shared<BoxFuture<'static, Result<Arc<CachedToken>, Arc<TokenError>>>>;
 
 /// The cache. Cheap to share: every method takes `&self`.
-pub struct TokenCache {
+pub(crate) struct TokenCache {
     source: Arc<dyn TokenSource>,
     max_entries: usize,
     // A blocking mutex: held only for map look-ups and inserts, never across an await.
@@ -331,7 +334,7 @@ thread_local! {
 const STALE_FLOOR: Duration = Duration::from_secs(1);
 
 impl TokenCache {
-    pub fn new(source: Arc<dyn TokenSource>, max_entries: usize) -> Self {
+    pub(crate) fn new(source: Arc<dyn TokenSource>, max_entries: usize) -> Self {
         Self {
             source,
             max_entries: max_entries.max(1),
@@ -344,7 +347,7 @@ impl TokenCache {
     /// `serve` applied to a token for `key` without taking a lock, when this worker thread
     /// handed one out lately and nothing changed since (see [`hot`]): always a `hit`.
     /// `None` when the caller must take the slow path, [`TokenCache::get`].
-    pub fn serve_hit<R>(
+    pub(crate) fn serve_hit<R>(
         &self,
         key: &CacheKey,
         now: Instant,
@@ -354,7 +357,7 @@ impl TokenCache {
     }
 
     /// A token for `key`: from memory when one is usable, else from the shared fetch.
-    pub async fn get(
+    pub(crate) async fn get(
         &self,
         key: &CacheKey,
     ) -> Result<(Arc<CachedToken>, CacheOutcome), Arc<TokenError>> {
@@ -419,7 +422,7 @@ impl TokenCache {
 
     /// Drops every key of the given (lower-cased) connections; returns how many. A fetch in
     /// flight still completes for its waiters, but its result is not kept.
-    pub fn evict_connections(&self, connections: &[&str]) -> usize {
+    pub(crate) fn evict_connections(&self, connections: &[&str]) -> usize {
         let mut entries = self.entries.lock();
         let before = entries.len();
         entries.retain(|key, _| !connections.contains(&key.connection()));
@@ -427,14 +430,10 @@ impl TokenCache {
         before - entries.len()
     }
 
-    /// Number of keys held; for tests and metrics.
-    pub fn len(&self) -> usize {
+    /// Number of keys held, for the tests of its bounds.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.lock().len()
-    }
-
-    /// Whether the cache holds no key.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The entry for `key` in `entries` (the map, locked by the caller), made when absent.
@@ -516,7 +515,7 @@ impl TokenCache {
 }
 
 /// The text of a panic payload, for the log.
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
     payload
         .downcast_ref::<&str>()
         .copied()

@@ -10,15 +10,13 @@
 //! The cache depends only on the leaf module [`crate::token`] for what a fetch yields, never
 //! on the OAuth client above it.
 
-pub mod entra;
+pub(crate) mod entra;
 mod hot;
-pub mod memory;
-pub mod redis_link;
-pub mod seal;
-pub mod shared;
+pub(crate) mod memory;
+pub(crate) mod redis_link;
+pub(crate) mod seal;
+pub(crate) mod shared;
 
-pub use memory::{
-    CacheKey, CacheOutcome, CachedToken, TokenCache, TokenSource, fingerprint, panic_message,
-};
-pub use redis_link::SharedCacheCounters;
-pub use shared::{SharedTier, SharedTierParts};
+pub use memory::CachedToken;
+pub(crate) use memory::{CacheKey, CacheOutcome, TokenCache, TokenSource, panic_message};
+pub(crate) use shared::{SharedTier, SharedTierParts};

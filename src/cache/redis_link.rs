@@ -64,7 +64,7 @@ const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redi
 /// What the shared tier did and what went wrong, since the start: for tests, and as totals
 /// from which the `stats` line takes each period's counts.
 #[derive(Default, Debug)]
-pub struct SharedCacheCounters {
+pub(crate) struct SharedCacheCounters {
     /// Tokens taken from Redis instead of the identity provider.
     pub hits: AtomicU64,
     /// Fetches from the identity provider made under the fleet-wide lock.
@@ -88,12 +88,12 @@ pub struct SharedCacheCounters {
 }
 
 impl SharedCacheCounters {
-    pub fn add(counter: &AtomicU64) {
+    pub(crate) fn add(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The totals so far, as the `stats` line names them.
-    pub fn totals(&self) -> crate::observe::stats::SharedTierCounts {
+    pub(crate) fn totals(&self) -> crate::observe::stats::SharedTierCounts {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         crate::observe::stats::SharedTierCounts {
             shared_hits: read(&self.hits),

@@ -40,23 +40,23 @@ const AAD_PREFIX: &[u8] = b"token-broker shared cache v2\0";
 const TAG_LEN: usize = 16;
 /// How long the previous key still opens entries after a rotation: the longest life an entry
 /// can have (a token's, at most a day), so that no entry written before the rotation is lost.
-pub const PREVIOUS_KEY_WINDOW: Duration = crate::token::MAX_LIFETIME;
+pub(crate) const PREVIOUS_KEY_WINDOW: Duration = crate::token::MAX_LIFETIME;
 
 /// A SHA-256 of `parts` as lower-case hex: the name of an entry, lock or announcement. Each
 /// part is length-prefixed, so that no two different lists of parts hash the same input.
-pub fn name(parts: &[&[u8]]) -> String {
+pub(crate) fn name(parts: &[&[u8]]) -> String {
     let mut context = digest::Context::new(&digest::SHA256);
     context.update(NAMING_LABEL);
     for part in parts {
         context.update(&(part.len() as u64).to_be_bytes());
         context.update(part);
     }
-    hex(context.finish().as_ref())
+    hex::encode(context.finish().as_ref())
 }
 
 /// Why a value did not open.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Unopened {
+pub(crate) enum Unopened {
     /// Sealed (well-formed) under a key this instance does not hold: the fleet may have a
     /// newer key.
     ForeignKey,
@@ -65,14 +65,14 @@ pub enum Unopened {
 }
 
 /// The keys derived from one configured key.
-pub struct Sealer {
+pub(crate) struct Sealer {
     id: [u8; KEY_ID_LEN],
     tagging: hmac::Key,
     sealing: LessSafeKey,
 }
 
 impl Sealer {
-    pub fn new(key: &SecretBox<[u8; ENCRYPTION_KEY_BYTES]>) -> Self {
+    pub(crate) fn new(key: &SecretBox<[u8; ENCRYPTION_KEY_BYTES]>) -> Self {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(key.expose_secret());
         let tagging: hmac::Key = prk
             .expand(&[TAGGING_INFO], hmac::HMAC_SHA256)
@@ -93,14 +93,9 @@ impl Sealer {
         }
     }
 
-    /// The key's id: public, it tells which key sealed a value.
-    pub fn id(&self) -> [u8; KEY_ID_LEN] {
-        self.id
-    }
-
     /// `plaintext` sealed for the entry called `name`: format byte, key id, nonce,
     /// ciphertext and tag.
-    pub fn seal(&self, name: &str, plaintext: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn seal(&self, name: &str, plaintext: &[u8]) -> Option<Vec<u8>> {
         let mut nonce = [0u8; NONCE_LEN];
         rand::fill(&mut nonce).ok()?;
         let mut sealed = Vec::with_capacity(1 + KEY_ID_LEN + NONCE_LEN + plaintext.len() + 16);
@@ -120,7 +115,7 @@ impl Sealer {
     }
 
     /// The plaintext of a value sealed for `name` with this key.
-    pub fn open(&self, name: &str, sealed: &[u8]) -> Result<Vec<u8>, Unopened> {
+    pub(crate) fn open(&self, name: &str, sealed: &[u8]) -> Result<Vec<u8>, Unopened> {
         let (id, nonce, body) = split(sealed).ok_or(Unopened::Invalid)?;
         if id != self.id {
             return Err(Unopened::ForeignKey);
@@ -136,7 +131,7 @@ impl Sealer {
 
     /// A tag that proves `message` comes from a holder of this key.
     fn tag(&self, message: &str) -> String {
-        hex(&hmac::sign(&self.tagging, message.as_bytes()).as_ref()[..TAG_LEN])
+        hex::encode(&hmac::sign(&self.tagging, message.as_bytes()).as_ref()[..TAG_LEN])
     }
 
     fn verify(&self, message: &str, tag: &str) -> bool {
@@ -173,13 +168,13 @@ impl hkdf::KeyType for KeyIdLength {
 
 /// The keys an instance holds: the newest, which seals, and for a window after a rotation the
 /// one before it, which still opens what was sealed before.
-pub struct KeyRing {
+pub(crate) struct KeyRing {
     current: Arc<Sealer>,
     previous: Option<(Arc<Sealer>, Instant)>,
 }
 
 impl KeyRing {
-    pub fn new(current: Sealer) -> Self {
+    pub(crate) fn new(current: Sealer) -> Self {
         Self {
             current: Arc::new(current),
             previous: None,
@@ -188,7 +183,7 @@ impl KeyRing {
 
     /// This ring after `newer` became the key: the current key turns previous for
     /// [`PREVIOUS_KEY_WINDOW`]. `None` when `newer` is the current key already.
-    pub fn rotated(&self, newer: Sealer) -> Option<Self> {
+    pub(crate) fn rotated(&self, newer: Sealer) -> Option<Self> {
         if newer.id == self.current.id {
             return None;
         }
@@ -210,16 +205,16 @@ impl KeyRing {
     }
 
     /// The id of the key that seals now, as hex: what a key rotation announcement names.
-    pub fn current_id(&self) -> String {
-        hex(&self.current.id)
+    pub(crate) fn current_id(&self) -> String {
+        hex::encode(&self.current.id)
     }
 
-    pub fn seal(&self, name: &str, plaintext: &[u8]) -> Option<Vec<u8>> {
+    pub(crate) fn seal(&self, name: &str, plaintext: &[u8]) -> Option<Vec<u8>> {
         self.current.seal(name, plaintext)
     }
 
     /// Opens with whichever held key sealed the value.
-    pub fn open(&self, name: &str, sealed: &[u8]) -> Result<Vec<u8>, Unopened> {
+    pub(crate) fn open(&self, name: &str, sealed: &[u8]) -> Result<Vec<u8>, Unopened> {
         let (id, _, _) = split(sealed).ok_or(Unopened::Invalid)?;
         self.keys()
             .find(|sealer| sealer.id == id)
@@ -229,13 +224,13 @@ impl KeyRing {
 
     /// `message` with a tag by every key held, `message|tag[,tag]`: an instance on either
     /// key of a rotation can check it.
-    pub fn sign(&self, message: &str) -> String {
+    pub(crate) fn sign(&self, message: &str) -> String {
         let tags: Vec<String> = self.keys().map(|sealer| sealer.tag(message)).collect();
         format!("{message}|{}", tags.join(","))
     }
 
     /// The message of `signed` when one of its tags is by a key held here.
-    pub fn verify<'a>(&self, signed: &'a str) -> Option<&'a str> {
+    pub(crate) fn verify<'a>(&self, signed: &'a str) -> Option<&'a str> {
         let (message, tags) = signed.rsplit_once('|')?;
         tags.split(',')
             .take(2)
@@ -246,10 +241,6 @@ impl KeyRing {
 
 fn aad(name: &str) -> Vec<u8> {
     [AAD_PREFIX, name.as_bytes()].concat()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -61,7 +61,7 @@ const SETUP_RETRY: Duration = Duration::from_secs(5);
 /// The fleet lock's shortest lease: short, so that a holder killed mid-fetch holds the others
 /// off for at most this long; the holder renews it every [`LOCK_RENEW_EVERY`] while it works.
 /// A slow Redis lengthens it (see [`lock_lease`]), so that a renewal always lands in time.
-pub const LOCK_LEASE: Duration = Duration::from_secs(3);
+pub(crate) const LOCK_LEASE: Duration = Duration::from_secs(3);
 const LOCK_RENEW_EVERY: Duration = Duration::from_secs(1);
 /// How old a signed announcement may be and still be acted on: a captured one cannot be
 /// replayed later, and one seen already is not acted on twice.
@@ -69,7 +69,7 @@ const ANNOUNCEMENT_FRESHNESS: Duration = Duration::from_secs(60);
 /// Shortest time between two re-reads of the encryption key prompted by entries sealed under
 /// a key this instance does not hold: whoever can write to Redis cannot make the fleet hammer
 /// Key Vault.
-pub const KEY_RECHECK: Duration = Duration::from_secs(30);
+pub(crate) const KEY_RECHECK: Duration = Duration::from_secs(30);
 
 /// A token as Redis holds it, inside the seal. Times are unix milliseconds, so that every
 /// instance reads them alike.
@@ -106,7 +106,7 @@ impl Ready {
 }
 
 /// Everything the shared tier needs from startup.
-pub struct SharedTierParts<'a> {
+pub(crate) struct SharedTierParts<'a> {
     pub settings: &'a SharedCacheSettings,
     pub source: Arc<dyn TokenSource>,
     pub connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
@@ -117,7 +117,7 @@ pub struct SharedTierParts<'a> {
 }
 
 /// The shared tier; see the module documentation.
-pub struct SharedTier {
+pub(crate) struct SharedTier {
     source: Arc<dyn TokenSource>,
     connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
     prefix: String,
@@ -153,7 +153,9 @@ impl SharedTier {
     /// connecting: startup never waits for Key Vault or Redis, and until both are there the
     /// tier simply passes every fetch to the token client. Returns the tier and the Key Vault
     /// secret names other instances announce as rotated.
-    pub fn start(parts: SharedTierParts<'_>) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+    pub(crate) fn start(
+        parts: SharedTierParts<'_>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
         let (rotations, rotated) = mpsc::unbounded_channel();
         let secrets_by_hash = parts
             .connections
@@ -169,7 +171,7 @@ impl SharedTier {
             ready_signal: watch::Sender::new(false),
             waiters: Mutex::default(),
             counters: Arc::default(),
-            instance: random_hex(8),
+            instance: hex::encode(rand::random::<[u8; 8]>()),
             secrets_by_hash,
             credentials: parts.credentials.clone(),
             encryption_key: parts.settings.encryption_key.clone(),
@@ -243,7 +245,7 @@ impl SharedTier {
     }
 
     /// What the tier has done so far.
-    pub fn counters(&self) -> &SharedCacheCounters {
+    pub(crate) fn counters(&self) -> &SharedCacheCounters {
         &self.counters
     }
 
@@ -292,7 +294,7 @@ impl SharedTier {
         if let Some(fresh) = self.read_fresh(ready, &names).await {
             return Ok(fresh);
         }
-        let holder = random_hex(16);
+        let holder = hex::encode(rand::random::<[u8; 16]>());
         let notify = self.waiter(&names.id);
         let mut waited = false;
         let result = loop {
@@ -591,10 +593,4 @@ fn unix_millis() -> u64 {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn random_hex(bytes: usize) -> String {
-    (0..bytes)
-        .map(|_| format!("{:02x}", rand::random::<u8>()))
-        .collect()
 }

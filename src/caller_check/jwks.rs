@@ -24,23 +24,23 @@ use crate::config::EndpointUrl;
 use crate::http_client::LazyClient;
 
 /// Keys are re-read at least this often even when every `kid` is known.
-pub const MAX_AGE: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_AGE: Duration = Duration::from_secs(3600);
 /// Shortest time between two reloads caused by unknown key ids: bounds what made-up `kid`s
 /// can make the broker do, while a real rotation is noticed within seconds.
-pub const UNKNOWN_KID_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const UNKNOWN_KID_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 /// Backoff after the first failed download; doubles with each further failure.
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub(crate) const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 /// Longest backoff between failed downloads.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Largest discovery document or key set read. Entra's key set is a few KiB.
-pub const MAX_BODY_BYTES: usize = 256 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Bound on one download (discovery and key set together), so cold callers wait that long at
 /// most.
-pub const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const DOWNLOAD_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Why no key was found.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyError {
+pub(crate) enum KeyError {
     /// The keys held do not include this `kid`, and no reload is due.
     UnknownKid,
     /// No keys are held and none can be downloaded now.
@@ -48,12 +48,12 @@ pub enum KeyError {
 }
 
 /// Where keys come from: the issuer over HTTP, or a fake in unit tests.
-pub trait KeySource: Send + Sync + 'static {
+pub(crate) trait KeySource: Send + Sync + 'static {
     fn fetch(&self) -> impl Future<Output = Result<JwkSet, String>> + Send;
 }
 
 /// The key set and the bookkeeping that decides when to download it again.
-pub struct KeyStore<S> {
+pub(crate) struct KeyStore<S> {
     source: S,
     state: Mutex<State>,
     /// Held for the whole of a download: one at a time, and a holder is a download in flight.
@@ -84,7 +84,7 @@ impl State {
 }
 
 impl<S: KeySource> KeyStore<S> {
-    pub fn new(source: S) -> Arc<Self> {
+    pub(crate) fn new(source: S) -> Arc<Self> {
         Arc::new(Self {
             source,
             state: Mutex::new(State::default()),
@@ -99,7 +99,7 @@ impl<S: KeySource> KeyStore<S> {
     }
 
     /// The key `kid` names.
-    pub async fn key(self: &Arc<Self>, kid: &str) -> Result<Jwk, KeyError> {
+    pub(crate) async fn key(self: &Arc<Self>, kid: &str) -> Result<Jwk, KeyError> {
         let now = Instant::now();
         let (seen_attempts, has_keys) = {
             let state = self.state();
@@ -229,7 +229,7 @@ impl<S: KeySource> KeyStore<S> {
 
 /// The issuer's keys over HTTP: from the configured `jwks_uri`, else from the URL the first
 /// issuer's OpenID discovery document names.
-pub struct HttpKeySource {
+pub(crate) struct HttpKeySource {
     http: Arc<LazyClient>,
     discovery_url: String,
     configured_jwks_uri: Option<EndpointUrl>,
@@ -241,7 +241,7 @@ struct Discovery {
 }
 
 impl HttpKeySource {
-    pub fn new(
+    pub(crate) fn new(
         http: Arc<LazyClient>,
         issuer: &str,
         configured_jwks_uri: Option<EndpointUrl>,

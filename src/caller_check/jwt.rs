@@ -32,7 +32,7 @@ const ALLOWED_ALGORITHMS: &[(&str, Algorithm)] = &[
 ];
 
 /// What a caller token must say.
-pub struct JwtSettings {
+pub(crate) struct JwtSettings {
     pub issuers: Vec<String>,
     pub audiences: Vec<String>,
     pub tenant: Option<String>,
@@ -40,7 +40,7 @@ pub struct JwtSettings {
 }
 
 /// Validates bearer tokens against an issuer's keys.
-pub struct JwtValidator<S = HttpKeySource> {
+pub(crate) struct JwtValidator<S = HttpKeySource> {
     settings: JwtSettings,
     keys: Arc<KeyStore<S>>,
 }
@@ -73,14 +73,14 @@ struct Claims {
 }
 
 impl<S: KeySource> JwtValidator<S> {
-    pub fn new(settings: JwtSettings, source: S) -> Self {
+    pub(crate) fn new(settings: JwtSettings, source: S) -> Self {
         Self {
             settings,
             keys: KeyStore::new(source),
         }
     }
 
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
+    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
         self.validate(bearer(headers)?).await
     }
 

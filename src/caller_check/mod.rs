@@ -20,11 +20,11 @@ use axum::http::HeaderMap;
 use crate::config::{ANY_CALLER, CallerMode, CallerSettings, ConnectionSettings};
 use crate::http_client::LazyClient;
 
-pub use jwt::JwtValidator;
+pub(crate) use jwt::JwtValidator;
 
 /// Why a caller is not served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallerError {
+pub(crate) enum CallerError {
     /// No credentials at all (401 without an error code, RFC 6750 §3.1).
     #[error("the request carries no caller credentials")]
     Missing,
@@ -42,7 +42,7 @@ pub enum CallerError {
 
 /// The authenticated caller.
 #[derive(Debug, Clone, Default)]
-pub struct Caller {
+pub(crate) struct Caller {
     /// How the audit line names the caller: the object id, else the client id (app-only
     /// tokens), else `sub`; `None` in mode `none`.
     pub id: Option<String>,
@@ -56,13 +56,13 @@ pub struct Caller {
 
 impl Caller {
     /// How the audit line names the caller.
-    pub fn audit_name(&self) -> &str {
+    pub(crate) fn audit_name(&self) -> &str {
         self.id.as_deref().unwrap_or("function-key")
     }
 }
 
 /// Authenticates callers the configured way.
-pub enum CallerCheck {
+pub(crate) enum CallerCheck {
     /// The function key (checked by the host) is the only gate.
     FunctionKeyOnly,
     Jwt(Box<JwtValidator>),
@@ -70,7 +70,7 @@ pub enum CallerCheck {
 }
 
 impl CallerCheck {
-    pub fn new(settings: &CallerSettings, http: Arc<LazyClient>) -> Self {
+    pub(crate) fn new(settings: &CallerSettings, http: Arc<LazyClient>) -> Self {
         match &settings.mode {
             CallerMode::None => CallerCheck::FunctionKeyOnly,
             CallerMode::EasyAuth => CallerCheck::EasyAuth,
@@ -93,7 +93,7 @@ impl CallerCheck {
     }
 
     /// Who sent `headers`.
-    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
+    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
         match self {
             CallerCheck::FunctionKeyOnly => Ok(Caller::default()),
             // Boxed: its state (a key set download) would otherwise be in every request's
@@ -107,7 +107,10 @@ impl CallerCheck {
 /// Whether `caller` may use `connection`: `allowed_callers` holds `"*"` or one of the caller's
 /// ids, or the caller holds one of `allowed_roles`. A connection that lists neither serves
 /// only in mode `none`, where there is no caller to check (configuration refuses the rest).
-pub fn authorize(caller: &Caller, connection: &ConnectionSettings) -> Result<(), CallerError> {
+pub(crate) fn authorize(
+    caller: &Caller,
+    connection: &ConnectionSettings,
+) -> Result<(), CallerError> {
     if caller.id.is_none() {
         // Mode `none`: the function key was the gate.
         return Ok(());

@@ -1,7 +1,7 @@
 //! Why a connection's credential could not be had. A leaf of the credentials module: the
 //! cache, the vault clients and the token errors all name it.
 
-pub use crate::config::ObjectKind;
+pub(crate) use crate::config::ObjectKind;
 
 /// The role an identity needs to use an object of this kind.
 fn role(kind: ObjectKind) -> &'static str {
@@ -21,7 +21,7 @@ impl std::fmt::Display for ObjectKind {
 /// Why a credential could not be had. Messages are for operators (they go to the log, not to
 /// callers) and never hold a secret value, an assertion or a token.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum CredentialError {
+pub(crate) enum CredentialError {
     #[error("Key Vault {kind} '{name}' was not found")]
     NotFound { kind: ObjectKind, name: String },
     #[error(
@@ -60,7 +60,7 @@ pub enum CredentialError {
 impl CredentialError {
     /// Whether Key Vault said no for good (deleted, disabled, access revoked), as opposed to
     /// not answering: only then does a copy in memory stop being used.
-    pub fn is_definitive(&self) -> bool {
+    pub(crate) fn is_definitive(&self) -> bool {
         matches!(
             self,
             CredentialError::NotFound { .. }
@@ -71,7 +71,7 @@ impl CredentialError {
     }
 
     /// The step that failed, as a caller may be told it: no object name, no code.
-    pub fn step(&self) -> &'static str {
+    pub(crate) fn step(&self) -> &'static str {
         match self {
             CredentialError::Identity { .. } => "getting a managed identity token",
             CredentialError::NotFound { kind, .. }

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 
-pub use error::{CredentialError, ObjectKind};
-pub use secret::ClientSecret;
+pub(crate) use error::{CredentialError, ObjectKind};
+pub(crate) use secret::ClientSecret;
 
 use crate::config::{
     AssertionKey, AssertionSettings, ConnectionSettings, CredentialSource, IdentitySettings,
@@ -37,7 +37,7 @@ use cache::VaultCache;
 use vault::{Clients, Vault};
 
 /// What the token client sends to authenticate.
-pub enum ClientCredential {
+pub(crate) enum ClientCredential {
     /// Sent with Basic authentication or in the form body, per `auth_method`.
     Secret(Arc<ClientSecret>),
     /// Sent as `client_assertion` with the jwt-bearer `client_assertion_type`.
@@ -46,7 +46,7 @@ pub enum ClientCredential {
 
 impl ClientCredential {
     /// The Key Vault version it was made from, for log lines about rotation.
-    pub fn version(&self) -> Option<&str> {
+    pub(crate) fn version(&self) -> Option<&str> {
         match self {
             ClientCredential::Secret(secret) => secret.version.as_deref(),
             ClientCredential::Assertion(assertion) => assertion.version.as_deref(),
@@ -66,7 +66,7 @@ impl fmt::Debug for ClientCredential {
 
 /// A client assertion: a signed JWT, or the managed identity's token. Bearer credentials
 /// both, so held as secrets.
-pub struct ClientAssertion {
+pub(crate) struct ClientAssertion {
     pub value: SecretString,
     /// The key or certificate version that signed it; `None` for federation.
     pub version: Option<String>,
@@ -76,7 +76,7 @@ pub struct ClientAssertion {
 }
 
 /// Makes credentials for connections, keeping Key Vault objects in memory.
-pub struct Credentials {
+pub(crate) struct Credentials {
     vault: Option<Vault>,
     secrets: VaultCache<ClientSecret>,
     keys: VaultCache<SigningKey>,
@@ -86,7 +86,7 @@ pub struct Credentials {
 impl Credentials {
     /// Builds the Key Vault clients lazily: no network call happens here, so that startup
     /// stays fast for the host's readiness probe.
-    pub fn new(
+    pub(crate) fn new(
         key_vault: Option<&KeyVaultSettings>,
         identity: &IdentitySettings,
         http: Arc<LazyClient>,
@@ -104,7 +104,7 @@ impl Credentials {
     /// What `connection` sends this time: its secret (from memory when fresh), a freshly
     /// signed assertion (one Key Vault sign; key metadata from memory when fresh), or the
     /// managed identity's token.
-    pub async fn credential(
+    pub(crate) async fn credential(
         &self,
         connection: &ConnectionSettings,
     ) -> Result<ClientCredential, CredentialError> {
@@ -138,7 +138,7 @@ impl Credentials {
     /// A secret for the broker's own use (the shared cache's encryption key and Redis
     /// password): from its app setting, or from Key Vault through the same cache as client
     /// secrets.
-    pub async fn secret(
+    pub(crate) async fn secret(
         &self,
         source: &SecretSource,
     ) -> Result<Arc<ClientSecret>, CredentialError> {
@@ -156,7 +156,7 @@ impl Credentials {
     /// The latest version of a secret for the broker's own use, read now and never a copy:
     /// for the shared cache's encryption key when its rotation is announced, where a copy
     /// served during a Key Vault outage would be mistaken for "the key is unchanged".
-    pub async fn secret_now(
+    pub(crate) async fn secret_now(
         &self,
         source: &SecretSource,
     ) -> Result<Arc<ClientSecret>, CredentialError> {
@@ -174,7 +174,7 @@ impl Credentials {
     /// Called when the token endpoint refused `rejected`: re-reads Key Vault at once and
     /// offers a credential made from another version (rotated or previous), or `None` when
     /// there is nothing else to try.
-    pub async fn after_rejection(
+    pub(crate) async fn after_rejection(
         &self,
         connection: &ConnectionSettings,
         rejected: &ClientCredential,
@@ -213,7 +213,7 @@ impl Credentials {
     /// `jti`, times of the moment it is signed) from the key version that signed `sent`,
     /// since providers refuse a replayed `jti`; `None` when `sent` may be sent again as it is (a secret, the
     /// managed identity's token). One Key Vault sign.
-    pub async fn renewed(
+    pub(crate) async fn renewed(
         &self,
         connection: &ConnectionSettings,
         sent: &ClientCredential,
@@ -235,7 +235,7 @@ impl Credentials {
 
     /// Makes the next use of the Key Vault object `name` of `kind` read it again (a rotation
     /// event arrived). Returns whether it was cached.
-    pub fn invalidate(&self, kind: ObjectKind, name: &str) -> bool {
+    pub(crate) fn invalidate(&self, kind: ObjectKind, name: &str) -> bool {
         match kind {
             ObjectKind::Secret => self.secrets.invalidate(name),
             ObjectKind::Key => self.keys.invalidate(name),

@@ -11,7 +11,7 @@ use super::error::{CredentialError, ObjectKind};
 use super::vault::{Vault, classify};
 
 /// A client secret and the Key Vault version it came from.
-pub struct ClientSecret {
+pub(crate) struct ClientSecret {
     pub value: SecretString,
     /// The Key Vault version, `None` for app settings. Used to tell whether a re-read found
     /// a rotated secret.

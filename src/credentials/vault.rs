@@ -76,8 +76,14 @@ impl Vault {
             let (settings, identity, http) =
                 (self.settings.clone(), self.identity.clone(), http.clone());
             Arc::new(
-                RenewableCredential::new(move || credential(&settings, &identity, &http))
-                    .map_err(|error| format!("cannot build the credential: {error}"))?,
+                RenewableCredential::new(move || {
+                    azure_credential(
+                        &identity,
+                        settings.managed_identity_client_id.clone(),
+                        &http,
+                    )
+                })
+                .map_err(|error| format!("cannot build the credential: {error}"))?,
             )
         };
         let credential: Arc<dyn TokenCredential> = renewable.clone();
@@ -306,19 +312,19 @@ pub(crate) fn sdk_client_options(http: &reqwest::Client) -> ClientOptions {
     }
 }
 
-/// The credential the Key Vault clients authenticate with.
-fn credential(
-    settings: &KeyVaultSettings,
+/// The broker's managed identity (the user-assigned one `client_id` names, else the system-
+/// assigned one) or, on a laptop, the developer's Azure CLI login: the one place an Azure
+/// identity credential is built, for the Key Vault clients and for Redis's Entra tokens alike,
+/// with the same HTTP client and retry bounds.
+pub(crate) fn azure_credential(
     identity: &IdentitySettings,
+    client_id: Option<String>,
     http: &reqwest::Client,
 ) -> azure_core::Result<Arc<dyn TokenCredential>> {
     Ok(match identity {
         IdentitySettings::ManagedIdentity => {
             let options = ManagedIdentityCredentialOptions {
-                user_assigned_id: settings
-                    .managed_identity_client_id
-                    .clone()
-                    .map(UserAssignedId::ClientId),
+                user_assigned_id: client_id.map(UserAssignedId::ClientId),
                 client_options: sdk_client_options(http),
             };
             ManagedIdentityCredential::new(Some(options))?

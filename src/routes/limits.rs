@@ -20,13 +20,13 @@ pub(super) const MAX_URI: usize = 4096;
 pub(super) const MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// Largest body accepted: token requests need none, Key Vault events are a few hundred bytes.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Largest body read (and thrown away) so that its 413 can be read: a client, or the Functions
 /// host's HTTP client in front of the broker, that is still sending when the answer comes sees
 /// a reset instead of the answer if the connection closes under it. A body declared or found
 /// larger gets its 413 at once with `Connection: close`.
-pub const MAX_DRAINED_BYTES: u64 = 8 * 1024 * 1024;
+pub(crate) const MAX_DRAINED_BYTES: u64 = 8 * 1024 * 1024;
 
 /// Longest the rest of a refused body is read for: a client that trickles costs no more.
 pub(super) const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);

@@ -1,6 +1,6 @@
 //! What a failed token request means: the provider's OAuth error body, and the classification that decides between retrying, remembering a refusal and passing it on.
 
-use super::*;
+use super::transport::TransportError;
 use std::time::Duration;
 
 use oauth2::RequestTokenError;
@@ -37,7 +37,7 @@ pub(super) fn refusal_error(connection: &ConnectionSettings, refusal: Refusal) -
 
 /// An OAuth error answer (RFC 6749 §5.2) with Entra's `error_codes`.
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
-pub struct OAuthErrorBody {
+pub(crate) struct OAuthErrorBody {
     pub(super) error: String,
     error_description: Option<String>,
     #[serde(default)]

@@ -1,6 +1,6 @@
 //! How a fetch is retried and bounded: backoff, `Retry-After`, and the whole fetch's deadline.
 
-use super::*;
+use super::failure::Failure;
 use std::time::{Duration, SystemTime};
 
 use oauth2::http::{HeaderMap, header};

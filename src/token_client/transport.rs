@@ -1,6 +1,7 @@
 //! The token request on the wire: one HTTP stack (reqwest), bounded answers, and what went wrong before oauth2 read the body.
 
-use super::*;
+use super::failure::OAuthErrorBody;
+use super::retry::retry_after;
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;

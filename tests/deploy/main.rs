@@ -7,6 +7,7 @@
 //! the Functions host needs, with a binary linked against glibc 2.28 at most.
 
 mod apim;
+mod architecture;
 mod bicep;
 mod operations;
 mod readme;

@@ -115,18 +115,22 @@ impl SharedTier {
 
     /// A fresh announcement body's suffix: when it is sent and a nonce.
     pub(super) fn stamp() -> String {
-        format!("{}:{}", unix_millis(), random_hex(8))
+        format!(
+            "{}:{}",
+            unix_millis(),
+            hex::encode(rand::random::<[u8; 8]>())
+        )
     }
 
     /// Whether `secret_name` is the Key Vault secret that holds this tier's encryption key.
-    pub fn uses_encryption_key(&self, secret_name: &str) -> bool {
+    pub(crate) fn uses_encryption_key(&self, secret_name: &str) -> bool {
         matches!(&self.encryption_key, SecretSource::KeyVault { secret_name: ours } if ours.eq_ignore_ascii_case(secret_name))
     }
 
     /// The encryption key has a new version: read it, seal with it from now on (the previous
     /// key still opens for its window), and tell every instance to do the same. An error
     /// when the fleet could not be told, so that the event is delivered again.
-    pub async fn rotate_encryption_key(self: &Arc<Self>) -> Result<String, &'static str> {
+    pub(crate) async fn rotate_encryption_key(self: &Arc<Self>) -> Result<String, &'static str> {
         let ready = self.wait_until_ready().await?;
         let rotated = self.reread_key(true, true).await?;
         let ring = ready.ring();
@@ -195,7 +199,7 @@ impl SharedTier {
     /// `ObjectKind::object_id` names it) was rotated, after deleting the shared entries
     /// of `connections` (tokens minted with the old secret). Waits a bounded time for the
     /// tier to be ready, since the rotation function's instance may have just started.
-    pub async fn announce_rotation(
+    pub(crate) async fn announce_rotation(
         &self,
         secret_name: &str,
         connections: &[&str],
