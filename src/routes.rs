@@ -200,7 +200,7 @@ async fn dispatch(
         if method != Method::GET && method != Method::POST {
             return ApiError::MethodNotAllowed("GET, POST").into_response();
         }
-        return token_request(state, connection, parts, body, invocation_id).await;
+        return token_request(state, connection, parts, head.callers, body, invocation_id).await;
     }
     if uri.path() == "/" {
         // The host polls `/` every 25 ms until it answers; nothing here may wait.

@@ -7,13 +7,12 @@
 //! configured, another provider's `oid` or `azp` is not an Entra object or client id, and could
 //! equal one that `allowed_callers` lists.
 
-use axum::http::HeaderMap;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
 use super::claimed::{Claimed, delegated};
-use super::{Caller, CallerError};
+use super::{Caller, CallerError, CallerHeaders};
 
 #[derive(Deserialize)]
 struct ClientPrincipal {
@@ -38,9 +37,9 @@ const SCOPE_CLAIM: &str = "http://schemas.microsoft.com/identity/claims/scope";
 const ENTRA_AUTH_TYPE: &str = "aad";
 
 /// The caller named by the platform's headers.
-pub(super) fn caller(headers: &HeaderMap) -> Result<Caller, CallerError> {
+pub(super) fn caller(headers: CallerHeaders<'_>) -> Result<Caller, CallerError> {
     let encoded = headers
-        .get("x-ms-client-principal")
+        .client_principal
         .ok_or(CallerError::Missing)?
         .to_str()
         .map_err(|_| CallerError::InvalidToken("X-MS-CLIENT-PRINCIPAL is not text"))?;
@@ -73,7 +72,7 @@ pub(super) fn caller(headers: &HeaderMap) -> Result<Caller, CallerError> {
         claim(&["idtyp"]).as_deref(),
     );
     let principal_id = headers
-        .get("x-ms-client-principal-id")
+        .client_principal_id
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let role_type = principal.role_typ.as_deref().unwrap_or(ROLE_CLAIM);
@@ -99,6 +98,7 @@ pub(super) fn caller(headers: &HeaderMap) -> Result<Caller, CallerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderMap;
 
     fn principal(json: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
@@ -114,7 +114,7 @@ mod tests {
         let headers = principal(
             r#"{"auth_typ":"aad","claims":[{"typ":"http://schemas.microsoft.com/identity/claims/objectidentifier","val":"oid-1"},{"typ":"azp","val":"client-1"},{"typ":"roles","val":"Tokens.Contoso"}],"name_typ":"name","role_typ":"roles"}"#,
         );
-        let caller = caller(&headers).unwrap();
+        let caller = caller(CallerHeaders::of(&headers)).unwrap();
         assert_eq!(caller.id.as_deref(), Some("oid-1"));
         assert_eq!(caller.ids, ["oid-1", "client-1"]);
         assert_eq!(caller.roles, ["Tokens.Contoso"]);
@@ -126,12 +126,19 @@ mod tests {
             let headers = principal(&format!(
                 r#"{{"auth_typ":"aad","claims":[{{"typ":"{OBJECT_ID_CLAIM}","val":"user-oid"}},{{"typ":"azp","val":"client-1"}},{{"typ":"{scope}","val":"Tokens.Read"}}],"name_typ":"name","role_typ":"roles"}}"#
             ));
-            assert_eq!(caller(&headers).unwrap().ids, ["user-oid"], "{scope}");
+            assert_eq!(
+                caller(CallerHeaders::of(&headers)).unwrap().ids,
+                ["user-oid"],
+                "{scope}"
+            );
         }
         let headers = principal(
             r#"{"auth_typ":"aad","claims":[{"typ":"oid","val":"user-oid"},{"typ":"appid","val":"client-1"},{"typ":"idtyp","val":"user"}]}"#,
         );
-        assert_eq!(caller(&headers).unwrap().ids, ["user-oid"]);
+        assert_eq!(
+            caller(CallerHeaders::of(&headers)).unwrap().ids,
+            ["user-oid"]
+        );
     }
 
     #[test]
@@ -140,7 +147,7 @@ mod tests {
         for provider in [r#""auth_typ":"google","#, r#""auth_typ":"github","#, ""] {
             let headers = principal(&format!("{{{provider}{claims}}}"));
             assert_eq!(
-                caller(&headers).unwrap_err(),
+                caller(CallerHeaders::of(&headers)).unwrap_err(),
                 CallerError::InvalidToken(
                     "X-MS-CLIENT-PRINCIPAL is not from Microsoft Entra (auth_typ is not aad)"
                 ),
@@ -151,9 +158,12 @@ mod tests {
 
     #[test]
     fn easy_auth_without_the_header_is_unauthenticated() {
-        assert_eq!(caller(&HeaderMap::new()).unwrap_err(), CallerError::Missing);
+        assert_eq!(
+            caller(CallerHeaders::default()).unwrap_err(),
+            CallerError::Missing
+        );
         assert!(matches!(
-            caller(&principal("not json")),
+            caller(CallerHeaders::of(&principal("not json"))),
             Err(CallerError::InvalidToken(_))
         ));
     }

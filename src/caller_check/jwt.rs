@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::HeaderMap;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -14,7 +13,7 @@ use serde::Deserialize;
 
 use super::claimed::{Claimed, delegated};
 use super::jwks::{HttpKeySource, KeyError, KeySource, KeyStore};
-use super::{Caller, CallerError, bearer};
+use super::{Caller, CallerError, CallerHeaders, bearer};
 
 /// Signature algorithms a caller token may use, by their JOSE names: asymmetric only. `none`
 /// and the HMAC family (whose "key" would be public JWKS material) are refused here, before a
@@ -80,8 +79,11 @@ impl<S: KeySource> JwtValidator<S> {
         }
     }
 
-    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
-        self.validate(bearer(headers)?).await
+    pub(crate) async fn authenticate(
+        &self,
+        headers: CallerHeaders<'_>,
+    ) -> Result<Caller, CallerError> {
+        self.validate(bearer(headers.authorization)?).await
     }
 
     async fn validate(&self, token: &str) -> Result<Caller, CallerError> {

@@ -15,12 +15,42 @@ mod jwt;
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg(test)]
 use axum::http::HeaderMap;
+use axum::http::HeaderValue;
 
 use crate::config::{ANY_CALLER, CallerMode, CallerSettings, ConnectionSettings};
 use crate::http_client::LazyClient;
 
 pub(crate) use jwt::JwtValidator;
+
+/// What the caller check reads of a request, and nothing more: the headers that can name a
+/// caller. The HTTP edge finds them in the one pass it makes over a request's headers.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct CallerHeaders<'a> {
+    /// `Authorization` (`jwt` mode: the caller's bearer token).
+    pub(crate) authorization: Option<&'a HeaderValue>,
+    /// `X-MS-CLIENT-PRINCIPAL` and `X-MS-CLIENT-PRINCIPAL-ID` (`easy_auth` mode: set by App
+    /// Service Authentication, which removes any copy a client sent).
+    pub(crate) client_principal: Option<&'a HeaderValue>,
+    pub(crate) client_principal_id: Option<&'a HeaderValue>,
+}
+
+/// The header names [`CallerHeaders`] holds the values of.
+pub(crate) const CLIENT_PRINCIPAL: &str = "x-ms-client-principal";
+pub(crate) const CLIENT_PRINCIPAL_ID: &str = "x-ms-client-principal-id";
+
+impl<'a> CallerHeaders<'a> {
+    /// The caller headers of `headers`, looked up one by one (tests; the edge scans).
+    #[cfg(test)]
+    pub(crate) fn of(headers: &'a HeaderMap) -> Self {
+        Self {
+            authorization: headers.get(axum::http::header::AUTHORIZATION),
+            client_principal: headers.get(CLIENT_PRINCIPAL),
+            client_principal_id: headers.get(CLIENT_PRINCIPAL_ID),
+        }
+    }
+}
 
 /// Why a caller is not served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,8 +122,11 @@ impl CallerCheck {
         }
     }
 
-    /// Who sent `headers`.
-    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, CallerError> {
+    /// Who sent a request with these caller headers.
+    pub(crate) async fn authenticate(
+        &self,
+        headers: CallerHeaders<'_>,
+    ) -> Result<Caller, CallerError> {
         match self {
             CallerCheck::FunctionKeyOnly => Ok(Caller::default()),
             // Boxed: its state (a key set download) would otherwise be in every request's
@@ -133,9 +166,8 @@ pub(crate) fn authorize(
 }
 
 /// The bearer token of `Authorization`, strictly: scheme `Bearer` (any case) and one token.
-fn bearer(headers: &HeaderMap) -> Result<&str, CallerError> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)
+fn bearer(authorization: Option<&HeaderValue>) -> Result<&str, CallerError> {
+    let value = authorization
         .ok_or(CallerError::Missing)?
         .to_str()
         .map_err(|_| CallerError::InvalidToken("the Authorization header is not text"))?;
@@ -211,13 +243,16 @@ mod tests {
     #[test]
     fn bearer_parsing_is_strict_about_the_scheme() {
         let mut headers = HeaderMap::new();
-        assert_eq!(bearer(&headers), Err(CallerError::Missing));
+        assert_eq!(
+            bearer(headers.get("authorization")),
+            Err(CallerError::Missing)
+        );
         headers.insert("authorization", "Basic abc".parse().unwrap());
         assert!(matches!(
-            bearer(&headers),
+            bearer(headers.get("authorization")),
             Err(CallerError::InvalidToken(_))
         ));
         headers.insert("authorization", "bearer abc".parse().unwrap());
-        assert_eq!(bearer(&headers).unwrap(), "abc");
+        assert_eq!(bearer(headers.get("authorization")).unwrap(), "abc");
     }
 }

@@ -7,6 +7,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
+use crate::caller_check::{self, CallerHeaders};
 use crate::error::ApiError;
 
 /// The host's invocation id header, which the broker's log lines carry.
@@ -122,7 +123,12 @@ pub(super) struct HeadFacts<'a> {
     pub(super) bytes: usize,
     pub(super) content_length: Option<u64>,
     pub(super) invocation: Option<&'a HeaderValue>,
+    /// What the caller check reads: it gets these values, never the whole map.
+    pub(super) callers: CallerHeaders<'a>,
 }
+
+static CLIENT_PRINCIPAL: HeaderName = HeaderName::from_static(caller_check::CLIENT_PRINCIPAL);
+static CLIENT_PRINCIPAL_ID: HeaderName = HeaderName::from_static(caller_check::CLIENT_PRINCIPAL_ID);
 
 impl<'a> HeadFacts<'a> {
     pub(super) fn scan(headers: &'a HeaderMap) -> Self {
@@ -130,13 +136,20 @@ impl<'a> HeadFacts<'a> {
             bytes: 0,
             content_length: None,
             invocation: None,
+            callers: CallerHeaders::default(),
         };
         for (name, value) in headers {
             facts.bytes += name.as_str().len() + value.len() + 4;
             if name == header::CONTENT_LENGTH {
                 facts.content_length = value.to_str().ok().and_then(|v| v.parse().ok());
-            } else if name == INVOCATION_ID && facts.invocation.is_none() {
-                facts.invocation = Some(value);
+            } else if name == INVOCATION_ID {
+                facts.invocation.get_or_insert(value);
+            } else if name == header::AUTHORIZATION {
+                facts.callers.authorization.get_or_insert(value);
+            } else if name == CLIENT_PRINCIPAL {
+                facts.callers.client_principal.get_or_insert(value);
+            } else if name == CLIENT_PRINCIPAL_ID {
+                facts.callers.client_principal_id.get_or_insert(value);
             }
         }
         facts

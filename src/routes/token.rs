@@ -15,7 +15,7 @@ use super::limits::read_body;
 use super::truncate;
 use crate::app_state::AppState;
 use crate::cache::{CacheKey, CacheOutcome, CachedToken};
-use crate::caller_check;
+use crate::caller_check::{self, CallerHeaders};
 use crate::config::ScopeToken;
 use crate::error::ApiError;
 use crate::observe::stats::{self};
@@ -39,6 +39,7 @@ pub(super) async fn token_request(
     state: &AppState,
     connection: &str,
     parts: &Parts,
+    callers: CallerHeaders<'_>,
     body: Body,
     invocation_id: &str,
 ) -> Response {
@@ -60,7 +61,7 @@ pub(super) async fn token_request(
     } else {
         Vec::new()
     };
-    match serve_token(state, connection, uri.query(), &form, headers, &label).await {
+    match serve_token(state, connection, uri.query(), &form, callers, &label).await {
         Ok(response) => response,
         Err(error) => error.into_response(),
     }
@@ -106,12 +107,12 @@ pub(super) async fn serve_token(
     name: &str,
     query: Option<&str>,
     form: &[u8],
-    headers: &HeaderMap,
+    callers: CallerHeaders<'_>,
     label: &RequestLabel<'_>,
 ) -> Result<Response, ApiError> {
     // Who is asking comes first: an unauthenticated caller learns nothing, not even which
     // connections exist.
-    let caller = state.callers.authenticate(headers).await?;
+    let caller = state.callers.authenticate(callers).await?;
     // Configured names are valid by construction: anything malformed, a traversal attempt
     // included, is simply not a configured connection.
     let (key_name, connection) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
