@@ -6,10 +6,12 @@
 //! classify on its own: throttling, server errors and timeouts, with their `Retry-After`.
 
 mod failure;
+mod oauth_error;
 mod retry;
 mod transport;
 
-use failure::{Failure, OAuthErrorBody, classify, oauth_error_code, refusal_error};
+use failure::{Failure, classify, refusal_error};
+use oauth_error::{OAuthErrorBody, oauth_error_code};
 use retry::{with_retries, within_deadline};
 use transport::OAuthTransport;
 

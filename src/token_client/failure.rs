@@ -1,5 +1,7 @@
-//! What a failed token request means: the provider's OAuth error body, and the classification that decides between retrying, remembering a refusal and passing it on.
+//! What a failed token request means: the classification that decides between retrying,
+//! remembering a refusal and passing it on.
 
+use super::oauth_error::{OAuthErrorBody, oauth_error_code};
 use super::transport::TransportError;
 use std::time::Duration;
 
@@ -32,37 +34,6 @@ pub(super) fn refusal_error(connection: &ConnectionSettings, refusal: Refusal) -
             code: rejection.code,
             remembered: true,
         },
-    }
-}
-
-/// An OAuth error answer (RFC 6749 §5.2) with Entra's `error_codes`.
-#[derive(Debug, serde::Deserialize, serde::Serialize)]
-pub(crate) struct OAuthErrorBody {
-    pub(super) error: String,
-    error_description: Option<String>,
-    #[serde(default)]
-    error_codes: Vec<u64>,
-}
-
-impl std::fmt::Display for OAuthErrorBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&oauth_error_code(&self.error))
-    }
-}
-
-impl oauth2::ErrorResponse for OAuthErrorBody {}
-
-/// Entra's codes for an invalid (7000215) and an expired (7000222) client secret.
-pub(super) const ENTRA_BAD_SECRET_CODES: &[u64] = &[7000215, 7000222];
-
-impl OAuthErrorBody {
-    /// Whether a different client secret might succeed.
-    pub(super) fn means_bad_secret(&self) -> bool {
-        self.error == "invalid_client"
-            || self
-                .error_codes
-                .iter()
-                .any(|code| ENTRA_BAD_SECRET_CODES.contains(code))
     }
 }
 
@@ -216,22 +187,6 @@ pub(super) fn log_description(connection: &ConnectionSettings, error: Option<&OA
             upstream_description = %printable_prefix(description, 300),
             "token endpoint error description"
         );
-    }
-}
-
-/// An upstream error code as the broker repeats it: RFC 6749 restricts codes to printable
-/// ASCII without `"` and `\`; anything else is replaced so it cannot smuggle text into logs
-/// or the caller's JSON.
-pub(super) fn oauth_error_code(code: &str) -> String {
-    let valid = !code.is_empty()
-        && code.len() <= 64
-        && code
-            .bytes()
-            .all(|b| (0x20..=0x7E).contains(&b) && b != b'"' && b != b'\\');
-    if valid {
-        code.to_string()
-    } else {
-        "unrecognised_error".to_string()
     }
 }
 

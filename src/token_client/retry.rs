@@ -1,9 +1,8 @@
 //! How a fetch is retried and bounded: backoff, `Retry-After`, and the whole fetch's deadline.
 
 use super::failure::Failure;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use oauth2::http::{HeaderMap, header};
 use tokio::time::Instant;
 
 /// Longest `Retry-After` the broker waits out itself before retrying; beyond it the caller
@@ -70,17 +69,6 @@ pub(super) async fn within_deadline<T>(
                 detail: format!("no token within the {deadline_seconds}s deadline"),
             })
         })
-}
-
-/// `Retry-After` in either form RFC 9110 §10.2.3 allows: delay-seconds, or an HTTP-date
-/// (a date in the past means "now").
-pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
-    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or_default())
 }
 
 /// How long to wait before retry `attempt + 1`: the server's `Retry-After` when it gave one

@@ -4,11 +4,12 @@ use std::time::Duration;
 
 use oauth2::http::{HeaderMap, header};
 
-use super::failure::{Failure, OAuthErrorBody, oauth_error_code};
+use super::failure::Failure;
+use super::oauth_error::{OAuthErrorBody, oauth_error_code};
 use super::retry::{
-    BACKOFF_BASE, BACKOFF_CAP, MAX_RETRY_WAIT, retry_after, retry_wait, with_retries,
-    within_deadline,
+    BACKOFF_BASE, BACKOFF_CAP, MAX_RETRY_WAIT, retry_wait, with_retries, within_deadline,
 };
+use super::transport::retry_after;
 use super::*;
 
 #[test]

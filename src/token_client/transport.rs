@@ -1,11 +1,10 @@
 //! The token request on the wire: one HTTP stack (reqwest), bounded answers, and what went wrong before oauth2 read the body.
 
-use super::failure::OAuthErrorBody;
-use super::retry::retry_after;
+use super::oauth_error::OAuthErrorBody;
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::BoxFuture;
-use oauth2::http::StatusCode;
+use oauth2::http::{HeaderMap, StatusCode, header};
 use oauth2::{AsyncHttpClient, HttpRequest, HttpResponse};
 
 /// Largest token-endpoint answer the broker reads; real ones are a few KiB.
@@ -116,4 +115,15 @@ pub(super) fn transport_error(error: &reqwest::Error, timeout: Duration) -> Tran
     } else {
         TransportError::Other
     }
+}
+
+/// `Retry-After` in either form RFC 9110 §10.2.3 allows: delay-seconds, or an HTTP-date
+/// (a date in the past means "now").
+pub(super) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
 }
