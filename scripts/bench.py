@@ -15,6 +15,8 @@ Measures, with the load generator `wrk`:
   5. the broker and the no-router bare server again with the servers pinned to one core and
      `wrk` to the other (`taskset`), where each server's CPU time per request is read from
      /proc without the load generator competing for its core,
+  6. the same two servers run under callgrind (valgrind), which counts the instructions each
+     executes: user-space work per request, free of the machine's noise,
 and writes the results to BENCHMARKS.md, saying which targets are met and which are missed.
 Targets are graded against the strictest limit: the bare server with no router, served the
 way the broker is served. Every target is run once unrecorded first (a warm-up).
@@ -57,6 +59,12 @@ THROUGHPUT_TARGET = 0.90
 P99_TARGET = 1.5
 # Concurrency of the pinned runs (one wrk thread on its own core).
 PINNED_CONCURRENCY = [16, 256]
+# Concurrency and length of the measured runs under callgrind (each after a 3 s warm-up).
+COUNTED_CONCURRENCY = [16, 256]
+COUNTED_DURATION = os.environ.get("BENCH_COUNTED_DURATION", "8s")
+# BENCH_ONLY=instructions measures only the instruction counts and prints them (for profiling
+# work on the hot path); BENCHMARKS.md is written only by a full run.
+ONLY = os.environ.get("BENCH_ONLY", "")
 
 processes = []
 
@@ -194,11 +202,13 @@ def machine():
 
 def install_tools():
     """What the benchmark needs beyond the demo's tools, installed the way scripts/test does."""
-    if not shutil.which("wrk"):
-        log("installing wrk (the load generator)")
+    missing = [package for package, tool in (("wrk", "wrk"), ("valgrind", "callgrind_control"))
+               if not shutil.which(tool)]
+    if missing:
+        log(f"installing {', '.join(missing)} (the load generator and the instruction counter)")
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         subprocess.run(sudo + ["apt-get", "update", "-qq"], check=True)
-        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq", "wrk"], check=True)
+        subprocess.run(sudo + ["apt-get", "install", "-y", "-qq"] + missing, check=True)
     if not (ROOT / "tests/idp/node_modules/oidc-provider").exists():
         subprocess.run(["npm", "ci", "--prefix", str(ROOT / "tests/idp"), "--no-audit", "--no-fund"], check=True)
 
@@ -280,11 +290,12 @@ scopes = ["read"]
                       FUNCTIONS_CUSTOMHANDLER_PORT="0")
     broker_env.pop("BENCH_SECRET", None)
 
-    def start_broker(log_file=None):
-        """Starts the broker on port 0; returns it and the port its "listening" line names."""
-        process = start([str(RELEASE / "token-broker")], env=broker_env, stdout=subprocess.PIPE)
+    def start_broker(log_file=None, wrapper=(), timeout=30.0):
+        """Starts the broker on port 0 (under `wrapper`, if any); returns it and the port its
+        "listening" line names."""
+        process = start(list(wrapper) + [str(RELEASE / "token-broker")], env=broker_env, stdout=subprocess.PIPE)
         record = read_json_line(process, "the broker", lambda r: r.get("message") == "token-broker listening",
-                                drain=log_file is None)
+                                timeout=timeout, drain=log_file is None)
         if log_file is not None:
             # Audit records from here on, for the refresh-ahead count.
             def copy():
@@ -295,10 +306,50 @@ scopes = ["read"]
             threading.Thread(target=copy, daemon=True).start()
         return process, record["port"]
 
-    def start_bare(size, stack="router"):
+    def start_bare(size, stack="router", wrapper=(), timeout=30.0):
         env = dict(os.environ, FUNCTIONS_CUSTOMHANDLER_PORT="0", BARE_BODY_BYTES=str(size), BARE_STACK=stack)
-        process = start([str(RELEASE / "bare-server")], env=env, stdout=subprocess.PIPE)
-        return process, read_json_line(process, "bare-server", lambda r: "port" in r)["port"]
+        process = start(list(wrapper) + [str(RELEASE / "bare-server")], env=env, stdout=subprocess.PIPE)
+        return process, read_json_line(process, "bare-server", lambda r: "port" in r, timeout=timeout)["port"]
+
+    def counted(name, round_number):
+        """Instructions per request of one server (`broker` or `lean`) under callgrind, at each
+        of COUNTED_CONCURRENCY: after a warm-up, the counters are zeroed, `wrk` runs, and the
+        counters are dumped; the dump's total over the requests `wrk` saw answered."""
+        out = state / f"callgrind.{name}.{round_number}"
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        if name == "broker":
+            process, port = start_broker(wrapper=wrapper, timeout=180.0)
+        else:
+            process, port = start_bare(body_size, "service", wrapper=wrapper, timeout=180.0)
+        url = f"http://127.0.0.1:{port}/api/token/bench"
+        wait_until_answers(port, timeout=180.0)
+        wrk(url, 16, duration="3s", headers=HOST_HEADERS)  # warm-up: first token, connections, caches
+        results = {}
+        for c in COUNTED_CONCURRENCY:
+            subprocess.run(["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True)
+            result = wrk(url, c, duration=COUNTED_DURATION, headers=HOST_HEADERS)
+            before = set(state.glob(f"{out.name}*"))
+            subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True, capture_output=True)
+            (dump,) = set(state.glob(f"{out.name}*")) - before
+            totals = next(int(line.split()[1]) for line in dump.read_text().splitlines()
+                          if line.startswith(("totals:", "summary:")))
+            if result["ok"] != result["total"]:
+                raise RuntimeError(f"{name} failed {result['total'] - result['ok']} requests under callgrind")
+            results[c] = totals / result["total"]
+            print(f"   counted round {round_number + 1} c={c} {name}: {results[c]:,.0f} instructions per request "
+                  f"({result['total']} requests)", flush=True)
+        stop(process)
+        return results
+
+    def instructions():
+        log(f"instructions per request under callgrind: {ROUNDS} rounds of {COUNTED_DURATION} per cell")
+        counts = {(name, c): [] for name in ("broker", "lean") for c in COUNTED_CONCURRENCY}
+        for round_number in range(ROUNDS):
+            names = ("broker", "lean") if round_number % 2 == 0 else ("lean", "broker")
+            for name in names:
+                for c, value in counted(name, round_number).items():
+                    counts[(name, c)].append(value)
+        return counts
 
     broker_log = state / "broker.log"
     broker, broker_port = start_broker(broker_log)
@@ -306,6 +357,14 @@ scopes = ["read"]
     token_url = f"http://127.0.0.1:{broker_port}/api/token/bench"
     with urllib.request.urlopen(urllib.request.Request(token_url, headers=HOST_HEADERS)) as response:
         body_size = len(response.read())
+    if ONLY == "instructions":
+        stop(broker)
+        counts = instructions()
+        for c in COUNTED_CONCURRENCY:
+            b, l = counts[("broker", c)], counts[("lean", c)]
+            print(f"   c={c}: broker {spread(b, 0)}, no-router bare {spread(l, 0)}, "
+                  f"ratio {statistics.median(l) / statistics.median(b):.3f}", flush=True)
+        return
     bare, bare_port = start_bare(body_size)
     wait_until_answers(bare_port)
     lean, lean_port = start_bare(body_size, "service")
@@ -413,10 +472,11 @@ scopes = ["read"]
           f"first token {statistics.median(first_token):.1f} ms", flush=True)
 
     binary_bytes = (RELEASE / "token-broker").stat().st_size
+    counts = instructions()
     for process in processes:
         stop(process)
 
-    write_report(samples, pinned, flight_ok, single_flight_calls, flight, refresh, refreshes, waits, peak_kib,
+    write_report(samples, pinned, counts, flight_ok, single_flight_calls, flight, refresh, refreshes, waits, peak_kib,
                  peak_cache_hits_kib, cold_bare, cold_broker, first_token, binary_bytes, body_size)
     shutil.rmtree(state, ignore_errors=True)
 
@@ -532,7 +592,7 @@ def draw_fleet(fleet):
     return fleet
 
 
-def write_report(samples, pinned, flight_ok, single_flight_calls, flight, refresh, refreshes, waits, peak_kib,
+def write_report(samples, pinned, counts, flight_ok, single_flight_calls, flight, refresh, refreshes, waits, peak_kib,
                  peak_cache_hits_kib, cold_bare, cold_broker, first_token, binary_bytes, body_size):
     def values(name, c, field):
         return [s[field] for s in samples[(name, c)]]
@@ -637,6 +697,28 @@ def write_report(samples, pinned, flight_ok, single_flight_calls, flight, refres
             f"{spread(b_cpu, 2)} | {spread(l_cpu, 2)} | "
             f"{ratio_text([l / b for b in b_cpu for l in l_cpu], statistics.median(l_cpu) / statistics.median(b_cpu), THROUGHPUT_TARGET)} |"
         )
+    lines += [
+        "",
+        "### Counted: instructions per request under callgrind",
+        "",
+        "The same two servers, each started under callgrind (valgrind's instruction counter), warmed up for 3 s, "
+        f"then its counters zeroed, `wrk` run for {COUNTED_DURATION} and the counters dumped: every instruction the "
+        "process executed in user space (its HTTP stack, runtime, allocator and, for the broker, everything it does "
+        "per request and in the background) over the requests `wrk` saw answered. Unlike time, the count does not "
+        "depend on what else the machine is doing, so it is the fairest measure of the work a request costs; it "
+        "leaves out the kernel's share (the socket reads and writes, the same for both servers). Graded like "
+        f"throughput: the bare server's count over the broker's, at least {THROUGHPUT_TARGET:.2f}.",
+        "",
+        "| concurrency | broker instructions/request | no-router bare instructions/request | ratio (bare / broker) | target |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for c in COUNTED_CONCURRENCY:
+        b, l = counts[("broker", c)], counts[("lean", c)]
+        ratio = statistics.median(l) / statistics.median(b)
+        text = ratio_text([y / x for x in b for y in l], ratio, THROUGHPUT_TARGET)
+        ok = ratio >= THROUGHPUT_TARGET
+        (met if ok else missed).append(f"instructions per request at concurrency {c} ({text})")
+        lines.append(f"| {c} | {spread(b, 0)} | {spread(l, 0)} | {text} | {'met' if ok else '**missed**'} |")
     series = (("broker", "broker", "#1f6feb"), ("bare", "bare (router)", "#8b949e"),
               ("lean", "bare, no router", "#3fb950"))
     labels = [str(c) for c in CONCURRENCY]

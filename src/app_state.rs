@@ -22,15 +22,12 @@ pub(crate) struct AppState {
     pub token_client: Arc<TokenClient>,
     /// Connections by lower-cased name.
     pub connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
-    /// Each connection's cache key for its default scopes, built once: most requests name no
-    /// scope, and this keeps their path free of allocations.
-    pub default_keys: Arc<BTreeMap<ConnectionName, CacheKey>>,
+    /// What a token request needs of each connection, by lower-cased name: found by one
+    /// look-up per request.
+    pub served: Arc<BTreeMap<ConnectionName, Served>>,
     /// The shared Redis tier under the cache, when configured: a rotation event is announced
     /// through it to every instance.
     pub shared: Option<Arc<SharedTier>>,
-    /// What each connection's requests observed (the last token handed out), for
-    /// `/api/health`; looked up once here so a request does not search the stats registry.
-    pub observed: Arc<BTreeMap<ConnectionName, Arc<ConnectionStats>>>,
 }
 
 impl AppState {
@@ -41,13 +38,16 @@ impl AppState {
         token_client: Arc<TokenClient>,
         connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
     ) -> Self {
-        let default_keys = connections
+        let served = connections
             .iter()
-            .map(|(key, connection)| (key.clone(), CacheKey::new(key, connection.scopes.clone())))
-            .collect();
-        let observed = connections
-            .keys()
-            .map(|key| (key.clone(), connection_stats(key.as_str())))
+            .map(|(key, connection)| {
+                let served = Served {
+                    settings: connection.clone(),
+                    default_key: CacheKey::new(key, connection.scopes.clone()),
+                    observed: connection_stats(key.as_str()),
+                };
+                (key.clone(), served)
+            })
             .collect();
         Self {
             cache,
@@ -55,9 +55,8 @@ impl AppState {
             callers,
             token_client,
             connections,
-            default_keys: Arc::new(default_keys),
+            served: Arc::new(served),
             shared: None,
-            observed: Arc::new(observed),
         }
     }
 
@@ -69,13 +68,23 @@ impl AppState {
 
     /// The connection called `name`, any casing, without allocating. Configured names are
     /// valid by construction, so a malformed name (a traversal attempt included) matches none.
-    pub(crate) fn connection(&self, name: &str) -> Option<(&ConnectionName, &ConnectionSettings)> {
+    pub(crate) fn connection(&self, name: &str) -> Option<(&ConnectionName, &Served)> {
         // Names as configured (lower case) are found by one look-up; only another casing
         // needs the comparison with each.
-        self.connections.get_key_value(name).or_else(|| {
-            self.connections
+        self.served.get_key_value(name).or_else(|| {
+            self.served
                 .iter()
                 .find(|(key, _)| key.as_str().eq_ignore_ascii_case(name))
         })
     }
+}
+
+/// One connection as its token requests use it: its settings, the cache key of its default
+/// scopes (built once: most requests name no scope, and this keeps their path free of
+/// allocations), and what its requests observed (the last token handed out) for
+/// `/api/health`.
+pub(crate) struct Served {
+    pub settings: ConnectionSettings,
+    pub default_key: CacheKey,
+    pub observed: Arc<ConnectionStats>,
 }

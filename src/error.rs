@@ -10,43 +10,13 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::caller_check::CallerError;
+use crate::observe::stats::ErrorCode;
 use crate::token::TokenError;
 
 /// Longest `Retry-After` the broker gives its callers. An identity provider that asks for an
 /// hour (or a circuit open for long) must not park every caller for that long: they come back
 /// within this, and are answered fast from the circuit breaker or the negative cache.
 pub(crate) const MAX_CALLER_RETRY_AFTER: Duration = Duration::from_secs(60);
-
-/// What the log says of an error answer: a warning ("request failed") for 5xx and 502, else
-/// an INFO line ("request refused"). Carried on the response to the request's handler, which
-/// writes it with the request's label.
-#[derive(Clone, Debug)]
-pub(crate) struct ErrorLog {
-    pub failed: bool,
-    pub code: &'static str,
-    pub description: String,
-}
-
-impl ErrorLog {
-    /// Writes the line (inside whatever span is entered).
-    pub(crate) fn write(&self, status: StatusCode) {
-        if self.failed {
-            tracing::warn!(
-                status = status.as_u16(),
-                error = self.code,
-                description = %self.description,
-                "request failed"
-            );
-        } else {
-            tracing::info!(
-                status = status.as_u16(),
-                error = self.code,
-                description = %self.description,
-                "request refused"
-            );
-        }
-    }
-}
 
 /// Every way a request can fail, with the status and code the API documents.
 #[derive(Debug)]
@@ -59,10 +29,13 @@ pub(crate) enum ApiError {
     MethodNotAllowed(&'static str),
     /// 400 `invalid_request`.
     InvalidRequest(String),
-    /// 413, 414 or 431 `invalid_request`: a request larger than the broker accepts.
+    /// 413, 414 or 431 `invalid_request`: a request larger than the broker accepts. With
+    /// `unread_body`, a body was left unread and the connection ends with the answer (the
+    /// unread rest cannot be told from the next request).
     TooLarge {
         status: StatusCode,
         what: &'static str,
+        unread_body: bool,
     },
     /// 400 `invalid_scope`: a scope outside the connection's `allowed_scopes`.
     InvalidScope(String),
@@ -143,76 +116,125 @@ impl From<CallerError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let (status, code, description, upstream_error, retry_after) = match &self {
+/// What an error answer says: its status, code and description, the provider's own code (for
+/// `upstream_rejected`), and the `Retry-After` it carries.
+struct Described<'a> {
+    status: StatusCode,
+    code: ErrorCode,
+    description: &'a str,
+    upstream_error: Option<&'a str>,
+    retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    /// The answer's status.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.describe().status
+    }
+
+    /// The documented code, as the stats line counts it.
+    pub(crate) fn code(&self) -> ErrorCode {
+        self.describe().code
+    }
+
+    /// Writes the error's log line, inside whatever span is entered (the edge enters the
+    /// request's): a warning ("request failed") for a 5xx, whose cause is the broker's or a
+    /// dependency's, else an INFO line ("request refused"), the caller's own doing.
+    pub(crate) fn log(&self) {
+        let Described {
+            status,
+            code,
+            description,
+            ..
+        } = self.describe();
+        if status.is_server_error() {
+            tracing::warn!(
+                status = status.as_u16(),
+                error = code.as_str(),
+                description,
+                "request failed"
+            );
+        } else {
+            tracing::info!(
+                status = status.as_u16(),
+                error = code.as_str(),
+                description,
+                "request refused"
+            );
+        }
+    }
+
+    fn describe(&self) -> Described<'_> {
+        let (status, code, description, upstream_error, retry_after) = match self {
             ApiError::UnknownConnection => (
                 StatusCode::NOT_FOUND,
-                "unknown_connection",
+                ErrorCode::UnknownConnection,
                 "no connection of that name is configured",
                 None,
                 None,
             ),
             ApiError::NotFound => (
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 "the broker serves GET or POST /api/token/{connection}",
                 None,
                 None,
             ),
             ApiError::MethodNotAllowed(_) => (
                 StatusCode::METHOD_NOT_ALLOWED,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 "this path does not serve that method; see the Allow header",
                 None,
                 None,
             ),
             ApiError::InvalidRequest(text) => (
                 StatusCode::BAD_REQUEST,
-                "invalid_request",
+                ErrorCode::InvalidRequest,
                 text.as_str(),
                 None,
                 None,
             ),
-            ApiError::TooLarge { status, what } => (*status, "invalid_request", *what, None, None),
+            ApiError::TooLarge { status, what, .. } => {
+                (*status, ErrorCode::InvalidRequest, *what, None, None)
+            }
             ApiError::InvalidScope(text) => (
                 StatusCode::BAD_REQUEST,
-                "invalid_scope",
+                ErrorCode::InvalidScope,
                 text.as_str(),
                 None,
                 None,
             ),
             ApiError::MissingToken => (
                 StatusCode::UNAUTHORIZED,
-                "invalid_token",
+                ErrorCode::InvalidToken,
                 "the request carries no caller credentials",
                 None,
                 None,
             ),
             ApiError::InvalidToken(text) => (
                 StatusCode::UNAUTHORIZED,
-                "invalid_token",
+                ErrorCode::InvalidToken,
                 text.as_str(),
                 None,
                 None,
             ),
             ApiError::AccessDenied(text) => (
                 StatusCode::FORBIDDEN,
-                "access_denied",
+                ErrorCode::AccessDenied,
                 text.as_str(),
                 None,
                 None,
             ),
             ApiError::UpstreamRejected { description, code } => (
                 StatusCode::BAD_GATEWAY,
-                "upstream_rejected",
+                ErrorCode::UpstreamRejected,
                 description.as_str(),
                 code.as_deref(),
                 None,
             ),
             ApiError::UpstreamInvalidResponse(text) => (
                 StatusCode::BAD_GATEWAY,
-                "upstream_invalid_response",
+                ErrorCode::UpstreamInvalidResponse,
                 text.as_str(),
                 None,
                 None,
@@ -222,14 +244,14 @@ impl IntoResponse for ApiError {
                 retry_after,
             } => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "upstream_unavailable",
+                ErrorCode::UpstreamUnavailable,
                 description.as_str(),
                 None,
                 *retry_after,
             ),
             ApiError::SecretUnavailable(text) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "secret_unavailable",
+                ErrorCode::SecretUnavailable,
                 text.as_str(),
                 None,
                 None,
@@ -239,43 +261,51 @@ impl IntoResponse for ApiError {
                 retry_after,
             } => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "caller_keys_unavailable",
+                ErrorCode::CallerKeysUnavailable,
                 description.as_str(),
                 None,
                 Some(*retry_after),
             ),
             ApiError::RotationNotAnnounced(reason) => (
                 StatusCode::SERVICE_UNAVAILABLE,
-                "shared_cache_unavailable",
+                ErrorCode::SharedCacheUnavailable,
                 *reason,
                 None,
                 Some(Duration::from_secs(5)),
             ),
             ApiError::Internal(text) => (
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "internal_error",
+                ErrorCode::InternalError,
                 text.as_str(),
                 None,
                 None,
             ),
         };
-        // Logged by the request's handler (`routes`), which knows the request's label: the
-        // description travels with the response rather than being logged here.
-        let log = ErrorLog {
-            failed: status.is_server_error() || status == StatusCode::BAD_GATEWAY,
+        Described {
+            status,
             code,
-            description: description.to_string(),
-        };
+            description,
+            upstream_error,
+            retry_after,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let Described {
+            status,
+            code,
+            description,
+            upstream_error,
+            retry_after,
+        } = self.describe();
         let body = ErrorBody {
-            error: code,
+            error: code.as_str(),
             error_description: description,
             upstream_error,
         };
         let mut response = (status, Json(body)).into_response();
-        response
-            .extensions_mut()
-            .insert(crate::observe::stats::ErrorCode(code));
-        response.extensions_mut().insert(log);
         let headers = response.headers_mut();
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         match &self {
@@ -297,6 +327,11 @@ impl IntoResponse for ApiError {
                         "Bearer realm=\"token-broker\", error=\"invalid_token\"",
                     ),
                 );
+            }
+            ApiError::TooLarge {
+                unread_body: true, ..
+            } => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             _ => {}
         }

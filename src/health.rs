@@ -42,19 +42,15 @@ pub(crate) fn answer(state: &AppState) -> Response {
     let now = SystemTime::now();
     let mut degraded = false;
     let connections = state
-        .connections
+        .served
         .iter()
-        .map(|(key, connection)| {
+        .map(|(key, served)| {
+            let connection = &served.settings;
             let breaker = state
                 .token_client
                 .breaker(key.as_str())
                 .unwrap_or(BreakerState::Closed);
-            let (token, last_fetch) = state
-                .observed
-                .get(key)
-                .map_or(("none", "never"), |observed| {
-                    (observed.token(now), observed.last_fetch())
-                });
+            let (token, last_fetch) = (served.observed.token(now), served.observed.last_fetch());
             degraded |= last_fetch == "failed" || breaker == BreakerState::Open;
             let health = ConnectionHealth {
                 token,

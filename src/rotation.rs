@@ -65,9 +65,11 @@ const EXPIRY_EVENTS: &[&str] = &[
 /// is not for this broker is acknowledged with a log line, since retrying it cannot help. A
 /// rotation that could not be announced to the fleet is a 503: the host then fails the
 /// invocation and Event Grid delivers the event again.
-pub(crate) async fn handle(state: &AppState, bytes: &[u8]) -> Response {
+pub(crate) async fn handle(state: &AppState, bytes: &[u8]) -> Result<Response, ApiError> {
     let Ok(payload) = serde_json::from_slice::<Value>(bytes) else {
-        return ApiError::InvalidRequest("the invocation body is not JSON".into()).into_response();
+        return Err(ApiError::InvalidRequest(
+            "the invocation body is not JSON".into(),
+        ));
     };
     let outcome = match event_of(&payload) {
         Some(event) => apply(state, &event).await,
@@ -77,9 +79,9 @@ pub(crate) async fn handle(state: &AppState, bytes: &[u8]) -> Response {
         tracing::info!(target: "rotation", "{line}");
     }
     if let Some(reason) = outcome.not_announced {
-        return ApiError::RotationNotAnnounced(reason).into_response();
+        return Err(ApiError::RotationNotAnnounced(reason));
     }
-    Json(json!({ "Outputs": {}, "Logs": outcome.logs, "ReturnValue": null })).into_response()
+    Ok(Json(json!({ "Outputs": {}, "Logs": outcome.logs, "ReturnValue": null })).into_response())
 }
 
 /// What an invocation did: its log lines, and why the fleet was not told when it was not.

@@ -10,7 +10,7 @@ mod limits;
 mod token;
 
 use limits::{HeadFacts, check_limits, discard, expects_continue, read_body, refused};
-use token::{token_request, token_route};
+use token::{hit_now, token_request, token_route};
 
 use std::convert::Infallible;
 use std::panic::AssertUnwindSafe;
@@ -22,15 +22,15 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, Request, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
-use futures_util::future::BoxFuture;
+use futures_util::future::{self, BoxFuture, Either};
 use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app_state::AppState;
 use crate::cache::panic_message;
-use crate::error::{ApiError, ErrorLog};
+use crate::error::ApiError;
 use crate::health;
-use crate::observe::stats::{self, ErrorCode};
+use crate::observe::stats;
 use crate::rotation;
 
 /// The broker as one HTTP service: every request goes to [`traced`].
@@ -55,7 +55,10 @@ pub(crate) fn service(state: AppState) -> BrokerService {
 impl tower_service::Service<Request<Body>> for BrokerService {
     type Response = Response;
     type Error = Infallible;
-    type Future = BoxFuture<'static, Result<Response, Infallible>>;
+    type Future = Either<
+        future::Ready<Result<Response, Infallible>>,
+        BoxFuture<'static, Result<Response, Infallible>>,
+    >;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -65,7 +68,22 @@ impl tower_service::Service<Request<Body>> for BrokerService {
         // The request is taken apart here, not inside the future: a future holds its
         // arguments and its locals side by side, and it is allocated for every request.
         let (parts, body) = request.into_parts();
-        Box::pin(traced(self.state.clone(), parts, body))
+        // A cache hit has nothing to wait for: it is answered here, without the allocated
+        // future, its panic guard and its span, which cost a hit about a tenth of its work
+        // (BENCHMARKS.md, "Counted"). Anything else takes the full path below.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| hit_now(&self.state, &parts))) {
+            Ok(Some(response)) => {
+                stats::record_response(response.status().as_u16(), None);
+                Either::Left(future::ready(Ok(response)))
+            }
+            Ok(None) => Either::Right(Box::pin(traced(self.state.clone(), parts, body))),
+            Err(panic) => {
+                let head = HeadFacts::scan(&parts.headers);
+                let span = || request_span(&parts, invocation_id(head.invocation));
+                let error = panicked(panic.as_ref(), span());
+                Either::Left(future::ready(Ok(finish(Err(error), &parts, span))))
+            }
+        }
     }
 }
 
@@ -90,46 +108,24 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     let state = state.as_ref();
     let head = HeadFacts::scan(&parts.headers);
     let invocation = invocation_id(head.invocation);
-    let request_span = || {
-        tracing::info_span!(
-            "request",
-            invocation_id = invocation,
-            method = parts.method.as_str(),
-            path = truncate(parts.uri.path(), 200),
-        )
-    };
+    let request_span = || request_span(&parts, invocation);
     let span = if tracing::enabled!(tracing::Level::DEBUG) {
         request_span()
     } else {
         tracing::Span::none()
     };
-    // The host's readiness probes of `/` (every 25 ms at start, then its health pings) are not
-    // requests anyone made: they stay out of the counts.
-    let readiness_probe = parts.uri.path() == "/";
     let debug = !span.is_none();
     let started = debug.then(tokio::time::Instant::now);
     let handler = dispatch(state, &parts, &head, body, invocation).instrument(span.clone());
-    let response = answer_even_on_panic(handler, || {
+    let span_made = || {
         if span.is_none() {
             request_span()
         } else {
             span.clone()
         }
-    })
-    .await;
-    if !readiness_probe {
-        let code = response.extensions().get::<ErrorCode>().map(|code| code.0);
-        stats::record_response(response.status().as_u16(), code);
-    }
-    if let Some(log) = response.extensions().get::<ErrorLog>() {
-        let span = if span.is_none() {
-            request_span()
-        } else {
-            span.clone()
-        };
-        let _entered = span.enter();
-        log.write(response.status());
-    }
+    };
+    let outcome = answer_even_on_panic(handler, span_made).await;
+    let response = finish(outcome, &parts, span_made);
     if let Some(started) = started {
         let _entered = span.enter();
         tracing::debug!(
@@ -141,32 +137,67 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     Ok(response)
 }
 
+/// The span that labels a request's log lines: the host's invocation id, the method, the path.
+fn request_span(parts: &Parts, invocation: &str) -> tracing::Span {
+    tracing::info_span!(
+        "request",
+        invocation_id = invocation,
+        method = parts.method.as_str(),
+        path = truncate(parts.uri.path(), 200),
+    )
+}
+
+/// A handler's outcome as the answer sent: counted (but for the host's readiness probes of
+/// `/`, every 25 ms at start and then its health pings, which no one asked for), and an
+/// error's line written in the request's span, from the error itself.
+fn finish(
+    outcome: Result<Response, ApiError>,
+    parts: &Parts,
+    span: impl FnOnce() -> tracing::Span,
+) -> Response {
+    let counted = parts.uri.path() != "/";
+    match outcome {
+        Ok(response) => {
+            if counted {
+                stats::record_response(response.status().as_u16(), None);
+            }
+            response
+        }
+        Err(error) => {
+            if counted {
+                stats::record_response(error.status().as_u16(), Some(error.code()));
+            }
+            let span = span();
+            let _entered = span.enter();
+            error.log();
+            error.into_response()
+        }
+    }
+}
+
 /// A panic anywhere in a request is a bug, but the caller still gets the documented JSON
 /// answer (500 `internal_error`) instead of a dropped connection, and the worker lives on.
 ///
 /// Not an `async fn`: one would hold `handler` twice (as its argument, and inside the
 /// unwind-catching future), and this future is allocated for every request.
 fn answer_even_on_panic(
-    handler: impl std::future::Future<Output = Response>,
+    handler: impl std::future::Future<Output = Result<Response, ApiError>>,
     span: impl FnOnce() -> tracing::Span,
-) -> impl std::future::Future<Output = Response> {
+) -> impl std::future::Future<Output = Result<Response, ApiError>> {
     AssertUnwindSafe(handler)
         .catch_unwind()
-        .map(move |outcome| {
-            outcome.unwrap_or_else(|panic| {
-                let span = span();
-                let _entered = span.enter();
-                tracing::error!(
-                    panic = panic_message(panic.as_ref()),
-                    "request handler panicked"
-                );
-                ApiError::Internal(
-                    "the broker failed unexpectedly on this request (a bug; its log has the details)"
-                        .to_string(),
-                )
-                .into_response()
-            })
-        })
+        .map(move |outcome| outcome.unwrap_or_else(|panic| Err(panicked(panic.as_ref(), span()))))
+}
+
+/// The error answering a request whose handler panicked, the panic logged in the request's
+/// span.
+fn panicked(panic: &(dyn std::any::Any + Send), span: tracing::Span) -> ApiError {
+    let _entered = span.enter();
+    tracing::error!(panic = panic_message(panic), "request handler panicked");
+    ApiError::Internal(
+        "the broker failed unexpectedly on this request (a bug; its log has the details)"
+            .to_string(),
+    )
 }
 
 fn truncate(text: &str, max: usize) -> &str {
@@ -186,48 +217,46 @@ async fn dispatch(
     head: &HeadFacts<'_>,
     body: Body,
     invocation_id: &str,
-) -> Response {
+) -> Result<Response, ApiError> {
     if let Err(error) = check_limits(parts, head) {
         // Whatever the limit, a body still arriving is read away first; but a client that
         // waits for `100 Continue` has sent nothing yet, and reading would invite it to.
         let drained = !expects_continue(&parts.headers)
             && Box::pin(discard(body, head.content_length, 0)).await;
-        return refused(error, drained);
+        return Err(refused(error, drained));
     }
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
     // Token requests first: nearly every request is one.
     if let Some(connection) = token_route(uri.path()) {
         if method != Method::GET && method != Method::POST {
-            return ApiError::MethodNotAllowed("GET, POST").into_response();
+            return Err(ApiError::MethodNotAllowed("GET, POST"));
         }
         return token_request(state, connection, parts, head.callers, body, invocation_id).await;
     }
     if uri.path() == "/" {
         // The host polls `/` every 25 ms until it answers; nothing here may wait.
-        return (
+        return Ok((
             [(header::CACHE_CONTROL, "no-store")],
             axum::Json(Ready { status: "ready" }),
         )
-            .into_response();
+            .into_response());
     }
     if uri.path().eq_ignore_ascii_case(rotation::PATH) {
         if method != Method::POST {
-            return ApiError::MethodNotAllowed("POST").into_response();
+            return Err(ApiError::MethodNotAllowed("POST"));
         }
         // Rare paths are boxed: their state would otherwise make every request's future
         // (allocated per request) as large as the largest of them.
-        return match Box::pin(read_body(body, headers)).await {
-            Ok(bytes) => Box::pin(rotation::handle(state, &bytes)).await,
-            Err(refusal) => refusal,
-        };
+        let bytes = Box::pin(read_body(body, headers)).await?;
+        return Box::pin(rotation::handle(state, &bytes)).await;
     }
     if uri.path().eq_ignore_ascii_case(health::PATH) {
         if method != Method::GET {
-            return ApiError::MethodNotAllowed("GET").into_response();
+            return Err(ApiError::MethodNotAllowed("GET"));
         }
-        return health::answer(state);
+        return Ok(health::answer(state));
     }
-    ApiError::NotFound.into_response()
+    Err(ApiError::NotFound)
 }
 
 #[derive(Serialize)]

@@ -26,31 +26,49 @@ use serde::ser::SerializeMap;
 
 use super::shard::thread_shard;
 
-/// Attached to every error response by the error type, so that the request counters can say
-/// which documented error code was answered without parsing the body.
-#[derive(Clone, Copy, Debug)]
-pub struct ErrorCode(pub &'static str);
-
 /// Statuses the broker answers with; anything else is counted as `other`.
 const STATUSES: [&str; 12] = [
     "200", "400", "401", "403", "404", "405", "413", "414", "431", "500", "502", "503",
 ];
-/// The documented error codes (the README's error table); anything else is counted as `other`.
-pub const ERROR_CODES: [&str; 13] = [
-    "unknown_connection",
-    "not_found",
-    "invalid_request",
-    "invalid_scope",
-    "invalid_token",
-    "access_denied",
-    "upstream_rejected",
-    "upstream_invalid_response",
-    "upstream_unavailable",
-    "secret_unavailable",
-    "caller_keys_unavailable",
-    "shared_cache_unavailable",
-    "internal_error",
-];
+/// The documented error codes (docs/behaviour.md's error table), each once: the variants the
+/// edge counts a refused request by, and their names as an answer's `error` and the stats
+/// line's `errors_by_code` write them.
+macro_rules! error_codes {
+    ($($variant:ident => $name:literal,)*) => {
+        /// A documented error code: what the edge tells the counters of a refused request.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
+
+        /// The codes' names, in the order of [`ErrorCode`].
+        pub const ERROR_CODES: [&str; [$($name,)*].len()] = [$($name,)*];
+    };
+}
+
+error_codes! {
+    UnknownConnection => "unknown_connection",
+    NotFound => "not_found",
+    InvalidRequest => "invalid_request",
+    InvalidScope => "invalid_scope",
+    InvalidToken => "invalid_token",
+    AccessDenied => "access_denied",
+    UpstreamRejected => "upstream_rejected",
+    UpstreamInvalidResponse => "upstream_invalid_response",
+    UpstreamUnavailable => "upstream_unavailable",
+    SecretUnavailable => "secret_unavailable",
+    CallerKeysUnavailable => "caller_keys_unavailable",
+    SharedCacheUnavailable => "shared_cache_unavailable",
+    InternalError => "internal_error",
+}
+
+impl ErrorCode {
+    /// The code as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        ERROR_CODES[self as usize]
+    }
+}
+
 const CACHE_OUTCOMES: [&str; 3] = ["hit", "miss", "stale"];
 /// How a token fetch ended, by the error the caller would see.
 pub const FETCH_RESULTS: [&str; 6] = [
@@ -75,7 +93,7 @@ const SHARDS: usize = 16;
 #[repr(align(128))]
 struct Counters {
     statuses: [AtomicU64; STATUSES.len() + 1],
-    errors: [AtomicU64; ERROR_CODES.len() + 1],
+    errors: [AtomicU64; ERROR_CODES.len()],
     cache: [AtomicU64; CACHE_OUTCOMES.len()],
     fetches: [AtomicU64; FETCH_RESULTS.len()],
     latency: [AtomicU64; LATENCY_BOUNDS_MS.len() + 1],
@@ -91,7 +109,7 @@ impl Counters {
     const fn new() -> Self {
         Self {
             statuses: [const { AtomicU64::new(0) }; STATUSES.len() + 1],
-            errors: [const { AtomicU64::new(0) }; ERROR_CODES.len() + 1],
+            errors: [const { AtomicU64::new(0) }; ERROR_CODES.len()],
             cache: [const { AtomicU64::new(0) }; CACHE_OUTCOMES.len()],
             fetches: [const { AtomicU64::new(0) }; FETCH_RESULTS.len()],
             latency: [const { AtomicU64::new(0) }; LATENCY_BOUNDS_MS.len() + 1],
@@ -127,20 +145,16 @@ impl Registry {
         &self.shards[thread_shard(SHARDS)]
     }
 
-    fn response(&self, status: u16, code: Option<&str>) {
+    fn response(&self, status: u16, code: Option<ErrorCode>) {
         let counters = self.local();
-        let mut digits = [0u8; 3];
-        let status_text = status_digits(status, &mut digits);
-        add(&counters.statuses[index_of(&STATUSES, status_text)], 1);
+        add(&counters.statuses[status_index(status)], 1);
         if let Some(code) = code {
-            add(&counters.errors[index_of(&ERROR_CODES, code)], 1);
+            add(&counters.errors[code as usize], 1);
         }
     }
 
-    fn cache_outcome(&self, outcome: &str) {
-        if let Some(index) = CACHE_OUTCOMES.iter().position(|known| *known == outcome) {
-            add(&self.local().cache[index], 1);
-        }
+    fn cache_outcome(&self, outcome: CacheLookup) {
+        add(&self.local().cache[outcome as usize], 1);
     }
 
     fn fetch(&self, result: &str, elapsed: Duration) {
@@ -190,26 +204,45 @@ impl Default for Registry {
 }
 
 /// `status` as three ASCII digits (every HTTP status has three).
-fn status_digits(status: u16, digits: &mut [u8; 3]) -> &str {
-    let status = status.min(999);
-    digits[0] = b'0' + (status / 100) as u8;
-    digits[1] = b'0' + (status / 10 % 10) as u8;
-    digits[2] = b'0' + (status % 10) as u8;
-    std::str::from_utf8(digits).unwrap_or("000")
-}
-
-/// Position of `name` in `known`, or the `other` slot after them.
-fn index_of(known: &[&str], name: &str) -> usize {
-    known.iter().position(|k| *k == name).unwrap_or(known.len())
+/// The slot of `status` among [`STATUSES`], or the `other` slot after them: a match on the
+/// number, not a search of their texts, since every response is counted.
+fn status_index(status: u16) -> usize {
+    match status {
+        200 => 0,
+        400 => 1,
+        401 => 2,
+        403 => 3,
+        404 => 4,
+        405 => 5,
+        413 => 6,
+        414 => 7,
+        431 => 8,
+        500 => 9,
+        502 => 10,
+        503 => 11,
+        _ => STATUSES.len(),
+    }
 }
 
 /// A response was sent: its status and, for an error, its documented code.
-pub fn record_response(status: u16, code: Option<&str>) {
+pub fn record_response(status: u16, code: Option<ErrorCode>) {
     REGISTRY.response(status, code);
 }
 
+/// How a token answer was found, as the stats line counts it (`cache`): the order of
+/// [`CACHE_OUTCOMES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheLookup {
+    /// From memory, within the token's normal window.
+    Hit = 0,
+    /// After a fetch, whether this caller started it or waited for it.
+    Miss = 1,
+    /// From memory past its normal window, while a refresh failed or was in flight.
+    Stale = 2,
+}
+
 /// A token was handed out from memory (`hit`, `stale`) or after a fetch (`miss`).
-pub fn record_cache_outcome(outcome: &str) {
+pub fn record_cache_outcome(outcome: CacheLookup) {
     REGISTRY.cache_outcome(outcome);
 }
 
@@ -279,7 +312,7 @@ pub fn record_audit_dropped(tokens: u64) {
 #[derive(Default, Debug)]
 pub struct Snapshot {
     statuses: [u64; STATUSES.len() + 1],
-    errors: [u64; ERROR_CODES.len() + 1],
+    errors: [u64; ERROR_CODES.len()],
     cache: [u64; CACHE_OUTCOMES.len()],
     fetches: [u64; FETCH_RESULTS.len()],
     latency: [u64; LATENCY_BOUNDS_MS.len() + 1],

@@ -4,7 +4,6 @@
 use axum::body::Body;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 
 use crate::caller_check::{self, CallerHeaders};
@@ -34,15 +33,14 @@ pub(super) const DRAIN_TIME: std::time::Duration = std::time::Duration::from_sec
 
 /// The body, at most [`MAX_BODY_BYTES`]; past that, the 413 (after reading the rest away, see
 /// [`discard`]).
-pub(super) async fn read_body(body: Body, headers: &HeaderMap) -> Result<Vec<u8>, Response> {
+pub(super) async fn read_body(body: Body, headers: &HeaderMap) -> Result<Vec<u8>, ApiError> {
     let mut stream = body.into_data_stream();
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
         let Ok(chunk) = chunk else {
             return Err(ApiError::InvalidRequest(
                 "the request body ended before it was complete".to_string(),
-            )
-            .into_response());
+            ));
         };
         if bytes.len() + chunk.len() > MAX_BODY_BYTES {
             let seen = bytes.len() + chunk.len();
@@ -84,22 +82,20 @@ pub(super) async fn discard(body: Body, declared: Option<u64>, seen: u64) -> boo
         .unwrap_or(false)
 }
 
-/// A refusal's answer; when the body was not all read, the connection ends with it (the
-/// unread rest cannot be told from the next request).
-pub(super) fn refused(error: ApiError, drained: bool) -> Response {
-    let mut response = error.into_response();
-    if !drained {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+/// A refusal made before the body was read: when the body was not all read away (`drained`),
+/// the connection ends with the answer (the unread rest cannot be told from the next request).
+pub(super) fn refused(mut error: ApiError, drained: bool) -> ApiError {
+    if let ApiError::TooLarge { unread_body, .. } = &mut error {
+        *unread_body = !drained;
     }
-    response
+    error
 }
 
 pub(super) fn body_too_large() -> ApiError {
     ApiError::TooLarge {
         status: StatusCode::PAYLOAD_TOO_LARGE,
         what: "the request body is larger than the broker accepts (64 KiB)",
+        unread_body: false,
     }
 }
 
@@ -166,12 +162,14 @@ pub(super) fn check_limits(request: &Parts, head: &HeadFacts<'_>) -> Result<(), 
         return Err(ApiError::TooLarge {
             status: StatusCode::URI_TOO_LONG,
             what: "the request URI is longer than the broker accepts (4096 bytes)",
+            unread_body: false,
         });
     }
     if head.bytes > MAX_HEADER_BYTES {
         return Err(ApiError::TooLarge {
             status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             what: "the request headers are larger than the broker accepts (16 KiB)",
+            unread_body: false,
         });
     }
     if head

@@ -33,7 +33,10 @@ fn scopes_are_split_on_spaces_and_host_commas() {
 #[tokio::test]
 async fn a_panicking_handler_is_answered_with_a_json_500() {
     let response =
-        answer_even_on_panic(async { panic!("a bug in a handler") }, tracing::Span::none).await;
+        answer_even_on_panic(async { panic!("a bug in a handler") }, tracing::Span::none)
+            .await
+            .unwrap_err()
+            .into_response();
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body = axum::body::to_bytes(response.into_body(), 4096)
         .await

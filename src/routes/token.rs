@@ -1,6 +1,7 @@
 //! `GET|POST /api/token/{connection}`: the scopes asked for, the caller checked, the token
 //! from the cache, and the answer counted, audited and written.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -8,17 +9,17 @@ use tokio::time::Instant;
 use axum::body::{Body, Bytes};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use secrecy::ExposeSecret;
 
-use super::limits::read_body;
-use super::truncate;
-use crate::app_state::AppState;
+use super::limits::{HeadFacts, check_limits, read_body};
+use super::{invocation_id, truncate};
+use crate::app_state::{AppState, Served};
 use crate::cache::{CacheKey, CacheOutcome, CachedToken};
 use crate::caller_check::{self, CallerHeaders};
 use crate::config::ScopeToken;
 use crate::error::ApiError;
-use crate::observe::stats::{self};
+use crate::observe::stats::{self, CacheLookup, ConnectionStats};
 
 /// Most scopes one request may name, and the longest `scope` value accepted.
 pub(super) const MAX_SCOPES: usize = 32;
@@ -42,7 +43,7 @@ pub(super) async fn token_request(
     callers: CallerHeaders<'_>,
     body: Body,
     invocation_id: &str,
-) -> Response {
+) -> Result<Response, ApiError> {
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
     let label = RequestLabel {
         invocation_id,
@@ -50,21 +51,12 @@ pub(super) async fn token_request(
         path: truncate(uri.path(), 200),
     };
     let form = if method == Method::POST {
-        let bytes = match Box::pin(read_body(body, headers)).await {
-            Ok(bytes) => bytes,
-            Err(refusal) => return refusal,
-        };
-        match form_body(headers, bytes) {
-            Ok(form) => form,
-            Err(error) => return error.into_response(),
-        }
+        let bytes = Box::pin(read_body(body, headers)).await?;
+        form_body(headers, bytes)?
     } else {
         Vec::new()
     };
-    match serve_token(state, connection, uri.query(), &form, callers, &label).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    }
+    serve_token(state, connection, uri.query(), &form, callers, &label).await
 }
 
 /// A POST's body: empty, or an `application/x-www-form-urlencoded` form (RFC 6749 token
@@ -95,7 +87,8 @@ pub(super) fn form_body(headers: &HeaderMap, bytes: Vec<u8>) -> Result<Vec<u8>, 
 pub(super) fn token_route(path: &str) -> Option<&str> {
     const PREFIX: &str = "/api/token/";
     let head = path.get(..PREFIX.len())?;
-    if !head.eq_ignore_ascii_case(PREFIX) {
+    // The path as documented is one comparison; only another casing needs the slower one.
+    if head != PREFIX && !head.eq_ignore_ascii_case(PREFIX) {
         return None;
     }
     let connection = &path[PREFIX.len()..];
@@ -113,14 +106,72 @@ pub(super) async fn serve_token(
     // Who is asking comes first: an unauthenticated caller learns nothing, not even which
     // connections exist.
     let caller = state.callers.authenticate(callers).await?;
+    let asked = asked(state, name, query, form, &caller)?;
+    let handing_out = asked.handing_out(&caller, label);
+    // A hit this worker thread handed out lately needs no lock (`TokenCache::serve_hit`).
+    let now = tokio::time::Instant::now();
+    if let Some(response) = state.cache.serve_hit(&asked.key, now, |token| {
+        handing_out.answer(token, CacheOutcome::Hit, now)
+    }) {
+        return Ok(response);
+    }
+    // The slow path, boxed: a hit never pays for the size of its state.
+    let (token, outcome) = Box::pin(state.cache.get(&asked.key))
+        .await
+        .map_err(|error| ApiError::from(error.as_ref()))?;
+    Ok(handing_out.answer(&token, outcome, tokio::time::Instant::now()))
+}
+
+/// The answer to a token request that a cache hit can give at once, before any future is
+/// made: `None` whenever anything else may be needed (a body to read, a key set to load, a
+/// fetch, an error to explain, a DEBUG line), and the request then takes the full path
+/// ([`token_request`]), which does every check again. What it hands out is counted and
+/// audited exactly as there.
+pub(super) fn hit_now(state: &AppState, parts: &Parts) -> Option<Response> {
+    if parts.method != Method::GET || tracing::enabled!(tracing::Level::DEBUG) {
+        return None;
+    }
+    let name = token_route(parts.uri.path())?;
+    let head = HeadFacts::scan(&parts.headers);
+    check_limits(parts, &head).ok()?;
+    let caller = state.callers.authenticate_now(head.callers)?.ok()?;
+    let asked = asked(state, name, parts.uri.query(), &[], &caller).ok()?;
+    let label = RequestLabel {
+        invocation_id: invocation_id(head.invocation),
+        method: parts.method.as_str(),
+        path: truncate(parts.uri.path(), 200),
+    };
+    let handing_out = asked.handing_out(&caller, &label);
+    let now = tokio::time::Instant::now();
+    state.cache.serve_hit(&asked.key, now, |token| {
+        handing_out.answer(token, CacheOutcome::Hit, now)
+    })
+}
+
+/// What a token request asks for, once checked: the connection, and the cache key of the
+/// scopes it names (its default key, borrowed, when it names none: cloning it would touch
+/// three reference counts per request).
+struct Asked<'a> {
+    served: &'a Served,
+    key: Cow<'a, CacheKey>,
+}
+
+/// The connection called `name`, which `caller` must be allowed to use, and the scopes the
+/// query and form ask for, each allowed for it.
+fn asked<'a>(
+    state: &'a AppState,
+    name: &str,
+    query: Option<&str>,
+    form: &[u8],
+    caller: &caller_check::Caller,
+) -> Result<Asked<'a>, ApiError> {
     // Configured names are valid by construction: anything malformed, a traversal attempt
     // included, is simply not a configured connection.
-    let (key_name, connection) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
-    caller_check::authorize(&caller, connection)?;
-    // The default key is borrowed: cloning it would touch three reference counts per request.
-    let scoped;
+    let (key_name, served) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
+    let connection = &served.settings;
+    caller_check::authorize(caller, connection)?;
     let key = match requested_scopes(query, form)? {
-        None => &state.default_keys[key_name],
+        None => Cow::Borrowed(&served.default_key),
         Some(scopes) => {
             if let Some(refused) = scopes
                 .iter()
@@ -131,37 +182,31 @@ pub(super) async fn serve_token(
                     connection.name
                 )));
             }
-            scoped = CacheKey::new(key_name, scopes);
-            &scoped
+            Cow::Owned(CacheKey::new(key_name, scopes))
         }
     };
+    Ok(Asked { served, key })
+}
 
-    let handing_out = HandingOut {
-        state,
-        key_name,
-        connection,
-        key,
-        caller: &caller,
-        label,
-    };
-    // A hit this worker thread handed out lately needs no lock (`TokenCache::serve_hit`).
-    let now = tokio::time::Instant::now();
-    if let Some(response) = state.cache.serve_hit(key, now, |token| {
-        handing_out.answer(token, CacheOutcome::Hit, now)
-    }) {
-        return Ok(response);
+impl<'a> Asked<'a> {
+    fn handing_out(
+        &'a self,
+        caller: &'a caller_check::Caller,
+        label: &'a RequestLabel<'a>,
+    ) -> HandingOut<'a> {
+        HandingOut {
+            observed: &self.served.observed,
+            connection: &self.served.settings,
+            key: &self.key,
+            caller,
+            label,
+        }
     }
-    // The slow path, boxed: a hit never pays for the size of its state.
-    let (token, outcome) = Box::pin(state.cache.get(key))
-        .await
-        .map_err(|error| ApiError::from(error.as_ref()))?;
-    Ok(handing_out.answer(&token, outcome, tokio::time::Instant::now()))
 }
 
 /// What a token answer is accounted to: the connection, the key, the caller, the request.
 pub(super) struct HandingOut<'a> {
-    state: &'a AppState,
-    key_name: &'a crate::config::ConnectionName,
+    observed: &'a ConnectionStats,
     connection: &'a crate::config::ConnectionSettings,
     key: &'a CacheKey,
     caller: &'a caller_check::Caller,
@@ -173,12 +218,12 @@ impl HandingOut<'_> {
     fn answer(&self, token: &Arc<CachedToken>, outcome: CacheOutcome, now: Instant) -> Response {
         // In the stats, an answer that waited for a fetch is a miss, whoever started it.
         stats::record_cache_outcome(match outcome {
-            CacheOutcome::Joined => "miss",
-            other => other.as_str(),
+            CacheOutcome::Hit => CacheLookup::Hit,
+            CacheOutcome::Stale => CacheLookup::Stale,
+            CacheOutcome::Miss | CacheOutcome::Joined => CacheLookup::Miss,
         });
-        if let Some(observed) = self.state.observed.get(self.key_name) {
-            observed.handed_out(token.expires_on, outcome == CacheOutcome::Stale);
-        }
+        self.observed
+            .handed_out(token.expires_on, outcome == CacheOutcome::Stale);
         let record = crate::observe::audit::AuditRecord {
             connection: &self.connection.name,
             caller: self.caller.audit_name(),

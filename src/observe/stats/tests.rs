@@ -10,10 +10,10 @@ fn a_period_s_counts_are_summed_over_shards_and_start_over() {
             scope.spawn(|| {
                 for _ in 0..1000 {
                     registry.response(200, None);
-                    registry.cache_outcome("hit");
+                    registry.cache_outcome(CacheLookup::Hit);
                 }
-                registry.response(503, Some("upstream_unavailable"));
-                registry.response(418, Some("teapot"));
+                registry.response(503, Some(ErrorCode::UpstreamUnavailable));
+                registry.response(418, Some(ErrorCode::InvalidRequest));
             });
         }
     });
@@ -32,7 +32,8 @@ fn a_period_s_counts_are_summed_over_shards_and_start_over() {
     assert_eq!(value["requests_by_status"]["503"], 4);
     assert_eq!(value["requests_by_status"]["other"], 4);
     assert_eq!(value["errors_by_code"]["upstream_unavailable"], 4);
-    assert_eq!(value["errors_by_code"]["other"], 4);
+    assert_eq!(value["errors_by_code"]["invalid_request"], 4);
+    assert!(value["errors_by_code"].get("other").is_none());
     assert!(value["errors_by_code"].get("invalid_scope").is_none());
     assert_eq!(value["cache_hits"], 4000);
     assert_eq!(value["breakers_open"], 1);
@@ -81,4 +82,21 @@ fn a_connection_s_token_is_none_once_expired_and_stale_when_handed_out_stale() {
     assert_eq!(stats.token(at(200)), "none");
     stats.fetched(false);
     assert_eq!(stats.last_fetch(), "failed");
+}
+
+#[test]
+fn every_counted_status_has_the_slot_of_its_text_and_any_other_the_other_slot() {
+    for (slot, text) in STATUSES.iter().enumerate() {
+        assert_eq!(status_index(text.parse().unwrap()), slot, "status {text}");
+    }
+    for other in [100, 201, 204, 302, 429, 501, 504, 999] {
+        assert_eq!(status_index(other), STATUSES.len(), "status {other}");
+    }
+}
+
+#[test]
+fn every_error_code_is_named_by_its_own_variant() {
+    assert_eq!(ErrorCode::UnknownConnection.as_str(), "unknown_connection");
+    assert_eq!(ErrorCode::InternalError.as_str(), "internal_error");
+    assert_eq!(ERROR_CODES.len(), ErrorCode::InternalError as usize + 1);
 }
