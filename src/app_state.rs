@@ -8,7 +8,8 @@ use crate::cache::{CacheKey, SharedTier, TokenCache};
 use crate::caller_check::CallerCheck;
 use crate::config::{ConnectionName, ConnectionSettings};
 use crate::credentials::Credentials;
-use crate::observe::stats::{ConnectionStats, connection_stats};
+use crate::observe::Observers;
+use crate::observe::stats::ConnectionStats;
 use crate::token_client::TokenClient;
 
 /// What every request handler shares.
@@ -25,6 +26,8 @@ pub(crate) struct AppState {
     /// What a token request needs of each connection, by lower-cased name: found by one
     /// look-up per request.
     pub served: Arc<BTreeMap<ConnectionName, Served>>,
+    /// What requests report to: the counters and the audit's hit tallies.
+    pub observers: Observers,
     /// The shared Redis tier under the cache, when configured: a rotation event is announced
     /// through it to every instance.
     pub shared: Option<Arc<SharedTier>>,
@@ -37,6 +40,7 @@ impl AppState {
         callers: Arc<CallerCheck>,
         token_client: Arc<TokenClient>,
         connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
+        observers: Observers,
     ) -> Self {
         let served = connections
             .iter()
@@ -44,7 +48,7 @@ impl AppState {
                 let served = Served {
                     settings: connection.clone(),
                     default_key: CacheKey::new(key, connection.scopes.clone()),
-                    observed: connection_stats(key.as_str()),
+                    observed: observers.stats.connection_stats(key.as_str()),
                 };
                 (key.clone(), served)
             })
@@ -56,6 +60,7 @@ impl AppState {
             token_client,
             connections,
             served: Arc::new(served),
+            observers,
             shared: None,
         }
     }

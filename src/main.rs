@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use token_broker::config::{self, ProcessEnvironment};
-use token_broker::observe::{audit, stats, telemetry};
+use token_broker::observe::{Observers, telemetry};
 use token_broker::startup::{Application, shutdown_signal};
 
 /// mimalloc rather than the C library's allocator: a request's buffers are often freed on
@@ -56,11 +56,8 @@ fn serve() -> ExitCode {
     // Dropped last: writes out the log, audit records included, before the process exits.
     // The writer is told what to do besides writing lines: the audit's hit records every
     // interval, and where lost audit records are counted.
-    let _log_writer = telemetry::init(telemetry::Producers {
-        periodic: audit::drain_hits,
-        every: audit::HIT_INTERVAL,
-        audit_lost: stats::record_audit_dropped,
-    });
+    let observers = Observers::default();
+    let _log_writer = telemetry::init(observers.producers());
     let settings = match config::load(&ProcessEnvironment) {
         Ok(settings) => settings,
         Err(error) => {
@@ -80,7 +77,7 @@ fn serve() -> ExitCode {
     };
     runtime.block_on(async {
         let connections = settings.connections.len();
-        let application = match Application::build(settings).await {
+        let application = match Application::build(settings, observers).await {
             Ok(application) => application,
             Err(error) => {
                 tracing::error!(%error, "cannot start");

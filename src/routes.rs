@@ -30,7 +30,7 @@ use crate::app_state::AppState;
 use crate::cache::panic_message;
 use crate::error::ApiError;
 use crate::health;
-use crate::observe::stats;
+use crate::observe::stats::Registry;
 use crate::rotation;
 
 /// The broker as one HTTP service: every request goes to [`traced`].
@@ -73,7 +73,8 @@ impl tower_service::Service<Request<Body>> for BrokerService {
         // (BENCHMARKS.md, "Counted"). Anything else takes the full path below.
         match std::panic::catch_unwind(AssertUnwindSafe(|| hit_now(&self.state, &parts))) {
             Ok(Some(response)) => {
-                stats::record_response(response.status().as_u16(), None);
+                let stats = &self.state.observers.stats;
+                stats.record_response(response.status().as_u16(), None);
                 Either::Left(future::ready(Ok(response)))
             }
             Ok(None) => Either::Right(Box::pin(traced(self.state.clone(), parts, body))),
@@ -81,7 +82,8 @@ impl tower_service::Service<Request<Body>> for BrokerService {
                 let head = HeadFacts::scan(&parts.headers);
                 let span = || request_span(&parts, invocation_id(head.invocation));
                 let error = panicked(panic.as_ref(), span());
-                Either::Left(future::ready(Ok(finish(Err(error), &parts, span))))
+                let stats = &self.state.observers.stats;
+                Either::Left(future::ready(Ok(finish(Err(error), stats, &parts, span))))
             }
         }
     }
@@ -125,7 +127,7 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
         }
     };
     let outcome = answer_even_on_panic(handler, span_made).await;
-    let response = finish(outcome, &parts, span_made);
+    let response = finish(outcome, &state.observers.stats, &parts, span_made);
     if let Some(started) = started {
         let _entered = span.enter();
         tracing::debug!(
@@ -152,6 +154,7 @@ fn request_span(parts: &Parts, invocation: &str) -> tracing::Span {
 /// error's line written in the request's span, from the error itself.
 fn finish(
     outcome: Result<Response, ApiError>,
+    stats: &Registry,
     parts: &Parts,
     span: impl FnOnce() -> tracing::Span,
 ) -> Response {
@@ -159,13 +162,13 @@ fn finish(
     match outcome {
         Ok(response) => {
             if counted {
-                stats::record_response(response.status().as_u16(), None);
+                stats.record_response(response.status().as_u16(), None);
             }
             response
         }
         Err(error) => {
             if counted {
-                stats::record_response(error.status().as_u16(), Some(error.code()));
+                stats.record_response(error.status().as_u16(), Some(error.code()));
             }
             let span = span();
             let _entered = span.enter();

@@ -14,6 +14,7 @@ use crate::caller_check::CallerCheck;
 use crate::config::Settings;
 use crate::credentials::Credentials;
 use crate::http_client::LazyClient;
+use crate::observe::Observers;
 use crate::routes::{BrokerService, service};
 use crate::token_client::TokenClient;
 
@@ -41,7 +42,7 @@ impl Application {
     /// Wires the data path and binds `127.0.0.1:<port>`; the host always calls IPv4 loopback.
     /// Nothing here touches the network or loads TLS roots (the HTTP clients are built on first
     /// use), so the first readiness probe is answered at once.
-    pub async fn build(settings: Settings) -> Result<Self, StartupError> {
+    pub async fn build(settings: Settings, observers: Observers) -> Result<Self, StartupError> {
         let http = Arc::new(LazyClient::new(std::time::Duration::from_secs(5)));
         let credentials = Arc::new(Credentials::new(
             settings.key_vault.as_ref(),
@@ -49,10 +50,19 @@ impl Application {
             http.clone(),
             settings.cache.secret_ttl,
             settings.cache.secret_refusal_grace,
+            observers.stats.clone(),
         ));
         let connections = Arc::new(settings.connections);
-        let callers = Arc::new(CallerCheck::new(&settings.callers, http.clone()));
-        let token_client = Arc::new(TokenClient::new(credentials.clone(), &connections));
+        let callers = Arc::new(CallerCheck::new(
+            &settings.callers,
+            http.clone(),
+            observers.stats.clone(),
+        ));
+        let token_client = Arc::new(TokenClient::new(
+            credentials.clone(),
+            &connections,
+            observers.stats.clone(),
+        ));
         // With `[shared_cache]`, the memory tier fetches through the shared tier, which
         // fetches through the token client; it connects in the background.
         let (source, shared, rotated): (Arc<dyn TokenSource>, _, _) = match &settings.shared_cache {
@@ -71,8 +81,15 @@ impl Application {
             None => (token_client.clone(), None, None),
         };
         let cache = Arc::new(TokenCache::new(source, settings.cache.max_tokens));
-        let state = AppState::new(cache, credentials, callers, token_client, connections)
-            .with_shared_tier(shared);
+        let state = AppState::new(
+            cache,
+            credentials,
+            callers,
+            token_client,
+            connections,
+            observers,
+        )
+        .with_shared_tier(shared);
         if let Some(mut rotated) = rotated {
             let state = state.clone();
             tokio::spawn(async move {
@@ -177,7 +194,10 @@ fn report_stats(state: &AppState, last_report: &parking_lot::Mutex<LastReport>) 
         .shared
         .as_ref()
         .map(|_| now.shared.since(&last.shared));
-    crate::observe::stats::report(now.at - last.at, &open, shared);
+    state
+        .observers
+        .stats
+        .report(now.at - last.at, &open, shared);
 }
 
 /// Completes on SIGTERM (how the host and App Service stop a worker) or Ctrl-C.

@@ -60,6 +60,8 @@ pub(crate) struct TokenClient {
     /// Connections by lower-cased name, as in `Settings`, each with its own HTTP client and
     /// guard so that one identity provider's trouble stays its own.
     upstreams: BTreeMap<ConnectionName, Upstream>,
+    /// Where fetches are counted, and each connection's last fetch observed for health.
+    stats: Arc<stats::Registry>,
 }
 
 struct Upstream {
@@ -72,6 +74,7 @@ impl TokenClient {
     pub(crate) fn new(
         credentials: Arc<Credentials>,
         connections: &BTreeMap<ConnectionName, ConnectionSettings>,
+        stats: Arc<stats::Registry>,
     ) -> Self {
         let mut upstreams = BTreeMap::new();
         for (key, connection) in connections {
@@ -90,6 +93,7 @@ impl TokenClient {
         Self {
             credentials,
             upstreams,
+            stats,
         }
     }
 
@@ -357,7 +361,8 @@ impl TokenSource for TokenClient {
             let result = self
                 .fetch_within_deadline(upstream, key.scopes(), finish_by)
                 .await;
-            stats::record_fetch(key.connection(), fetch_result(&result), started.elapsed());
+            self.stats
+                .record_fetch(key.connection(), fetch_result(&result), started.elapsed());
             result
         })
     }

@@ -12,6 +12,7 @@
 //!   with no keys at all callers get [`KeyError::Unavailable`] at once during the backoff.
 //! - Bodies are bounded ([`MAX_BODY_BYTES`]) and key URLs must be https (http on loopback only).
 
+use crate::observe::stats::Registry;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -55,6 +56,8 @@ pub(crate) trait KeySource: Send + Sync + 'static {
 /// The key set and the bookkeeping that decides when to download it again.
 pub(crate) struct KeyStore<S> {
     source: S,
+    /// Where downloads are counted (`jwks_reloads`, `jwks_failures`).
+    stats: Arc<Registry>,
     state: Mutex<State>,
     /// Held for the whole of a download: one at a time, and a holder is a download in flight.
     download: tokio::sync::Mutex<()>,
@@ -84,9 +87,10 @@ impl State {
 }
 
 impl<S: KeySource> KeyStore<S> {
-    pub(crate) fn new(source: S) -> Arc<Self> {
+    pub(crate) fn new(source: S, stats: Arc<Registry>) -> Arc<Self> {
         Arc::new(Self {
             source,
+            stats,
             state: Mutex::new(State::default()),
             download: tokio::sync::Mutex::new(()),
         })
@@ -194,7 +198,7 @@ impl<S: KeySource> KeyStore<S> {
             Ok(set) if set.keys.is_empty() => Err("the key set holds no keys".to_string()),
             other => other,
         };
-        crate::observe::stats::record_jwks_reload(result.is_ok());
+        self.stats.record_jwks_reload(result.is_ok());
         let mut state = self.state();
         let now = Instant::now();
         state.attempts += 1;
@@ -364,7 +368,7 @@ mod tests {
     fn store(kids: &[&str]) -> (Arc<FakeSource>, Arc<KeyStore<Arc<FakeSource>>>) {
         let source = Arc::new(FakeSource::default());
         *source.kids.lock().unwrap() = kids.iter().map(|k| k.to_string()).collect();
-        (source.clone(), KeyStore::new(source))
+        (source.clone(), KeyStore::new(source, Default::default()))
     }
 
     fn downloads(source: &FakeSource) -> usize {

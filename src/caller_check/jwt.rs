@@ -3,6 +3,7 @@
 //! `aud api://...`, `appid`) and v2 (`iss https://login.microsoftonline.com/{tid}/v2.0`,
 //! `aud` = the client id, `azp`), so `issuer` and `audience` are lists.
 
+use crate::observe::stats::Registry;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,10 +73,10 @@ struct Claims {
 }
 
 impl<S: KeySource> JwtValidator<S> {
-    pub(crate) fn new(settings: JwtSettings, source: S) -> Self {
+    pub(crate) fn new(settings: JwtSettings, source: S, stats: Arc<Registry>) -> Self {
         Self {
             settings,
-            keys: KeyStore::new(source),
+            keys: KeyStore::new(source, stats),
         }
     }
 
@@ -224,6 +225,7 @@ mod tests {
                 clock_skew: Duration::from_secs(60),
             },
             StaticSource(key.jwks.clone()),
+            Default::default(),
         )
     }
 
@@ -300,6 +302,7 @@ mod tests {
                 clock_skew: Duration::from_secs(60),
             },
             StaticSource(key.jwks.clone()),
+            Default::default(),
         );
         let token = |sub: &str| {
             json!({"iss": issuer, "aud": APP_ID_URI, "client_id": "client-apim", "sub": sub,

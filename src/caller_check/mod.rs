@@ -100,7 +100,11 @@ pub(crate) enum CallerCheck {
 }
 
 impl CallerCheck {
-    pub(crate) fn new(settings: &CallerSettings, http: Arc<LazyClient>) -> Self {
+    pub(crate) fn new(
+        settings: &CallerSettings,
+        http: Arc<LazyClient>,
+        stats: Arc<crate::observe::stats::Registry>,
+    ) -> Self {
         match &settings.mode {
             CallerMode::None => CallerCheck::FunctionKeyOnly,
             CallerMode::EasyAuth => CallerCheck::EasyAuth,
@@ -118,6 +122,7 @@ impl CallerCheck {
                     clock_skew: *clock_skew,
                 },
                 jwks::HttpKeySource::new(http, &issuers[0], jwks_uri.clone()),
+                stats,
             ))),
         }
     }

@@ -92,9 +92,10 @@ impl Credentials {
         http: Arc<LazyClient>,
         ttl: Duration,
         refusal_grace: Duration,
+        stats: Arc<crate::observe::stats::Registry>,
     ) -> Self {
         Self {
-            vault: key_vault.map(|settings| Vault::new(settings, identity, http)),
+            vault: key_vault.map(|settings| Vault::new(settings, identity, http, stats)),
             secrets: VaultCache::new(ObjectKind::Secret, ttl, refusal_grace),
             keys: VaultCache::new(ObjectKind::Key, ttl, refusal_grace),
             certificates: VaultCache::new(ObjectKind::Certificate, ttl, refusal_grace),

@@ -29,7 +29,8 @@ pub(super) async fn read(
     vault: Option<&Vault>,
     name: &str,
 ) -> Result<ClientSecret, CredentialError> {
-    let clients = vault.ok_or(CredentialError::NoVault)?.clients()?;
+    let vault = vault.ok_or(CredentialError::NoVault)?;
+    let clients = vault.clients()?;
     let started = Instant::now();
     let failed = |error: azure_core::Error| classify(ObjectKind::Secret, name, &error);
     let secret = clients
@@ -37,8 +38,8 @@ pub(super) async fn read(
         .get_secret(name, None::<SecretClientGetSecretOptions<'_>>)
         .await
         .map_or_else(
-            crate::observe::stats::key_vault_failed,
-            crate::observe::stats::key_vault_read,
+            |error| vault.stats.key_vault_failed(error),
+            |answer| vault.stats.key_vault_read(answer),
         )
         .map_err(failed)?
         .into_model()

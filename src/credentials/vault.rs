@@ -34,6 +34,8 @@ pub(crate) struct Vault {
     settings: KeyVaultSettings,
     identity: IdentitySettings,
     http: Arc<LazyClient>,
+    /// Where reads are counted (`key_vault_reads`, `key_vault_failures`).
+    pub(crate) stats: Arc<crate::observe::stats::Registry>,
     clients: OnceLock<Result<Clients, String>>,
 }
 
@@ -51,11 +53,13 @@ impl Vault {
         settings: &KeyVaultSettings,
         identity: &IdentitySettings,
         http: Arc<LazyClient>,
+        stats: Arc<crate::observe::stats::Registry>,
     ) -> Self {
         Self {
             settings: settings.clone(),
             identity: identity.clone(),
             http,
+            stats,
             clients: OnceLock::new(),
         }
     }

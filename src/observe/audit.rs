@@ -19,7 +19,7 @@
 //! aggregator, under a lock that only that thread and, once per period, the writer take.
 
 use std::any::Any;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use hashbrown::{Equivalent, HashMap};
@@ -76,28 +76,9 @@ pub fn record(record: &AuditRecord<'_>) {
     super::telemetry::write_audit(format_line(record, None, SystemTime::now()), record.count);
 }
 
-/// Counts a cache hit of `token` (the cached token itself: its address, kept alive while it is
-/// counted, tells tokens apart without hashing the token) for `record.caller`. Its record is
-/// written at the end of the period, by [`drain_hits`].
-pub fn record_hit<T: Send + Sync + 'static>(token: &Arc<T>, record: &AuditRecord<'_>) {
-    if !super::telemetry::installed() {
-        self::record(record);
-        return;
-    }
-    if !HITS.add(token, record) {
-        self::record(record);
-    }
-}
-
-/// Takes every hit counted so far and hands each key's record to `write` with its count: one
-/// line per (caller, token) however many threads counted it. Called by the log writer every
-/// [`HIT_INTERVAL`] and when the log is flushed (shutdown), as `main` tells it to.
-pub fn drain_hits(now: SystemTime, write: &mut super::telemetry::RecordSink<'_>) {
-    HITS.drain(now, write);
-}
-
-/// The hits counted in the current period, by thread shard.
-struct HitAggregator {
+/// The hits counted in the current period, by thread shard: one per process, made by `main`
+/// (or a test), counted into by the token route and drained by the log writer.
+pub struct HitAggregator {
     shards: [HitShard; HIT_SHARDS],
     period_start: Mutex<SystemTime>,
 }
@@ -111,10 +92,34 @@ struct HitShard {
     tallies: Mutex<HashMap<HitKey, Tally>>,
 }
 
-static HITS: LazyLock<HitAggregator> = LazyLock::new(HitAggregator::new);
+impl Default for HitAggregator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl HitAggregator {
-    fn new() -> Self {
+    /// Counts a cache hit of `token` (the cached token itself: its address, kept alive while it is
+    /// counted, tells tokens apart without hashing the token) for `record.caller`. Its record is
+    /// written at the end of the period, by [`drain_hits`].
+    pub fn record_hit<T: Send + Sync + 'static>(&self, token: &Arc<T>, record: &AuditRecord<'_>) {
+        if !super::telemetry::installed() {
+            self::record(record);
+            return;
+        }
+        if !self.add(token, record) {
+            self::record(record);
+        }
+    }
+
+    /// Takes every hit counted so far and hands each key's record to `write` with its count: one
+    /// line per (caller, token) however many threads counted it. Called by the log writer every
+    /// [`HIT_INTERVAL`] and when the log is flushed (shutdown), as `main` tells it to.
+    pub fn drain_hits(&self, now: SystemTime, write: &mut super::telemetry::RecordSink<'_>) {
+        self.drain(now, write);
+    }
+
+    pub fn new() -> Self {
         Self {
             shards: std::array::from_fn(|_| HitShard::default()),
             period_start: Mutex::new(SystemTime::now()),

@@ -16,8 +16,8 @@
 //! for `/api/health` in [`ConnectionStats`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
@@ -123,21 +123,22 @@ impl Counters {
     }
 }
 
-/// Every counter, sharded by thread.
+/// Every counter, sharded by thread, and each connection's observations for `/api/health`:
+/// one per process, made by `main` (or a test) and handed to whatever reports to it.
 pub struct Registry {
     shards: [Counters; SHARDS],
+    connections: RwLock<HashMap<String, Arc<ConnectionStats>>>,
 }
-
-static REGISTRY: Registry = Registry::new();
 
 fn add(counter: &AtomicU64, amount: u64) {
     counter.fetch_add(amount, Ordering::Relaxed);
 }
 
 impl Registry {
-    pub const fn new() -> Self {
+    pub fn new() -> Self {
         Self {
             shards: [const { Counters::new() }; SHARDS],
+            connections: RwLock::default(),
         }
     }
 
@@ -224,11 +225,6 @@ fn status_index(status: u16) -> usize {
     }
 }
 
-/// A response was sent: its status and, for an error, its documented code.
-pub fn record_response(status: u16, code: Option<ErrorCode>) {
-    REGISTRY.response(status, code);
-}
-
 /// How a token answer was found, as the stats line counts it (`cache`): the order of
 /// [`CACHE_OUTCOMES`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -239,11 +235,6 @@ pub enum CacheLookup {
     Miss = 1,
     /// From memory past its normal window, while a refresh failed or was in flight.
     Stale = 2,
-}
-
-/// A token was handed out from memory (`hit`, `stale`) or after a fetch (`miss`).
-pub fn record_cache_outcome(outcome: CacheLookup) {
-    REGISTRY.cache_outcome(outcome);
 }
 
 /// How a token fetch ended, as the stats line counts it (`fetches`). The token client says
@@ -270,42 +261,6 @@ impl FetchResult {
             Self::Internal => "internal",
         }
     }
-}
-
-/// The result of one token fetch (what the cache asked the token client for), and how long the
-/// cache's waiters waited for it.
-pub fn record_fetch(connection: &str, result: FetchResult, elapsed: Duration) {
-    REGISTRY.fetch(result.as_str(), elapsed);
-    connection_stats(connection).fetched(result == FetchResult::Ok);
-}
-
-/// A Key Vault read answered; passes the answer on (`Result::map_or_else`, so that the read's
-/// call site counts both outcomes in one line).
-pub fn key_vault_read<T, E>(answer: T) -> Result<T, E> {
-    add(&REGISTRY.local().key_vault_reads, 1);
-    Ok(answer)
-}
-
-/// A Key Vault read failed; passes the error on.
-pub fn key_vault_failed<T, E>(error: E) -> Result<T, E> {
-    let counters = REGISTRY.local();
-    add(&counters.key_vault_reads, 1);
-    add(&counters.key_vault_failures, 1);
-    Err(error)
-}
-
-/// The caller-token signing keys were downloaded (`ok`) or a download failed.
-pub fn record_jwks_reload(ok: bool) {
-    let counters = REGISTRY.local();
-    add(&counters.jwks_reloads, 1);
-    if !ok {
-        add(&counters.jwks_failures, 1);
-    }
-}
-
-/// Audit records (tokens, counting an aggregated record's `count`) that never reached stdout.
-pub fn record_audit_dropped(tokens: u64) {
-    add(&REGISTRY.local().audit_dropped, tokens);
 }
 
 /// What the counters held over one period.
@@ -485,13 +440,79 @@ pub fn format_line(
     super::telemetry::json_line(&line, 1024)
 }
 
-/// Takes the global counters and writes the `stats` line (through the log queue, whatever
-/// `RUST_LOG` says: metrics a log level can switch off are not metrics).
-pub fn report(period: Duration, open_breakers: &[&str], shared: Option<SharedTierCounts>) {
-    let mut snapshot = REGISTRY.take();
-    snapshot.shared = shared;
-    let line = format_line(&snapshot, period, open_breakers, SystemTime::now());
-    super::telemetry::write_stats(line);
+/// What the rest of the broker reports, and the `stats` line written from it.
+impl Registry {
+    /// A response was sent: its status and, for an error, its documented code.
+    pub fn record_response(&self, status: u16, code: Option<ErrorCode>) {
+        self.response(status, code);
+    }
+
+    /// A token was handed out from memory (`hit`, `stale`) or after a fetch (`miss`).
+    pub fn record_cache_outcome(&self, outcome: CacheLookup) {
+        self.cache_outcome(outcome);
+    }
+
+    /// The result of one token fetch (what the cache asked the token client for), and how long the
+    /// cache's waiters waited for it.
+    pub fn record_fetch(&self, connection: &str, result: FetchResult, elapsed: Duration) {
+        self.fetch(result.as_str(), elapsed);
+        self.connection_stats(connection)
+            .fetched(result == FetchResult::Ok);
+    }
+
+    /// A Key Vault read answered; passes the answer on (`Result::map_or_else`, so that the read's
+    /// call site counts both outcomes in one line).
+    pub fn key_vault_read<T, E>(&self, answer: T) -> Result<T, E> {
+        add(&self.local().key_vault_reads, 1);
+        Ok(answer)
+    }
+
+    /// A Key Vault read failed; passes the error on.
+    pub fn key_vault_failed<T, E>(&self, error: E) -> Result<T, E> {
+        let counters = self.local();
+        add(&counters.key_vault_reads, 1);
+        add(&counters.key_vault_failures, 1);
+        Err(error)
+    }
+
+    /// The caller-token signing keys were downloaded (`ok`) or a download failed.
+    pub fn record_jwks_reload(&self, ok: bool) {
+        let counters = self.local();
+        add(&counters.jwks_reloads, 1);
+        if !ok {
+            add(&counters.jwks_failures, 1);
+        }
+    }
+
+    /// Audit records (tokens, counting an aggregated record's `count`) that never reached stdout.
+    pub fn record_audit_dropped(&self, tokens: u64) {
+        add(&self.local().audit_dropped, tokens);
+    }
+    /// Takes the counters and writes the `stats` line (through the log queue, whatever
+    /// `RUST_LOG` says: metrics a log level can switch off are not metrics).
+    pub fn report(
+        &self,
+        period: Duration,
+        open_breakers: &[&str],
+        shared: Option<SharedTierCounts>,
+    ) {
+        let mut snapshot = self.take();
+        snapshot.shared = shared;
+        let line = format_line(&snapshot, period, open_breakers, SystemTime::now());
+        super::telemetry::write_stats(line);
+    }
+
+    /// The observations of `connection` (its lower-cased name), made on first use.
+    pub fn connection_stats(&self, connection: &str) -> Arc<ConnectionStats> {
+        if let Some(stats) = self.connections.read().get(connection) {
+            return stats.clone();
+        }
+        self.connections
+            .write()
+            .entry(connection.to_string())
+            .or_default()
+            .clone()
+    }
 }
 
 /// What `/api/health` reports of one connection, as the broker observed it.
@@ -503,21 +524,6 @@ pub struct ConnectionStats {
     expires_on: AtomicU64,
     /// Whether that token was handed out `stale` (past its normal window, refresh failing).
     stale: AtomicBool,
-}
-
-static CONNECTIONS: LazyLock<RwLock<HashMap<String, Arc<ConnectionStats>>>> =
-    LazyLock::new(RwLock::default);
-
-/// The observations of `connection` (its lower-cased name), made on first use.
-pub fn connection_stats(connection: &str) -> Arc<ConnectionStats> {
-    if let Some(stats) = CONNECTIONS.read().get(connection) {
-        return stats.clone();
-    }
-    CONNECTIONS
-        .write()
-        .entry(connection.to_string())
-        .or_default()
-        .clone()
 }
 
 impl ConnectionStats {

@@ -23,9 +23,9 @@
 //! for every line when idle.
 
 use std::io::{ErrorKind, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -69,24 +69,32 @@ pub type RecordSink<'a> = dyn FnMut(Vec<u8>, u64) + 'a;
 
 /// What the log writer is given to do besides writing queued lines, by `main`: the pipeline
 /// does not import its producers.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Producers {
     /// Called every `every` and at each flush with a sink for records (a whole line and the
     /// number of tokens it stands for): the audit's aggregated hit records.
-    pub periodic: fn(SystemTime, &mut RecordSink<'_>),
+    pub periodic: Arc<Periodic>,
     pub every: Duration,
     /// Told how many tokens' audit records were lost (dropped at a full queue, or lost to a
     /// failed write), so that the counters can report it.
-    pub audit_lost: fn(u64),
+    pub audit_lost: Arc<LossCounter>,
 }
+
+/// The writer's periodic work: records handed to the sink it is given.
+pub type Periodic = dyn Fn(SystemTime, &mut RecordSink<'_>) + Send + Sync;
+
+/// Where lost audit records (as the tokens they stand for) are counted.
+pub type LossCounter = dyn Fn(u64) + Send + Sync;
 
 impl Producers {
     /// No periodic work and no loss counter: the writer only writes what is queued.
-    pub const NONE: Self = Self {
-        periodic: |_, _| {},
-        every: Duration::from_secs(3600),
-        audit_lost: |_| {},
-    };
+    pub fn none() -> Self {
+        Self {
+            periodic: Arc::new(|_, _| {}),
+            every: Duration::from_secs(3600),
+            audit_lost: Arc::new(|_| {}),
+        }
+    }
 }
 
 /// The producer side, shared by every thread.
@@ -105,12 +113,13 @@ struct Pipeline {
     flushed: Condvar,
 }
 
+/// The one process-wide static: the `tracing` subscriber that writes through it is
+/// process-wide too.
 static PIPELINE: OnceLock<Pipeline> = OnceLock::new();
-static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Whether `init` ran (the audit writer falls back to `tracing` events otherwise).
 pub fn installed() -> bool {
-    INSTALLED.load(Ordering::Relaxed)
+    PIPELINE.get().is_some()
 }
 
 /// `now` as the log lines write it: RFC 3339, UTC, microseconds (the audit records, the stats
@@ -266,7 +275,6 @@ pub fn init(producers: Producers) -> FlushGuard {
         .with_env_filter(filter)
         .with_writer(MakeLineWriter)
         .init();
-    INSTALLED.store(true, Ordering::Relaxed);
     if bad_setting {
         tracing::warn!(
             setting = QUEUE_LINES_SETTING,
@@ -281,6 +289,7 @@ pub fn init(producers: Producers) -> FlushGuard {
 /// writer takes one per batch). Only the first call has an effect.
 fn start<W: Write + 'static>(capacity: usize, output: fn() -> W, producers: Producers) {
     let (sender, receiver) = std::sync::mpsc::sync_channel(capacity);
+    let audit_lost = producers.audit_lost.clone();
     let handle = std::thread::Builder::new()
         .name("log-writer".to_string())
         .spawn(move || {
@@ -291,7 +300,7 @@ fn start<W: Write + 'static>(capacity: usize, output: fn() -> W, producers: Prod
                     None => std::thread::park(),
                 }
             };
-            Writer::new(output, producers.audit_lost).run(pipeline, &receiver);
+            Writer::new(output, audit_lost).run(pipeline, &receiver);
         });
     let Ok(handle) = handle else {
         // No thread, no log: the process still serves (lines are counted as dropped).
@@ -317,7 +326,7 @@ fn start<W: Write + 'static>(capacity: usize, output: fn() -> W, producers: Prod
 struct Writer<W> {
     output: fn() -> W,
     /// Where lost audit records are counted besides the writer's own report.
-    audit_lost_to: fn(u64),
+    audit_lost_to: Arc<LossCounter>,
     batch: Vec<u8>,
     /// Where each line of the batch ends, and what it is.
     lines: Vec<(usize, Kind)>,
@@ -342,7 +351,7 @@ struct LossReport<'a> {
 }
 
 impl<W: Write> Writer<W> {
-    fn new(output: fn() -> W, audit_lost_to: fn(u64)) -> Self {
+    fn new(output: fn() -> W, audit_lost_to: Arc<LossCounter>) -> Self {
         Self {
             output,
             audit_lost_to,
@@ -356,7 +365,7 @@ impl<W: Write> Writer<W> {
     }
 
     fn run(mut self, pipeline: &Pipeline, receiver: &Receiver<Line>) {
-        let producers = pipeline.producers;
+        let producers = &pipeline.producers;
         let mut periodic_due = Instant::now() + producers.every;
         let mut flushes_seen = 0;
         loop {

@@ -19,7 +19,8 @@ use crate::cache::{CacheKey, CacheOutcome, CachedToken};
 use crate::caller_check::{self, CallerHeaders};
 use crate::config::ScopeToken;
 use crate::error::ApiError;
-use crate::observe::stats::{self, CacheLookup, ConnectionStats};
+use crate::observe::Observers;
+use crate::observe::stats::{CacheLookup, ConnectionStats};
 
 /// Most scopes one request may name, and the longest `scope` value accepted.
 pub(super) const MAX_SCOPES: usize = 32;
@@ -107,7 +108,7 @@ pub(super) async fn serve_token(
     // connections exist.
     let caller = state.callers.authenticate(callers).await?;
     let asked = asked(state, name, query, form, &caller)?;
-    let handing_out = asked.handing_out(&caller, label);
+    let handing_out = asked.handing_out(state, &caller, label);
     // A hit this worker thread handed out lately needs no lock (`TokenCache::serve_hit`).
     let now = tokio::time::Instant::now();
     if let Some(response) = state.cache.serve_hit(&asked.key, now, |token| {
@@ -141,7 +142,7 @@ pub(super) fn hit_now(state: &AppState, parts: &Parts) -> Option<Response> {
         method: parts.method.as_str(),
         path: truncate(parts.uri.path(), 200),
     };
-    let handing_out = asked.handing_out(&caller, &label);
+    let handing_out = asked.handing_out(state, &caller, &label);
     let now = tokio::time::Instant::now();
     state.cache.serve_hit(&asked.key, now, |token| {
         handing_out.answer(token, CacheOutcome::Hit, now)
@@ -191,10 +192,12 @@ fn asked<'a>(
 impl<'a> Asked<'a> {
     fn handing_out(
         &'a self,
+        state: &'a AppState,
         caller: &'a caller_check::Caller,
         label: &'a RequestLabel<'a>,
     ) -> HandingOut<'a> {
         HandingOut {
+            observers: &state.observers,
             observed: &self.served.observed,
             connection: &self.served.settings,
             key: &self.key,
@@ -206,6 +209,7 @@ impl<'a> Asked<'a> {
 
 /// What a token answer is accounted to: the connection, the key, the caller, the request.
 pub(super) struct HandingOut<'a> {
+    observers: &'a Observers,
     observed: &'a ConnectionStats,
     connection: &'a crate::config::ConnectionSettings,
     key: &'a CacheKey,
@@ -217,7 +221,7 @@ impl HandingOut<'_> {
     /// The answer carrying `token`, counted, audited and observed for `/api/health`.
     fn answer(&self, token: &Arc<CachedToken>, outcome: CacheOutcome, now: Instant) -> Response {
         // In the stats, an answer that waited for a fetch is a miss, whoever started it.
-        stats::record_cache_outcome(match outcome {
+        self.observers.stats.record_cache_outcome(match outcome {
             CacheOutcome::Hit => CacheLookup::Hit,
             CacheOutcome::Stale => CacheLookup::Stale,
             CacheOutcome::Miss | CacheOutcome::Joined => CacheLookup::Miss,
@@ -239,7 +243,7 @@ impl HandingOut<'_> {
         // Hits are counted and written once per interval; a fetch or a stale answer is worth
         // a record of its own, at once.
         if outcome == CacheOutcome::Hit {
-            crate::observe::audit::record_hit(token, &record);
+            self.observers.hits.record_hit(token, &record);
         } else {
             crate::observe::audit::record(&record);
         }

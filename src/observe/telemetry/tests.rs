@@ -44,7 +44,7 @@ fn written_lines() -> Vec<serde_json::Value> {
 
 #[test]
 fn a_failed_write_is_counted_and_reported_with_the_records_it_lost() {
-    let mut writer = Writer::new(flaky, |_| {});
+    let mut writer = Writer::new(flaky, Arc::new(|_| {}));
     FAILURES.with(|f| f.set(1));
     writer.push(b"{\"n\":1}\n", Kind::Audit(1));
     writer.push(b"{\"n\":2}", Kind::Audit(40));
@@ -80,7 +80,7 @@ fn a_failed_write_is_counted_and_reported_with_the_records_it_lost() {
 fn an_aggregated_record_the_queue_has_no_room_for_is_counted_as_its_tokens() {
     let (sender, _receiver) = std::sync::mpsc::sync_channel(16);
     let pipeline = Pipeline {
-        producers: Producers::NONE,
+        producers: Producers::none(),
         sender,
         capacity: 16,
         pending: AtomicUsize::new(0),
@@ -102,7 +102,7 @@ fn an_aggregated_record_the_queue_has_no_room_for_is_counted_as_its_tokens() {
 
 #[test]
 fn a_report_that_cannot_be_written_keeps_its_counts() {
-    let mut writer = Writer::new(flaky, |_| {});
+    let mut writer = Writer::new(flaky, Arc::new(|_| {}));
     writer.audit_lost = 3;
     FAILURES.with(|f| f.set(1));
     writer.push_reports();
