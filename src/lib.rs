@@ -36,6 +36,7 @@ mod health;
 mod http_client;
 mod rotation;
 mod routes;
+mod single_flight;
 mod token;
 mod token_client;
 mod token_response;

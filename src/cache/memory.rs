@@ -26,8 +26,15 @@ use tokio::time::Instant;
 
 use super::hot::{self, Generation, LastUsed};
 use crate::config::{ConnectionName, ScopeToken};
+use crate::single_flight::Backoff;
 use crate::token::{FreshToken, TokenError, clamp_lifetime};
 
+/// Delays between failed refreshes while the token in hand still serves (each also at most half
+/// of what is left of it): 2 s, doubling, at most 64 s.
+const REFRESH_BACKOFF: Backoff = Backoff {
+    first: Duration::from_secs(2),
+    max: Duration::from_secs(64),
+};
 /// Produces tokens for cache keys; the token client in production, a counting fake in tests.
 pub(crate) trait TokenSource: Send + Sync + 'static {
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>>;
@@ -497,7 +504,7 @@ impl TokenCache {
                     state.failed_refreshes = state.failed_refreshes.saturating_add(1);
                     if let Some(token) = &state.token {
                         let remaining = token.expires_at.saturating_duration_since(now);
-                        let backoff = Duration::from_secs(1 << state.failed_refreshes.min(6));
+                        let backoff = REFRESH_BACKOFF.after(state.failed_refreshes);
                         let wait = backoff.min(remaining / 2).max(Duration::from_millis(500));
                         state.refresh_at = Some(later(now, wait));
                     }

@@ -13,6 +13,7 @@
 //! - Bodies are bounded ([`MAX_BODY_BYTES`]) and key URLs must be https (http on loopback only).
 
 use crate::observe::stats::Registry;
+use crate::single_flight::{Backoff, Leading, Seen, SingleFlight};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -59,16 +60,15 @@ pub(crate) struct KeyStore<S> {
     /// Where downloads are counted (`jwks_reloads`, `jwks_failures`).
     stats: Arc<Registry>,
     state: Mutex<State>,
-    /// Held for the whole of a download: one at a time, and a holder is a download in flight.
-    download: tokio::sync::Mutex<()>,
+    /// The right to download: one at a time, and a holder is a download in flight. Its count
+    /// of settled downloads is read under `state`'s lock.
+    download: SingleFlight,
 }
 
 #[derive(Default)]
 struct State {
     keys: Option<Arc<JwkSet>>,
     fetched_at: Option<Instant>,
-    /// Downloads finished (either way): a waiter that sees it change knows one happened.
-    attempts: u64,
     consecutive_failures: u32,
     retry_not_before: Option<Instant>,
     last_unknown_kid_reload: Option<Instant>,
@@ -92,7 +92,7 @@ impl<S: KeySource> KeyStore<S> {
             source,
             stats,
             state: Mutex::new(State::default()),
-            download: tokio::sync::Mutex::new(()),
+            download: SingleFlight::new(),
         })
     }
 
@@ -105,7 +105,7 @@ impl<S: KeySource> KeyStore<S> {
     /// The key `kid` names.
     pub(crate) async fn key(self: &Arc<Self>, kid: &str) -> Result<Jwk, KeyError> {
         let now = Instant::now();
-        let (seen_attempts, has_keys) = {
+        let (seen, has_keys) = {
             let state = self.state();
             if let Some(jwk) = state.find(kid) {
                 let stale = state.fetched_at.is_none_or(|at| now - at >= MAX_AGE);
@@ -124,23 +124,23 @@ impl<S: KeySource> KeyStore<S> {
             } else if let Some(retry_after) = state.backoff_left(now) {
                 return Err(KeyError::Unavailable { retry_after });
             }
-            (state.attempts, state.keys.is_some())
+            (self.download.seen(), state.keys.is_some())
         };
         if has_keys {
-            self.reload_for_unknown_kid(kid, seen_attempts).await
+            self.reload_for_unknown_kid(kid, seen).await
         } else {
-            self.first_keys(kid, seen_attempts).await
+            self.first_keys(kid, seen).await
         }
     }
 
     /// Keys held, `kid` not among them: reload unless a reload is running or was just made.
-    async fn reload_for_unknown_kid(&self, kid: &str, seen_attempts: u64) -> Result<Jwk, KeyError> {
-        let Ok(_download) = self.download.try_lock() else {
+    async fn reload_for_unknown_kid(&self, kid: &str, seen: Seen) -> Result<Jwk, KeyError> {
+        let Some(download) = self.download.try_lead() else {
             return Err(KeyError::UnknownKid);
         };
         {
             let mut state = self.state();
-            if state.attempts != seen_attempts {
+            if download.settled_since(seen) {
                 // A download finished since we looked: its keys are as fresh as ours would be.
                 return state.find(kid).ok_or(KeyError::UnknownKid);
             }
@@ -154,15 +154,15 @@ impl<S: KeySource> KeyStore<S> {
             state.last_unknown_kid_reload = Some(now);
         }
         tracing::info!("a caller token names an unknown signing key; reloading the key set");
-        self.download_now().await;
+        self.download_now(&download).await;
         self.state().find(kid).ok_or(KeyError::UnknownKid)
     }
 
     /// No keys yet: wait for the one download in flight, or make it.
-    async fn first_keys(&self, kid: &str, seen_attempts: u64) -> Result<Jwk, KeyError> {
-        let _download = self.download.lock().await;
-        if self.state().attempts == seen_attempts {
-            self.download_now().await;
+    async fn first_keys(&self, kid: &str, seen: Seen) -> Result<Jwk, KeyError> {
+        let download = self.download.lead().await;
+        if !download.settled_since(seen) {
+            self.download_now(&download).await;
         }
         let state = self.state();
         match &state.keys {
@@ -177,7 +177,7 @@ impl<S: KeySource> KeyStore<S> {
     fn refresh_in_background(self: &Arc<Self>) {
         let store = self.clone();
         tokio::spawn(async move {
-            let Ok(_download) = store.download.try_lock() else {
+            let Some(download) = store.download.try_lead() else {
                 return;
             };
             let due = {
@@ -187,13 +187,13 @@ impl<S: KeySource> KeyStore<S> {
                     && state.backoff_left(now).is_none()
             };
             if due {
-                store.download_now().await;
+                store.download_now(&download).await;
             }
         });
     }
 
-    /// Downloads once and records the outcome; the caller holds the download lock.
-    async fn download_now(&self) {
+    /// Downloads once and records the outcome, with the right to download in hand.
+    async fn download_now(&self, download: &Leading<'_>) {
         let result = match self.source.fetch().await {
             Ok(set) if set.keys.is_empty() => Err("the key set holds no keys".to_string()),
             other => other,
@@ -201,7 +201,7 @@ impl<S: KeySource> KeyStore<S> {
         self.stats.record_jwks_reload(result.is_ok());
         let mut state = self.state();
         let now = Instant::now();
-        state.attempts += 1;
+        download.settled();
         match result {
             Ok(set) => {
                 tracing::info!(
@@ -215,10 +215,11 @@ impl<S: KeySource> KeyStore<S> {
             }
             Err(reason) => {
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
-                let doublings = state.consecutive_failures.saturating_sub(1).min(16);
-                let backoff = FIRST_BACKOFF
-                    .saturating_mul(1 << doublings)
-                    .min(MAX_BACKOFF);
+                let backoff = Backoff {
+                    first: FIRST_BACKOFF,
+                    max: MAX_BACKOFF,
+                }
+                .after(state.consecutive_failures);
                 state.retry_not_before = Some(now + backoff);
                 tracing::warn!(
                     %reason,

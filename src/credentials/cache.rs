@@ -23,18 +23,22 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use super::error::{CredentialError, ObjectKind};
+use crate::single_flight::{Backoff, Leading, SingleFlight};
 
 /// Longest a re-read may take while a copy is in memory; past it the copy is used.
 const REREAD_WAIT: Duration = Duration::from_secs(2);
-/// Backoff between failed re-reads while a copy serves: doubling from the first, at most the
-/// last. The vault's limit is shared by every caller of the vault, so a sick vault is asked
-/// rarely.
-const REREAD_BACKOFF_FIRST: Duration = Duration::from_secs(5);
-const REREAD_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Backoff between failed re-reads while a copy serves. The vault's limit is shared by every
+/// caller of the vault, so a sick vault is asked rarely.
+const REREAD_BACKOFF: Backoff = Backoff {
+    first: Duration::from_secs(5),
+    max: Duration::from_secs(60),
+};
 /// Backoff between failed first reads (no copy: callers see the error meanwhile), shorter so
 /// that a repaired vault or identity is noticed soon.
-const COLD_BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const COLD_BACKOFF_MAX: Duration = Duration::from_secs(30);
+const COLD_BACKOFF: Backoff = Backoff {
+    first: Duration::from_secs(1),
+    max: Duration::from_secs(30),
+};
 
 /// What the cache needs to know of an object: which Key Vault version it is, to tell whether a
 /// re-read found a rotated one.
@@ -55,9 +59,10 @@ pub(crate) struct VaultCache<T> {
 struct Slot<T> {
     /// A blocking mutex: held for field updates only, never across an await.
     state: Mutex<SlotState<T>>,
-    /// Held for a Key Vault read, so that concurrent readers of an object make one read; with
-    /// a copy in memory, a caller that finds it taken uses the copy instead of waiting.
-    reading: tokio::sync::Mutex<()>,
+    /// The right to read it from Key Vault, so that concurrent readers of an object make one
+    /// read; with a copy in memory, a caller that finds it taken uses the copy instead of
+    /// waiting. Its count of settled reads is read under `state`'s lock.
+    reading: SingleFlight,
 }
 
 impl<T> Default for Slot<T> {
@@ -69,9 +74,8 @@ impl<T> Default for Slot<T> {
                 retry_at: None,
                 refused_since: None,
                 last_error: None,
-                generation: 0,
             }),
-            reading: tokio::sync::Mutex::new(()),
+            reading: SingleFlight::new(),
         }
     }
 }
@@ -85,8 +89,6 @@ struct SlotState<T> {
     refused_since: Option<Instant>,
     /// The last read's error, answered without a new read while backing off (no copy).
     last_error: Option<CredentialError>,
-    /// Reads settled so far: a caller that waited for another's read shares its outcome.
-    generation: u64,
 }
 
 impl<T> SlotState<T> {
@@ -136,7 +138,7 @@ impl<T: Versioned> VaultCache<T> {
         Fut: Future<Output = Result<T, CredentialError>>,
     {
         let slot = self.slot(name);
-        let (has_copy, generation) = {
+        let (has_copy, seen) = {
             let state = slot.state.lock();
             if let Some(fresh) = state.fresh(self.ttl) {
                 return Ok(fresh);
@@ -149,28 +151,28 @@ impl<T: Versioned> VaultCache<T> {
                     return Err(error.clone());
                 }
             }
-            (state.cached.is_some(), state.generation)
+            (state.cached.is_some(), slot.reading.seen())
         };
         if !has_copy {
             // Nothing to serve meanwhile: wait for the one read. A read that settled while
             // this caller waited is its answer too: callers never queue up reads one after
             // another, each burning its own deadline.
-            let _reading = slot.reading.lock().await;
+            let reading = slot.reading.lead().await;
             {
                 let state = slot.state.lock();
                 if let Some(fresh) = state.fresh(self.ttl) {
                     return Ok(fresh);
                 }
-                if state.generation != generation
+                if reading.settled_since(seen)
                     && let Some(error) = &state.last_error
                 {
                     return Err(error.clone());
                 }
             }
             let result = read().await;
-            return self.settle(name, &slot, result);
+            return self.settle(name, &slot, &reading, result);
         }
-        let Ok(_reading) = slot.reading.try_lock() else {
+        let Some(reading) = slot.reading.try_lead() else {
             // Another caller is re-reading; the copy serves until it is done.
             return self.copy(name, &slot.state.lock(), None);
         };
@@ -185,7 +187,7 @@ impl<T: Versioned> VaultCache<T> {
                 detail: format!("no answer within {}s", REREAD_WAIT.as_secs()),
             }),
         };
-        self.settle(name, &slot, result)
+        self.settle(name, &slot, &reading, result)
     }
 
     /// Records the outcome of a read: a new copy, or a failure that backs re-reads off and,
@@ -194,10 +196,11 @@ impl<T: Versioned> VaultCache<T> {
         &self,
         name: &str,
         slot: &Slot<T>,
+        reading: &Leading<'_>,
         result: Result<T, CredentialError>,
     ) -> Result<Arc<T>, CredentialError> {
         let mut state = slot.state.lock();
-        state.generation = state.generation.wrapping_add(1);
+        reading.settled();
         match result {
             Ok(object) => {
                 state.failures = 0;
@@ -208,14 +211,12 @@ impl<T: Versioned> VaultCache<T> {
             }
             Err(error) => {
                 state.failures = state.failures.saturating_add(1);
-                let (first, max) = if state.cached.is_some() {
-                    (REREAD_BACKOFF_FIRST, REREAD_BACKOFF_MAX)
+                let backoff = if state.cached.is_some() {
+                    REREAD_BACKOFF
                 } else {
-                    (COLD_BACKOFF_FIRST, COLD_BACKOFF_MAX)
-                };
-                let backoff = first
-                    .saturating_mul(1 << (state.failures - 1).min(8))
-                    .min(max);
+                    COLD_BACKOFF
+                }
+                .after(state.failures);
                 state.retry_at = Some(Instant::now() + backoff);
                 if error.is_definitive() && state.refused_since.is_none() {
                     state.refused_since = Some(Instant::now());
@@ -286,7 +287,7 @@ impl<T: Versioned> VaultCache<T> {
         Fut: Future<Output = Result<T, CredentialError>>,
     {
         let slot = self.slot(name);
-        let _reading = slot.reading.lock().await;
+        let reading = slot.reading.lead().await;
         // Read again unless re-reads are backing off; bounded like any re-read with a copy,
         // and settled the same way (backoff, refusal grace), so this path cannot hammer a sick
         // vault or eat the token fetch's deadline.
@@ -299,7 +300,7 @@ impl<T: Versioned> VaultCache<T> {
                     detail: format!("no answer within {}s", REREAD_WAIT.as_secs()),
                 }),
             };
-            if let Err(error) = self.settle(name, &slot, result) {
+            if let Err(error) = self.settle(name, &slot, &reading, result) {
                 tracing::warn!(object = self.kind.as_str(), name, reason = %error, "key vault re-read after a rejected credential failed");
                 return None;
             }
@@ -387,7 +388,7 @@ mod tests {
     }
 
     fn reads(cache: &VaultCache<Object>, name: &str) -> u64 {
-        cache.slot(name).state.lock().generation
+        cache.slot(name).reading.loads()
     }
 
     async fn failing() -> Result<Object, CredentialError> {
@@ -418,13 +419,13 @@ mod tests {
             1,
             "within the backoff, no read (any spelling)"
         );
-        tokio::time::advance(COLD_BACKOFF_FIRST).await;
+        tokio::time::advance(COLD_BACKOFF.first).await;
         assert!(cache.get("s", failing).await.is_err());
         assert_eq!(reads(&cache, "s"), 2, "after the backoff, one more");
-        tokio::time::advance(COLD_BACKOFF_FIRST).await;
+        tokio::time::advance(COLD_BACKOFF.first).await;
         assert!(cache.get("s", failing).await.is_err());
         assert_eq!(reads(&cache, "s"), 2, "the backoff doubles");
-        tokio::time::advance(COLD_BACKOFF_FIRST).await;
+        tokio::time::advance(COLD_BACKOFF.first).await;
         assert!(cache.get("s", failing).await.is_err());
         assert_eq!(reads(&cache, "s"), 3);
     }
@@ -441,7 +442,9 @@ mod tests {
             code: "Forbidden/SecretDisabled".into(),
         };
         assert!(
-            cache.settle("s", &slot, Err(refusal)).is_ok(),
+            cache
+                .settle("s", &slot, &slot.reading.lead().await, Err(refusal))
+                .is_ok(),
             "within the grace"
         );
         tokio::time::advance(grace - Duration::from_secs(1)).await;
@@ -462,8 +465,9 @@ mod tests {
             name: "t".into(),
             detail: "HTTP 503".into(),
         };
-        assert!(cache.settle("t", &slot, Err(outage())).is_ok());
+        let reading = slot.reading.lead().await;
+        assert!(cache.settle("t", &slot, &reading, Err(outage())).is_ok());
         tokio::time::advance(grace * 10).await;
-        assert!(cache.settle("t", &slot, Err(outage())).is_ok());
+        assert!(cache.settle("t", &slot, &reading, Err(outage())).is_ok());
     }
 }

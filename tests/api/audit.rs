@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use serde_json::Value;
 
-use crate::helpers::{Setup, TestApp, jwt_callers, spawn_app, spawn_app_with};
+use crate::support::{Setup, TestApp, jwt_callers, spawn_app, spawn_app_with};
 
 /// The broker's interval for aggregated cache-hit records (`audit::HIT_INTERVAL`).
 const HIT_INTERVAL: Duration = Duration::from_secs(5);

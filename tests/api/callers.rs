@@ -10,9 +10,9 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json as json_value};
 use token_broker_doubles::entra_keys::{EntraKeysDouble, KeysFault};
 
-use crate::helpers::{RESOURCE, Setup, TestApp, json, jwt_callers, spawn_app_with};
+use crate::support::{RESOURCE, Setup, TestApp, json, jwt_callers, spawn_app_with};
 
-async fn jwt_app() -> crate::helpers::TestApp {
+async fn jwt_app() -> crate::support::TestApp {
     spawn_app_with(Setup {
         extra_config: jwt_callers("{issuer}", None, 60),
         ..Setup::default()
@@ -348,7 +348,7 @@ async fn easy_auth_mode_takes_the_caller_from_the_platform_header() {
     let app = spawn_app_with(Setup {
         extra_config: format!(
             "\n[callers]\nmode = \"easy_auth\"\n{}",
-            crate::helpers::GUARDED
+            crate::support::GUARDED
         ),
         // App Service Authentication is on: the platform says so.
         extra_env: vec![("WEBSITE_AUTH_ENABLED".to_string(), "True".to_string())],
@@ -377,7 +377,7 @@ async fn easy_auth_reads_only_entra_principals_and_a_client_id_admits_app_only_c
     let app = spawn_app_with(Setup {
         extra_config: format!(
             "\n[callers]\nmode = \"easy_auth\"\n{}",
-            crate::helpers::GUARDED
+            crate::support::GUARDED
         ),
         extra_env: vec![("WEBSITE_AUTH_ENABLED".to_string(), "True".to_string())],
         ..Setup::default()

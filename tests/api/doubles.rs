@@ -14,7 +14,7 @@ use token_broker_doubles::{
     AzureDoubles, ConnectProxy, EntraTokenDouble, Fault, KeyKind, ManagedIdentityDouble, key_vault,
 };
 
-use crate::helpers::json;
+use crate::support::json;
 
 const IDENTITY: &str = "5e8c0a3e-7d41-4c1a-9b7e-00000000d0b1";
 const EXCHANGE: &str = "api://AzureADTokenExchange";

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::{json, spawn_app};
+use crate::support::{json, spawn_app};
 
 fn assert_contract(body: &Value, code: &str) {
     assert_eq!(body["error"], code, "{body}");

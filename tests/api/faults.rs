@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use token_broker_doubles::Fault as VaultFault;
 use token_broker_doubles::fault_proxy::Fault;
 
-use crate::helpers::{Setup, TestApp, json as body_json, spawn_app_with};
+use crate::support::{Setup, TestApp, json as body_json, spawn_app_with};
 
 /// A connection behind the proxy with tight bounds: 1 s per attempt, 3 s per fetch.
 const FLAKY: &str = r#"

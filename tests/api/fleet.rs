@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 
 use base64::Engine as _;
 
-use crate::fleet_helpers::{
+use crate::support::{
     Broker, CACHE_KEY, FLEET_SECRET, FLEET_SECRET_V2, Fleet, OTHER_CACHE_KEY, REDIS_PASSWORD,
     RedisOptions, RedisProxy, RedisServer, sealed, tls_dir,
 };
-use crate::helpers::{FUNCTION_KEY, contains_jwt};
+use crate::support::{FUNCTION_KEY, contains_jwt};
 
 /// Every broker asks for `path` at once; all must succeed.
 async fn burst(brokers: &[Broker], path: &str, per_broker: usize) -> Vec<String> {

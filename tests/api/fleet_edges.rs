@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use token_broker_doubles::FaultProxy;
 use token_broker_doubles::fault_proxy::Fault;
 
-use crate::fleet_helpers::{
+use crate::support::{
     Broker, CACHE_KEY, FLEET_SECRET, Fleet, OTHER_CACHE_KEY, RedisOptions, RedisProxy, RedisServer,
 };
 

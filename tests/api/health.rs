@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use token_broker_doubles::fault_proxy::Fault;
 
-use crate::helpers::{Setup, TestApp, json, spawn_app_with};
+use crate::support::{Setup, TestApp, json, spawn_app_with};
 
 /// A connection through the fault proxy whose circuit opens at the first failure.
 const FLAKY: &str = r#"

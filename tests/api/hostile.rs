@@ -1,6 +1,6 @@
 //! Hostile input: every refusal is a clear 4xx JSON error, never a 5xx or a crash.
 
-use crate::helpers::{Setup, json, spawn_app, spawn_app_with};
+use crate::support::{Setup, json, spawn_app, spawn_app_with};
 
 async fn assert_refused(response: reqwest::Response, status: u16) {
     assert_eq!(response.status(), status);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use token_broker_doubles::Fault;
 
-use crate::helpers::{Setup, TestApp, json as body_json, spawn_app, spawn_app_with};
+use crate::support::{Setup, TestApp, json as body_json, spawn_app, spawn_app_with};
 
 /// Marks `secret` stale the way a Key Vault event does, so the next fetch reads Key Vault.
 pub async fn secret_changed(app: &TestApp, secret: &str) {
@@ -261,7 +261,7 @@ async fn a_re_read_that_answers_within_the_bound_is_used() {
     let new_version = app
         .azure
         .vault
-        .set_secret("basic-secret", crate::helpers::TRICKY_SECRET);
+        .set_secret("basic-secret", crate::support::TRICKY_SECRET);
     app.azure.vault.set_fault(Some(Fault::Hold));
     secret_changed(&app, "basic-secret").await;
     let before = app.azure.vault.requests();
@@ -296,7 +296,7 @@ async fn a_hanging_vault_without_a_copy_costs_a_caller_the_deadline_and_no_more(
     let app = sharing_app().await;
     app.azure
         .vault
-        .set_secret("cold-secret", crate::helpers::TRICKY_SECRET);
+        .set_secret("cold-secret", crate::support::TRICKY_SECRET);
     app.azure.vault.set_fault(Some(Fault::Hold));
     let started = Instant::now();
     let response = app.token("cold").await;

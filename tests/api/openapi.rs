@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::helpers::{FUNCTION_KEY, Setup, jwt_callers, spawn_app_with};
+use crate::support::{FUNCTION_KEY, Setup, jwt_callers, spawn_app_with};
 
 /// schemathesis from `SCHEMATHESIS`, else the virtualenv `scripts/test` installs it in.
 fn schemathesis() -> PathBuf {

@@ -9,8 +9,8 @@ use sha2::{Digest, Sha256};
 use token_broker_doubles::fault_proxy::Fault;
 use token_broker_doubles::{ChallengeForm, key_vault};
 
-use crate::helpers::{MANAGED_IDENTITY_CLIENT_ID, Setup, json, spawn_app, spawn_app_with};
 use crate::key_vault::secret_changed;
+use crate::support::{MANAGED_IDENTITY_CLIENT_ID, Setup, json, spawn_app, spawn_app_with};
 
 fn unix_now() -> u64 {
     SystemTime::now()

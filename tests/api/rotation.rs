@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{
+use crate::support::{
     ROTATION_V1, ROTATION_V2, Setup, TestApp, json as body_json, spawn_app, spawn_app_with,
 };
 

@@ -2,7 +2,7 @@
 
 use base64::Engine as _;
 
-use crate::helpers::{Setup, TRICKY_SECRET, post_secret, setting_secret, spawn_app_with};
+use crate::support::{Setup, TRICKY_SECRET, post_secret, setting_secret, spawn_app_with};
 
 #[tokio::test]
 async fn secrets_tokens_and_function_keys_never_reach_the_trace_log() {

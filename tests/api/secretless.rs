@@ -2,15 +2,16 @@
 //! (keys against the real oidc-provider, certificates against an Entra-shaped token endpoint),
 //! and the managed identity as an Entra federated credential.
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 use token_broker_doubles::{AzureDoubles, EntraTokenDouble, KeyKind};
 
-use crate::helpers::{IdpClient, Setup, TestApp, contains_jwt, json as body_json, spawn_app_with};
+use crate::support::{
+    IdpClient, Launch, Setup, TestApp, contains_jwt, json as body_json, spawn_app_with,
+};
 
 /// Connections signing with keys the tests create after start: Key Vault is read lazily.
 const KEY_CONNECTIONS: &str = r#"
@@ -423,59 +424,28 @@ struct OwnBroker {
 
 impl OwnBroker {
     async fn start(config: &str, azure: &AzureDoubles, dir: &std::path::Path) -> Self {
-        use std::io::BufRead as _;
         let config_path = dir.join("broker.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_token-broker"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            // Port 0: the broker binds any free port and reports it in its "listening" line.
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", "0")
-            .env("TOKEN_BROKER_CONFIG", &config_path)
-            .env("IDENTITY_ENDPOINT", azure.identity.endpoint())
-            .env("IDENTITY_HEADER", azure.identity.header())
-            .env("SSL_CERT_FILE", azure.vault.ca_file())
-            .env("RUST_LOG", "trace")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let streams: [Box<dyn std::io::Read + Send>; 2] = [
-            Box::new(child.stdout.take().unwrap()),
-            Box::new(child.stderr.take().unwrap()),
-        ];
-        let readers = streams
-            .into_iter()
-            .map(|stream| {
-                let logs = logs.clone();
-                std::thread::spawn(move || {
-                    for line in std::io::BufReader::new(stream)
-                        .lines()
-                        .map_while(Result::ok)
-                    {
-                        logs.lock().unwrap().push(line);
-                    }
-                })
-            })
-            .collect();
-        let port = crate::helpers::listening_port(&mut child, &logs).await;
-        let broker = Self {
-            child,
-            address: format!("http://127.0.0.1:{port}"),
-            logs,
-            readers,
-        };
-        for _ in 0..1200 {
-            if reqwest::get(format!("{}/", broker.address)).await.is_ok() {
-                return broker;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        let started = Launch {
+            config: &config_path,
+            env: vec![
+                ("IDENTITY_ENDPOINT".into(), azure.identity.endpoint()),
+                ("IDENTITY_HEADER".into(), azure.identity.header().into()),
+                (
+                    "SSL_CERT_FILE".into(),
+                    azure.vault.ca_file().display().to_string(),
+                ),
+            ],
+            log_level: "trace",
         }
-        panic!(
-            "broker never became ready: {:?}",
-            broker.logs.lock().unwrap()
-        );
+        .start()
+        .await;
+        Self {
+            child: started.child,
+            address: started.address,
+            logs: started.logs,
+            readers: started.readers,
+        }
     }
 
     async fn token(&self, connection: &str) -> reqwest::Response {

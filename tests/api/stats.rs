@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::helpers::{Setup, refusing_port, spawn_app_with};
+use crate::support::{Setup, refusing_port, spawn_app_with};
 
 /// The sum of `path` over `lines`: a field every line must carry (`["requests"]`), or a count
 /// in one of its objects of counts (`["requests_by_status", "200"]`), which leaves a name out

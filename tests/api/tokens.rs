@@ -5,13 +5,13 @@ use jsonwebtoken::{DecodingKey, Validation, decode, decode_header, jwk::JwkSet};
 use serde_json::Value;
 use token_broker_doubles::fault_proxy::Fault;
 
-use crate::helpers::{
+use crate::support::{
     MANAGED_IDENTITY_CLIENT_ID, RESOURCE, Setup, TestApp, json, post_secret, spawn_app,
     spawn_app_with,
 };
 
 /// Verifies an access token against the provider's published JWKS.
-async fn verify(app: &crate::helpers::TestApp, token: &str) -> Value {
+async fn verify(app: &crate::support::TestApp, token: &str) -> Value {
     let jwks: JwkSet = reqwest::get(&app.idp.jwks_uri)
         .await
         .unwrap()
@@ -396,7 +396,7 @@ async fn audience_resource_and_extra_params_reach_the_provider_as_configured() {
     assert_eq!(requests.len(), 2, "{requests:?}");
     let (shaped, demo) = (&requests[0], &requests[1]);
     assert_eq!(shaped.status, 200);
-    let fields = |request: &crate::helpers::IdpTokenRequest| -> Vec<String> {
+    let fields = |request: &crate::support::IdpTokenRequest| -> Vec<String> {
         let mut names: Vec<String> = request.form.as_ref().unwrap().keys().cloned().collect();
         names.sort();
         names
