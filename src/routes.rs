@@ -6,9 +6,11 @@
 //! routes case-insensitively (`/API/Token/x` reaches us as the client typed it) and because an
 //! unknown or malformed connection name must be a plain `unknown_connection`, never a 5xx.
 
+mod label;
 mod limits;
 mod token;
 
+use label::{invocation_id, request_span};
 use limits::{HeadFacts, check_limits, discard, expects_continue, read_body, refused};
 use token::{hit_now, token_request, token_route};
 
@@ -19,7 +21,7 @@ use std::task::{Context, Poll};
 
 use axum::body::Body;
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, Method, Request, header};
+use axum::http::{Method, Request, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::FutureExt;
 use futures_util::future::{self, BoxFuture, Either};
@@ -89,14 +91,6 @@ impl tower_service::Service<Request<Body>> for BrokerService {
     }
 }
 
-/// The host's invocation id header, cut to a length fit for a log line.
-fn invocation_id(invocation: Option<&HeaderValue>) -> &str {
-    invocation
-        .and_then(|value| value.to_str().ok())
-        .map(|value| truncate(value, 64))
-        .unwrap_or_default()
-}
-
 /// Labels a request's log lines with a span: the host's invocation id, the method, the path.
 ///
 /// A span costs a formatted copy of its fields per request, and a cache hit writes no log line
@@ -137,16 +131,6 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
         );
     }
     Ok(response)
-}
-
-/// The span that labels a request's log lines: the host's invocation id, the method, the path.
-fn request_span(parts: &Parts, invocation: &str) -> tracing::Span {
-    tracing::info_span!(
-        "request",
-        invocation_id = invocation,
-        method = parts.method.as_str(),
-        path = truncate(parts.uri.path(), 200),
-    )
 }
 
 /// A handler's outcome as the answer sent: counted (but for the host's readiness probes of
@@ -201,17 +185,6 @@ fn panicked(panic: &(dyn std::any::Any + Send), span: tracing::Span) -> ApiError
         "the broker failed unexpectedly on this request (a bug; its log has the details)"
             .to_string(),
     )
-}
-
-fn truncate(text: &str, max: usize) -> &str {
-    // A string of at most `max` bytes has at most `max` characters: nothing to count.
-    if text.len() <= max {
-        return text;
-    }
-    match text.char_indices().nth(max) {
-        Some((index, _)) => &text[..index],
-        None => text,
-    }
 }
 
 async fn dispatch(

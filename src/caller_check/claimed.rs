@@ -9,7 +9,7 @@
 //! admitted. An object id names one principal (the application's service principal, or the
 //! user) and names the caller whatever the token.
 
-use super::Caller;
+use super::caller::Caller;
 
 /// The identifying claims of a token or principal that has already been validated.
 pub(super) struct Claimed {

@@ -11,8 +11,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::Deserialize;
 
+use super::caller::{Caller, CallerError, CallerHeaders};
 use super::claimed::{Claimed, delegated};
-use super::{Caller, CallerError, CallerHeaders};
 
 #[derive(Deserialize)]
 struct ClientPrincipal {

@@ -12,9 +12,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
+use super::caller::{Caller, CallerError, CallerHeaders, bearer};
 use super::claimed::{Claimed, delegated};
 use super::jwks::{HttpKeySource, KeyError, KeySource, KeyStore};
-use super::{Caller, CallerError, CallerHeaders, bearer};
 
 /// Signature algorithms a caller token may use, by their JOSE names: asymmetric only. `none`
 /// and the HMAC family (whose "key" would be public JWKS material) are refused here, before a

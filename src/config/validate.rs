@@ -4,15 +4,18 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use secrecy::SecretString;
 use url::Url;
 
 use super::entra_authority;
+use super::environment::Environment;
 use super::raw::{
     OneOrMany, RESERVED_PARAMS, RawCallers, RawConnection, RawFile, RawKeyVault, RawSharedCache,
     RawTelemetry,
 };
+use super::settings::*;
 use super::types::{ConnectionName, EndpointUrl, ScopeToken, is_loopback, is_valid_key_vault_name};
-use super::*;
+use super::vault_objects::decode_encryption_key;
 
 mod callers;
 mod connections;

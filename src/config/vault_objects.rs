@@ -7,7 +7,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
 
-use super::{
+use super::settings::{
     AssertionKey, ConnectionSettings, CredentialSource, ENCRYPTION_KEY_BYTES, SecretSource,
 };
 

@@ -20,10 +20,20 @@ use secrecy::SecretString;
 use sha2::Digest as _;
 use tokio::time::Instant;
 
-use super::ClientAssertion;
 use super::cache::Versioned;
 use super::error::{CredentialError, ObjectKind};
 use super::vault::{Clients, classify};
+
+/// A client assertion: a signed JWT, or the managed identity's token. Bearer credentials
+/// both, so held as secrets.
+pub(crate) struct ClientAssertion {
+    pub value: SecretString,
+    /// The key or certificate version that signed it; `None` for federation.
+    pub version: Option<String>,
+    /// The key that signed it, so that a retry can send a newly signed assertion from the
+    /// same version; `None` for federation (the managed identity's token is not single-use).
+    pub(super) signer: Option<Arc<SigningKey>>,
+}
 use crate::config::{AssertionSettings, SigningAlgorithm};
 
 /// The public side of a signing key, as read from Key Vault: enough to build the header and

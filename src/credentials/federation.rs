@@ -10,7 +10,7 @@
 use secrecy::SecretString;
 use tokio::time::Instant;
 
-use super::ClientAssertion;
+use super::assertion::ClientAssertion;
 use super::error::CredentialError;
 use super::vault::Clients;
 

@@ -22,8 +22,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use secrecy::SecretString;
-
 pub(crate) use error::{CredentialError, ObjectKind};
 pub(crate) use secret::ClientSecret;
 
@@ -32,6 +30,7 @@ use crate::config::{
     KeyVaultSettings, SecretSource,
 };
 use crate::http_client::LazyClient;
+pub(crate) use assertion::ClientAssertion;
 use assertion::SigningKey;
 use cache::VaultCache;
 use vault::{Clients, Vault};
@@ -62,17 +61,6 @@ impl fmt::Debug for ClientCredential {
         };
         write!(f, "{kind}(version {:?}, [REDACTED])", self.version())
     }
-}
-
-/// A client assertion: a signed JWT, or the managed identity's token. Bearer credentials
-/// both, so held as secrets.
-pub(crate) struct ClientAssertion {
-    pub value: SecretString,
-    /// The key or certificate version that signed it; `None` for federation.
-    pub version: Option<String>,
-    /// The key that signed it, so that a retry can send a newly signed assertion from the
-    /// same version; `None` for federation (the managed identity's token is not single-use).
-    signer: Option<Arc<SigningKey>>,
 }
 
 /// Makes credentials for connections, keeping Key Vault objects in memory.

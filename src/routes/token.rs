@@ -12,8 +12,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::Response;
 use secrecy::ExposeSecret;
 
+use super::label::{RequestLabel, invocation_id, truncate};
 use super::limits::{HeadFacts, check_limits, read_body};
-use super::{invocation_id, truncate};
 use crate::app_state::{AppState, Served};
 use crate::cache::{CacheKey, CacheOutcome, CachedToken};
 use crate::caller_check::{self, CallerHeaders};
@@ -26,15 +26,6 @@ use crate::observe::stats::{CacheLookup, ConnectionStats};
 pub(super) const MAX_SCOPES: usize = 32;
 
 pub(super) const MAX_SCOPE_PARAMETER: usize = 2048;
-
-/// What identifies a request in its log lines: the host's invocation id (so the broker's lines
-/// join the host's own in Application Insights), the method and the path; never the query
-/// string, which may hold the function key (`code=`), and never a header.
-pub(super) struct RequestLabel<'a> {
-    invocation_id: &'a str,
-    method: &'a str,
-    path: &'a str,
-}
 
 /// `GET|POST /api/token/{connection}`.
 pub(super) async fn token_request(

@@ -2,6 +2,7 @@
 
 use super::*;
 use secrecy::ExposeSecret;
+use std::time::Duration;
 
 fn env(pairs: &[(&str, &str)]) -> impl Environment {
     let pairs: Vec<(String, String)> = pairs
