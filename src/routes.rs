@@ -73,7 +73,11 @@ impl tower_service::Service<Request<Body>> for BrokerService {
         // A cache hit has nothing to wait for: it is answered here, without the allocated
         // future, its panic guard and its span, which cost a hit about a tenth of its work
         // (BENCHMARKS.md, "Counted"). Anything else takes the full path below.
-        match std::panic::catch_unwind(AssertUnwindSafe(|| hit_now(&self.state, &parts))) {
+        // At DEBUG every request gets its span and "finished" line: the full path writes them.
+        let fast = !tracing::enabled!(tracing::Level::DEBUG);
+        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            fast.then(|| hit_now(&self.state, &parts)).flatten()
+        })) {
             Ok(Some(response)) => {
                 let stats = &self.state.observers.stats;
                 stats.record_response(response.status().as_u16(), None);

@@ -59,6 +59,11 @@ impl CallerCheck {
         }
     }
 
+    /// Whether [`Self::authenticate_now`] can answer: in every mode but `jwt`.
+    pub(crate) fn answers_at_once(&self) -> bool {
+        !matches!(self, CallerCheck::Jwt(_))
+    }
+
     /// Who sent a request with these caller headers, when that needs no waiting: `None` in
     /// mode `jwt`, whose key set may have to be fetched first (see [`Self::authenticate`]).
     pub(crate) fn authenticate_now(

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::cache::Versioned;
 use super::error::{CredentialError, ObjectKind};
 use super::vault::{Clients, classify};
+use crate::config::{AssertionSettings, SigningAlgorithm};
 
 /// A client assertion: a signed JWT, or the managed identity's token. Bearer credentials
 /// both, so held as secrets.
@@ -34,7 +35,6 @@ pub(crate) struct ClientAssertion {
     /// same version; `None` for federation (the managed identity's token is not single-use).
     pub(super) signer: Option<Arc<SigningKey>>,
 }
-use crate::config::{AssertionSettings, SigningAlgorithm};
 
 /// The public side of a signing key, as read from Key Vault: enough to build the header and
 /// to ask Key Vault for a signature.

@@ -85,6 +85,10 @@ pub(super) async fn discard(body: Body, declared: Option<u64>, seen: u64) -> boo
 /// A refusal made before the body was read: when the body was not all read away (`drained`),
 /// the connection ends with the answer (the unread rest cannot be told from the next request).
 pub(super) fn refused(mut error: ApiError, drained: bool) -> ApiError {
+    debug_assert!(
+        matches!(error, ApiError::TooLarge { .. }),
+        "only a request too large is refused before its body is read"
+    );
     if let ApiError::TooLarge { unread_body, .. } = &mut error {
         *unread_body = !drained;
     }

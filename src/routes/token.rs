@@ -115,12 +115,13 @@ pub(super) async fn serve_token(
 }
 
 /// The answer to a token request that a cache hit can give at once, before any future is
-/// made: `None` whenever anything else may be needed (a body to read, a key set to load, a
-/// fetch, an error to explain, a DEBUG line), and the request then takes the full path
-/// ([`token_request`]), which does every check again. What it hands out is counted and
-/// audited exactly as there.
+/// made: `None` whenever anything else may be needed (a body to read, a caller token to
+/// validate in mode `jwt`, whose key set may have to be loaded, a fetch, an error to
+/// explain), and the request then takes the full path ([`token_request`]), which does every
+/// check again. What it hands out is counted and audited exactly as there. The caller skips
+/// it at DEBUG, where every request gets the full path's span and "finished" line.
 pub(super) fn hit_now(state: &AppState, parts: &Parts) -> Option<Response> {
-    if parts.method != Method::GET || tracing::enabled!(tracing::Level::DEBUG) {
+    if parts.method != Method::GET || !state.callers.answers_at_once() {
         return None;
     }
     let name = token_route(parts.uri.path())?;
