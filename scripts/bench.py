@@ -183,6 +183,20 @@ def wrk(url, concurrency, duration=DURATION, headers=None, method="GET", body=""
     }
 
 
+def settle(processes, quiet=0.02, within=30.0):
+    """Waits until `processes` together use less than `quiet` CPU seconds per 0.25 s (at most
+    `within` seconds): the identity provider goes on answering a run's queued requests for
+    seconds after `wrk` stops, and whatever ran next would share the machine with it."""
+    deadline = time.monotonic() + within
+    before = sum(cpu_seconds(process.pid) for process in processes)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = sum(cpu_seconds(process.pid) for process in processes)
+        if now - before < quiet:
+            return
+        before = now
+
+
 def vm_hwm_kib(pid):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -419,14 +433,21 @@ scopes = ["read"]
     order = list(targets)
     log("warm-up: one unrecorded run of every target")
     for name in order:
+        settle([broker, bare, lean, idp])
         targets[name](max(CONCURRENCY))
     log(f"cache hit, bare servers and identity provider: {ROUNDS} interleaved rounds of {DURATION} per cell")
     samples = {(name, c): [] for name in targets for c in CONCURRENCY}
+    busy = [broker, bare, lean, idp]
     for round_number in range(ROUNDS):
-        # Rotate the order each round so that no target always runs first (or last).
+        # Rotate the order each round so that no target always runs first (or last), and
+        # reverse it every other round so that no target always follows the same one (a
+        # rotation alone keeps the identity provider just before the broker in every round).
         names = order[round_number % len(order):] + order[:round_number % len(order)]
+        if round_number % 2:
+            names.reverse()
         for c in CONCURRENCY:
             for name in names:
+                settle(busy)
                 result = targets[name](c)
                 samples[(name, c)].append(result)
                 print(f"   round {round_number + 1} c={c} {name}: {result['rps']:.0f} rps, p99 {result['p99']:.2f} ms, "
@@ -445,6 +466,7 @@ scopes = ["read"]
         for c in PINNED_CONCURRENCY:
             for name in names:
                 process, url = servers[name]
+                settle(busy)
                 before = cpu_seconds(process.pid)
                 result = wrk(url, c, headers=HOST_HEADERS, core=1)
                 result["cpu_us"] = (cpu_seconds(process.pid) - before) / max(result["total"], 1) * 1e6
@@ -646,8 +668,9 @@ def write_report(samples, pinned, counts, flight_ok, single_flight_calls, flight
         f"- Machine: {machine()}",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         f"- Each cell: {ROUNDS} runs of {DURATION}, interleaved (broker, the two bare servers and the identity provider "
-        "in an order that rotates every round), after one unrecorded warm-up run of each; medians, with the range "
-        "(min–max) of the runs in brackets.",
+        "in an order that rotates every round and reverses every other one), after one unrecorded warm-up run of "
+        "each, every run started once the servers and the identity provider are idle (under 8% of a core); "
+        "medians, with the range (min–max) of the runs in brackets.",
         f"- Body {body_size} bytes (a token answer); release profile for both servers; every request carries the "
         "headers the Functions host adds (`X-Azure-Functions-InvocationId`, `X-Azure-Functions-HostVersion`).",
         "",
