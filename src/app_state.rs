@@ -21,10 +21,8 @@ pub(crate) struct AppState {
     /// The token client behind the cache, held here so that a rotation event can reach its
     /// per-connection guards (a rotated secret must not stay refused by the negative cache).
     pub token_client: Arc<TokenClient>,
-    /// Connections by lower-cased name.
-    pub connections: Arc<BTreeMap<ConnectionName, ConnectionSettings>>,
-    /// What a token request needs of each connection, by lower-cased name: found by one
-    /// look-up per request.
+    /// Every connection by lower-cased name, with what a token request needs of it (found by
+    /// one look-up per request): the one copy of the connections' settings the handlers read.
     pub served: Arc<BTreeMap<ConnectionName, Served>>,
     /// What requests report to: the counters and the audit's hit tallies.
     pub observers: Observers,
@@ -58,7 +56,6 @@ impl AppState {
             credentials,
             callers,
             token_client,
-            connections,
             served: Arc::new(served),
             observers,
             shared: None,

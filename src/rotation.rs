@@ -241,10 +241,11 @@ struct Rotated {
 /// `None` when no connection uses that object.
 fn rotate_locally(state: &AppState, kind: ObjectKind, object_name: &str) -> Option<Rotated> {
     let connections: Vec<&str> = state
-        .connections
+        .served
         .iter()
-        .filter(|(_, connection)| {
-            connection
+        .filter(|(_, served)| {
+            served
+                .settings
                 .vault_object(kind)
                 .is_some_and(|name| name.eq_ignore_ascii_case(object_name))
         })
@@ -252,7 +253,7 @@ fn rotate_locally(state: &AppState, kind: ObjectKind, object_name: &str) -> Opti
         .collect();
     let configured_name = connections
         .first()
-        .and_then(|key| state.connections[*key].vault_object(kind))?
+        .and_then(|key| state.served[*key].settings.vault_object(kind))?
         .to_string();
     state.credentials.invalidate(kind, &configured_name);
     for connection in &connections {

@@ -173,13 +173,13 @@ struct LastReport {
 /// One `stats` line: the counts since the last one, and the circuit breakers open now.
 fn report_stats(state: &AppState, last_report: &parking_lot::Mutex<LastReport>) {
     let open: Vec<&str> = state
-        .connections
+        .served
         .iter()
         .filter(|(key, _)| {
             state.token_client.breaker(key.as_str())
                 == Some(crate::upstream_guard::BreakerState::Open)
         })
-        .map(|(_, connection)| connection.name.as_str())
+        .map(|(_, served)| served.settings.name.as_str())
         .collect();
     let now = LastReport {
         at: tokio::time::Instant::now(),
