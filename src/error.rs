@@ -39,6 +39,9 @@ pub(crate) enum ApiError {
     },
     /// 400 `invalid_scope`: a scope outside the connection's `allowed_scopes`.
     InvalidScope(String),
+    /// 400 `invalid_target` (RFC 8707): an audience or resource outside the connection's
+    /// allowed lists.
+    InvalidTarget(String),
     /// 401 `invalid_token`: no caller credentials at all.
     MissingToken,
     /// 401 `invalid_token`: caller credentials that do not validate.
@@ -200,6 +203,13 @@ impl ApiError {
             ApiError::InvalidScope(text) => (
                 StatusCode::BAD_REQUEST,
                 ErrorCode::InvalidScope,
+                text.as_str(),
+                None,
+                None,
+            ),
+            ApiError::InvalidTarget(text) => (
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidTarget,
                 text.as_str(),
                 None,
                 None,

@@ -30,7 +30,7 @@ use secrecy::ExposeSecret;
 use tokio::time::Instant;
 
 use crate::cache::{CacheKey, TokenSource};
-use crate::config::{AuthMethod, ConnectionName, ConnectionSettings, ScopeToken};
+use crate::config::{AuthMethod, ConnectionName, ConnectionSettings};
 use crate::credentials::{ClientCredential, Credentials};
 use crate::http_client::LazyClient;
 use crate::observe::stats;
@@ -121,7 +121,7 @@ impl TokenClient {
     async fn fetch_within_deadline(
         &self,
         upstream: &Upstream,
-        scopes: &[ScopeToken],
+        key: &CacheKey,
         finish_by: Option<Instant>,
     ) -> Result<FreshToken, TokenError> {
         let connection = &upstream.connection;
@@ -160,7 +160,7 @@ impl TokenClient {
         let outcome = AssertUnwindSafe(within_deadline(
             deadline,
             connection.deadline.as_secs(),
-            self.request_token(upstream, scopes, secret),
+            self.request_token(upstream, key, secret),
         ))
         .catch_unwind()
         .await
@@ -205,11 +205,11 @@ impl TokenClient {
     async fn request_token(
         &self,
         upstream: &Upstream,
-        scopes: &[ScopeToken],
+        key: &CacheKey,
         secret: ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
-        let first = self.exchange_with_retries(upstream, scopes, &secret).await;
+        let first = self.exchange_with_retries(upstream, key, &secret).await;
         let rejection = match first {
             Err(rejected @ Failure::Rejected { .. }) if rejected.means_bad_secret() => rejected,
             other => return other,
@@ -223,7 +223,7 @@ impl TokenClient {
             trying_version = alternative.version().unwrap_or("unknown"),
             "client credential refused; retrying once with another version"
         );
-        self.exchange_with_retries(upstream, scopes, &alternative)
+        self.exchange_with_retries(upstream, key, &alternative)
             .await
     }
 
@@ -238,7 +238,7 @@ impl TokenClient {
     async fn exchange_with_retries(
         &self,
         upstream: &Upstream,
-        scopes: &[ScopeToken],
+        key: &CacheKey,
         credential: &ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
@@ -248,11 +248,11 @@ impl TokenClient {
             || upstream.guard.take_retry(),
             |attempt| async move {
                 if attempt == 0 {
-                    return self.exchange(upstream, scopes, credential).await;
+                    return self.exchange(upstream, key, credential).await;
                 }
                 match self.credentials.renewed(connection, credential).await {
-                    Ok(None) => self.exchange(upstream, scopes, credential).await,
-                    Ok(Some(renewed)) => self.exchange(upstream, scopes, &renewed).await,
+                    Ok(None) => self.exchange(upstream, key, credential).await,
+                    Ok(Some(renewed)) => self.exchange(upstream, key, &renewed).await,
                     Err(error) => {
                         tracing::warn!(connection = %connection.name, reason = %error, "the client assertion could not be signed again for a retry");
                         Err(Failure::NoRetryCredential)
@@ -267,7 +267,7 @@ impl TokenClient {
     async fn exchange(
         &self,
         upstream: &Upstream,
-        scopes: &[ScopeToken],
+        key: &CacheKey,
         credential: &ClientCredential,
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
@@ -288,6 +288,7 @@ impl TokenClient {
             // (RFC 7523 §2.2 lets it stand beside the assertion); the assertion follows.
             ClientCredential::Assertion(_) => client.set_auth_type(AuthType::RequestBody),
         };
+        let scopes = key.scopes();
         let mut request = client.exchange_client_credentials().add_scopes(
             scopes
                 .iter()
@@ -302,11 +303,12 @@ impl TokenClient {
                     assertion.value.expose_secret().to_string(),
                 );
         }
-        if let Some(audience) = &connection.audience {
-            request = request.add_extra_param("audience", audience.clone());
+        // The request's choice from the connection's allowed lists, else its default.
+        if let Some(audience) = key.audience().or(connection.audience.as_deref()) {
+            request = request.add_extra_param("audience", audience.to_string());
         }
-        if let Some(resource) = &connection.resource {
-            request = request.add_extra_param("resource", resource.clone());
+        if let Some(resource) = key.resource().or(connection.resource.as_deref()) {
+            request = request.add_extra_param("resource", resource.to_string());
         }
         for (name, value) in &connection.extra_params {
             request = request.add_extra_param(name.clone(), value.clone());
@@ -358,9 +360,7 @@ impl TokenSource for TokenClient {
                 .get(key.connection())
                 .ok_or_else(|| TokenError::UnknownConnection(key.connection().to_string()))?;
             let started = tokio::time::Instant::now();
-            let result = self
-                .fetch_within_deadline(upstream, key.scopes(), finish_by)
-                .await;
+            let result = self.fetch_within_deadline(upstream, &key, finish_by).await;
             self.stats
                 .record_fetch(key.connection(), fetch_result(&result), started.elapsed());
             result

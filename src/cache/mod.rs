@@ -18,5 +18,5 @@ pub(crate) mod seal;
 pub(crate) mod shared;
 
 pub use memory::CachedToken;
-pub(crate) use memory::{CacheKey, CacheOutcome, TokenCache, TokenSource, panic_message};
+pub(crate) use memory::{CacheKey, CacheOutcome, Target, TokenCache, TokenSource, panic_message};
 pub(crate) use shared::{SharedTier, SharedTierParts};

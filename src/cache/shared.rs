@@ -474,6 +474,11 @@ impl SharedTier {
         let connection_id = connection_hash(connection);
         let mut parts: Vec<&[u8]> = vec![b"token", connection_id.as_bytes()];
         parts.extend(key.scopes().iter().map(|scope| scope.as_str().as_bytes()));
+        // A chosen audience or resource makes a different token; tagged, so that neither can
+        // pass for a scope or for the other.
+        let audience = key.audience().map(|value| format!("audience={value}"));
+        let resource = key.resource().map(|value| format!("resource={value}"));
+        parts.extend(audience.iter().chain(&resource).map(String::as_bytes));
         let id = seal::name(&parts);
         Names {
             entry: format!("{}:t:{id}", self.prefix),

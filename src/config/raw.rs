@@ -121,6 +121,9 @@ pub(super) struct RawConnection {
     #[serde(default)]
     pub(super) allowed_roles: Vec<String>,
     pub(super) allowed_scopes: Option<Vec<String>>,
+    pub(super) allowed_audiences: Option<Vec<String>>,
+    pub(super) allowed_resources: Option<Vec<String>>,
+    pub(super) min_invalidation_interval_seconds: Option<u64>,
 }
 
 /// Form fields the broker sets itself; `extra_params` may not override them.

@@ -167,8 +167,14 @@ pub struct ConnectionSettings {
     pub credential: CredentialSource,
     pub auth_method: AuthMethod,
     pub scopes: Vec<ScopeToken>,
+    /// The `audience` sent when a request names none.
     pub audience: Option<String>,
+    /// The `resource` (RFC 8707) sent when a request names none.
     pub resource: Option<String>,
+    /// Audiences a request may choose with `audience=`; the default alone when not configured.
+    pub allowed_audiences: Vec<String>,
+    /// Resources a request may choose with `resource=`; the default alone when not configured.
+    pub allowed_resources: Vec<String>,
     pub extra_params: BTreeMap<String, String>,
     /// Callers allowed to use this connection, by object id (`oid`) or client id (`azp`,
     /// `appid`); `"*"` is any authenticated caller.
@@ -193,6 +199,9 @@ pub struct ConnectionSettings {
     /// Consecutive unavailable answers that open the circuit, and how long it stays open.
     pub breaker_failures: u32,
     pub breaker_open: Duration,
+    /// Shortest time between two invalidations of one cache key (fleet-wide with the shared
+    /// tier): a backend that refuses every token cannot make the broker hammer its provider.
+    pub min_invalidation_interval: Duration,
 }
 
 impl fmt::Debug for ConnectionSettings {

@@ -51,6 +51,7 @@ error_codes! {
     NotFound => "not_found",
     InvalidRequest => "invalid_request",
     InvalidScope => "invalid_scope",
+    InvalidTarget => "invalid_target",
     InvalidToken => "invalid_token",
     AccessDenied => "access_denied",
     UpstreamRejected => "upstream_rejected",

@@ -1,6 +1,13 @@
 //! Unit tests of `routes`.
 
-use super::token::{requested_scopes, token_route};
+use super::token::{requested, token_route};
+
+fn requested_scopes(
+    query: Option<&str>,
+    form: &[u8],
+) -> Result<Option<Vec<ScopeToken>>, crate::error::ApiError> {
+    requested(query, form).map(|requested| requested.scopes)
+}
 use super::*;
 use crate::config::ScopeToken;
 use axum::http::StatusCode;
@@ -57,4 +64,27 @@ fn a_form_body_scope_counts_like_the_query_scope() {
         .unwrap();
     assert_eq!(text(both), ["a", "b"]);
     assert!(requested_scopes(None, b"scope=a%22b").is_err());
+}
+
+#[test]
+fn one_audience_and_one_resource_are_read_from_the_query_and_the_form() {
+    let asked = requested(
+        Some("audience=https%3A%2F%2Fa.example&scope=read"),
+        b"resource=api%3A%2F%2Fr&audience=https://a.example",
+    )
+    .unwrap();
+    assert_eq!(asked.audience.as_deref(), Some("https://a.example"));
+    assert_eq!(asked.resource.as_deref(), Some("api://r"));
+    assert_eq!(asked.scopes.unwrap().len(), 1);
+    let two = requested(Some("resource=api://a&resource=api://b"), b"").unwrap_err();
+    assert!(
+        matches!(two, crate::error::ApiError::InvalidTarget(_)),
+        "{two:?}"
+    );
+    let long = format!("audience={}", "a".repeat(3000));
+    assert!(matches!(
+        requested(Some(&long), b""),
+        Err(crate::error::ApiError::InvalidRequest(_))
+    ));
+    assert_eq!(requested(Some("code=x"), b"").unwrap(), Default::default());
 }

@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use super::label::{RequestLabel, invocation_id, truncate};
 use super::limits::{HeadFacts, check_limits, read_body};
 use crate::app_state::{AppState, Served};
-use crate::cache::{CacheKey, CacheOutcome, CachedToken};
+use crate::cache::{CacheKey, CacheOutcome, CachedToken, Target};
 use crate::caller_check::{self, CallerHeaders};
 use crate::config::ScopeToken;
 use crate::error::ApiError;
@@ -163,9 +163,27 @@ fn asked<'a>(
     let (key_name, served) = state.connection(name).ok_or(ApiError::UnknownConnection)?;
     let connection = &served.settings;
     caller_check::authorize(caller, connection)?;
-    let key = match requested_scopes(query, form)? {
-        None => Cow::Borrowed(&served.default_key),
-        Some(scopes) => {
+    let requested = requested(query, form)?;
+    let target = Target {
+        audience: chosen(
+            "audience",
+            requested.audience,
+            &connection.audience,
+            &connection.allowed_audiences,
+            &connection.name,
+        )?,
+        resource: chosen(
+            "resource",
+            requested.resource,
+            &connection.resource,
+            &connection.allowed_resources,
+            &connection.name,
+        )?,
+    };
+    let key = match requested.scopes {
+        None if target == Target::default() => Cow::Borrowed(&served.default_key),
+        scopes => {
+            let scopes = scopes.unwrap_or_else(|| connection.scopes.clone());
             if let Some(refused) = scopes
                 .iter()
                 .find(|s| !connection.allowed_scopes.contains(s))
@@ -175,10 +193,31 @@ fn asked<'a>(
                     connection.name
                 )));
             }
-            Cow::Owned(CacheKey::new(key_name, scopes))
+            Cow::Owned(CacheKey::with_target(key_name, scopes, Some(target)))
         }
     };
     Ok(Asked { served, key })
+}
+
+/// The audience or resource (`what`) a request chose, checked against the connection's
+/// allowed list: `None` when it chose nothing or the connection's default (which then shares
+/// the default's cache entry), `invalid_target` (RFC 8707 §2) when outside the list.
+fn chosen(
+    what: &str,
+    requested: Option<String>,
+    default: &Option<String>,
+    allowed: &[String],
+    connection: &str,
+) -> Result<Option<String>, ApiError> {
+    match requested {
+        None => Ok(None),
+        Some(value) if default.as_ref() == Some(&value) => Ok(None),
+        Some(value) if allowed.contains(&value) => Ok(Some(value)),
+        Some(value) => Err(ApiError::InvalidTarget(format!(
+            "{what} '{}' is not allowed for connection '{connection}'",
+            truncate(&value, 200)
+        ))),
+    }
 }
 
 impl<'a> Asked<'a> {
@@ -224,6 +263,8 @@ impl HandingOut<'_> {
             connection: &self.connection.name,
             caller: self.caller.audit_name(),
             scopes: self.key.scopes_display(),
+            audience: self.key.audience().or(self.connection.audience.as_deref()),
+            resource: self.key.resource().or(self.connection.resource.as_deref()),
             cache: outcome.as_str(),
             expires_on: token.expires_on,
             fingerprint: &token.fingerprint,
@@ -293,30 +334,59 @@ pub(super) fn answer_body(token: &CachedToken, expires_in: u64) -> Bytes {
     })
 }
 
-/// The `scope` parameters of the query and of a POST form, as a scope list; `None` when absent
-/// or empty. Repeated parameters are joined, as are the comma-joined values the Functions host
-/// makes of them.
-pub(super) fn requested_scopes(
-    query: Option<&str>,
-    form: &[u8],
-) -> Result<Option<Vec<ScopeToken>>, ApiError> {
-    // Most requests name no scope: nothing to parse when the word is not there at all.
-    if form.is_empty() && query.is_none_or(|query| !query.contains("scope")) {
-        return Ok(None);
+/// What a request names besides its connection: scopes, an audience, a resource.
+#[derive(Debug, Default, PartialEq)]
+pub(super) struct Requested {
+    /// `None` when absent or empty: the connection's default scopes.
+    pub scopes: Option<Vec<ScopeToken>>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
+}
+
+/// The `scope`, `audience` and `resource` parameters of the query and of a POST form.
+/// Repeated `scope` parameters are joined, as are the comma-joined values the Functions host
+/// makes of them; `audience` and `resource` name one value each (a repeat of the same value
+/// is that value).
+pub(super) fn requested(query: Option<&str>, form: &[u8]) -> Result<Requested, ApiError> {
+    // Most requests name nothing: nothing to parse when none of the words is there at all.
+    if form.is_empty()
+        && query.is_none_or(|query| {
+            !query.contains("scope") && !query.contains("audience") && !query.contains("resource")
+        })
+    {
+        return Ok(Requested::default());
     }
     let query = query.unwrap_or_default().as_bytes();
+    let mut requested = Requested::default();
     let mut scopes = Vec::new();
     let mut length = 0;
     let parameters = url::form_urlencoded::parse(query).chain(url::form_urlencoded::parse(form));
     for (name, value) in parameters {
-        if name != "scope" {
-            continue;
-        }
+        let single = match name.as_ref() {
+            "scope" => None,
+            "audience" => Some(&mut requested.audience),
+            "resource" => Some(&mut requested.resource),
+            _ => continue,
+        };
         length += value.len();
         if length > MAX_SCOPE_PARAMETER {
             return Err(ApiError::InvalidRequest(format!(
-                "the scope parameter is longer than {MAX_SCOPE_PARAMETER} bytes"
+                "the scope, audience and resource parameters are longer than {MAX_SCOPE_PARAMETER} bytes together"
             )));
+        }
+        if let Some(slot) = single {
+            if value.is_empty() {
+                continue;
+            }
+            match slot {
+                Some(earlier) if *earlier != value => {
+                    return Err(ApiError::InvalidTarget(format!(
+                        "one {name} per request: two different values were given"
+                    )));
+                }
+                _ => *slot = Some(value.into_owned()),
+            }
+            continue;
         }
         for scope in value.split([' ', ',']).filter(|s| !s.is_empty()) {
             let scope = ScopeToken::parse(scope).ok_or_else(|| {
@@ -333,5 +403,6 @@ pub(super) fn requested_scopes(
             "at most {MAX_SCOPES} scopes may be requested"
         )));
     }
-    Ok((!scopes.is_empty()).then_some(scopes))
+    requested.scopes = (!scopes.is_empty()).then_some(scopes);
+    Ok(requested)
 }

@@ -435,3 +435,116 @@ async fn audience_resource_and_extra_params_reach_the_provider_as_configured() {
     assert_eq!(fields(demo), ["grant_type", "scope"], "{demo:?}");
     assert!(demo.basic);
 }
+
+/// A connection that serves two resources and two audiences of one provider.
+const TARGETED: &str = r#"
+[connections.targeted]
+token_url = "{token_url}"
+client_id = "broker-post"
+client_secret = { key_vault_secret = "post-secret" }
+auth_method = "client_secret_post"
+scopes = ["read"]
+resource = "api://demo"
+allowed_resources = ["api://demo", "api://token-broker"]
+audience = "https://orders.example"
+allowed_audiences = ["https://orders.example", "https://billing.example"]
+"#;
+
+/// The `aud` claim of a JWT access token, read without verifying it (the provider's
+/// signature is checked by `verify` elsewhere; here only the audience it chose matters).
+fn audience_of(token: &Value) -> Value {
+    use base64::Engine;
+    let token = token["access_token"].as_str().unwrap();
+    let payload = token.split('.').nth(1).unwrap();
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .unwrap();
+    serde_json::from_slice::<Value>(&payload).unwrap()["aud"].clone()
+}
+
+#[tokio::test]
+async fn a_requested_resource_or_audience_from_the_allowed_lists_is_sent_cached_apart_and_audited()
+{
+    let app = spawn_app_with(Setup {
+        extra_config: TARGETED.to_string(),
+        ..Setup::default()
+    })
+    .await;
+    let default = json(app.get("/api/token/targeted").await).await;
+    assert_eq!(audience_of(&default), "api://demo");
+    let other = json(
+        app.get("/api/token/targeted?resource=api%3A%2F%2Ftoken-broker")
+            .await,
+    )
+    .await;
+    assert_eq!(
+        audience_of(&other),
+        "api://token-broker",
+        "the provider issued for the chosen resource"
+    );
+    assert_ne!(other["access_token"], default["access_token"]);
+    let again = json(
+        app.get("/api/token/targeted?resource=api://token-broker")
+            .await,
+    )
+    .await;
+    assert_eq!(again["access_token"], other["access_token"], "cached apart");
+    let named_default = json(app.get("/api/token/targeted?resource=api://demo").await).await;
+    assert_eq!(
+        named_default["access_token"], default["access_token"],
+        "naming the default is the default's entry"
+    );
+    let billing = app
+        .http
+        .post(app.url("/api/token/targeted"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("audience=https%3A%2F%2Fbilling.example")
+        .send()
+        .await
+        .unwrap();
+    let billing = json(billing).await;
+    assert_ne!(billing["access_token"], default["access_token"]);
+
+    for outside in [
+        "/api/token/targeted?resource=api://elsewhere",
+        "/api/token/targeted?audience=https://evil.example",
+        "/api/token/targeted?resource=api://demo&resource=api://token-broker",
+        "/api/token/demo?resource=api://demo",
+    ] {
+        let response = app.get(outside).await;
+        assert_eq!(response.status(), 400, "{outside}");
+        assert_eq!(json(response).await["error"], "invalid_target", "{outside}");
+    }
+
+    let requests = app.idp.token_requests().await;
+    assert_eq!(
+        requests.len(),
+        3,
+        "default, one resource, one audience: {requests:?}"
+    );
+    assert_eq!(requests[0].field("resource"), Some("api://demo"));
+    assert_eq!(
+        requests[0].field("audience"),
+        Some("https://orders.example")
+    );
+    assert_eq!(requests[1].field("resource"), Some("api://token-broker"));
+    assert_eq!(
+        requests[1].field("audience"),
+        Some("https://orders.example")
+    );
+    assert_eq!(requests[2].field("resource"), Some("api://demo"));
+    assert_eq!(
+        requests[2].field("audience"),
+        Some("https://billing.example")
+    );
+
+    let audit = app.audit_records_when(3).await;
+    let named = |field: &str, value: &str| {
+        audit
+            .iter()
+            .any(|record| record["connection"] == "targeted" && record[field] == value)
+    };
+    assert!(named("resource", "api://token-broker"), "{audit:?}");
+    assert!(named("audience", "https://billing.example"), "{audit:?}");
+    assert!(named("resource", "api://demo"), "{audit:?}");
+}

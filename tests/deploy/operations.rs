@@ -60,6 +60,8 @@ fn written_fields() -> BTreeSet<String> {
         connection: "demo",
         caller: "app",
         scopes: "read",
+        audience: Some("https://api.example"),
+        resource: Some("https://api.example/orders"),
         cache: "hit",
         expires_on: 1,
         fingerprint: "0123456789ab",

@@ -233,3 +233,61 @@ fn the_stats_interval_defaults_to_a_minute_and_is_bounded() {
         );
     }
 }
+
+fn targeted(lists: &str) -> Result<Settings, ConfigError> {
+    parse_with(
+        &format!(
+            r#"
+        [connections.api]
+        token_url = "https://idp.example/token"
+        client_id = "c"
+        client_secret = {{ app_setting = "S" }}
+        {lists}
+        "#
+        ),
+        &[("S", "s")],
+    )
+}
+
+#[test]
+fn allowed_audiences_and_resources_are_uris_that_hold_the_default() {
+    let settings = targeted(
+        r#"audience = "https://a.example"
+        allowed_audiences = ["https://a.example", "api://b", "https://a.example"]
+        resource = "urn:example:orders"
+        allowed_resources = ["urn:example:orders"]"#,
+    )
+    .unwrap();
+    let api = &settings.connections["api"];
+    assert_eq!(api.allowed_audiences, ["https://a.example", "api://b"]);
+    assert_eq!(api.allowed_resources, ["urn:example:orders"]);
+    assert_eq!(api.min_invalidation_interval, Duration::from_secs(30));
+
+    // Not configured: the default alone, or nothing.
+    let settings = targeted(r#"resource = "api://r""#).unwrap();
+    assert_eq!(settings.connections["api"].allowed_resources, ["api://r"]);
+    assert!(settings.connections["api"].allowed_audiences.is_empty());
+
+    for (lists, named) in [
+        (
+            r#"allowed_audiences = ["not a uri"]"#,
+            "connections.api.allowed_audiences[0]: must be an absolute URI",
+        ),
+        (
+            r#"allowed_resources = ["https://r.example/#part"]"#,
+            "connections.api.allowed_resources[0]: must be an absolute URI",
+        ),
+        (
+            r#"audience = "https://a.example"
+            allowed_audiences = ["https://b.example"]"#,
+            "connections.api.allowed_audiences: must contain the connection's audience",
+        ),
+        (
+            "min_invalidation_interval_seconds = 0",
+            "connections.api.min_invalidation_interval_seconds",
+        ),
+    ] {
+        let error = targeted(lists).unwrap_err().to_string();
+        assert!(error.contains(named), "{lists}: {error}");
+    }
+}

@@ -81,6 +81,23 @@ impl Validator<'_> {
         }
         let audience = raw.audience.and_then(|v| self.expand(&at("audience"), &v));
         let resource = raw.resource.and_then(|v| self.expand(&at("resource"), &v));
+        let allowed_audiences = self.targets(
+            &at("allowed_audiences"),
+            raw.allowed_audiences,
+            &audience,
+            "audience",
+        );
+        let allowed_resources = self.targets(
+            &at("allowed_resources"),
+            raw.allowed_resources,
+            &resource,
+            "resource",
+        );
+        let min_invalidation_interval = self.seconds(
+            &at("min_invalidation_interval_seconds"),
+            raw.min_invalidation_interval_seconds.unwrap_or(30),
+            1..=3600,
+        );
         let mut extra_params = BTreeMap::new();
         for (key, value) in &raw.extra_params {
             let field = format!("{}.{key}", at("extra_params"));
@@ -160,6 +177,8 @@ impl Validator<'_> {
             scopes,
             audience,
             resource,
+            allowed_audiences,
+            allowed_resources,
             extra_params,
             allowed_callers,
             allowed_roles,
@@ -172,6 +191,7 @@ impl Validator<'_> {
             negative_cache,
             breaker_failures,
             breaker_open,
+            min_invalidation_interval,
         })
     }
 
@@ -386,5 +406,47 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// `allowed_audiences` or `allowed_resources` at `field`: absolute URIs (RFC 8707 §2), the
+    /// connection's default (`default_field`) among them; when not configured, the default
+    /// alone (or nothing), so a request can only name the value the connection sends anyway.
+    fn targets(
+        &mut self,
+        field: &str,
+        raw: Option<Vec<String>>,
+        default: &Option<String>,
+        default_field: &str,
+    ) -> Vec<String> {
+        let Some(raw) = raw else {
+            return default.iter().cloned().collect();
+        };
+        let mut allowed = Vec::new();
+        for (index, value) in raw.iter().enumerate() {
+            let at = format!("{field}[{index}]");
+            let Some(value) = self.expand(&at, value) else {
+                continue;
+            };
+            // An absolute URI with no fragment (RFC 8707 §2); the parser forgives spaces, the
+            // form field must not carry them.
+            let uri = url::Url::parse(&value).is_ok_and(|url| url.fragment().is_none());
+            if !uri || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                self.problems.push(format!(
+                    "{at}: must be an absolute URI without a fragment (RFC 8707)"
+                ));
+                continue;
+            }
+            if !allowed.contains(&value) {
+                allowed.push(value);
+            }
+        }
+        if let Some(default) = default
+            && !allowed.contains(default)
+        {
+            self.problems.push(format!(
+                "{field}: must contain the connection's {default_field} ('{default}'), which requests that name none are sent"
+            ));
+        }
+        allowed
     }
 }
