@@ -84,6 +84,46 @@ pub(crate) enum TokenError {
     Internal { connection: String },
 }
 
+/// Why a connection's provider is not asked for a while: its own `Retry-After` on a 429 or
+/// 503, a circuit opened by repeated failures, or a client it refused. The token client's
+/// guard decides one; with the shared tier, every instance of a fleet applies it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum Hold {
+    AskedToWait,
+    CircuitOpen,
+    Rejected { status: u16, code: Option<String> },
+}
+
+impl Hold {
+    /// What a caller is told while the hold lasts (`retry_after` more): the answer the
+    /// instance that met the provider's refusal gives, on every instance alike.
+    pub(crate) fn error(&self, connection: &str, retry_after: Duration) -> TokenError {
+        let connection = connection.to_string();
+        match self {
+            Hold::CircuitOpen => TokenError::Unavailable {
+                connection,
+                detail: "it failed repeatedly, so calls fail fast for a while (circuit open)"
+                    .to_string(),
+                retry_after: Some(retry_after),
+            },
+            Hold::AskedToWait => TokenError::Unavailable {
+                connection,
+                detail:
+                    "it asked the broker to wait (Retry-After), so it is not asked again before then"
+                        .to_string(),
+                retry_after: Some(retry_after),
+            },
+            Hold::Rejected { status, code } => TokenError::Rejected {
+                connection,
+                status: *status,
+                code: code.clone(),
+                remembered: true,
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ mod oauth_error;
 mod retry;
 mod transport;
 
-use failure::{Failure, classify, refusal_error};
+use failure::{Failure, classify, hold_of, refusal_error};
 use oauth_error::{OAuthErrorBody, oauth_error_code};
 use retry::{with_retries, within_deadline};
 use transport::OAuthTransport;
@@ -34,7 +34,7 @@ use crate::config::{AuthMethod, ConnectionName, ConnectionSettings};
 use crate::credentials::{ClientCredential, Credentials};
 use crate::http_client::LazyClient;
 use crate::observe::stats;
-use crate::token::{FreshToken, TokenError};
+use crate::token::{FreshToken, Hold, TokenError};
 use crate::token_response::BrokerTokenResponse;
 use crate::upstream_guard::{BreakerState, GuardSettings, Rejection, UpstreamGuard};
 
@@ -345,6 +345,11 @@ impl TokenClient {
 }
 
 impl TokenSource for TokenClient {
+    fn hold(&self, connection: &str) -> Option<(Hold, std::time::Duration)> {
+        let refusal = self.upstreams.get(connection)?.guard.check().err()?;
+        Some(hold_of(refusal))
+    }
+
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>> {
         self.fetch_by(key, None)
     }

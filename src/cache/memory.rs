@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use super::hot::{self, Generation, LastUsed};
 use crate::config::{ConnectionName, ScopeToken};
 use crate::single_flight::Backoff;
-use crate::token::{FreshToken, TokenError, clamp_lifetime};
+use crate::token::{FreshToken, Hold, TokenError, clamp_lifetime};
 
 /// Delays between failed refreshes while the token in hand still serves (each also at most half
 /// of what is left of it): 2 s, doubling, at most 64 s.
@@ -38,6 +38,13 @@ const REFRESH_BACKOFF: Backoff = Backoff {
 /// Produces tokens for cache keys; the token client in production, a counting fake in tests.
 pub(crate) trait TokenSource: Send + Sync + 'static {
     fn fetch(self: Arc<Self>, key: CacheKey) -> BoxFuture<'static, Result<FreshToken, TokenError>>;
+
+    /// What holds this source off `connection`'s provider now, and for how much longer
+    /// (see [`Hold`]): what the shared tier tells the other instances after a failed fetch.
+    fn hold(&self, connection: &str) -> Option<(Hold, Duration)> {
+        let _ = connection;
+        None
+    }
 
     /// `fetch`, ending by `finish_by` at the latest when given (a caller that already waited
     /// for another instance has less than a whole deadline left). A source that keeps its own

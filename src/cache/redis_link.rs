@@ -85,6 +85,10 @@ pub(crate) struct SharedCacheCounters {
     /// Signed announcements no key held here could verify (forged, or signed with a newer
     /// key this instance then read).
     pub unverified_announcements: AtomicU64,
+    /// Requests answered from a provider hold another instance (or this one) told the fleet.
+    pub holds_honoured: AtomicU64,
+    /// Provider holds this instance told the fleet.
+    pub holds_shared: AtomicU64,
 }
 
 impl SharedCacheCounters {
@@ -102,6 +106,7 @@ impl SharedCacheCounters {
             shared_errors: read(&self.redis_errors),
             shared_unreadable: read(&self.unreadable_entries),
             shared_outages: read(&self.outages),
+            shared_holds: read(&self.holds_honoured),
         }
     }
 }
@@ -448,6 +453,24 @@ impl RedisLink {
         }
         let mut connection = self.connection();
         self.bounded(pipe.query_async::<()>(&mut connection)).await
+    }
+
+    /// Stores `value` at `key` for `ttl`.
+    pub(crate) async fn set(&self, key: &str, value: &[u8], ttl: Duration) -> Option<()> {
+        self.run(
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(millis(ttl)),
+        )
+        .await
+    }
+
+    /// Deletes `key`.
+    pub(crate) async fn delete(&self, key: &str) -> Option<()> {
+        let _: i64 = self.run(redis::cmd("DEL").arg(key)).await?;
+        Some(())
     }
 
     /// Deletes every entry listed in the set `index`, and the set; returns how many.

@@ -49,6 +49,9 @@ use crate::http_client::LazyClient;
 use crate::token::{FreshToken, MAX_LIFETIME, TokenError, clamp_lifetime};
 
 mod announcements;
+mod holds;
+
+use holds::FleetHold;
 
 /// How often a waiting instance looks at Redis even without an announcement (one may be
 /// lost while a connection is re-established).
@@ -294,6 +297,10 @@ impl SharedTier {
         if let Some(fresh) = self.read_fresh(ready, &names).await {
             return Ok(fresh);
         }
+        // Another instance met a refusal the whole fleet must respect: no lock, no fetch.
+        if let FleetHold::Held(error) = self.read_hold(ready, connection).await {
+            return Err(error);
+        }
         let holder = hex::encode(rand::random::<[u8; 16]>());
         let notify = self.waiter(&names.id);
         let mut waited = false;
@@ -387,7 +394,8 @@ impl SharedTier {
         result
     }
 
-    /// Fetches from the token client and stores a success in Redis.
+    /// Fetches from the token client and stores a success in Redis, unless the fleet holds
+    /// the provider off; tells the fleet of a hold the fetch met (see [`holds`]).
     async fn fetch_and_store(
         &self,
         ready: &Ready,
@@ -395,7 +403,25 @@ impl SharedTier {
         key: CacheKey,
         finish_by: Instant,
     ) -> Result<FreshToken, TokenError> {
-        let fresh = self.source.clone().fetch_by(key, Some(finish_by)).await?;
+        let connection = self.connections.get(key.connection());
+        let trial = match connection {
+            Some(connection) => match self.read_hold(ready, connection).await {
+                FleetHold::Held(error) => return Err(error),
+                FleetHold::Trial => true,
+                FleetHold::Clear => false,
+            },
+            None => false,
+        };
+        let fetched = self
+            .source
+            .clone()
+            .fetch_by(key.clone(), Some(finish_by))
+            .await;
+        if let Some(connection) = connection {
+            self.after_fetch(ready, connection, &key, trial, &fetched)
+                .await;
+        }
+        let fresh = fetched?;
         let lifetime = clamp_lifetime(fresh.lifetime);
         let refresh_in = refresh_delay(lifetime, fresh.refresh_in);
         let now = unix_millis();

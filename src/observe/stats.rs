@@ -300,6 +300,8 @@ pub struct SharedTierCounts {
     pub shared_unreadable: u64,
     /// Times the link to Redis went down.
     pub shared_outages: u64,
+    /// Requests answered from a provider hold the fleet shares, without asking the provider.
+    pub shared_holds: u64,
 }
 
 impl SharedTierCounts {
@@ -314,6 +316,7 @@ impl SharedTierCounts {
                 .shared_unreadable
                 .saturating_sub(earlier.shared_unreadable),
             shared_outages: self.shared_outages.saturating_sub(earlier.shared_outages),
+            shared_holds: self.shared_holds.saturating_sub(earlier.shared_holds),
         }
     }
 }

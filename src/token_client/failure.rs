@@ -9,31 +9,30 @@ use oauth2::RequestTokenError;
 use oauth2::http::StatusCode;
 
 use crate::config::ConnectionSettings;
-use crate::token::TokenError;
+use crate::token::{Hold, TokenError};
 use crate::upstream_guard::Refusal;
 
 /// The error for a call the guard refused without asking the identity provider.
 pub(super) fn refusal_error(connection: &ConnectionSettings, refusal: Refusal) -> TokenError {
+    let (hold, retry_after) = hold_of(refusal);
+    hold.error(&connection.name, retry_after)
+}
+
+/// A guard's refusal as the hold it stands for, and how much longer it lasts.
+pub(super) fn hold_of(refusal: Refusal) -> (Hold, Duration) {
     match refusal {
-        Refusal::CircuitOpen { retry_after } => TokenError::Unavailable {
-            connection: connection.name.clone(),
-            detail: "it failed repeatedly, so calls fail fast for a while (circuit open)"
-                .to_string(),
-            retry_after: Some(retry_after),
-        },
-        Refusal::AskedToWait { retry_after } => TokenError::Unavailable {
-            connection: connection.name.clone(),
-            detail:
-                "it asked the broker to wait (Retry-After), so it is not asked again before then"
-                    .to_string(),
-            retry_after: Some(retry_after),
-        },
-        Refusal::RecentlyRejected { rejection, .. } => TokenError::Rejected {
-            connection: connection.name.clone(),
-            status: rejection.status,
-            code: rejection.code,
-            remembered: true,
-        },
+        Refusal::CircuitOpen { retry_after } => (Hold::CircuitOpen, retry_after),
+        Refusal::AskedToWait { retry_after } => (Hold::AskedToWait, retry_after),
+        Refusal::RecentlyRejected {
+            rejection,
+            retry_after,
+        } => (
+            Hold::Rejected {
+                status: rejection.status,
+                code: rejection.code,
+            },
+            retry_after,
+        ),
     }
 }
 

@@ -9,6 +9,7 @@ mod errors;
 mod faults;
 mod fleet;
 mod fleet_edges;
+mod fleet_shield;
 mod functions_host;
 mod health;
 mod hostile;
