@@ -12,6 +12,7 @@ ENTRIES = [
     ("host.json", "host.json", 0o644),
     ("token-broker", None, 0o755),
     ("function-token/function.json", "function-token/function.json", 0o644),
+    ("function-invalidate/function.json", "function-invalidate/function.json", 0o644),
     ("function-health/function.json", "function-health/function.json", 0o644),
     ("function-rotation/function.json", "function-rotation/function.json", 0o644),
     ("broker.toml", "infra/broker.toml", 0o644),

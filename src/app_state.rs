@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use crate::cache::{CacheKey, SharedTier, TokenCache};
+use crate::cache::{CacheKey, Invalidator, SharedTier, TokenCache};
 use crate::caller_check::CallerCheck;
 use crate::config::{ConnectionName, ConnectionSettings};
 use crate::credentials::Credentials;
@@ -29,6 +29,8 @@ pub(crate) struct AppState {
     /// The shared Redis tier under the cache, when configured: a rotation event is announced
     /// through it to every instance.
     pub shared: Option<Arc<SharedTier>>,
+    /// Drops a token a backend refused, in both tiers (`POST .../invalidate`).
+    pub invalidator: Arc<Invalidator>,
 }
 
 impl AppState {
@@ -52,6 +54,7 @@ impl AppState {
             })
             .collect();
         Self {
+            invalidator: Arc::new(Invalidator::new(cache.clone(), None)),
             cache,
             credentials,
             callers,
@@ -64,6 +67,7 @@ impl AppState {
 
     /// The same state with the shared tier the cache fetches through.
     pub(crate) fn with_shared_tier(mut self, shared: Option<Arc<SharedTier>>) -> Self {
+        self.invalidator = Arc::new(Invalidator::new(self.cache.clone(), shared.clone()));
         self.shared = shared;
         self
     }

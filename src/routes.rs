@@ -1,15 +1,18 @@
 //! The HTTP API, as the Azure Functions host forwards it: `GET /` for readiness,
-//! `GET|POST /api/token/{connection}` for tokens, `GET /api/health` for operators (see
+//! `GET|POST /api/token/{connection}` for tokens, `POST /api/token/{connection}/invalidate`
+//! to drop a token a backend refused, `GET /api/health` for operators (see
 //! `health`). Everything else is a JSON 404.
 //!
 //! The token route is matched by hand rather than by axum's router because the host matches
 //! routes case-insensitively (`/API/Token/x` reaches us as the client typed it) and because an
 //! unknown or malformed connection name must be a plain `unknown_connection`, never a 5xx.
 
+mod invalidate;
 mod label;
 mod limits;
 mod token;
 
+use invalidate::{invalidate_request, invalidation_route};
 use label::{invocation_id, request_span};
 use limits::{HeadFacts, check_limits, discard, expects_continue, read_body, refused};
 use token::{hit_now, token_request, token_route};
@@ -208,6 +211,20 @@ async fn dispatch(
     let (method, uri, headers) = (&parts.method, &parts.uri, &parts.headers);
     // Token requests first: nearly every request is one.
     if let Some(connection) = token_route(uri.path()) {
+        if let Some(connection) = invalidation_route(connection) {
+            if method != Method::POST {
+                return Err(ApiError::MethodNotAllowed("POST"));
+            }
+            return Box::pin(invalidate_request(
+                state,
+                connection,
+                parts,
+                head.callers,
+                body,
+                invocation_id,
+            ))
+            .await;
+        }
         if method != Method::GET && method != Method::POST {
             return Err(ApiError::MethodNotAllowed("GET, POST"));
         }

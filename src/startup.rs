@@ -9,7 +9,7 @@ use axum::ServiceExt as _;
 use tokio::net::TcpListener;
 
 use crate::app_state::AppState;
-use crate::cache::{SharedTier, SharedTierParts, TokenCache, TokenSource};
+use crate::cache::{Announced, SharedTier, SharedTierParts, TokenCache, TokenSource};
 use crate::caller_check::CallerCheck;
 use crate::config::Settings;
 use crate::credentials::Credentials;
@@ -93,8 +93,21 @@ impl Application {
         if let Some(mut rotated) = rotated {
             let state = state.clone();
             tokio::spawn(async move {
-                while let Some(object) = rotated.recv().await {
-                    crate::rotation::apply_announced(&state, &object).await;
+                while let Some(announced) = rotated.recv().await {
+                    match announced {
+                        Announced::Rotated(object) => {
+                            crate::rotation::apply_announced(&state, &object).await;
+                        }
+                        Announced::Invalidated(fingerprint) => {
+                            let dropped = state.invalidator.announced(&fingerprint);
+                            tracing::info!(
+                                target: "shared_cache",
+                                fingerprint = %fingerprint,
+                                dropped,
+                                "token invalidated by another instance: dropped from memory"
+                            );
+                        }
+                    }
                 }
             });
         }

@@ -481,6 +481,41 @@ impl TokenCache {
         before - entries.len()
     }
 
+    /// The token held for `key`, whatever its window: what an invalidation compares with.
+    pub(crate) fn current(&self, key: &CacheKey) -> Option<Arc<CachedToken>> {
+        let entries = self.entries.lock();
+        let entry = entries.get(key)?;
+        entry.state.lock().token.clone()
+    }
+
+    /// Forgets the tokens whose fingerprint is `fingerprint` (of `key` only, when given), so
+    /// that the next request fetches (a fetch in flight is kept: callers join it); returns
+    /// how many were dropped.
+    pub(crate) fn drop_token(&self, key: Option<&CacheKey>, fingerprint: &str) -> usize {
+        let entries = self.entries.lock();
+        let mut dropped = 0;
+        let mut drop = |entry: &Entry| {
+            let mut state = entry.state.lock();
+            if state
+                .token
+                .as_ref()
+                .is_some_and(|token| token.fingerprint == fingerprint)
+            {
+                state.token = None;
+                state.refresh_at = None;
+                state.failed_refreshes = 0;
+                dropped += 1;
+            }
+        };
+        match key {
+            Some(key) => entries.get(key).into_iter().for_each(|entry| drop(entry)),
+            None => entries.values().for_each(|entry| drop(entry)),
+        }
+        // The threads' copies of recent hits must look again.
+        self.generation.advance();
+        dropped
+    }
+
     /// Number of keys held, for the tests of its bounds.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

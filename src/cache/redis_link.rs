@@ -467,6 +467,21 @@ impl RedisLink {
         .await
     }
 
+    /// Stores `value` at `key` for `ttl` unless `key` exists: `Some(true)` when stored.
+    pub(crate) async fn set_new(&self, key: &str, value: &[u8], ttl: Duration) -> Option<bool> {
+        let answer: Option<String> = self
+            .run(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(millis(ttl)),
+            )
+            .await?;
+        Some(answer.is_some())
+    }
+
     /// Deletes `key`.
     pub(crate) async fn delete(&self, key: &str) -> Option<()> {
         let _: i64 = self.run(redis::cmd("DEL").arg(key)).await?;

@@ -50,6 +50,7 @@ use crate::token::{FreshToken, MAX_LIFETIME, TokenError, clamp_lifetime};
 
 mod announcements;
 mod holds;
+mod invalidations;
 
 use holds::FleetHold;
 
@@ -83,6 +84,15 @@ struct StoredToken {
     scope: Option<String>,
     expires_at_ms: u64,
     refresh_at_ms: u64,
+}
+
+/// What another instance announced that this instance's handlers must apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Announced {
+    /// A Key Vault object (as `ObjectKind::object_id` names it) was rotated.
+    Rotated(String),
+    /// The token with this fingerprint was invalidated: drop it from memory.
+    Invalidated(String),
 }
 
 /// The Redis names of one cache key.
@@ -158,7 +168,7 @@ impl SharedTier {
     /// secret names other instances announce as rotated.
     pub(crate) fn start(
         parts: SharedTierParts<'_>,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<String>) {
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Announced>) {
         let (rotations, rotated) = mpsc::unbounded_channel();
         let secrets_by_hash = parts
             .connections

@@ -283,6 +283,75 @@ pub fn format_line(record: &AuditRecord<'_>, since: Option<&str>, now: SystemTim
     super::telemetry::json_line(&line, 384)
 }
 
+/// What an invalidation's audit line says: who asked to drop which key's token, whether it
+/// was dropped, and the presented token's fingerprint (never the token). Its `count` is 0: it
+/// hands out no token, so the sum of `count` over the trail stays the tokens handed out.
+#[derive(Serialize)]
+pub struct InvalidationRecord<'a> {
+    pub connection: &'a str,
+    pub caller: &'a str,
+    pub scopes: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resource: Option<&'a str>,
+    pub fingerprint: &'a str,
+    pub invalidated: bool,
+    /// Why nothing was dropped (`not_current`, `too_soon`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<&'a str>,
+    #[serde(skip)]
+    pub invocation_id: &'a str,
+    #[serde(skip)]
+    pub path: &'a str,
+}
+
+/// Writes an invalidation's record now (queued, like a miss's).
+pub fn invalidation(record: &InvalidationRecord<'_>) {
+    if !super::telemetry::installed() {
+        tracing::info!(
+            target: "audit",
+            connection = record.connection,
+            caller = record.caller,
+            fingerprint = record.fingerprint,
+            invalidated = record.invalidated,
+            reason = record.reason,
+            "token invalidation"
+        );
+        return;
+    }
+    #[derive(Serialize)]
+    struct InvalidationLine<'a> {
+        timestamp: String,
+        level: &'static str,
+        message: &'static str,
+        #[serde(flatten)]
+        record: &'a InvalidationRecord<'a>,
+        count: u64,
+        target: &'static str,
+        span: Span<'a>,
+    }
+    let line = InvalidationLine {
+        timestamp: rfc3339_micros(SystemTime::now()),
+        level: "INFO",
+        message: if record.invalidated {
+            "token invalidated"
+        } else {
+            "token invalidation refused"
+        },
+        record,
+        count: 0,
+        target: "audit",
+        span: Span {
+            invocation_id: record.invocation_id,
+            method: "POST",
+            path: record.path,
+            name: "request",
+        },
+    };
+    super::telemetry::write_audit(super::telemetry::json_line(&line, 384), 0);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -104,6 +104,8 @@ struct Counters {
     jwks_reloads: AtomicU64,
     jwks_failures: AtomicU64,
     audit_dropped: AtomicU64,
+    invalidations: AtomicU64,
+    invalidations_refused: AtomicU64,
 }
 
 impl Counters {
@@ -120,6 +122,8 @@ impl Counters {
             jwks_reloads: AtomicU64::new(0),
             jwks_failures: AtomicU64::new(0),
             audit_dropped: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            invalidations_refused: AtomicU64::new(0),
         }
     }
 }
@@ -194,6 +198,8 @@ impl Registry {
             snapshot.jwks_reloads += take(&shard.jwks_reloads);
             snapshot.jwks_failures += take(&shard.jwks_failures);
             snapshot.audit_dropped += take(&shard.audit_dropped);
+            snapshot.invalidations += take(&shard.invalidations);
+            snapshot.invalidations_refused += take(&shard.invalidations_refused);
         }
         snapshot
     }
@@ -278,6 +284,8 @@ pub struct Snapshot {
     jwks_reloads: u64,
     jwks_failures: u64,
     audit_dropped: u64,
+    invalidations: u64,
+    invalidations_refused: u64,
     /// The shared (Redis) tier's counts over the period; `None` without a shared tier, and
     /// then the line has no `shared_*` fields.
     pub shared: Option<SharedTierCounts>,
@@ -390,6 +398,10 @@ struct StatsLine<'a> {
     breakers_open: usize,
     breakers_open_connections: &'a [&'a str],
     audit_dropped: u64,
+    /// Invalidations that dropped the token a backend refused.
+    invalidations: u64,
+    /// Invalidations that dropped nothing: not the cached token, or too soon after the last.
+    invalidations_refused: u64,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     shared: Option<SharedTierCounts>,
     target: &'static str,
@@ -438,6 +450,8 @@ pub fn format_line(
         breakers_open: open_breakers.len(),
         breakers_open_connections: open_breakers,
         audit_dropped: snapshot.audit_dropped,
+        invalidations: snapshot.invalidations,
+        invalidations_refused: snapshot.invalidations_refused,
         shared: snapshot.shared,
         target: "stats",
     };
@@ -449,6 +463,19 @@ impl Registry {
     /// A response was sent: its status and, for an error, its documented code.
     pub fn record_response(&self, status: u16, code: Option<ErrorCode>) {
         self.response(status, code);
+    }
+
+    /// An invalidation was asked for: `dropped` when it dropped the cached token.
+    pub fn record_invalidation(&self, dropped: bool) {
+        let counters = self.local();
+        add(
+            if dropped {
+                &counters.invalidations
+            } else {
+                &counters.invalidations_refused
+            },
+            1,
+        );
     }
 
     /// A token was handed out from memory (`hit`, `stale`) or after a fetch (`miss`).

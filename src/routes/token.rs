@@ -144,14 +144,14 @@ pub(super) fn hit_now(state: &AppState, parts: &Parts) -> Option<Response> {
 /// What a token request asks for, once checked: the connection, and the cache key of the
 /// scopes it names (its default key, borrowed, when it names none: cloning it would touch
 /// three reference counts per request).
-struct Asked<'a> {
-    served: &'a Served,
-    key: Cow<'a, CacheKey>,
+pub(super) struct Asked<'a> {
+    pub served: &'a Served,
+    pub key: Cow<'a, CacheKey>,
 }
 
 /// The connection called `name`, which `caller` must be allowed to use, and the scopes the
 /// query and form ask for, each allowed for it.
-fn asked<'a>(
+pub(super) fn asked<'a>(
     state: &'a AppState,
     name: &str,
     query: Option<&str>,

@@ -172,3 +172,75 @@ async fn a_refused_client_is_held_fleet_wide_for_the_negative_cache_interval() {
         "no other instance asked the provider"
     );
 }
+
+/// `POST /api/token/demo/invalidate` on `broker` for `token`.
+async fn invalidate(broker: &Broker, token: &str) -> serde_json::Value {
+    let form = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("access_token", token)
+        .finish();
+    let response = broker
+        .http
+        .post(format!("{}/api/token/demo/invalidate", broker.address))
+        .header("x-functions-key", crate::support::FUNCTION_KEY)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn an_invalidation_reaches_every_instance_and_the_fleet_fetches_once_after_it() {
+    let fleet = Fleet::start(3600).await;
+    let redis = RedisServer::start(RedisOptions::default()).await;
+    let brokers = fleet.shared_brokers(&redis, 4).await;
+    let mut first = Vec::new();
+    for broker in &brokers {
+        first.push(broker.access_token("demo").await);
+    }
+    assert!(first.iter().all(|token| token == &first[0]));
+    assert_eq!(fleet.token_requests().await, 1);
+
+    // A token that is not the cached one drops nothing, on any instance.
+    let wrong = invalidate(&brokers[2], "eyJ.a-stale.token").await;
+    assert_eq!(wrong["invalidated"], false);
+    assert_eq!(wrong["reason"], "not_current");
+
+    // The backend refused the cached token: one instance drops it for all.
+    assert_eq!(
+        invalidate(&brokers[1], &first[0]).await["invalidated"],
+        true
+    );
+    for (n, broker) in brokers.iter().enumerate() {
+        if n != 1 {
+            broker
+                .wait_for_log("token invalidated by another instance", 1)
+                .await;
+        }
+    }
+    let requests = brokers
+        .iter()
+        .flat_map(|broker| (0..10).map(move |_| broker.access_token("demo")));
+    let after = futures_util::future::join_all(requests).await;
+    assert!(
+        after
+            .iter()
+            .all(|token| token == &after[0] && token != &first[0])
+    );
+    assert_eq!(
+        fleet.token_requests().await,
+        2,
+        "one new token for forty callers on four instances"
+    );
+
+    // A repeat on another instance within the interval is too soon, fleet-wide.
+    let again = invalidate(&brokers[3], &after[0]).await;
+    assert_eq!(again["invalidated"], false);
+    assert_eq!(again["reason"], "too_soon");
+    for broker in &brokers {
+        assert_eq!(broker.access_token("demo").await, after[0]);
+    }
+    assert_eq!(fleet.token_requests().await, 2);
+}

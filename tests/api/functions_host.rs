@@ -104,6 +104,66 @@ fn the_token_function_is_one_http_trigger_and_one_http_output() {
 }
 
 #[test]
+fn the_invalidate_function_is_a_post_only_http_trigger_with_a_function_key() {
+    let function = read_json("function-invalidate/function.json");
+    let bindings = function["bindings"].as_array().unwrap();
+    assert_eq!(bindings.len(), 2);
+    let trigger = &bindings[0];
+    assert_eq!(trigger["type"], "httpTrigger");
+    assert_eq!(trigger["authLevel"], "function");
+    assert_eq!(trigger["route"], "token/{connection}/invalidate");
+    assert_eq!(trigger["methods"], serde_json::json!(["post"]));
+    assert_eq!(bindings[1]["type"], "http");
+}
+
+/// Whether an ASP.NET route template (the host's) matches `path`: literal segments compare
+/// case-insensitively, a `{parameter}` takes exactly one non-empty segment.
+fn route_matches(template: &str, path: &str) -> bool {
+    let template: Vec<&str> = template.split('/').collect();
+    let path: Vec<&str> = path.split('/').collect();
+    template.len() == path.len()
+        && template.iter().zip(&path).all(|(t, p)| {
+            if t.starts_with('{') && t.ends_with('}') {
+                !p.is_empty()
+            } else {
+                t.eq_ignore_ascii_case(p)
+            }
+        })
+}
+
+#[test]
+fn every_http_path_the_broker_serves_reaches_it_through_exactly_one_function() {
+    let mut routes = Vec::new();
+    for entry in std::fs::read_dir(env!("CARGO_MANIFEST_DIR")).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        if !name.starts_with("function-") {
+            continue;
+        }
+        let function = read_json(&format!("{name}/function.json"));
+        for binding in function["bindings"].as_array().unwrap() {
+            if binding["type"] == "httpTrigger" {
+                let route = binding["route"].as_str().unwrap_or(&name[9..]).to_string();
+                routes.push((name.clone(), route));
+            }
+        }
+    }
+    for (path, expected) in [
+        ("token/demo", "function-token"),
+        ("Token/Demo", "function-token"),
+        ("token/demo/invalidate", "function-invalidate"),
+        ("token/demo/INVALIDATE", "function-invalidate"),
+        ("health", "function-health"),
+    ] {
+        let matched: Vec<&str> = routes
+            .iter()
+            .filter(|(_, route)| route_matches(route, path))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        assert_eq!(matched, [expected], "/api/{path}: {routes:?}");
+    }
+}
+
+#[test]
 fn the_rotation_function_is_an_event_grid_trigger_with_the_bundle_it_needs() {
     let function = read_json("function-rotation/function.json");
     let bindings = function["bindings"].as_array().unwrap();

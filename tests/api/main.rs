@@ -13,6 +13,7 @@ mod fleet_shield;
 mod functions_host;
 mod health;
 mod hostile;
+mod invalidation;
 mod key_vault;
 mod openapi;
 mod production;

@@ -117,11 +117,10 @@ fn no_api_management_api_fronts_the_broker() {
     for file in sample_files {
         let text = read(file);
         let includes = elements(&text, "include-fragment");
-        assert_eq!(includes.len(), 1, "{file}");
-        assert_eq!(
-            attribute(&includes[0].0, "fragment-id"),
-            Some("token-broker")
-        );
+        assert!(!includes.is_empty(), "{file}");
+        for (attributes, _) in &includes {
+            assert_eq!(attribute(attributes, "fragment-id"), Some("token-broker"));
+        }
         let connection = elements(&text, "set-variable")
             .into_iter()
             .find(|(a, _)| attribute(a, "name") == Some("tokenBrokerConnection"))
@@ -145,21 +144,24 @@ fn the_fragment_in_caller_mode_none_has_no_managed_identity_element() {
     );
     assert!(!none.contains("{{token-broker-audience}}"));
 
-    // The jwt variant adds exactly that element, for the audience named value, inside the
-    // request to the broker, and differs in nothing else.
+    // The jwt variant adds exactly that element, for the audience named value, inside each
+    // request to the broker (the invalidation and the token), and differs in nothing else.
     let jwt = read(FRAGMENT_JWT);
     let managed_identity = elements(&jwt, "authentication-managed-identity");
-    assert_eq!(managed_identity.len(), 1);
-    assert_eq!(
-        attribute(&managed_identity[0].0, "resource"),
-        Some("{{token-broker-audience}}")
-    );
+    assert_eq!(managed_identity.len(), 2);
+    for (attributes, _) in &managed_identity {
+        assert_eq!(
+            attribute(attributes, "resource"),
+            Some("{{token-broker-audience}}")
+        );
+    }
     let document = roxmltree::Document::parse(&jwt).unwrap();
-    let element = document
+    for element in document
         .descendants()
-        .find(|n| n.tag_name().name() == "authentication-managed-identity")
-        .unwrap();
-    assert_eq!(element.parent().unwrap().tag_name().name(), "send-request");
+        .filter(|n| n.tag_name().name() == "authentication-managed-identity")
+    {
+        assert_eq!(element.parent().unwrap().tag_name().name(), "send-request");
+    }
     let strip = |text: &str| -> Vec<String> {
         let body = &text[text.find("<fragment>").expect("a fragment element")..];
         body.lines()
@@ -428,4 +430,128 @@ fn the_fragment_uses_the_brokers_route_and_answer_fields() {
         }
     }
     assert_eq!(policies, 2, "the fragment and the sample API's policy");
+}
+
+#[test]
+fn the_sample_backend_policies_retry_a_backend_401_once_after_invalidating_the_refused_token() {
+    for file in [
+        "infra/apim/sample-backend-policy.xml",
+        "infra/apim/sample-backend-policy-cached.xml",
+    ] {
+        let text = read(file);
+        let document = roxmltree::Document::parse(&text).unwrap();
+        let backend = document
+            .descendants()
+            .find(|node| node.has_tag_name("backend"))
+            .unwrap();
+        let retries: Vec<_> = backend
+            .descendants()
+            .filter(|node| node.has_tag_name("retry"))
+            .collect();
+        assert_eq!(retries.len(), 1, "{file}: one retry");
+        let retry = retries[0];
+        assert_eq!(retry.attribute("count"), Some("1"), "{file}: once");
+        assert_eq!(retry.attribute("interval"), Some("0"), "{file}");
+        let condition = retry.attribute("condition").unwrap();
+        assert!(
+            condition.contains("StatusCode == 401"),
+            "{file}: {condition}"
+        );
+        // In order: a new token through the fragment (which invalidates the refused one),
+        // then the request forwarded again, its body buffered for the resend.
+        let order: Vec<&str> = retry
+            .descendants()
+            .filter(|node| {
+                ["include-fragment", "forward-request"].contains(&node.tag_name().name())
+            })
+            .map(|node| node.tag_name().name())
+            .collect();
+        assert_eq!(order, ["include-fragment", "forward-request"], "{file}");
+        let forward = retry
+            .descendants()
+            .find(|node| node.has_tag_name("forward-request"))
+            .unwrap();
+        assert_eq!(forward.attribute("buffer-request-body"), Some("true"));
+        // Only after the first attempt: the refused token handed to the fragment, the
+        // current one cleared so that the fragment fetches.
+        let branch = retry
+            .descendants()
+            .find(|node| node.has_tag_name("include-fragment"))
+            .unwrap()
+            .parent()
+            .unwrap();
+        assert!(
+            branch
+                .attribute("condition")
+                .unwrap()
+                .contains("GetValueOrDefault<int>(\"tokenBrokerAttempts\", 0) > 0"),
+            "{file}"
+        );
+        let sets: Vec<(&str, &str)> = branch
+            .children()
+            .filter(|node| node.has_tag_name("set-variable"))
+            .map(|node| {
+                (
+                    node.attribute("name").unwrap(),
+                    node.attribute("value").unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            sets,
+            [
+                (
+                    "tokenBrokerRefusedToken",
+                    "@(context.Variables.GetValueOrDefault<string>(\"tokenBrokerAccessToken\", \"\"))"
+                ),
+                ("tokenBrokerAccessToken", "")
+            ],
+            "{file}"
+        );
+        if file.ends_with("-cached.xml") {
+            assert!(
+                branch
+                    .children()
+                    .any(|node| node.has_tag_name("cache-remove-value")),
+                "{file}: the refused token leaves API Management's cache too"
+            );
+        }
+    }
+    // The fragments invalidate a refused token before they ask for one.
+    for file in [FRAGMENT, FRAGMENT_JWT] {
+        let text = read(file);
+        let document = roxmltree::Document::parse(&text).unwrap();
+        let sends: Vec<_> = document
+            .descendants()
+            .filter(|node| node.has_tag_name("send-request"))
+            .collect();
+        assert_eq!(sends.len(), 2, "{file}");
+        let child = |send: roxmltree::Node, name: &str| {
+            send.children()
+                .find(|node| node.has_tag_name(name))
+                .and_then(|node| node.text())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (invalidation, token) = (sends[0], sends[1]);
+        assert!(
+            child(invalidation, "set-url").ends_with("+ \"/invalidate\")"),
+            "{file}"
+        );
+        assert_eq!(child(invalidation, "set-method"), "POST");
+        assert_eq!(child(token, "set-method"), "GET");
+        let body = child(invalidation, "set-body");
+        assert!(
+            body.starts_with("@(\"access_token=\" + Uri.EscapeDataString(")
+                && body.contains("tokenBrokerRefusedToken"),
+            "{file}: the refused token, form-encoded: {body}"
+        );
+        assert_eq!(
+            invalidation
+                .descendants()
+                .any(|node| node.has_tag_name("authentication-managed-identity")),
+            file == FRAGMENT_JWT,
+            "{file}: authenticated as the token request is"
+        );
+    }
 }

@@ -314,6 +314,7 @@ fn the_package_holds_exactly_what_the_host_needs_and_runs_on_glibc_2_28() {
         BTreeSet::from([
             "broker.toml",
             "function-health/function.json",
+            "function-invalidate/function.json",
             "function-rotation/function.json",
             "function-token/function.json",
             "host.json",

@@ -26,6 +26,7 @@ const TOP_LEVEL: &[&str] = &[
     "docs",
     "doubles",
     "function-health",
+    "function-invalidate",
     "function-rotation",
     "function-token",
     "fuzz",

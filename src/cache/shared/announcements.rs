@@ -6,7 +6,7 @@ impl SharedTier {
     pub(super) fn on_message(
         self: Arc<Self>,
         message: &str,
-        rotations: &mpsc::UnboundedSender<String>,
+        rotations: &mpsc::UnboundedSender<Announced>,
     ) {
         if let Some(id) = message.strip_prefix("t:") {
             // Unsigned: a forged one only makes the waiters look at Redis once more.
@@ -49,17 +49,18 @@ impl SharedTier {
         }
     }
 
-    /// A verified announcement: `r:<hash>:<instance>:<ms>:<nonce>` (an object rotated) or
+    /// A verified announcement: `r:<hash>:<instance>:<ms>:<nonce>` (an object rotated),
+    /// `v:<fingerprint>:<instance>:<ms>:<nonce>` (a token invalidated) or
     /// `k:<instance>:<ms>:<nonce>:<key id>` (the encryption key rotated). Acted on once, and
     /// only while fresh.
     pub(super) fn on_signed(
         self: Arc<Self>,
         body: &str,
-        rotations: &mpsc::UnboundedSender<String>,
+        rotations: &mpsc::UnboundedSender<Announced>,
     ) {
         let fields: Vec<&str> = body.split(':').collect();
         let (instance, sent_ms) = match fields.as_slice() {
-            ["r", _, instance, ms, _] | ["k", instance, ms, _, _] => (*instance, *ms),
+            ["r" | "v", _, instance, ms, _] | ["k", instance, ms, _, _] => (*instance, *ms),
             _ => return,
         };
         if instance == self.instance || !self.fresh_and_new(body, sent_ms) {
@@ -68,8 +69,11 @@ impl SharedTier {
         match fields.as_slice() {
             ["r", hash, ..] => {
                 if let Some(name) = self.secrets_by_hash.get(*hash) {
-                    let _ = rotations.send(name.clone());
+                    let _ = rotations.send(Announced::Rotated(name.clone()));
                 }
+            }
+            ["v", fingerprint, ..] => {
+                let _ = rotations.send(Announced::Invalidated(fingerprint.to_string()));
             }
             ["k", _, _, _, key_id] => {
                 let held = self
