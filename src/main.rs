@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use token_broker::config::{self, ProcessEnvironment};
+use token_broker::observe::otel::Otel;
 use token_broker::observe::{Observers, telemetry};
 use token_broker::startup::{Application, shutdown_signal};
 
@@ -53,11 +54,37 @@ fn check() -> ExitCode {
 }
 
 fn serve() -> ExitCode {
+    // The runtime first: OpenTelemetry's exporter (when configured) sends on it, and its span
+    // layer is part of the log subscriber made next.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut observers = Observers::default();
+    let otel = runtime.block_on(async { Otel::from_env() });
+    let (otel, otel_problem) = match otel {
+        Ok(otel) => (otel, None),
+        Err(problem) => (None, Some(problem)),
+    };
+    observers.otel = otel.clone();
     // Dropped last: writes out the log, audit records included, before the process exits.
     // The writer is told what to do besides writing lines: the audit's hit records every
     // interval, and where lost audit records are counted.
-    let observers = Observers::default();
-    let _log_writer = telemetry::init(observers.producers());
+    let _log_writer = telemetry::init(
+        observers.producers(),
+        otel.as_ref().map(|otel| otel.layer()),
+    );
+    if let Some(problem) = otel_problem {
+        tracing::error!(%problem, "OpenTelemetry is configured but cannot start; not exporting");
+    } else if otel.is_some() {
+        tracing::info!("OpenTelemetry: exporting metrics and traces over OTLP/HTTP");
+    }
     let settings = match config::load(&ProcessEnvironment) {
         Ok(settings) => settings,
         Err(error) => {
@@ -65,17 +92,7 @@ fn serve() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            tracing::error!(%error, "cannot start the async runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         let connections = settings.connections.len();
         let application = match Application::build(settings, observers).await {
             Ok(application) => application,
@@ -105,5 +122,11 @@ fn serve() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    // The last metrics and spans, sent on the runtime while it still runs (the export blocks,
+    // so not on one of its workers).
+    if let Some(otel) = otel {
+        let _ = runtime.block_on(tokio::task::spawn_blocking(move || otel.shutdown()));
+    }
+    code
 }

@@ -13,7 +13,7 @@ mod limits;
 mod token;
 
 use invalidate::{invalidate_request, invalidation_route};
-use label::{invocation_id, request_span};
+use label::{exported_span, invocation_id, request_span, route_template};
 use limits::{HeadFacts, check_limits, discard, expects_continue, read_body, refused};
 use token::{hit_now, token_request, token_route};
 
@@ -77,7 +77,10 @@ impl tower_service::Service<Request<Body>> for BrokerService {
         // future, its panic guard and its span, which cost a hit about a tenth of its work
         // (BENCHMARKS.md, "Counted"). Anything else takes the full path below.
         // At DEBUG every request gets its span and "finished" line: the full path writes them.
-        let fast = !tracing::enabled!(tracing::Level::DEBUG);
+        // So does every request whose trace is exported (OpenTelemetry): a span each. That is
+        // checked first: `enabled!` under per-layer filters leaves the exporter's "not
+        // interested" on the thread for the next span, and would hide the request's span from it.
+        let fast = self.state.observers.otel.is_none() && !tracing::enabled!(tracing::Level::DEBUG);
         match std::panic::catch_unwind(AssertUnwindSafe(|| {
             fast.then(|| hit_now(&self.state, &parts)).flatten()
         })) {
@@ -112,7 +115,10 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     let head = HeadFacts::scan(&parts.headers);
     let invocation = invocation_id(head.invocation);
     let request_span = || request_span(&parts, invocation);
-    let span = if tracing::enabled!(tracing::Level::DEBUG) {
+    let exported = state.observers.otel.is_some();
+    let span = if exported {
+        exported_span(&parts, invocation)
+    } else if tracing::enabled!(tracing::Level::DEBUG) {
         request_span()
     } else {
         tracing::Span::none()
@@ -129,6 +135,9 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     };
     let outcome = answer_even_on_panic(handler, span_made).await;
     let response = finish(outcome, &state.observers.stats, &parts, span_made);
+    if exported {
+        exported_answer(state, &parts, &span, response.status().as_u16());
+    }
     if let Some(started) = started {
         let _entered = span.enter();
         tracing::debug!(
@@ -166,6 +175,23 @@ fn finish(
             error.log();
             error.into_response()
         }
+    }
+}
+
+/// An answer as OpenTelemetry sees it: the request span's status, and the request counted
+/// by route, connection and status.
+fn exported_answer(state: &AppState, parts: &Parts, span: &tracing::Span, status: u16) {
+    span.record("http.response.status_code", status);
+    if status >= 500 {
+        span.record("otel.status_code", "error");
+    }
+    if let Some(otel) = &state.observers.otel {
+        let path = parts.uri.path();
+        let connection = token_route(path)
+            .map(|rest| invalidation_route(rest).unwrap_or(rest))
+            .and_then(|name| state.connection(name))
+            .map(|(_, served)| served.settings.name.as_str());
+        otel.request(route_template(path), connection, status);
     }
 }
 

@@ -50,7 +50,7 @@ impl Application {
             http.clone(),
             settings.cache.secret_ttl,
             settings.cache.secret_refusal_grace,
-            observers.stats.clone(),
+            &observers,
         ));
         let connections = Arc::new(settings.connections);
         let callers = Arc::new(CallerCheck::new(
@@ -61,7 +61,7 @@ impl Application {
         let token_client = Arc::new(TokenClient::new(
             credentials.clone(),
             &connections,
-            observers.stats.clone(),
+            &observers,
         ));
         // With `[shared_cache]`, the memory tier fetches through the shared tier, which
         // fetches through the token client; it connects in the background.
@@ -75,12 +75,16 @@ impl Application {
                     identity: &settings.identity,
                     key_vault: settings.key_vault.as_ref(),
                     http: http.clone(),
+                    otel: observers.otel.clone(),
                 });
                 (tier.clone(), Some(tier), Some(rotated))
             }
             None => (token_client.clone(), None, None),
         };
-        let cache = Arc::new(TokenCache::new(source, settings.cache.max_tokens));
+        let cache = Arc::new(
+            TokenCache::new(source, settings.cache.max_tokens)
+                .with_traced_fetches(observers.otel.is_some()),
+        );
         let state = AppState::new(
             cache,
             credentials,

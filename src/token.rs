@@ -96,6 +96,15 @@ pub(crate) enum Hold {
 }
 
 impl Hold {
+    /// The hold's kind as metrics name it.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Hold::AskedToWait => "retry_after",
+            Hold::CircuitOpen => "circuit_open",
+            Hold::Rejected { .. } => "rejected",
+        }
+    }
+
     /// What a caller is told while the hold lasts (`retry_after` more): the answer the
     /// instance that met the provider's refusal gives, on every instance alike.
     pub(crate) fn error(&self, connection: &str, retry_after: Duration) -> TokenError {

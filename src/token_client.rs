@@ -33,10 +33,13 @@ use crate::cache::{CacheKey, TokenSource};
 use crate::config::{AuthMethod, ConnectionName, ConnectionSettings};
 use crate::credentials::{ClientCredential, Credentials};
 use crate::http_client::LazyClient;
+use crate::observe::Observers;
+use crate::observe::otel::Otel;
 use crate::observe::stats;
 use crate::token::{FreshToken, Hold, TokenError};
 use crate::token_response::BrokerTokenResponse;
-use crate::upstream_guard::{BreakerState, GuardSettings, Rejection, UpstreamGuard};
+use crate::upstream_guard::{BreakerState, GuardSettings, Refusal, Rejection, UpstreamGuard};
+use tracing::Instrument as _;
 
 /// RFC 7523 §2.2's `client_assertion_type` for a JWT (or an Entra federated token).
 const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -62,6 +65,8 @@ pub(crate) struct TokenClient {
     upstreams: BTreeMap<ConnectionName, Upstream>,
     /// Where fetches are counted, and each connection's last fetch observed for health.
     stats: Arc<stats::Registry>,
+    /// Fetches, provider calls and holds for OpenTelemetry, when it is on.
+    otel: Option<Arc<Otel>>,
 }
 
 struct Upstream {
@@ -74,7 +79,7 @@ impl TokenClient {
     pub(crate) fn new(
         credentials: Arc<Credentials>,
         connections: &BTreeMap<ConnectionName, ConnectionSettings>,
-        stats: Arc<stats::Registry>,
+        observers: &Observers,
     ) -> Self {
         let mut upstreams = BTreeMap::new();
         for (key, connection) in connections {
@@ -93,7 +98,8 @@ impl TokenClient {
         Self {
             credentials,
             upstreams,
-            stats,
+            stats: observers.stats.clone(),
+            otel: observers.otel.clone(),
         }
     }
 
@@ -139,7 +145,7 @@ impl TokenClient {
         // The guard first: while it would refuse, no credential is made (no Key Vault read,
         // no sign). It is asked again below, since the credential takes time.
         if let Err(refusal) = upstream.guard.check() {
-            return Err(refusal_error(connection, refusal));
+            return Err(self.refused(connection, refusal));
         }
         let secret = tokio::time::timeout_at(deadline, self.credentials.credential(connection))
             .await
@@ -152,7 +158,7 @@ impl TokenClient {
                 }
             })?;
         if let Err(refusal) = upstream.guard.admit() {
-            return Err(refusal_error(connection, refusal));
+            return Err(self.refused(connection, refusal));
         }
         let guard = &upstream.guard;
         // A panic past admission must still report an outcome, or a half-open circuit would
@@ -196,6 +202,18 @@ impl TokenClient {
             Err(Failure::Rejected { .. }) => guard.record_answered(),
         }
         outcome.map_err(|failure| failure.into_error(connection))
+    }
+
+    /// The error for a call the guard refused, counted as a hold for OpenTelemetry.
+    fn refused(&self, connection: &ConnectionSettings, refusal: Refusal) -> TokenError {
+        if let Some(otel) = &self.otel {
+            otel.hold(
+                &connection.name,
+                hold_of(refusal.clone()).0.kind(),
+                "instance",
+            );
+        }
+        refusal_error(connection, refusal)
     }
 
     /// A token for `connection` with `scopes`. When the token endpoint refuses the client
@@ -321,7 +339,32 @@ impl TokenClient {
             http,
             timeout: connection.timeout,
         };
-        let result = request.request_async(&transport).await;
+        let result = match &self.otel {
+            None => request.request_async(&transport).await,
+            Some(otel) => {
+                let span = provider_span(connection);
+                let result = request
+                    .request_async(&transport)
+                    .instrument(span.clone())
+                    .await;
+                let (status, error_type) = call_outcome(&result);
+                if let Some(status) = status {
+                    span.record("http.response.status_code", status);
+                }
+                if error_type.is_some() || status.is_some_and(|status| status >= 400) {
+                    span.record("otel.status_code", "error");
+                }
+                let url = connection.token_url.url();
+                otel.provider_call(
+                    url.host_str().unwrap_or_default(),
+                    url.port_or_known_default(),
+                    status,
+                    error_type,
+                    started.elapsed(),
+                );
+                result
+            }
+        };
         let elapsed_ms = started.elapsed().as_millis() as u64;
         match result {
             Ok(response) if !response.has_access_token() => {
@@ -366,10 +409,56 @@ impl TokenSource for TokenClient {
                 .ok_or_else(|| TokenError::UnknownConnection(key.connection().to_string()))?;
             let started = tokio::time::Instant::now();
             let result = self.fetch_within_deadline(upstream, &key, finish_by).await;
+            let fetched = fetch_result(&result);
             self.stats
-                .record_fetch(key.connection(), fetch_result(&result), started.elapsed());
+                .record_fetch(key.connection(), fetched, started.elapsed());
+            if let Some(otel) = &self.otel {
+                otel.fetch(
+                    &upstream.connection.name,
+                    fetched.as_str(),
+                    started.elapsed(),
+                );
+            }
             result
         })
+    }
+}
+
+/// The client span of one request to a token endpoint (exported traces only): method, server,
+/// and the status recorded when the answer comes. Never the form, which holds the credential.
+fn provider_span(connection: &ConnectionSettings) -> tracing::Span {
+    let url = connection.token_url.url();
+    tracing::info_span!(
+        "provider_attempt",
+        otel.name = "POST token endpoint",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        connection = %connection.name,
+        http.request.method = "POST",
+        server.address = url.host_str().unwrap_or_default(),
+        server.port = url.port_or_known_default().map(i64::from),
+        http.response.status_code = tracing::field::Empty,
+    )
+}
+
+/// The HTTP status of one token-endpoint call, or why it had none (`error.type`).
+fn call_outcome<T>(
+    result: &Result<T, oauth2::RequestTokenError<transport::TransportError, OAuthErrorBody>>,
+) -> (Option<u16>, Option<&'static str>) {
+    use oauth2::RequestTokenError;
+    use transport::TransportError;
+    match result {
+        Ok(_) => (Some(200), None),
+        Err(RequestTokenError::ServerResponse(_)) => (Some(200), None),
+        Err(RequestTokenError::Request(TransportError::Status { status, .. })) => {
+            (Some(status.as_u16()), None)
+        }
+        Err(RequestTokenError::Request(TransportError::Timeout(_))) => (None, Some("timeout")),
+        Err(RequestTokenError::Request(TransportError::Connect)) => (None, Some("connect")),
+        Err(RequestTokenError::Request(TransportError::TooLarge)) => (Some(200), Some("too_large")),
+        Err(RequestTokenError::Request(TransportError::Other)) => (None, Some("other")),
+        Err(RequestTokenError::Parse(..)) => (Some(200), Some("parse")),
+        Err(RequestTokenError::Other(_)) => (None, Some("other")),
     }
 }
 

@@ -343,6 +343,9 @@ pub(crate) struct TokenCache {
     generation: Arc<Generation>,
     /// Where `LastUsed` counts from.
     epoch: Instant,
+    /// Whether a fetch's task runs in the span of the request that started it, so that its
+    /// Key Vault and provider spans are that request's children (exported traces only).
+    traced_fetches: bool,
 }
 
 struct Entry {
@@ -392,7 +395,14 @@ impl TokenCache {
             entries: Mutex::default(),
             generation: Arc::new(Generation::new()),
             epoch: Instant::now(),
+            traced_fetches: false,
         }
+    }
+
+    /// The same cache, its fetches in the span of the request that started them.
+    pub(crate) fn with_traced_fetches(mut self, traced: bool) -> Self {
+        self.traced_fetches = traced;
+        self
     }
 
     /// `serve` applied to a token for `key` without taking a lock, when this worker thread
@@ -547,50 +557,58 @@ impl TokenCache {
         let generation = self.generation.clone();
         let connection = key.connection().to_string();
         let key = key.clone();
-        let task = tokio::spawn(async move {
-            let connection = key.connection().to_string();
-            // A panic in the source must not leave `fetch` set (every later caller would get
-            // the same failed result forever): it becomes an error like any other.
-            let result = AssertUnwindSafe(source.fetch(key))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    tracing::error!(
-                        connection = %connection,
-                        panic = panic_message(panic.as_ref()),
-                        "token fetch panicked"
-                    );
-                    Err(TokenError::Internal { connection })
-                });
-            let now = Instant::now();
-            let mut state = entry.state.lock();
-            state.fetch = None;
-            // Whatever follows changes the entry: the threads' copies must look again.
-            generation.advance();
-            match result {
-                Ok(fresh) => {
-                    let refresh_in =
-                        refresh_delay(clamp_lifetime(fresh.lifetime), fresh.refresh_in);
-                    let token = Arc::new(CachedToken::new(fresh, now));
-                    state.refresh_at = Some(later(now, refresh_in));
-                    state.token = Some(token.clone());
-                    state.failed_refreshes = 0;
-                    Ok(token)
-                }
-                Err(error) => {
-                    // Keep any token still usable; try the refresh again after a backoff
-                    // that never reaches past the token's usable life.
-                    state.failed_refreshes = state.failed_refreshes.saturating_add(1);
-                    if let Some(token) = &state.token {
-                        let remaining = token.expires_at.saturating_duration_since(now);
-                        let backoff = REFRESH_BACKOFF.after(state.failed_refreshes);
-                        let wait = backoff.min(remaining / 2).max(Duration::from_millis(500));
-                        state.refresh_at = Some(later(now, wait));
+        let span = if self.traced_fetches {
+            tracing::Span::current()
+        } else {
+            tracing::Span::none()
+        };
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let connection = key.connection().to_string();
+                // A panic in the source must not leave `fetch` set (every later caller would get
+                // the same failed result forever): it becomes an error like any other.
+                let result = AssertUnwindSafe(source.fetch(key))
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|panic| {
+                        tracing::error!(
+                            connection = %connection,
+                            panic = panic_message(panic.as_ref()),
+                            "token fetch panicked"
+                        );
+                        Err(TokenError::Internal { connection })
+                    });
+                let now = Instant::now();
+                let mut state = entry.state.lock();
+                state.fetch = None;
+                // Whatever follows changes the entry: the threads' copies must look again.
+                generation.advance();
+                match result {
+                    Ok(fresh) => {
+                        let refresh_in =
+                            refresh_delay(clamp_lifetime(fresh.lifetime), fresh.refresh_in);
+                        let token = Arc::new(CachedToken::new(fresh, now));
+                        state.refresh_at = Some(later(now, refresh_in));
+                        state.token = Some(token.clone());
+                        state.failed_refreshes = 0;
+                        Ok(token)
                     }
-                    Err(Arc::new(error))
+                    Err(error) => {
+                        // Keep any token still usable; try the refresh again after a backoff
+                        // that never reaches past the token's usable life.
+                        state.failed_refreshes = state.failed_refreshes.saturating_add(1);
+                        if let Some(token) = &state.token {
+                            let remaining = token.expires_at.saturating_duration_since(now);
+                            let backoff = REFRESH_BACKOFF.after(state.failed_refreshes);
+                            let wait = backoff.min(remaining / 2).max(Duration::from_millis(500));
+                            state.refresh_at = Some(later(now, wait));
+                        }
+                        Err(Arc::new(error))
+                    }
                 }
-            }
-        });
+            },
+            span,
+        ));
         task.map(move |joined| {
             // The task catches panics itself; a join error means the runtime is shutting down.
             joined.unwrap_or_else(|_| Err(Arc::new(TokenError::Internal { connection })))

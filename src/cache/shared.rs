@@ -46,6 +46,7 @@ use crate::config::{
 };
 use crate::credentials::Credentials;
 use crate::http_client::LazyClient;
+use crate::observe::otel::Otel;
 use crate::token::{FreshToken, MAX_LIFETIME, TokenError, clamp_lifetime};
 
 mod announcements;
@@ -127,6 +128,7 @@ pub(crate) struct SharedTierParts<'a> {
     pub identity: &'a IdentitySettings,
     pub key_vault: Option<&'a KeyVaultSettings>,
     pub http: Arc<LazyClient>,
+    pub otel: Option<Arc<Otel>>,
 }
 
 /// The shared tier; see the module documentation.
@@ -153,6 +155,8 @@ pub(crate) struct SharedTier {
     seen: Mutex<HashMap<String, Instant>>,
     /// The fleet lock's lease for this tier's `timeout_ms`.
     lease: Duration,
+    /// Shared hits and misses, and fleet holds, for OpenTelemetry when it is on.
+    otel: Option<Arc<Otel>>,
 }
 
 /// The fleet lock's lease: [`LOCK_LEASE`], or longer when a Redis answer may take so long
@@ -192,6 +196,7 @@ impl SharedTier {
             rechecking: AtomicBool::new(false),
             seen: Mutex::default(),
             lease: lock_lease(parts.settings.timeout),
+            otel: parts.otel.clone(),
         });
         let settings = parts.settings.clone();
         let credentials = parts.credentials;
@@ -347,6 +352,7 @@ impl SharedTier {
             }
             if Instant::now() >= stop_waiting {
                 SharedCacheCounters::add(&self.counters.impatient_fetches);
+                self.observe_lookup("miss");
                 break self.fetch_and_store(ready, &names, key, finish_by).await;
             }
             tokio::select! {
@@ -375,6 +381,7 @@ impl SharedTier {
                 Some(fresh) => Ok(fresh),
                 None => {
                     SharedCacheCounters::add(&self.counters.locked_fetches);
+                    self.observe_lookup("miss");
                     self.fetch_and_store(ready, names, key, finish_by).await
                 }
             }
@@ -494,6 +501,7 @@ impl SharedTier {
             return None;
         }
         SharedCacheCounters::add(&self.counters.hits);
+        self.observe_lookup("hit");
         Some(FreshToken {
             access_token: SecretString::from(stored.access_token),
             token_type: stored.token_type,
@@ -521,6 +529,13 @@ impl SharedTier {
             lock: format!("{}:l:{id}", self.prefix),
             index: format!("{}:c:{connection_id}", self.prefix),
             id,
+        }
+    }
+
+    /// A look-up in this tier, for OpenTelemetry when it is on.
+    fn observe_lookup(&self, outcome: &'static str) {
+        if let Some(otel) = &self.otel {
+            otel.cache_lookup("shared", outcome);
         }
     }
 

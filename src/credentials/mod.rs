@@ -30,9 +30,13 @@ use crate::config::{
     KeyVaultSettings, SecretSource,
 };
 use crate::http_client::LazyClient;
+use crate::observe::Observers;
+use crate::observe::otel::Otel;
 pub(crate) use assertion::ClientAssertion;
 use assertion::SigningKey;
 use cache::VaultCache;
+use std::future::Future;
+use tracing::Instrument as _;
 use vault::{Clients, Vault};
 
 /// What the token client sends to authenticate.
@@ -66,6 +70,8 @@ impl fmt::Debug for ClientCredential {
 /// Makes credentials for connections, keeping Key Vault objects in memory.
 pub(crate) struct Credentials {
     vault: Option<Vault>,
+    /// Where Key Vault operations are counted and traced, when OpenTelemetry is on.
+    otel: Option<Arc<Otel>>,
     secrets: VaultCache<ClientSecret>,
     keys: VaultCache<SigningKey>,
     certificates: VaultCache<SigningKey>,
@@ -80,10 +86,12 @@ impl Credentials {
         http: Arc<LazyClient>,
         ttl: Duration,
         refusal_grace: Duration,
-        stats: Arc<crate::observe::stats::Registry>,
+        observers: &Observers,
     ) -> Self {
+        let stats = observers.stats.clone();
         Self {
             vault: key_vault.map(|settings| Vault::new(settings, identity, http, stats)),
+            otel: observers.otel.clone(),
             secrets: VaultCache::new(ObjectKind::Secret, ttl, refusal_grace),
             keys: VaultCache::new(ObjectKind::Key, ttl, refusal_grace),
             certificates: VaultCache::new(ObjectKind::Certificate, ttl, refusal_grace),
@@ -105,15 +113,23 @@ impl Credentials {
                 let vault = self.vault.as_ref();
                 let secret = self
                     .secrets
-                    .get(secret_name, || secret::read(vault, secret_name))
+                    .get(secret_name, || {
+                        self.in_vault("get_secret", secret::read(vault, secret_name))
+                    })
                     .await?;
                 Ok(ClientCredential::Secret(secret))
             }
             CredentialSource::Assertion(settings) => {
                 let clients = self.clients()?;
                 let (cache, name) = self.key_cache(settings);
+                let operation = match settings.key {
+                    AssertionKey::KeyVaultKey(_) => "get_key",
+                    AssertionKey::KeyVaultCertificate(_) => "get_certificate",
+                };
                 let key = cache
-                    .get(name, || read_signing_key(clients, settings))
+                    .get(name, || {
+                        self.in_vault(operation, read_signing_key(clients, settings))
+                    })
                     .await?;
                 self.sign(clients, settings, connection, &key).await
             }
@@ -239,7 +255,8 @@ impl Credentials {
         connection: &ConnectionSettings,
         key: &Arc<SigningKey>,
     ) -> Result<ClientCredential, CredentialError> {
-        match assertion::sign(clients, settings, &connection.client_id, key).await {
+        let signed = assertion::sign(clients, settings, &connection.client_id, key);
+        match self.in_vault("sign", signed).await {
             Ok(assertion) => Ok(ClientCredential::Assertion(assertion)),
             Err(error) => {
                 if error.is_definitive() {
@@ -251,6 +268,31 @@ impl Credentials {
                 Err(error)
             }
         }
+    }
+
+    /// One Key Vault operation, counted by kind and result and, when spans are exported, in
+    /// a client span of its own under the request that needed it.
+    async fn in_vault<T>(
+        &self,
+        operation: &'static str,
+        work: impl Future<Output = Result<T, CredentialError>>,
+    ) -> Result<T, CredentialError> {
+        let Some(otel) = &self.otel else {
+            return work.await;
+        };
+        let span = tracing::info_span!(
+            "key_vault",
+            otel.name = %format_args!("key_vault {operation}"),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            key_vault.operation = operation,
+        );
+        let result = work.instrument(span.clone()).await;
+        if result.is_err() {
+            span.record("otel.status_code", "error");
+        }
+        otel.key_vault(operation, if result.is_ok() { "ok" } else { "error" });
+        result
     }
 
     fn key_cache<'a>(

@@ -1,5 +1,6 @@
 //! What the broker says about itself: the JSON log pipeline ([`telemetry`]), the audit records
-//! of every token handed out ([`audit`]) and the counters written every interval ([`stats`]).
+//! of every token handed out ([`audit`]), the counters written every interval ([`stats`]), and
+//! OpenTelemetry metrics and traces when an OTLP endpoint is configured ([`otel`]).
 //!
 //! A leaf: nothing here imports the domain. Domain code reports what happened as plain values
 //! (a hand-out, a fetch's result, a Key Vault read), and `main` hands the log writer its
@@ -10,6 +11,7 @@
 //! subscriber it serves is process-wide too.
 
 pub mod audit;
+pub mod otel;
 mod shard;
 pub mod stats;
 pub mod telemetry;
@@ -24,6 +26,8 @@ use std::sync::Arc;
 pub struct Observers {
     pub stats: Arc<stats::Registry>,
     pub hits: Arc<audit::HitAggregator>,
+    /// OpenTelemetry's instruments, when its exporter is configured (see [`otel`]).
+    pub otel: Option<Arc<otel::Otel>>,
 }
 
 impl Observers {

@@ -31,8 +31,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::fmt::format::FmtSpan;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
 /// How often queued lines are written out when the queue does not reach half full first.
 /// Records must reach stdout within a second; this leaves a wide margin.
@@ -256,7 +259,7 @@ impl Drop for FlushGuard {
 
 /// Installs the global subscriber and starts the writer thread, which also does `producers`'
 /// periodic work. Called once from `main`.
-pub fn init(producers: Producers) -> FlushGuard {
+pub fn init(producers: Producers, traces: Option<TraceLayer>) -> FlushGuard {
     let (capacity, bad_setting) = match std::env::var(QUEUE_LINES_SETTING) {
         Err(_) => (DEFAULT_QUEUE_LINES, false),
         Ok(text) => match text.trim().parse::<usize>() {
@@ -266,15 +269,34 @@ pub fn init(producers: Producers) -> FlushGuard {
     };
     start(capacity, std::io::stdout, producers);
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_current_span(true)
-        .with_span_list(false)
-        .with_span_events(FmtSpan::NONE)
-        .with_env_filter(filter)
-        .with_writer(MakeLineWriter)
-        .init();
+    match traces {
+        // Without a span exporter, the filter is the subscriber's own (the cheapest check).
+        None => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_span_events(FmtSpan::NONE)
+            .with_env_filter(filter)
+            .with_writer(MakeLineWriter)
+            .init(),
+        // With one, each output filters for itself: `RUST_LOG` decides the lines, the
+        // exporter's own filter the spans it exports.
+        Some(traces) => {
+            let lines = tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .with_span_events(FmtSpan::NONE)
+                .with_writer(MakeLineWriter)
+                .with_filter(filter);
+            tracing_subscriber::registry()
+                .with(traces)
+                .with(lines)
+                .init();
+        }
+    }
     if bad_setting {
         tracing::warn!(
             setting = QUEUE_LINES_SETTING,
@@ -284,6 +306,10 @@ pub fn init(producers: Producers) -> FlushGuard {
     }
     FlushGuard
 }
+
+/// A layer that exports spans (OpenTelemetry's), with its own filter.
+pub type TraceLayer =
+    Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
 
 /// Starts the writer thread on `output` (a factory, as `Stdout` handles are cheap and the
 /// writer takes one per batch). Only the first call has an effect.

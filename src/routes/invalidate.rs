@@ -67,6 +67,10 @@ pub(super) async fn invalidate_request(
         .await;
     let dropped = matches!(outcome, Invalidation::Dropped { .. });
     state.observers.stats.record_invalidation(dropped);
+    if let Some(otel) = &state.observers.otel {
+        let result = outcome.reason().unwrap_or("invalidated");
+        otel.invalidation(&settings.name, result);
+    }
     let fingerprint = fingerprint(secrecy::ExposeSecret::expose_secret(&presented));
     crate::observe::audit::invalidation(&crate::observe::audit::InvalidationRecord {
         connection: &settings.name,

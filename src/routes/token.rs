@@ -257,6 +257,9 @@ impl HandingOut<'_> {
             CacheOutcome::Stale => CacheLookup::Stale,
             CacheOutcome::Miss | CacheOutcome::Joined => CacheLookup::Miss,
         });
+        if let Some(otel) = &self.observers.otel {
+            otel.cache_lookup("memory", outcome.as_str());
+        }
         self.observed
             .handed_out(token.expires_on, outcome == CacheOutcome::Stale);
         let record = crate::observe::audit::AuditRecord {

@@ -16,6 +16,7 @@ mod hostile;
 mod invalidation;
 mod key_vault;
 mod openapi;
+mod opentelemetry;
 mod production;
 mod rotation;
 mod secrecy;

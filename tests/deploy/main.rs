@@ -359,3 +359,65 @@ fn the_package_holds_exactly_what_the_host_needs_and_runs_on_glibc_2_28() {
     );
     assert!(newest <= (2, 28), "needs GLIBC_{}.{}", newest.0, newest.1);
 }
+
+#[test]
+fn the_binary_carries_one_http_and_tls_stack_opentelemetry_included() {
+    let output = Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args([
+            "tree",
+            "-d",
+            "-e",
+            "normal",
+            "--depth",
+            "0",
+            "-p",
+            "token-broker",
+            "--locked",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let duplicates = String::from_utf8(output.stdout).unwrap();
+    let names: BTreeSet<&str> = duplicates
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    for stack in [
+        "reqwest",
+        "hyper",
+        "hyper-util",
+        "http",
+        "h2",
+        "rustls",
+        "tokio-rustls",
+        "tonic",
+    ] {
+        assert!(!names.contains(stack), "a second {stack}: {duplicates}");
+    }
+    // The check reads the real tree: the crates it names are there once.
+    let tree = Command::new(env!("CARGO"))
+        .current_dir(root())
+        .args([
+            "tree",
+            "-e",
+            "normal",
+            "-p",
+            "token-broker",
+            "--locked",
+            "-i",
+            "reqwest",
+        ])
+        .output()
+        .unwrap();
+    let tree = String::from_utf8(tree.stdout).unwrap();
+    assert!(tree.starts_with("reqwest v0.13"), "{tree}");
+    assert!(
+        !tree.contains("opentelemetry-otlp"),
+        "the exporter brings no client: {tree}"
+    );
+}

@@ -59,6 +59,10 @@ impl SharedTier {
         let now = unix_millis();
         if now < stored.until_ms {
             SharedCacheCounters::add(&self.counters.holds_honoured);
+            if let Some(otel) = &self.otel {
+                let kind = stored.hold.kind();
+                otel.hold(&connection.name, kind, "fleet");
+            }
             let left = Duration::from_millis(stored.until_ms - now);
             return FleetHold::Held(stored.hold.error(&connection.name, left));
         }

@@ -1,11 +1,13 @@
 //! What the end-to-end tests share, by concern: the identity provider, launching a broker,
-//! one broker with the standard setup, the leak scan, Redis, and a fleet of brokers.
+//! one broker with the standard setup, the leak scan, Redis, a fleet of brokers, and an OTLP
+//! receiver.
 
 mod app;
 mod fleet;
 mod idp;
 mod launch;
 mod leaks;
+mod otlp;
 mod redis_server;
 
 pub use app::*;
@@ -13,4 +15,5 @@ pub use fleet::*;
 pub use idp::*;
 pub use launch::*;
 pub use leaks::*;
+pub use otlp::*;
 pub use redis_server::*;
