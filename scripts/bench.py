@@ -17,6 +17,8 @@ Measures, with the load generator `wrk`:
      /proc without the load generator competing for its core,
   6. the same two servers run under callgrind (valgrind), which counts the instructions each
      executes: user-space work per request, free of the machine's noise,
+  7. the cache-hit path with OpenTelemetry on (a second broker exporting to a local OTLP sink),
+     in the same interleaved rounds as 1,
 and writes the results to BENCHMARKS.md, saying which targets are met and which are missed.
 Targets are graded against the strictest limit: the bare server with no router, served the
 way the broker is served. Every target is run once unrecorded first (a warm-up).
@@ -304,10 +306,11 @@ scopes = ["read"]
                       FUNCTIONS_CUSTOMHANDLER_PORT="0")
     broker_env.pop("BENCH_SECRET", None)
 
-    def start_broker(log_file=None, wrapper=(), timeout=30.0):
-        """Starts the broker on port 0 (under `wrapper`, if any); returns it and the port its
-        "listening" line names."""
-        process = start(list(wrapper) + [str(RELEASE / "token-broker")], env=broker_env, stdout=subprocess.PIPE)
+    def start_broker(log_file=None, wrapper=(), timeout=30.0, extra_env=None):
+        """Starts the broker on port 0 (under `wrapper`, if any, with `extra_env` added); returns
+        it and the port its "listening" line names."""
+        env = dict(broker_env, **(extra_env or {}))
+        process = start(list(wrapper) + [str(RELEASE / "token-broker")], env=env, stdout=subprocess.PIPE)
         record = read_json_line(process, "the broker", lambda r: r.get("message") == "token-broker listening",
                                 timeout=timeout, drain=log_file is None)
         if log_file is not None:
@@ -419,6 +422,15 @@ scopes = ["read"]
     wait_until_answers(bare_port)
     lean, lean_port = start_bare(body_size, "service")
     wait_until_answers(lean_port)
+    # The same broker with OpenTelemetry on: every request gets its span, every answer its
+    # metrics, exported to a local sink every second (spans in batches, as the SDK sends them).
+    sink = OtlpSink()
+    otel, otel_port = start_broker(extra_env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink.port}",
+        "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+        "OTEL_BSP_SCHEDULE_DELAY": "1000",
+    })
+    wait_until_answers(otel_port)
 
     basic = base64.b64encode(f"bench:{urllib.parse.quote_plus(SECRET)}".encode()).decode()
     targets = {
@@ -427,17 +439,18 @@ scopes = ["read"]
         # is only what the broker does with it.
         "bare": lambda c: wrk(f"http://127.0.0.1:{bare_port}/api/token/bench", c, headers=HOST_HEADERS),
         "lean": lambda c: wrk(f"http://127.0.0.1:{lean_port}/api/token/bench", c, headers=HOST_HEADERS),
+        "otel": lambda c: wrk(f"http://127.0.0.1:{otel_port}/api/token/bench", c, headers=HOST_HEADERS),
         "idp": lambda c: wrk(ready["token_endpoint"], c, headers={"Authorization": f"Basic {basic}"},
                              method="POST", body="grant_type=client_credentials&scope=read"),
     }
     order = list(targets)
     log("warm-up: one unrecorded run of every target")
     for name in order:
-        settle([broker, bare, lean, idp])
+        settle([broker, bare, lean, idp, otel])
         targets[name](max(CONCURRENCY))
     log(f"cache hit, bare servers and identity provider: {ROUNDS} interleaved rounds of {DURATION} per cell")
     samples = {(name, c): [] for name in targets for c in CONCURRENCY}
-    busy = [broker, bare, lean, idp]
+    busy = [broker, bare, lean, idp, otel]
     for round_number in range(ROUNDS):
         # Rotate the order each round so that no target always runs first (or last), and
         # reverse it every other round so that no target always follows the same one (a
@@ -454,6 +467,12 @@ scopes = ["read"]
                       f"{result['total'] - result['ok']} failed", flush=True)
 
     peak_cache_hits_kib = vm_hwm_kib(broker.pid)
+    stop(otel)
+    exported = dict(sink.received)
+    sink.close()
+    print(f"   OTLP sink received {exported}", flush=True)
+    if not exported.get("/v1/metrics") or not exported.get("/v1/traces"):
+        raise SystemExit(f"the OpenTelemetry broker exported nothing to the sink: {exported}")
 
     log(f"pinned: servers on core 0, wrk on core 1; {ROUNDS} interleaved rounds of {DURATION}")
     pinned = {(name, c): [] for name in ("broker", "lean") for c in PINNED_CONCURRENCY}
@@ -535,8 +554,40 @@ scopes = ["read"]
         stop(process)
 
     write_report(samples, pinned, counts, flight_ok, single_flight_calls, flight, refresh, refreshes, waits, peak_kib,
-                 peak_cache_hits_kib, cold_bare, cold_broker, first_token, binary_bytes, body_size)
+                 peak_cache_hits_kib, cold_bare, cold_broker, first_token, binary_bytes, body_size, exported)
     shutil.rmtree(state, ignore_errors=True)
+
+
+class OtlpSink:
+    """A local OTLP/HTTP endpoint that answers every export with 200 and counts them by path,
+    for the broker with OpenTelemetry on: what a collector on the same network costs it."""
+
+    def __init__(self):
+        import http.server
+
+        received = self.received = {}
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                received[self.path] = received.get(self.path, 0) + 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def cache_outcomes(log_file, connection, split_at_first_fetch=False):
@@ -651,7 +702,7 @@ def draw_fleet(fleet):
 
 
 def write_report(samples, pinned, counts, flight_ok, single_flight_calls, flight, refresh, refreshes, waits, peak_kib,
-                 peak_cache_hits_kib, cold_bare, cold_broker, first_token, binary_bytes, body_size):
+                 peak_cache_hits_kib, cold_bare, cold_broker, first_token, binary_bytes, body_size, exported):
     def values(name, c, field):
         return [s[field] for s in samples[(name, c)]]
 
@@ -696,12 +747,13 @@ def write_report(samples, pinned, counts, flight_ok, single_flight_calls, flight
             f"{spread(values('broker', c, 'p99'), 3)} | {spread(values('bare', c, 'p99'), 3)} | "
             f"{spread(values('lean', c, 'p99'), 3)} | {spread(values('idp', c, 'p99'), 2)} |"
         )
-    names = ("broker", "bare", "lean", "idp")
+    names = ("broker", "bare", "lean", "idp", "otel")
     failed = {name: sum(s["total"] - s["ok"] for c in CONCURRENCY for s in samples[(name, c)]) for name in names}
     lines += [
         "",
         f"Failed requests (status 400 or above, or socket errors): broker {failed['broker']}, bare server "
-        f"{failed['bare']}, bare server without router {failed['lean']}, identity provider {failed['idp']}.",
+        f"{failed['bare']}, bare server without router {failed['lean']}, identity provider {failed['idp']}, broker with "
+        f"OpenTelemetry on {failed['otel']}.",
         "",
         "## Targets",
         "",
@@ -732,6 +784,32 @@ def write_report(samples, pinned, counts, flight_ok, single_flight_calls, flight
             f"{ratio_text(router_t, median('broker', c, 'rps') / median('bare', c, 'rps'))} | "
             f"{ratio_text(router_p, median('broker', c, 'p99') / median('bare', c, 'p99'))} | "
             f"{median('broker', c, 'rps') / median('idp', c, 'rps'):.0f}x |"
+        )
+    lines += [
+        "",
+        "### OpenTelemetry off and on",
+        "",
+        "A second broker, the same binary and configuration with `OTEL_EXPORTER_OTLP_ENDPOINT` set (a local sink "
+        "that answers every export with 200; metrics every second, spans in the SDK's batches every second), "
+        "measured in the same interleaved rounds. Off, nothing is built and the cache hit takes the fast path "
+        "(the broker above); on, every request takes the full path for its server span, adds to the metrics, "
+        "and its span is queued for export (the SDK drops spans past its queue of 2,048 rather than wait). "
+        f"The sink received {', '.join(f'{n} exports to {p}' for p, n in sorted(exported.items()))}. No target: "
+        "the cost of a span and metrics per request, shown as it is.",
+        "",
+        "| concurrency | off rps | on rps | on / off throughput | off / no-router bare | on / no-router bare | off p99 ms | on p99 ms |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in CONCURRENCY:
+        on_off = [o / b for o in values("otel", c, "rps") for b in values("broker", c, "rps")]
+        on_lean = [o / r for o in values("otel", c, "rps") for r in values("lean", c, "rps")]
+        off_lean = [b / r for b in values("broker", c, "rps") for r in values("lean", c, "rps")]
+        lines.append(
+            f"| {c} | {spread(values('broker', c, 'rps'), 0)} | {spread(values('otel', c, 'rps'), 0)} | "
+            f"{ratio_text(on_off, median('otel', c, 'rps') / median('broker', c, 'rps'))} | "
+            f"{ratio_text(off_lean, median('broker', c, 'rps') / median('lean', c, 'rps'))} | "
+            f"{ratio_text(on_lean, median('otel', c, 'rps') / median('lean', c, 'rps'))} | "
+            f"{spread(values('broker', c, 'p99'), 3)} | {spread(values('otel', c, 'p99'), 3)} |"
         )
     lines += [
         "",

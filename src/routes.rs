@@ -13,7 +13,7 @@ mod limits;
 mod token;
 
 use invalidate::{invalidate_request, invalidation_route};
-use label::{exported_span, invocation_id, request_span, route_template};
+use label::{exported_span, invocation_id, request_span};
 use limits::{HeadFacts, check_limits, discard, expects_continue, read_body, refused};
 use token::{hit_now, token_request, token_route};
 
@@ -117,7 +117,7 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     let request_span = || request_span(&parts, invocation);
     let exported = state.observers.otel.is_some();
     let span = if exported {
-        exported_span(&parts, invocation)
+        exported_span(&parts, invocation, route_template(parts.uri.path()))
     } else if tracing::enabled!(tracing::Level::DEBUG) {
         request_span()
     } else {
@@ -175,6 +175,18 @@ fn finish(
             error.log();
             error.into_response()
         }
+    }
+}
+
+/// The route template of `path`, as OpenTelemetry's `http.route` names it.
+fn route_template(path: &str) -> &'static str {
+    match token_route(path) {
+        Some(rest) if invalidation_route(rest).is_some() => "/api/token/{connection}/invalidate",
+        Some(_) => "/api/token/{connection}",
+        None if path.eq_ignore_ascii_case(crate::health::PATH) => crate::health::PATH,
+        None if path.eq_ignore_ascii_case(crate::rotation::PATH) => crate::rotation::PATH,
+        None if path == "/" => "/",
+        None => "other",
     }
 }
 

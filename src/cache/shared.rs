@@ -53,8 +53,6 @@ mod announcements;
 mod holds;
 mod invalidations;
 
-use holds::FleetHold;
-
 /// How often a waiting instance looks at Redis even without an announcement (one may be
 /// lost while a connection is re-established).
 const WAIT_POLL: Duration = Duration::from_millis(100);
@@ -85,6 +83,16 @@ struct StoredToken {
     scope: Option<String>,
     expires_at_ms: u64,
     refresh_at_ms: u64,
+}
+
+/// What the fleet knows of a connection's provider.
+enum FleetHold {
+    /// Nothing: it may be asked.
+    Clear,
+    /// Held: the answer to give instead, without asking.
+    Held(TokenError),
+    /// A circuit the fleet opened has ended its open period: this fetch is its one trial.
+    Trial,
 }
 
 /// What another instance announced that this instance's handlers must apply.

@@ -32,25 +32,10 @@ pub(super) fn request_span(parts: &Parts, invocation: &str) -> tracing::Span {
     )
 }
 
-/// The route template of `path`, as OpenTelemetry's `http.route` names it.
-pub(super) fn route_template(path: &str) -> &'static str {
-    match super::token::token_route(path) {
-        Some(rest) if super::invalidate::invalidation_route(rest).is_some() => {
-            "/api/token/{connection}/invalidate"
-        }
-        Some(_) => "/api/token/{connection}",
-        None if path.eq_ignore_ascii_case(crate::health::PATH) => crate::health::PATH,
-        None if path.eq_ignore_ascii_case(crate::rotation::PATH) => crate::rotation::PATH,
-        None if path == "/" => "/",
-        None => "other",
-    }
-}
-
 /// The span of a request whose trace is exported (OpenTelemetry): a server span named by its
 /// route, continuing the caller's `traceparent`, with the request span's own fields so that
 /// log lines read the same. Never the query (it may carry the function key) nor a header.
-pub(super) fn exported_span(parts: &Parts, invocation: &str) -> tracing::Span {
-    let route = route_template(parts.uri.path());
+pub(super) fn exported_span(parts: &Parts, invocation: &str, route: &str) -> tracing::Span {
     let method = parts.method.as_str();
     let path = truncate(parts.uri.path(), 200);
     let span = tracing::info_span!(

@@ -143,12 +143,25 @@ async fn header_injection_and_traversal_go_nowhere() {
 
 #[tokio::test]
 async fn no_request_input_reaches_an_outgoing_url() {
-    // Parameters that name other endpoints are ignored: the token goes to the configured URL.
+    // Parameters that name other endpoints are ignored: the token goes to the configured URL,
+    // for the configured client.
     let app = spawn_app().await;
     let response = app
-        .get("/api/token/demo?token_url=http://127.0.0.1:1/x&resource=http://evil&audience=x&client_id=y")
+        .get("/api/token/demo?token_url=http://127.0.0.1:1/x&client_id=y&grant_type=password")
         .await;
     assert_eq!(response.status(), 200);
+    let requests = app.idp.token_requests().await;
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].field("grant_type"), Some("client_credentials"));
+    assert_eq!(requests[0].field("token_url"), None);
+    // An audience or resource reaches the provider only from the connection's allowed lists
+    // (`demo` has none): anything else is refused before any request is made.
+    for path in [
+        "/api/token/demo?resource=http://evil",
+        "/api/token/demo?audience=x",
+    ] {
+        assert_refused(app.get(path).await, 400).await;
+    }
     assert_eq!(app.idp.stats().await.token_requests, 1);
 }
 

@@ -21,16 +21,6 @@ struct StoredHold {
     until_ms: u64,
 }
 
-/// What the fleet knows of a connection's provider.
-pub(super) enum FleetHold {
-    /// Nothing: it may be asked.
-    Clear,
-    /// Held: the answer to give instead, without asking.
-    Held(TokenError),
-    /// A circuit the fleet opened has ended its open period: this fetch is its one trial.
-    Trial,
-}
-
 impl SharedTier {
     fn hold_name(&self, connection: &ConnectionSettings) -> String {
         format!("{}:h:{}", self.prefix, connection_hash(connection))
