@@ -78,12 +78,15 @@ fn serve() -> ExitCode {
     // interval, and where lost audit records are counted.
     let _log_writer = telemetry::init(
         observers.producers(),
-        otel.as_ref().map(|otel| otel.layer()),
+        otel.as_ref().and_then(|otel| otel.layer()),
     );
     if let Some(problem) = otel_problem {
         tracing::error!(%problem, "OpenTelemetry is configured but cannot start; not exporting");
-    } else if otel.is_some() {
-        tracing::info!("OpenTelemetry: exporting metrics and traces over OTLP/HTTP");
+    } else if let Some(otel) = &otel {
+        tracing::info!(
+            traces = otel.traces(),
+            "OpenTelemetry: exporting over OTLP/HTTP"
+        );
     }
     let settings = match config::load(&ProcessEnvironment) {
         Ok(settings) => settings,

@@ -115,7 +115,11 @@ async fn traced(state: Arc<AppState>, parts: Parts, body: Body) -> Result<Respon
     let head = HeadFacts::scan(&parts.headers);
     let invocation = invocation_id(head.invocation);
     let request_span = || request_span(&parts, invocation);
-    let exported = state.observers.otel.is_some();
+    let exported = state
+        .observers
+        .otel
+        .as_ref()
+        .is_some_and(|otel| otel.traces());
     let span = if exported {
         exported_span(&parts, invocation, route_template(parts.uri.path()))
     } else if tracing::enabled!(tracing::Level::DEBUG) {

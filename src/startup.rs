@@ -83,7 +83,7 @@ impl Application {
         };
         let cache = Arc::new(
             TokenCache::new(source, settings.cache.max_tokens)
-                .with_traced_fetches(observers.otel.is_some()),
+                .with_traced_fetches(observers.otel.as_ref().is_some_and(|otel| otel.traces())),
         );
         let state = AppState::new(
             cache,

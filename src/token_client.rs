@@ -342,7 +342,11 @@ impl TokenClient {
         let result = match &self.otel {
             None => request.request_async(&transport).await,
             Some(otel) => {
-                let span = provider_span(connection);
+                let span = if otel.traces() {
+                    provider_span(connection)
+                } else {
+                    tracing::Span::none()
+                };
                 let result = request
                     .request_async(&transport)
                     .instrument(span.clone())

@@ -82,6 +82,8 @@ impl Invalidator {
         if !current {
             return Invalidation::NotCurrent;
         }
+        // The key's slot is taken under the lock, so that two concurrent invalidations of one
+        // key cannot both drop; it is given back when the fleet refuses it.
         let now = Instant::now();
         {
             let mut recent = self.recent.lock();
@@ -93,15 +95,17 @@ impl Invalidator {
                     retry_after: interval - now.duration_since(*at),
                 };
             }
+            recent.insert(key.clone(), now);
         }
         if let Some(shared) = &self.shared
-            && shared.claim_invalidation(key, interval).await == Some(false)
+            && let Some(Err(left)) = shared.claim_invalidation(key, interval).await
         {
-            return Invalidation::TooSoon {
-                retry_after: interval,
-            };
+            let mut recent = self.recent.lock();
+            if recent.get(key) == Some(&now) {
+                recent.remove(key);
+            }
+            return Invalidation::TooSoon { retry_after: left };
         }
-        self.recent.lock().insert(key.clone(), now);
         let fingerprint = fingerprint(presented.expose_secret());
         // Redis first: an instance that misses in memory after hearing of this must not find
         // the old token there.

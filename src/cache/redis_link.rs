@@ -484,8 +484,41 @@ impl RedisLink {
 
     /// Deletes `key`.
     pub(crate) async fn delete(&self, key: &str) -> Option<()> {
-        let _: i64 = self.run(redis::cmd("DEL").arg(key)).await?;
+        self.delete_all(&[key]).await
+    }
+
+    /// Deletes `keys`.
+    pub(crate) async fn delete_all(&self, keys: &[impl AsRef<str>]) -> Option<()> {
+        let mut command = redis::cmd("DEL");
+        for key in keys {
+            command.arg(key.as_ref());
+        }
+        let _: i64 = self.run(&command).await?;
         Some(())
+    }
+
+    /// Deletes `key` only if it still holds `value` (a compare-and-delete): `Some(true)` when
+    /// deleted.
+    pub(crate) async fn delete_if(&self, key: &str, value: &[u8]) -> Option<bool> {
+        let answer: i64 = self
+            .run(redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(value))
+            .await?;
+        Some(answer == 1)
+    }
+
+    /// The values at `keys` (one `MGET`), each `None` when absent; `None` when unavailable.
+    pub(crate) async fn get_many(&self, keys: &[String]) -> Option<Vec<Option<Vec<u8>>>> {
+        let mut command = redis::cmd("MGET");
+        for key in keys {
+            command.arg(key);
+        }
+        self.run(&command).await
+    }
+
+    /// Milliseconds `key` lives on; `None` when unavailable, absent or without expiry.
+    pub(crate) async fn ttl(&self, key: &str) -> Option<Duration> {
+        let millis: i64 = self.run(redis::cmd("PTTL").arg(key)).await?;
+        u64::try_from(millis).ok().map(Duration::from_millis)
     }
 
     /// Deletes every entry listed in the set `index`, and the set; returns how many.

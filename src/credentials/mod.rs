@@ -280,6 +280,11 @@ impl Credentials {
         let Some(otel) = &self.otel else {
             return work.await;
         };
+        if !otel.traces() {
+            let result = work.await;
+            otel.key_vault(operation, if result.is_ok() { "ok" } else { "error" });
+            return result;
+        }
         let span = tracing::info_span!(
             "key_vault",
             otel.name = %format_args!("key_vault {operation}"),

@@ -46,6 +46,8 @@ const DURATION_BOUNDS: [f64; 14] = [
 pub struct Otel {
     meters: SdkMeterProvider,
     tracers: SdkTracerProvider,
+    /// Whether spans are exported (an endpoint for traces is set): requests then get spans.
+    traces: bool,
     requests: Counter<u64>,
     cache_lookups: Counter<u64>,
     fetches: Counter<u64>,
@@ -62,21 +64,24 @@ impl fmt::Debug for Otel {
     }
 }
 
-/// Whether the environment asks for OpenTelemetry.
-pub fn requested(env: impl Fn(&str) -> Option<String>) -> bool {
+/// Which signals the environment asks for: `(metrics, traces)`, each on when the general
+/// endpoint or its own is set, both off with `OTEL_SDK_DISABLED=true`.
+pub fn requested(env: impl Fn(&str) -> Option<String>) -> (bool, bool) {
     let set = |name: &str| env(name).is_some_and(|value| !value.trim().is_empty());
     let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-    !disabled
-        && (set("OTEL_EXPORTER_OTLP_ENDPOINT")
-            || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            || set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"))
+    let general = !disabled && set("OTEL_EXPORTER_OTLP_ENDPOINT");
+    (
+        general || !disabled && set("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+        general || !disabled && set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+    )
 }
 
 impl Otel {
     /// Builds the exporters from the standard variables when [`requested`]; `Ok(None)` when
     /// not. Must be called inside the async runtime the exports are to run on.
     pub fn from_env() -> Result<Option<Arc<Self>>, String> {
-        if !requested(|name| std::env::var(name).ok()) {
+        let (metrics, traces) = requested(|name| std::env::var(name).ok());
+        if !metrics && !traces {
             return Ok(None);
         }
         let http: Arc<dyn HttpClient> = Arc::new(RuntimeClient::new()?);
@@ -89,26 +94,29 @@ impl Otel {
         let resource = resource
             .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
             .build();
-        let metric_exporter = MetricExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_shared_http_client(http.clone())
-            .build()
-            .map_err(|error| format!("OTLP metric exporter: {error}"))?;
-        let meters = SdkMeterProvider::builder()
-            .with_reader(PeriodicReader::builder(metric_exporter).build())
-            .with_resource(resource.clone())
-            .build();
-        let span_exporter = SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpBinary)
-            .with_shared_http_client(http)
-            .build()
-            .map_err(|error| format!("OTLP span exporter: {error}"))?;
-        let tracers = SdkTracerProvider::builder()
-            .with_span_processor(BatchSpanProcessor::builder(span_exporter).build())
-            .with_resource(resource)
-            .build();
+        // Only the signals asked for: an exporter without an endpoint would send to localhost.
+        let mut meters = SdkMeterProvider::builder().with_resource(resource.clone());
+        if metrics {
+            let exporter = MetricExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_shared_http_client(http.clone())
+                .build()
+                .map_err(|error| format!("OTLP metric exporter: {error}"))?;
+            meters = meters.with_reader(PeriodicReader::builder(exporter).build());
+        }
+        let meters = meters.build();
+        let mut tracers = SdkTracerProvider::builder().with_resource(resource);
+        if traces {
+            let exporter = SpanExporter::builder()
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_shared_http_client(http)
+                .build()
+                .map_err(|error| format!("OTLP span exporter: {error}"))?;
+            tracers = tracers.with_span_processor(BatchSpanProcessor::builder(exporter).build());
+        }
+        let tracers = tracers.build();
         let meter = meters.meter("token-broker");
         let duration = |name: &'static str, description: &'static str| {
             meter
@@ -144,7 +152,7 @@ impl Otel {
             ),
             holds: counter(
                 "token_broker.provider.holds",
-                "Requests answered from a provider hold without asking the provider",
+                "Token fetches answered from a provider hold without asking the provider",
             ),
             key_vault: counter(
                 "token_broker.key_vault.operations",
@@ -160,23 +168,37 @@ impl Otel {
             ),
             meters,
             tracers,
+            traces,
         })))
     }
 
-    /// The `tracing` layer that exports the broker's spans (its own targets, INFO and up,
-    /// whatever `RUST_LOG` says of the log lines), for `telemetry::init`.
-    pub fn layer(&self) -> super::telemetry::TraceLayer {
+    /// Whether spans are exported: requests then get a span each, and fetches run in the
+    /// span of the request that started them.
+    pub fn traces(&self) -> bool {
+        self.traces
+    }
+
+    /// The `tracing` layer that exports the broker's spans (its own, INFO and up, whatever
+    /// `RUST_LOG` says of the log lines), for `telemetry::init`; `None` when traces are not
+    /// exported. Spans only: log events inside them are not exported as span events, since
+    /// their fields (a provider's own error text, Key Vault's error details) are for the
+    /// broker's log, not for a third-party backend.
+    pub fn layer(&self) -> Option<super::telemetry::TraceLayer> {
         use tracing_subscriber::Layer as _;
+        if !self.traces {
+            return None;
+        }
         let layer = tracing_opentelemetry::layer()
             .with_tracer(self.tracers.tracer("token-broker"))
             .with_location(false)
             .with_threads(false)
             .with_tracked_inactivity(false)
-            .with_filter(
-                tracing_subscriber::filter::Targets::new()
-                    .with_target("token_broker", tracing::Level::INFO),
-            );
-        Box::new(layer)
+            .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+                metadata.is_span()
+                    && *metadata.level() <= tracing::Level::INFO
+                    && metadata.target().starts_with("token_broker")
+            }));
+        Some(Box::new(layer))
     }
 
     /// Exports what is left and stops the exporters. Blocks: call it off the async workers
@@ -362,7 +384,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_an_endpoint_turns_it_on_and_the_sdk_switch_turns_it_off() {
+    fn an_endpoint_turns_its_signals_on_and_the_sdk_switch_turns_them_off() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
             move |name: &str| {
                 pairs
@@ -371,20 +393,40 @@ mod tests {
                     .map(|(_, value)| value.to_string())
             }
         };
-        assert!(!requested(env(&[])));
-        assert!(!requested(env(&[("OTEL_SERVICE_NAME", "x")])));
-        assert!(!requested(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])));
-        assert!(requested(env(&[(
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "http://c:4318"
-        )])));
-        assert!(requested(env(&[(
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "http://c:4318/v1/traces"
-        )])));
-        assert!(!requested(env(&[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
-            ("OTEL_SDK_DISABLED", "TRUE")
-        ])));
+        assert_eq!(requested(env(&[])), (false, false));
+        assert_eq!(
+            requested(env(&[("OTEL_SERVICE_NAME", "x")])),
+            (false, false)
+        );
+        assert_eq!(
+            requested(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", " ")])),
+            (false, false)
+        );
+        assert_eq!(
+            requested(env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318")])),
+            (true, true)
+        );
+        assert_eq!(
+            requested(env(&[(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://c:4318/v1/traces"
+            )])),
+            (false, true),
+            "a signal's own endpoint turns on that signal only"
+        );
+        assert_eq!(
+            requested(env(&[(
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "http://c:4318/v1/metrics"
+            )])),
+            (true, false)
+        );
+        assert_eq!(
+            requested(env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_SDK_DISABLED", "TRUE")
+            ])),
+            (false, false)
+        );
     }
 }

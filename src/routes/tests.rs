@@ -87,4 +87,7 @@ fn one_audience_and_one_resource_are_read_from_the_query_and_the_form() {
         Err(crate::error::ApiError::InvalidRequest(_))
     ));
     assert_eq!(requested(Some("code=x"), b"").unwrap(), Default::default());
+    // A name spelled with percent-escapes is still that name.
+    let escaped = requested(Some("%61udience=https://a.example"), b"").unwrap();
+    assert_eq!(escaped.audience.as_deref(), Some("https://a.example"));
 }

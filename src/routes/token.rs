@@ -351,10 +351,14 @@ pub(super) struct Requested {
 /// makes of them; `audience` and `resource` name one value each (a repeat of the same value
 /// is that value).
 pub(super) fn requested(query: Option<&str>, form: &[u8]) -> Result<Requested, ApiError> {
-    // Most requests name nothing: nothing to parse when none of the words is there at all.
+    // Most requests name nothing: nothing to parse when none of the words is there at all
+    // (and no `%`, which could spell one of them).
     if form.is_empty()
         && query.is_none_or(|query| {
-            !query.contains("scope") && !query.contains("audience") && !query.contains("resource")
+            !query.contains("scope")
+                && !query.contains("audience")
+                && !query.contains("resource")
+                && !query.contains('%')
         })
     {
         return Ok(Requested::default());

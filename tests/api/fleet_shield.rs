@@ -124,13 +124,20 @@ async fn an_open_circuit_holds_the_fleet_and_its_trial_after_the_open_period_is_
     }
     assert_eq!(proxy.requests(), 1, "the circuit held every instance off");
 
-    // After the open period, one trial for the fleet: it fails, and the circuit opens again
-    // for every instance (not once per instance).
+    // After the open period, one trial for the fleet, however many instances and keys ask at
+    // once: it fails, and the circuit opens again for every instance.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    for broker in brokers.iter().rev() {
-        assert_eq!(broker.token("demo").await.status(), 503);
+    let at_once = brokers
+        .iter()
+        .flat_map(|broker| ["demo", "demo?scope=write"].map(|path| broker.token(path)));
+    for response in futures_util::future::join_all(at_once).await {
+        assert_eq!(response.status(), 503);
     }
-    assert_eq!(proxy.requests(), 2, "one trial for four instances");
+    assert_eq!(
+        proxy.requests(),
+        2,
+        "one trial for four instances and two keys"
+    );
 
     // The provider recovers: after the next open period one trial succeeds and every instance
     // is served again.

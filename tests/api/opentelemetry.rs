@@ -209,6 +209,9 @@ async fn metrics_and_a_trace_continuing_the_callers_traceparent_reach_an_otlp_re
         assert_eq!(child.parent_span_id, request.span_id, "{name}: {child:?}");
         assert_eq!(child.kind, 3, "{name}: a client span");
     }
+    // Spans only: the log lines inside them (a provider's error text among them) stay in the
+    // broker's log and are not exported as span events.
+    assert!(spans.iter().all(|span| span.events == 0), "{spans:#?}");
     // Other requests have traces of their own.
     assert!(
         spans.iter().any(|span| span.trace_id != TRACE_ID
@@ -228,7 +231,7 @@ async fn metrics_and_a_trace_continuing_the_callers_traceparent_reach_an_otlp_re
     }
 
     // Nothing secret in any export: not a client secret, not a token handed out, not the
-    // function key (sent in the query above), not a caller's bearer.
+    // function key (sent in the query above), not a presented token.
     app.terminate().await;
     let exports = receiver.exports();
     let bytes: Vec<u8> = exports
@@ -273,4 +276,35 @@ async fn without_an_endpoint_nothing_is_exported_even_with_the_other_variables_s
     app.terminate().await;
     assert!(receiver.exports().is_empty());
     assert!(!app.logs().iter().any(|line| line.contains("OpenTelemetry")));
+}
+
+#[tokio::test]
+async fn a_traces_endpoint_alone_exports_traces_and_no_metrics() {
+    let receiver = OtlpReceiver::start().await;
+    let mut app = spawn_app_with(Setup {
+        extra_env: vec![
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT".to_string(),
+                format!("{}/v1/traces", receiver.endpoint),
+            ),
+            ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "200".to_string()),
+            ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "100".to_string()),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(app.get("/api/token/demo").await.status(), 200);
+    }
+    // Shutdown exports what is left: after it, every export has arrived.
+    app.terminate().await;
+    let paths: std::collections::BTreeSet<String> = receiver
+        .exports()
+        .into_iter()
+        .map(|export| export.path)
+        .collect();
+    assert_eq!(
+        paths,
+        std::collections::BTreeSet::from(["/v1/traces".to_string()])
+    );
 }

@@ -1,6 +1,7 @@
 //! Unit tests of `memory`.
 
 use super::*;
+use crate::config::{ConnectionName, ScopeToken};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Semaphore;
 

@@ -32,6 +32,8 @@ pub struct ReceivedSpan {
     pub parent_span_id: String,
     pub kind: i32,
     pub attributes: Vec<(String, String)>,
+    /// Events recorded in the span (log lines inside it, were they exported).
+    pub events: usize,
 }
 
 impl ReceivedSpan {
@@ -152,6 +154,7 @@ impl OtlpReceiver {
                             parent_span_id: hex::encode(&span.parent_span_id),
                             kind: span.kind,
                             attributes: pairs(&span.attributes),
+                            events: span.events.len(),
                         });
                     }
                 }
