@@ -468,6 +468,7 @@ scopes = ["read"]
 
     peak_cache_hits_kib = vm_hwm_kib(broker.pid)
     stop(otel)
+    busy.remove(otel)
     exported = dict(sink.received)
     sink.close()
     print(f"   OTLP sink received {exported}", flush=True)

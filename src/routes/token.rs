@@ -164,6 +164,13 @@ pub(super) fn asked<'a>(
     let connection = &served.settings;
     caller_check::authorize(caller, connection)?;
     let requested = requested(query, form)?;
+    // Most requests name nothing: their key is the connection's default, built once.
+    if requested == Requested::default() {
+        return Ok(Asked {
+            served,
+            key: Cow::Borrowed(&served.default_key),
+        });
+    }
     let target = Target {
         audience: chosen(
             "audience",
