@@ -48,6 +48,12 @@ param signingKeyHsm bool = false
 @description('Existing Key Vault certificates used as Entra certificate credentials (`key_vault_certificate`): the identity gets `Key Vault Crypto User` on each one\'s key.')
 param signingCertificateNames array = []
 
+@description('Mutual-TLS client certificates (docs/client-certificates.md) whose keys stay in the vault: the identity gets `Key Vault Crypto User` on each one\'s key.')
+param clientCertificateNames array = []
+
+@description('Mutual-TLS client certificates whose keys are exportable: the identity gets `Key Vault Secrets User` on each one\'s secret.')
+param exportableClientCertificateNames array = []
+
 @description('E-mail address the operations alerts (token endpoint failures, secret_unavailable, open circuit breakers, Key Vault near expiry) are sent to; empty: they fire in the portal only.')
 param alertEmail string = ''
 
@@ -152,6 +158,16 @@ module signingAccess 'modules/signing-access.bicep' = if (!empty(signingKeyName)
     keyType: signingKeyType
     hsm: signingKeyHsm
     certificateNames: signingCertificateNames
+  }
+}
+
+module clientCertificateAccess 'modules/client-certificate-access.bicep' = if (!empty(clientCertificateNames) || !empty(exportableClientCertificateNames)) {
+  name: 'client-certificate-access'
+  params: {
+    vaultName: vault.outputs.name
+    principalId: identity.properties.principalId
+    keyCertificateNames: clientCertificateNames
+    exportableCertificateNames: exportableClientCertificateNames
   }
 }
 

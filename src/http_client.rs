@@ -5,19 +5,71 @@
 //! (private CAs, test doubles). Redirects are never followed: a token endpoint that redirects
 //! is misconfigured, and following it would carry client credentials to another address.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
 
 /// Builds a client with the given connect timeout. The Azure SDK clients share one; each
 /// connection's token endpoint gets its own, with its own connection pool, so that a slow or
 /// dead identity provider cannot tie up connections another one needs.
 /// Fails only when the TLS roots cannot be loaded.
 pub(crate) fn build(connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+    builder(connect_timeout).build()
+}
+
+/// A client like [`build`]'s that presents `certificate` when a server asks for one (mutual
+/// TLS, RFC 8705): reqwest's own rustls stack, given the client configuration reqwest would
+/// make itself (the platform's roots through `rustls-platform-verifier`, so `SSL_CERT_FILE`
+/// applies alike; HTTP/1.1) plus the certificate. Its key may sign inside Key Vault.
+pub(crate) fn build_presenting(
+    connect_timeout: Duration,
+    certificate: Arc<CertifiedKey>,
+) -> Result<reqwest::Client, String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
+        .map_err(|error| format!("cannot load the TLS roots: {error}"))?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("cannot configure TLS: {error}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(Presented(certificate)));
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    builder(connect_timeout)
+        .tls_backend_preconfigured(tls)
+        .build()
+        .map_err(|error| format!("cannot build the HTTP client: {error}"))
+}
+
+fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .user_agent(concat!("token-broker/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(connect_timeout)
         .pool_idle_timeout(Duration::from_secs(60))
         .redirect(reqwest::redirect::Policy::none())
-        .build()
+}
+
+/// The one certificate a client presents, whatever the server hints: a token endpoint that
+/// asks for a certificate gets the connection's.
+#[derive(Debug)]
+struct Presented(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for Presented {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        // Only when the key can make one of the offered signatures; otherwise no certificate
+        // is better than a handshake that fails on the signature.
+        self.0.key.choose_scheme(schemes).map(|_| self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// A client built on first use. Loading the TLS roots takes milliseconds per client, and the

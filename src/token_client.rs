@@ -5,12 +5,16 @@
 //! there is a single HTTP stack in the binary. The closure also catches what oauth2 cannot
 //! classify on its own: throttling, server errors and timeouts, with their `Retry-After`.
 
+mod discovery;
 mod failure;
+mod mutual_tls;
 mod oauth_error;
 mod retry;
 mod transport;
 
+use discovery::Discovered;
 use failure::{Failure, classify, hold_of, refusal_error};
+use mutual_tls::MutualTls;
 use oauth_error::{OAuthErrorBody, oauth_error_code};
 use retry::{with_retries, within_deadline};
 use transport::OAuthTransport;
@@ -72,6 +76,10 @@ pub(crate) struct TokenClient {
 struct Upstream {
     connection: ConnectionSettings,
     http: LazyClient,
+    /// The client presenting the connection's certificate (mutual-TLS methods only).
+    mutual_tls: MutualTls,
+    /// The token endpoint read from `issuer`'s discovery document, when configured so.
+    discovered: Discovered,
     guard: UpstreamGuard,
 }
 
@@ -90,6 +98,8 @@ impl TokenClient {
             });
             let upstream = Upstream {
                 http: LazyClient::new(connection.connect_timeout),
+                mutual_tls: MutualTls::new(connection.connect_timeout),
+                discovered: Discovered::default(),
                 connection: connection.clone(),
                 guard,
             };
@@ -290,8 +300,22 @@ impl TokenClient {
     ) -> Result<FreshToken, Failure> {
         let connection = &upstream.connection;
         let started = Instant::now();
+        let unavailable = |detail: &str| Failure::Unavailable {
+            detail: detail.to_string(),
+            retry_after: None,
+        };
+        let token_url = match &connection.issuer {
+            None => connection.token_url.url().clone(),
+            Some(issuer) => {
+                let http = upstream.http.get().map_err(unavailable)?;
+                upstream
+                    .discovered
+                    .token_url(http, &connection.name, issuer, connection.timeout)
+                    .await?
+            }
+        };
         let client: OAuthClient = oauth2::Client::new(ClientId::new(connection.client_id.clone()))
-            .set_token_uri(TokenUrl::from_url(connection.token_url.url().clone()));
+            .set_token_uri(TokenUrl::from_url(token_url));
         let client = match credential {
             // The only place a secret is exposed: oauth2 encodes it into the request.
             ClientCredential::Secret(secret) => client
@@ -305,6 +329,8 @@ impl TokenClient {
             // Without a client secret, `RequestBody` puts only `client_id` in the form
             // (RFC 7523 §2.2 lets it stand beside the assertion); the assertion follows.
             ClientCredential::Assertion(_) => client.set_auth_type(AuthType::RequestBody),
+            // RFC 8705 §2: the certificate authenticates; the form names the client only.
+            ClientCredential::Certificate(_) => client.set_auth_type(AuthType::RequestBody),
         };
         let scopes = key.scopes();
         let mut request = client.exchange_client_credentials().add_scopes(
@@ -331,12 +357,15 @@ impl TokenClient {
         for (name, value) in &connection.extra_params {
             request = request.add_extra_param(name.clone(), value.clone());
         }
-        let http = upstream.http.get().map_err(|detail| Failure::Unavailable {
-            detail: detail.to_string(),
-            retry_after: None,
-        })?;
+        let http = match credential {
+            ClientCredential::Certificate(certificate) => upstream
+                .mutual_tls
+                .client(&connection.name, certificate)
+                .map_err(|detail| unavailable(&detail))?,
+            _ => upstream.http.get().map_err(unavailable)?.clone(),
+        };
         let transport = OAuthTransport {
-            http,
+            http: &http,
             timeout: connection.timeout,
         };
         let result = match &self.otel {

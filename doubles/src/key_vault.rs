@@ -25,6 +25,7 @@ use axum::routing::get;
 use serde_json::{Value, json};
 
 use crate::directory::{Issued, now};
+use crate::key_vault_certificates::{self, CertificateSpec, Certificates};
 use crate::key_vault_keys::{self, KeyKind, PublicKey};
 use crate::serve::{self, Server};
 use crate::vault_error::error;
@@ -109,8 +110,10 @@ pub(crate) struct Shared {
     held: AtomicUsize,
     challenges: AtomicUsize,
     reads: AtomicUsize,
-    /// Signing keys and certificates (`key_vault_keys`).
+    /// Signing keys, certificates' keys among them (`key_vault_keys`).
     pub(crate) keys: key_vault_keys::Keys,
+    /// Certificates and their secrets (`key_vault_certificates`).
+    pub(crate) certificates: Certificates,
 }
 
 /// A running Key Vault double.
@@ -118,11 +121,13 @@ pub struct KeyVaultDouble {
     shared: Arc<Shared>,
     server: Server,
     ca_file: PathBuf,
+    client_ca_file: PathBuf,
 }
 
 impl KeyVaultDouble {
-    /// Starts the vault on `port` (0 for any), writing its CA to `dir/ca.pem`. Bearer tokens
-    /// are checked against `issued`, the managed identity double's registry.
+    /// Starts the vault on `port` (0 for any), writing its CA to `dir/ca.pem` and the CA of
+    /// its client certificates to `dir/client-ca.pem`. Bearer tokens are checked against
+    /// `issued`, the managed identity double's registry.
     pub async fn start(
         port: u16,
         dir: &Path,
@@ -138,8 +143,11 @@ impl KeyVaultDouble {
             .route("/secrets/{name}", get(latest))
             .route("/secrets/{name}/{version}", get(versioned))
             .merge(key_vault_keys::routes())
+            .merge(key_vault_certificates::routes())
             .fallback(not_found)
             .with_state(shared.clone());
+        let client_ca_file = dir.join("client-ca.pem");
+        std::fs::write(&client_ca_file, shared.certificates.client_ca_pem())?;
         let server = serve::spawn(router, port, Some(tls.acceptor)).await?;
         let _ = shared
             .base
@@ -148,6 +156,7 @@ impl KeyVaultDouble {
             shared,
             server,
             ca_file: tls.ca_file,
+            client_ca_file,
         })
     }
 
@@ -283,7 +292,7 @@ impl KeyVaultDouble {
         self.shared.challenges.load(Ordering::SeqCst)
     }
 
-    /// Secret values returned (200 answers).
+    /// Secret values returned (200 answers), certificates' secrets included.
     pub fn reads(&self) -> usize {
         self.shared.reads.load(Ordering::SeqCst)
     }
@@ -322,13 +331,54 @@ pub(crate) fn base(shared: &Shared, headers: &HeaderMap) -> String {
 impl KeyVaultDouble {
     /// Adds a new version of signing key `name` and returns its version id.
     pub fn create_key(&self, name: &str, kind: KeyKind) -> String {
-        self.shared().keys.create(name, kind, false)
+        self.shared().keys.create(name, kind)
     }
 
     /// Adds a new version of certificate `name` (a self-signed certificate for a new RSA key
-    /// of the same name and version, as Key Vault makes them) and returns its version id.
+    /// of the same name and version, as Key Vault makes them, the key not exportable) and
+    /// returns its version id.
     pub fn create_certificate(&self, name: &str) -> String {
-        self.shared().keys.create(name, KeyKind::Rsa, true)
+        self.create_client_certificate(name, CertificateSpec::SIGNING)
+    }
+
+    /// Adds a new version of certificate `name` made under `spec`: a new key, a certificate
+    /// for `CN=<name>` with extended key usage clientAuth, and its secret, all of the same name
+    /// and version, as a Key Vault renewal without `reuse_key` makes them. Returns the
+    /// version id.
+    pub fn create_client_certificate(&self, name: &str, spec: CertificateSpec) -> String {
+        let shared = self.shared();
+        shared.certificates.create(&shared.keys, name, spec)
+    }
+
+    /// The CA that issues [`crate::CertificateIssuer::TestCa`] certificates (PEM), for the
+    /// identity provider to trust as a company's client CA.
+    pub fn client_ca_file(&self) -> &Path {
+        &self.client_ca_file
+    }
+
+    /// The latest version of certificate `name`: the leaf certificate's DER.
+    pub fn certificate_der(&self, name: &str) -> Option<Vec<u8>> {
+        let found = self.shared().certificates.find(name, None)?;
+        Some(found.der().to_vec())
+    }
+
+    /// The latest version of certificate `name`: its secret's value, a credential the leak
+    /// scans look for.
+    pub fn certificate_secret(&self, name: &str) -> Option<String> {
+        let found = self.shared().certificates.find(name, None)?;
+        Some(found.secret().to_string())
+    }
+
+    /// The latest version of certificate `name`: its private key (PKCS #8 PEM), a credential
+    /// the leak scans look for, whether or not the key is exportable.
+    pub fn certificate_private_key_pem(&self, name: &str) -> Option<String> {
+        let found = self.shared().certificates.find(name, None)?;
+        Some(found.private_key_pem().to_string())
+    }
+
+    /// Certificates' secrets returned (200 answers); [`Self::reads`] counts them too.
+    pub fn certificate_secret_reads(&self) -> usize {
+        self.shared().certificates.secret_reads()
     }
 
     /// The latest version of key (or certificate) `name`, as a verifier sees it, with the
@@ -372,6 +422,12 @@ impl key_vault_keys::Vault for Shared {
 
     fn keys(&self) -> &key_vault_keys::Keys {
         &self.keys
+    }
+}
+
+impl key_vault_certificates::CertificateVault for Shared {
+    fn certificates(&self) -> &Certificates {
+        &self.certificates
     }
 }
 
@@ -522,6 +578,25 @@ async fn read(
         Some(id) => versions.iter().find(|v| v.id == id),
     });
     let Some(found) = found else {
+        drop(secrets);
+        // A certificate's secret has the certificate's name and versions, as in Key Vault.
+        let out_content_type = query.get("outContentType").map(String::as_str);
+        let certificate = shared.certificates.read_secret(
+            &base(shared, headers),
+            name,
+            version,
+            out_content_type,
+        );
+        match certificate {
+            Some(Ok(body)) => {
+                shared.reads.fetch_add(1, Ordering::SeqCst);
+                return Json(body).into_response();
+            }
+            Some(Err(message)) => {
+                return error(StatusCode::BAD_REQUEST, "BadParameter", message, None);
+            }
+            None => {}
+        }
         return error(
             StatusCode::NOT_FOUND,
             "SecretNotFound",

@@ -1,10 +1,9 @@
-//! Key Vault's keys and certificates, as azure_security_keyvault_keys and
-//! azure_security_keyvault_certificates 1.x call them: `GET /keys/{name}[/{version}]` returns
-//! the public JWK (whose `kid` is the full key id), `POST /keys/{name}/{version}/sign` signs a
-//! digest the way Key Vault does (ES signatures raw `R || S`), and
-//! `GET /certificates/{name}[/{version}]` returns `cer`, `x5t` and the `kid` of the key that
-//! signs for it. The keys are real RSA 2048 and EC P-256 keys, so a signature the double makes
-//! verifies anywhere.
+//! Key Vault's keys, as azure_security_keyvault_keys 1.x calls them: `GET /keys/{name}[/{version}]`
+//! returns the public JWK (whose `kid` is the full key id) and `POST /keys/{name}/{version}/sign`
+//! signs a digest the way Key Vault does (ES signatures raw `R || S`). The keys are real RSA 2048,
+//! EC P-256 and EC P-384 keys, so a signature the double makes verifies anywhere. A certificate's
+//! key is one of them too (`key_vault_certificates` adds it under the certificate's name and
+//! version, as Key Vault does).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,14 +17,14 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
 use crate::directory::now;
 use crate::random_hex;
 use crate::vault_error::error;
 
-/// What the keys and certificates API needs from the vault it is part of: its request checks
+/// What the keys (and certificates) API needs from the vault it is part of: its request checks
 /// (API version, bearer token, faults), the vault URL a request reached, its access policy and
 /// its keys. The vault implements it, so this module does not import the vault.
 pub(crate) trait Vault: Send + Sync + 'static {
@@ -45,11 +44,23 @@ pub enum KeyKind {
     Rsa,
     /// EC P-256: signs ES256.
     EcP256,
+    /// EC P-384: signs ES384.
+    EcP384,
 }
 
 enum Private {
     Rsa(RsaKeyPair),
-    Ec(EcdsaKeyPair),
+    /// An EC key and the one JWS algorithm its curve signs (`ES256` for P-256, `ES384` for
+    /// P-384): Key Vault refuses any other with the key.
+    Ec(EcdsaKeyPair, &'static str),
+}
+
+/// A key just made, before it is a version of a vault key: what signs, and what verifiers see.
+pub(crate) struct KeyMaterial {
+    private: Private,
+    /// The public JWK without `kid`.
+    public: Value,
+    spki: Vec<u8>,
 }
 
 struct KeyVersion {
@@ -60,11 +71,11 @@ struct KeyVersion {
     /// Public key as X.509 SubjectPublicKeyInfo DER, for verifiers.
     spki: Vec<u8>,
     created: u64,
-    /// Set for a certificate's key: the certificate's DER.
+    /// Set for a certificate's key: the certificate's DER (the leaf).
     certificate: Option<Vec<u8>>,
 }
 
-/// Keys and certificates of the vault double, and what was done with them.
+/// Keys of the vault double (certificates' keys among them), and what was done with them.
 #[derive(Default)]
 pub struct Keys {
     keys: Mutex<HashMap<String, Vec<Arc<KeyVersion>>>>,
@@ -125,79 +136,37 @@ impl Keys {
         self.signatures.lock().unwrap().clone()
     }
 
-    /// Adds a new version of key `name` (a certificate's key when `certificate` is set, then
-    /// RSA) and returns its version id.
-    pub(crate) fn create(&self, name: &str, kind: KeyKind, certificate: bool) -> String {
-        let (key_pair, algorithm) = match kind {
-            KeyKind::Rsa => (rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256), "RSA"),
-            KeyKind::EcP256 => (
-                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
-                "EC",
-            ),
-        };
-        let key_pair = key_pair.expect("key generation");
-        let pkcs8 = key_pair.serialize_der();
-        let (private, public, spki) = match kind {
-            KeyKind::Rsa => {
-                let private = RsaKeyPair::from_pkcs8(&pkcs8).expect("RSA key");
-                let public = private.public_key();
-                let jwk = json!({
-                    "kty": algorithm,
-                    "key_ops": ["sign", "verify"],
-                    "n": URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
-                    "e": URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero()),
-                });
-                (
-                    Private::Rsa(private),
-                    jwk,
-                    rcgen::PublicKeyData::subject_public_key_info(&key_pair),
-                )
-            }
-            KeyKind::EcP256 => {
-                let private =
-                    EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8)
-                        .expect("EC key");
-                let point = private.public_key().as_ref().to_vec();
-                let jwk = json!({
-                    "kty": algorithm,
-                    "key_ops": ["sign", "verify"],
-                    "crv": "P-256",
-                    "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
-                    "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
-                });
-                (
-                    Private::Ec(private),
-                    jwk,
-                    rcgen::PublicKeyData::subject_public_key_info(&key_pair),
-                )
-            }
-        };
-        let certificate = certificate.then(|| {
-            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, name);
-            params
-                .self_signed(&key_pair)
-                .expect("certificate")
-                .der()
-                .to_vec()
-        });
+    /// Adds a new version of signing key `name` and returns its version id.
+    pub(crate) fn create(&self, name: &str, kind: KeyKind) -> String {
+        let (_, material) = generate(kind);
         let version = random_hex(16);
+        self.add(name, &version, material, None, now());
+        version
+    }
+
+    /// Adds `material` as version `version` of key `name`; `certificate` (its DER) makes it a
+    /// certificate's key.
+    pub(crate) fn add(
+        &self,
+        name: &str,
+        version: &str,
+        material: KeyMaterial,
+        certificate: Option<Vec<u8>>,
+        created: u64,
+    ) {
         self.keys
             .lock()
             .unwrap()
             .entry(name.to_string())
             .or_default()
             .push(Arc::new(KeyVersion {
-                version: version.clone(),
-                private,
-                public,
-                spki,
-                created: now(),
+                version: version.to_string(),
+                private: material.private,
+                public: material.public,
+                spki: material.spki,
+                created,
                 certificate,
             }));
-        version
     }
 
     fn find(&self, name: &str, version: Option<&str>) -> Option<Arc<KeyVersion>> {
@@ -210,27 +179,82 @@ impl Keys {
     }
 }
 
+/// A new key of `kind`: rcgen's handle on it (to issue a certificate for it, or to export its
+/// PKCS #8) and the vault's (to sign).
+pub(crate) fn generate(kind: KeyKind) -> (rcgen::KeyPair, KeyMaterial) {
+    let algorithm = match kind {
+        KeyKind::Rsa => &rcgen::PKCS_RSA_SHA256,
+        KeyKind::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        KeyKind::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+    };
+    let key_pair = rcgen::KeyPair::generate_for(algorithm).expect("key generation");
+    let pkcs8 = key_pair.serialize_der();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&key_pair);
+    let (private, public) = match kind {
+        KeyKind::Rsa => {
+            let private = RsaKeyPair::from_pkcs8(&pkcs8).expect("RSA key");
+            let public = private.public_key();
+            let jwk = json!({
+                "kty": "RSA",
+                "key_ops": ["sign", "verify"],
+                "n": URL_SAFE_NO_PAD.encode(public.modulus().big_endian_without_leading_zero()),
+                "e": URL_SAFE_NO_PAD.encode(public.exponent().big_endian_without_leading_zero()),
+            });
+            (Private::Rsa(private), jwk)
+        }
+        KeyKind::EcP256 | KeyKind::EcP384 => {
+            let (signing, curve, algorithm) = if kind == KeyKind::EcP256 {
+                (
+                    &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+                    "P-256",
+                    "ES256",
+                )
+            } else {
+                (
+                    &signature::ECDSA_P384_SHA384_FIXED_SIGNING,
+                    "P-384",
+                    "ES384",
+                )
+            };
+            let private = EcdsaKeyPair::from_pkcs8(signing, &pkcs8).expect("EC key");
+            // The uncompressed point: 0x04, then x and y of equal length.
+            let point = private.public_key().as_ref().to_vec();
+            let half = (point.len() - 1) / 2;
+            let jwk = json!({
+                "kty": "EC",
+                "key_ops": ["sign", "verify"],
+                "crv": curve,
+                "x": URL_SAFE_NO_PAD.encode(&point[1..1 + half]),
+                "y": URL_SAFE_NO_PAD.encode(&point[1 + half..]),
+            });
+            (Private::Ec(private, algorithm), jwk)
+        }
+    };
+    (
+        key_pair,
+        KeyMaterial {
+            private,
+            public,
+            spki,
+        },
+    )
+}
+
 /// The full key id under the vault URL `base`.
-fn kid(base: &str, name: &str, version: &str) -> String {
+pub(crate) fn kid(base: &str, name: &str, version: &str) -> String {
     format!("{base}/keys/{name}/{version}")
 }
 
-/// The keys and certificates routes, to merge into the vault's router.
+/// The keys routes, to merge into the vault's router.
 pub(crate) fn routes<V: Vault>() -> axum::Router<Arc<V>> {
     axum::Router::new()
         .route("/keys/{name}", get(key_latest::<V>))
         .route("/keys/{name}/", get(key_latest::<V>))
         .route("/keys/{name}/{version}", get(key_versioned::<V>))
         .route("/keys/{name}/{version}/sign", post(sign::<V>))
-        .route("/certificates/{name}", get(certificate_latest::<V>))
-        .route("/certificates/{name}/", get(certificate_latest::<V>))
-        .route(
-            "/certificates/{name}/{version}",
-            get(certificate_versioned::<V>),
-        )
 }
 
-type Q = Query<HashMap<String, String>>;
+pub(crate) type Q = Query<HashMap<String, String>>;
 
 async fn key_latest<V: Vault>(
     State(shared): State<Arc<V>>,
@@ -250,7 +274,8 @@ async fn key_versioned<V: Vault>(
     get_key(shared.as_ref(), &name, Some(&version), &headers, &query)
 }
 
-fn denied<V: Vault>(shared: &V, name: &str, action: &str) -> Option<Response> {
+/// The 403 Key Vault answers an identity without a role on object `name`, for `action`.
+pub(crate) fn denied<V: Vault>(shared: &V, name: &str, action: &str) -> Option<Response> {
     shared.denied(name).then(|| {
         error(
             StatusCode::FORBIDDEN,
@@ -270,7 +295,8 @@ fn key_not_found(name: &str) -> Response {
     )
 }
 
-fn attributes(created: u64) -> Value {
+/// An object's `attributes`, as Key Vault answers them for an object created at `created`.
+pub(crate) fn attributes(created: u64) -> Value {
     json!({
         "enabled": true,
         "created": created,
@@ -357,7 +383,7 @@ async fn sign<V: Vault>(
 }
 
 /// Signs `digest` as Key Vault does for `algorithm`: PKCS #1 v1.5 or PSS (salt as long as the
-/// hash) for RSA, raw `R || S` for ECDSA.
+/// hash) for RSA, raw `R || S` for ECDSA (an EC key signs only its curve's algorithm).
 fn sign_digest(private: &Private, algorithm: &str, value: &[u8]) -> Result<Vec<u8>, &'static str> {
     let rsa = |encoding: &'static dyn RsaEncoding, hash: &'static digest::Algorithm| {
         let Private::Rsa(key) = private else {
@@ -376,76 +402,23 @@ fn sign_digest(private: &Private, algorithm: &str, value: &[u8]) -> Result<Vec<u
         "PS256" => rsa(&signature::RSA_PSS_SHA256, &digest::SHA256),
         "PS384" => rsa(&signature::RSA_PSS_SHA384, &digest::SHA384),
         "PS512" => rsa(&signature::RSA_PSS_SHA512, &digest::SHA512),
-        "ES256" => match private {
-            Private::Ec(key) => {
-                let digest = Digest::import_less_safe(value, &digest::SHA256)
-                    .map_err(|_| "Invalid digest length.")?;
+        "ES256" | "ES384" => match private {
+            Private::Ec(key, signs) if *signs == algorithm => {
+                let hash = if algorithm == "ES256" {
+                    &digest::SHA256
+                } else {
+                    &digest::SHA384
+                };
+                let digest =
+                    Digest::import_less_safe(value, hash).map_err(|_| "Invalid digest length.")?;
                 key.sign_digest(&digest)
                     .map(|signature| signature.as_ref().to_vec())
                     .map_err(|_| "Signing failed.")
             }
-            Private::Rsa(_) => Err("Key and signing algorithm are incompatible."),
+            _ => Err("Key and signing algorithm are incompatible."),
         },
         _ => Err("Unsupported signing algorithm."),
     }
-}
-
-async fn certificate_latest<V: Vault>(
-    State(shared): State<Arc<V>>,
-    UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
-    Query(query): Q,
-) -> Response {
-    get_certificate(shared.as_ref(), &name, None, &headers, &query)
-}
-
-async fn certificate_versioned<V: Vault>(
-    State(shared): State<Arc<V>>,
-    UrlPath((name, version)): UrlPath<(String, String)>,
-    headers: HeaderMap,
-    Query(query): Q,
-) -> Response {
-    get_certificate(shared.as_ref(), &name, Some(&version), &headers, &query)
-}
-
-fn get_certificate<V: Vault>(
-    shared: &V,
-    name: &str,
-    version: Option<&str>,
-    headers: &HeaderMap,
-    query: &HashMap<String, String>,
-) -> Response {
-    if let Some(response) = shared.refusal(headers, query) {
-        return response;
-    }
-    if let Some(response) = denied(shared, name, "certificates/read") {
-        return response;
-    }
-    let found = shared
-        .keys()
-        .find(name, version)
-        .filter(|found| found.certificate.is_some());
-    let Some(found) = found else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "CertificateNotFound",
-            &format!("A certificate with (name/id) {name} was not found in this key vault."),
-            None,
-        );
-    };
-    let der = found.certificate.as_deref().unwrap_or_default();
-    let base = shared.base(headers);
-    let version = &found.version;
-    Json(json!({
-        "id": format!("{base}/certificates/{name}/{version}"),
-        "kid": format!("{base}/keys/{name}/{version}"),
-        "sid": format!("{base}/secrets/{name}/{version}"),
-        "x5t": URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA1_FOR_LEGACY_USE_ONLY, der)),
-        "cer": STANDARD.encode(der),
-        "attributes": attributes(found.created),
-        "tags": {}
-    }))
-    .into_response()
 }
 
 #[cfg(test)]
@@ -456,24 +429,57 @@ mod tests {
     #[test]
     fn signatures_over_a_digest_verify_over_the_message_with_the_public_key() {
         let keys = Keys::default();
-        keys.create("rsa", KeyKind::Rsa, false);
-        keys.create("ec", KeyKind::EcP256, false);
+        keys.create("rsa", KeyKind::Rsa);
+        keys.create("ec", KeyKind::EcP256);
+        keys.create("ec384", KeyKind::EcP384);
         let message = b"header.claims";
         let sha256 = digest::digest(&digest::SHA256, message);
-        for (name, alg, verifier) in [
+        let sha384 = digest::digest(&digest::SHA384, message);
+        for (name, alg, digest, verifier, length) in [
             (
                 "rsa",
                 "RS256",
+                &sha256,
                 &signature::RSA_PKCS1_2048_8192_SHA256 as &dyn signature::VerificationAlgorithm,
+                256,
             ),
-            ("rsa", "PS256", &signature::RSA_PSS_2048_8192_SHA256),
-            ("ec", "ES256", &signature::ECDSA_P256_SHA256_FIXED),
+            (
+                "rsa",
+                "PS256",
+                &sha256,
+                &signature::RSA_PSS_2048_8192_SHA256,
+                256,
+            ),
+            (
+                "ec",
+                "ES256",
+                &sha256,
+                &signature::ECDSA_P256_SHA256_FIXED,
+                64,
+            ),
+            (
+                "ec384",
+                "ES384",
+                &sha384,
+                &signature::ECDSA_P384_SHA384_FIXED,
+                96,
+            ),
         ] {
             let key = keys.find(name, None).unwrap();
-            let signature = sign_digest(&key.private, alg, sha256.as_ref()).unwrap();
+            let signature = sign_digest(&key.private, alg, digest.as_ref()).unwrap();
+            assert_eq!(signature.len(), length, "{alg} is raw, R || S for ECDSA");
             UnparsedPublicKey::new(verifier, &key.spki)
                 .verify(message, &signature)
                 .unwrap_or_else(|_| panic!("{alg} verifies"));
         }
+        let p384 = keys.find("ec384", None).unwrap();
+        assert_eq!(p384.public["crv"], "P-384");
+        assert_eq!(
+            sign_digest(&p384.private, "ES256", sha256.as_ref()),
+            Err("Key and signing algorithm are incompatible."),
+            "a key signs only its curve's algorithm"
+        );
+        let p256 = keys.find("ec", None).unwrap();
+        assert!(sign_digest(&p256.private, "ES384", sha384.as_ref()).is_err());
     }
 }

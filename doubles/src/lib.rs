@@ -1,7 +1,8 @@
 //! Faithful doubles of the Azure services token-broker talks to that have no local emulator:
-//! the App Service managed identity endpoint and Key Vault's secrets API; a fault-injecting
-//! proxy to put in front of the real identity provider; a CONNECT proxy that makes the vault
-//! reachable under a `vault.azure.net` name; and a hostile token endpoint. They follow the
+//! the App Service managed identity endpoint and Key Vault (secrets, keys, certificates, and
+//! the CA that issues its mTLS client certificates); a fault-injecting proxy to put in front
+//! of the real identity provider; a CONNECT proxy that makes the vault reachable under a
+//! `vault.azure.net` name; and a hostile token endpoint. They follow the
 //! protocol facts the broker is built against (challenge flow, error bodies, string
 //! `expires_on`, TLS), so the broker reaches them through the real Azure SDK clients.
 //!
@@ -15,6 +16,7 @@ pub mod entra_token;
 pub mod fault_proxy;
 pub mod hostile_idp;
 pub mod key_vault;
+pub mod key_vault_certificates;
 pub mod key_vault_keys;
 pub mod managed_identity;
 pub mod serve;
@@ -26,6 +28,7 @@ pub use entra_token::EntraTokenDouble;
 pub use fault_proxy::FaultProxy;
 pub use hostile_idp::{Behaviour, HostileIdp};
 pub use key_vault::{ChallengeForm, Fault, KeyVaultDouble};
+pub use key_vault_certificates::{CertificateIssuer, CertificateSpec, SecretContentType};
 pub use key_vault_keys::KeyKind;
 pub use managed_identity::ManagedIdentityDouble;
 

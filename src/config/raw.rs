@@ -87,7 +87,11 @@ pub(super) struct RawTelemetry {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConnection {
-    pub(super) token_url: String,
+    /// Required unless `issuer` names where to discover it (mutual-TLS methods only).
+    pub(super) token_url: Option<String>,
+    /// Mutual-TLS methods: the issuer whose discovery document names the token endpoint (its
+    /// `mtls_endpoint_aliases` entry first, RFC 8705 §5).
+    pub(super) issuer: Option<String>,
     pub(super) client_id: String,
     /// Kept untyped so that a literal secret written here is refused without being echoed
     /// by a serde "invalid type" message.
@@ -100,6 +104,8 @@ pub(super) struct RawConnection {
     pub(super) assertion_audience: Option<String>,
     pub(super) assertion_lifetime_seconds: Option<u64>,
     pub(super) assertion_key_id: Option<String>,
+    /// `tls_client_auth` / `self_signed_tls_client_auth`: `{ key_vault_certificate = "..." }`.
+    pub(super) client_certificate: Option<toml::Value>,
     /// `managed_identity_federation`: the audience of the managed identity's token.
     pub(super) federation_audience: Option<String>,
     #[serde(default)]

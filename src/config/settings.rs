@@ -160,7 +160,12 @@ pub struct TelemetrySettings {
 pub struct ConnectionSettings {
     /// The name as written in the configuration file.
     pub name: String,
+    /// The token endpoint; with `issuer`, the issuer itself until the token client has read
+    /// the endpoint from its discovery document (it stays the connection's identity).
     pub token_url: EndpointUrl,
+    /// Where the token endpoint is discovered (mutual-TLS methods only): https, its discovery
+    /// document's `mtls_endpoint_aliases.token_endpoint` preferred.
+    pub issuer: Option<EndpointUrl>,
     pub client_id: String,
     /// What the broker authenticates with: a secret, a signed assertion or the managed
     /// identity's token; matches `auth_method`.
@@ -252,14 +257,29 @@ pub enum AuthMethod {
     PrivateKeyJwt,
     /// Entra only: the managed identity's own token, as a federated credential of the app.
     ManagedIdentityFederation,
+    /// RFC 8705 §2.1: a CA-issued certificate from Key Vault, presented in the TLS handshake;
+    /// the provider matches its subject or a SAN.
+    TlsClientAuth,
+    /// RFC 8705 §2.2: a self-signed certificate from Key Vault the provider holds itself.
+    SelfSignedTlsClientAuth,
 }
 
 impl AuthMethod {
+    /// The RFC 8705 methods: the client certificate in the TLS handshake authenticates.
+    pub fn is_mutual_tls(self) -> bool {
+        matches!(
+            self,
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth
+        )
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AuthMethod::ClientSecretBasic => "client_secret_basic",
             AuthMethod::ClientSecretPost => "client_secret_post",
             AuthMethod::PrivateKeyJwt => "private_key_jwt",
+            AuthMethod::TlsClientAuth => "tls_client_auth",
+            AuthMethod::SelfSignedTlsClientAuth => "self_signed_tls_client_auth",
             AuthMethod::ManagedIdentityFederation => "managed_identity_federation",
         }
     }
@@ -274,6 +294,9 @@ pub enum CredentialSource {
     Assertion(AssertionSettings),
     /// `managed_identity_federation`: the managed identity's token for `audience`.
     Federation { audience: String },
+    /// `tls_client_auth` and `self_signed_tls_client_auth`: the Key Vault certificate (and its
+    /// key, exportable or not) presented in the TLS handshake with the token endpoint.
+    ClientCertificate { certificate_name: String },
 }
 
 /// Default `federation_audience`: Entra's public cloud (other clouds name their own).

@@ -43,6 +43,9 @@ impl ConnectionSettings {
                 CredentialSource::Secret(SecretSource::KeyVault { secret_name }),
                 ObjectKind::Secret,
             ) => Some(secret_name),
+            (CredentialSource::ClientCertificate { certificate_name }, ObjectKind::Certificate) => {
+                Some(certificate_name)
+            }
             (CredentialSource::Assertion(settings), _) => match (&settings.key, kind) {
                 (AssertionKey::KeyVaultKey(name), ObjectKind::Key)
                 | (AssertionKey::KeyVaultCertificate(name), ObjectKind::Certificate) => Some(name),

@@ -180,7 +180,7 @@ pub(super) async fn read_certificate(
 }
 
 /// `https://{vault}/keys/{name}/{version}` split into name and version.
-fn key_name_and_version(key_id: &str) -> Option<(String, String)> {
+pub(super) fn key_name_and_version(key_id: &str) -> Option<(String, String)> {
     let url = url::Url::parse(key_id).ok()?;
     let mut segments = url.path_segments()?;
     match (segments.next(), segments.next(), segments.next()) {
@@ -221,7 +221,7 @@ fn algorithm(
 }
 
 /// The digest Key Vault signs for `algorithm`.
-fn digest(algorithm: SigningAlgorithm, input: &[u8]) -> Vec<u8> {
+pub(super) fn digest(algorithm: SigningAlgorithm, input: &[u8]) -> Vec<u8> {
     use SigningAlgorithm::*;
     match algorithm {
         Rs256 | Ps256 | Es256 => sha2::Sha256::digest(input).to_vec(),
@@ -230,7 +230,7 @@ fn digest(algorithm: SigningAlgorithm, input: &[u8]) -> Vec<u8> {
     }
 }
 
-fn sdk_algorithm(algorithm: SigningAlgorithm) -> SignatureAlgorithm {
+pub(super) fn sdk_algorithm(algorithm: SigningAlgorithm) -> SignatureAlgorithm {
     use SigningAlgorithm::*;
     match algorithm {
         Rs256 => SignatureAlgorithm::Rs256,
@@ -340,7 +340,7 @@ pub(super) async fn sign(
 /// Whether a signature has the length JWS wants: ES signatures are raw `R || S` (RFC 7518
 /// §3.4), which is what Key Vault returns; RSA ones are as long as the modulus (2048 bits at
 /// least).
-fn signature_fits(algorithm: SigningAlgorithm, length: usize) -> bool {
+pub(super) fn signature_fits(algorithm: SigningAlgorithm, length: usize) -> bool {
     match algorithm {
         SigningAlgorithm::Es256 => length == 64,
         SigningAlgorithm::Es384 => length == 96,

@@ -5,7 +5,9 @@
 //! - [`secret`]: client secrets from an app setting or Key Vault;
 //! - [`assertion`]: `private_key_jwt` assertions signed inside Key Vault by a key or a
 //!   certificate's key;
-//! - [`federation`]: the managed identity's own token as an Entra federated credential.
+//! - [`federation`]: the managed identity's own token as an Entra federated credential;
+//! - [`client_certificate`]: a certificate for mutual TLS (RFC 8705), its key in memory when
+//!   exportable, else signing inside Key Vault ([`tls_key`]).
 //!
 //! Key Vault objects (secrets, and the public metadata of keys and certificates) share one
 //! cache ([`cache`]): the same TTL, re-read backoff, refusal grace, re-read after a rejection
@@ -13,9 +15,11 @@
 
 mod assertion;
 mod cache;
+mod client_certificate;
 mod error;
 mod federation;
 mod secret;
+mod tls_key;
 pub(crate) mod vault;
 
 use std::fmt;
@@ -35,6 +39,7 @@ use crate::observe::otel::Otel;
 pub(crate) use assertion::ClientAssertion;
 use assertion::SigningKey;
 use cache::VaultCache;
+pub(crate) use client_certificate::ClientCertificate;
 use std::future::Future;
 use tracing::Instrument as _;
 use vault::{Clients, Vault};
@@ -45,6 +50,8 @@ pub(crate) enum ClientCredential {
     Secret(Arc<ClientSecret>),
     /// Sent as `client_assertion` with the jwt-bearer `client_assertion_type`.
     Assertion(ClientAssertion),
+    /// Presented in the TLS handshake; the form carries `client_id` alone.
+    Certificate(Arc<ClientCertificate>),
 }
 
 impl ClientCredential {
@@ -53,6 +60,7 @@ impl ClientCredential {
         match self {
             ClientCredential::Secret(secret) => secret.version.as_deref(),
             ClientCredential::Assertion(assertion) => assertion.version.as_deref(),
+            ClientCredential::Certificate(certificate) => Some(certificate.version()),
         }
     }
 }
@@ -62,6 +70,7 @@ impl fmt::Debug for ClientCredential {
         let kind = match self {
             ClientCredential::Secret(_) => "Secret",
             ClientCredential::Assertion(_) => "Assertion",
+            ClientCredential::Certificate(_) => "Certificate",
         };
         write!(f, "{kind}(version {:?}, [REDACTED])", self.version())
     }
@@ -75,6 +84,8 @@ pub(crate) struct Credentials {
     secrets: VaultCache<ClientSecret>,
     keys: VaultCache<SigningKey>,
     certificates: VaultCache<SigningKey>,
+    /// Mutual-TLS certificates with their keys (or Key Vault signers), by certificate name.
+    client_certificates: VaultCache<ClientCertificate>,
 }
 
 impl Credentials {
@@ -95,6 +106,7 @@ impl Credentials {
             secrets: VaultCache::new(ObjectKind::Secret, ttl, refusal_grace),
             keys: VaultCache::new(ObjectKind::Key, ttl, refusal_grace),
             certificates: VaultCache::new(ObjectKind::Certificate, ttl, refusal_grace),
+            client_certificates: VaultCache::new(ObjectKind::Certificate, ttl, refusal_grace),
         }
     }
 
@@ -136,6 +148,19 @@ impl Credentials {
             CredentialSource::Federation { audience } => {
                 let assertion = federation::assertion(self.clients()?, audience).await?;
                 Ok(ClientCredential::Assertion(assertion))
+            }
+            CredentialSource::ClientCertificate { certificate_name } => {
+                let clients = self.clients()?;
+                let certificate = self
+                    .client_certificates
+                    .get(certificate_name, || {
+                        self.in_vault(
+                            "get_certificate",
+                            client_certificate::read(clients, certificate_name, self.otel.clone()),
+                        )
+                    })
+                    .await?;
+                Ok(ClientCredential::Certificate(certificate))
             }
         }
     }
@@ -209,6 +234,15 @@ impl Credentials {
                     })
                     .ok()
             }
+            CredentialSource::ClientCertificate { certificate_name } => {
+                let clients = self.clients().ok()?;
+                self.client_certificates
+                    .after_rejection(certificate_name, rejected.version(), || {
+                        client_certificate::read(clients, certificate_name, self.otel.clone())
+                    })
+                    .await
+                    .map(ClientCredential::Certificate)
+            }
             CredentialSource::Secret(SecretSource::AppSetting { .. })
             | CredentialSource::Federation { .. } => None,
         }
@@ -244,7 +278,11 @@ impl Credentials {
         match kind {
             ObjectKind::Secret => self.secrets.invalidate(name),
             ObjectKind::Key => self.keys.invalidate(name),
-            ObjectKind::Certificate => self.certificates.invalidate(name),
+            ObjectKind::Certificate => {
+                // One name may be both a signing certificate and a TLS one: both forget it.
+                let signing = self.certificates.invalidate(name);
+                self.client_certificates.invalidate(name) || signing
+            }
         }
     }
 
@@ -310,7 +348,7 @@ impl Credentials {
         }
     }
 
-    fn clients(&self) -> Result<&Clients, CredentialError> {
+    fn clients(&self) -> Result<&Arc<Clients>, CredentialError> {
         self.vault
             .as_ref()
             .ok_or(CredentialError::NoVault)?

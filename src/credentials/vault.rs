@@ -36,7 +36,8 @@ pub(crate) struct Vault {
     http: Arc<LazyClient>,
     /// Where reads are counted (`key_vault_reads`, `key_vault_failures`).
     pub(crate) stats: Arc<crate::observe::stats::Registry>,
-    clients: OnceLock<Result<Clients, String>>,
+    /// Shared with the TLS signing keys, which outlive any one call.
+    clients: OnceLock<Result<Arc<Clients>, String>>,
 }
 
 pub(crate) struct Clients {
@@ -64,9 +65,9 @@ impl Vault {
         }
     }
 
-    pub(crate) fn clients(&self) -> Result<&Clients, CredentialError> {
+    pub(crate) fn clients(&self) -> Result<&Arc<Clients>, CredentialError> {
         self.clients
-            .get_or_init(|| self.build())
+            .get_or_init(|| self.build().map(Arc::new))
             .as_ref()
             .map_err(|detail| {
                 tracing::error!(%detail, "key vault client unavailable");

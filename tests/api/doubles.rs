@@ -1,7 +1,8 @@
 //! The doubles refuse what the real services refuse, so that a test passing against them
 //! says something about Azure: Key Vault's `api-version` check and object ids under the name
-//! the vault was called by, its delay and hold faults, App Service's identity selectors, and
-//! Entra's client-credentials scope rule and federated-credential matching.
+//! the vault was called by, a certificate's secret behind the secrets API and the denial of
+//! all three of a certificate's objects, its delay and hold faults, App Service's identity
+//! selectors, and Entra's client-credentials scope rule and federated-credential matching.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -11,7 +12,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::Value;
 use token_broker_doubles::entra_token::JWT_BEARER;
 use token_broker_doubles::{
-    AzureDoubles, ConnectProxy, EntraTokenDouble, Fault, KeyKind, ManagedIdentityDouble, key_vault,
+    AzureDoubles, CertificateIssuer, CertificateSpec, ConnectProxy, EntraTokenDouble, Fault,
+    KeyKind, ManagedIdentityDouble, SecretContentType, key_vault,
 };
 
 use crate::support::json;
@@ -200,6 +202,71 @@ async fn object_ids_are_under_the_host_the_vault_was_called_by() {
         json(response).await["id"],
         format!("{local}/secrets/s/{secret_version}")
     );
+}
+
+#[tokio::test]
+async fn a_certificates_secret_is_read_through_the_secrets_api_and_denial_covers_all_three() {
+    let vault = Vault::start().await;
+    let spec = CertificateSpec {
+        key: KeyKind::EcP384,
+        exportable: true,
+        content_type: SecretContentType::Pem,
+        issuer: CertificateIssuer::TestCa,
+    };
+    let version = vault.azure.vault.create_client_certificate("c", spec);
+    let bearer = vault.identity_token("https://vault.azure.net").await;
+    let public = vault.azure.vault.public_uri();
+    let v = "api-version=2025-07-01";
+
+    let certificate = vault
+        .get(&format!("{public}/certificates/c/?{v}"), Some(&bearer))
+        .await;
+    let certificate = json(certificate).await;
+    assert_eq!(certificate["sid"], format!("{public}/secrets/c/{version}"));
+    assert_eq!(certificate["policy"]["key_props"]["exportable"], true);
+    assert_eq!(certificate["policy"]["key_props"]["crv"], "P-384");
+    assert_eq!(certificate["policy"]["issuer"]["name"], "Unknown");
+    let secret = vault
+        .get(&format!("{public}/secrets/c/{version}?{v}"), Some(&bearer))
+        .await;
+    assert_eq!(secret.status(), 200);
+    let secret = json(secret).await;
+    assert_eq!(
+        secret["value"].as_str(),
+        vault.azure.vault.certificate_secret("c").as_deref()
+    );
+    assert_eq!(secret["contentType"], "application/x-pem-file");
+    assert_eq!(secret["kid"], format!("{public}/keys/c/{version}"));
+    assert_eq!(secret["managed"], true);
+    let private_key = vault.azure.vault.certificate_private_key_pem("c").unwrap();
+    assert!(
+        secret["value"].as_str().unwrap().starts_with(&private_key),
+        "an exportable certificate's PEM secret opens with its key"
+    );
+    assert_eq!(vault.azure.vault.reads(), 1);
+    assert_eq!(vault.azure.vault.certificate_secret_reads(), 1);
+
+    vault.azure.vault.set_denied("c", true);
+    for (method, path) in [
+        ("GET", format!("{public}/certificates/c/?{v}")),
+        ("GET", format!("{public}/secrets/c/?{v}")),
+        ("POST", format!("{public}/keys/c/{version}/sign?{v}")),
+    ] {
+        let request = match method {
+            "GET" => vault.client.get(&path),
+            _ => vault.client.post(&path).json(
+                &serde_json::json!({ "alg": "ES384", "value": URL_SAFE_NO_PAD.encode([0u8; 48]) }),
+            ),
+        };
+        let response = request.bearer_auth(&bearer).send().await.unwrap();
+        assert_eq!(response.status(), 403, "{method} {path}");
+        assert_eq!(
+            json(response).await["error"]["innererror"]["code"],
+            "ForbiddenByRbac"
+        );
+    }
+    assert_eq!(vault.azure.vault.certificate_secret_reads(), 1);
+    assert_eq!(vault.azure.vault.signs(), 0);
 }
 
 #[tokio::test]

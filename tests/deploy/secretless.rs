@@ -52,17 +52,56 @@ fn the_broker_signs_only_with_the_keys_it_is_given_crypto_user_on() {
         .collect();
     assert_eq!(
         grants.len(),
-        2,
-        "the created key and the certificates' keys: {grants:#?}"
+        3,
+        "the created key, the signing certificates' keys and the TLS certificates' keys: {grants:#?}"
     );
     for grant in &grants {
         let scope = grant.property("scope").unwrap();
         assert!(
-            ["signingKey", "certificateKeys[i]"].contains(&scope.as_str()),
+            [
+                "signingKey",
+                "certificateKeys[i]",
+                "clientCertificateKeys[i]"
+            ]
+            .contains(&scope.as_str()),
             "scoped to a key, never the vault: {}",
             grant.describe()
         );
     }
     let module = crate::read("infra/modules/signing-access.bicep");
     assert!(module.contains(&format!("var keyVaultCryptoUser = '{CRYPTO_USER}'")));
+}
+
+#[test]
+fn a_tls_client_certificate_grants_its_key_to_sign_or_its_secret_to_read_never_both() {
+    let module = crate::read("infra/modules/client-certificate-access.bicep");
+    assert!(module.contains(&format!("var keyVaultCryptoUser = '{CRYPTO_USER}'")));
+    let grants: Vec<_> = resources_of("Microsoft.Authorization/roleAssignments")
+        .into_iter()
+        .filter(|grant| grant.describe().contains("clientCertificate"))
+        .collect();
+    let scopes: Vec<(String, bool, bool)> = grants
+        .iter()
+        .map(|grant| {
+            (
+                grant.property("scope").unwrap(),
+                grant.body.contains("keyVaultCryptoUser"),
+                grant.body.contains("keyVaultSecretsUser"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        scopes,
+        vec![
+            ("clientCertificateKeys[i]".to_string(), true, false),
+            ("clientCertificateSecrets[i]".to_string(), false, true),
+        ],
+        "Crypto User on the keys that stay in the vault, Secrets User on the exportable ones' secrets: {grants:#?}"
+    );
+    // Each list is its own: a certificate named in one gets nothing meant for the other.
+    assert!(module.contains("for (name, i) in keyCertificateNames"));
+    assert!(module.contains("for (name, i) in exportableCertificateNames"));
+    let main = crate::read("infra/main.bicep");
+    assert!(main.contains("keyCertificateNames: clientCertificateNames"));
+    assert!(main.contains("exportableCertificateNames: exportableClientCertificateNames"));
 }

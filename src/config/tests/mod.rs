@@ -216,6 +216,7 @@ const SHARED_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 mod callers;
 mod credentials;
+mod mutual_tls;
 mod shared_cache;
 
 #[test]

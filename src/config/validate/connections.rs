@@ -11,9 +11,7 @@ impl Validator<'_> {
         let at = |field: &str| format!("connections.{name}.{field}");
         let before = self.problems.len();
 
-        let token_url = self
-            .expand(&at("token_url"), &raw.token_url)
-            .and_then(|url| self.endpoint_url(&at("token_url"), &url));
+        let (token_url, issuer) = self.token_endpoint(name, &raw);
         let client_id = self.expand(&at("client_id"), &raw.client_id);
         if client_id.as_deref() == Some("") {
             self.problems
@@ -24,14 +22,19 @@ impl Validator<'_> {
             Some("client_secret_post") => Some(AuthMethod::ClientSecretPost),
             Some("private_key_jwt") => Some(AuthMethod::PrivateKeyJwt),
             Some("managed_identity_federation") => Some(AuthMethod::ManagedIdentityFederation),
+            Some("tls_client_auth") => Some(AuthMethod::TlsClientAuth),
+            Some("self_signed_tls_client_auth") => Some(AuthMethod::SelfSignedTlsClientAuth),
             Some(_) => {
                 self.problems.push(format!(
-                    "{}: must be \"client_secret_basic\", \"client_secret_post\", \"private_key_jwt\" or \"managed_identity_federation\"",
+                    "{}: must be \"client_secret_basic\", \"client_secret_post\", \"private_key_jwt\", \"managed_identity_federation\", \"tls_client_auth\" or \"self_signed_tls_client_auth\"",
                     at("auth_method")
                 ));
                 None
             }
         };
+        if let Some(method) = auth_method {
+            self.mutual_tls_endpoint(name, method, token_url.as_ref(), issuer.as_ref());
+        }
         let credential = auth_method
             .and_then(|method| self.credential_source(name, method, &raw, token_url.as_ref()));
         let mut scopes = Vec::new();
@@ -171,6 +174,7 @@ impl Validator<'_> {
         Some(ConnectionSettings {
             name: name.to_string(),
             token_url: token_url?,
+            issuer,
             client_id: client_id?,
             credential: credential?,
             auth_method: auth_method?,
@@ -251,6 +255,14 @@ impl Validator<'_> {
                 }
             }
         }
+        let mutual_tls = method.is_mutual_tls();
+        if !mutual_tls && raw.client_certificate.is_some() {
+            refuse(
+                &mut self.problems,
+                "client_certificate",
+                "\"tls_client_auth\" or \"self_signed_tls_client_auth\"",
+            );
+        }
         if method != AuthMethod::ManagedIdentityFederation && raw.federation_audience.is_some() {
             refuse(
                 &mut self.problems,
@@ -262,6 +274,16 @@ impl Validator<'_> {
             AuthMethod::ClientSecretBasic | AuthMethod::ClientSecretPost => self
                 .secret_source(name, raw.client_secret.clone())
                 .map(CredentialSource::Secret),
+            AuthMethod::TlsClientAuth | AuthMethod::SelfSignedTlsClientAuth => {
+                if raw.client_secret.is_some() {
+                    self.problems.push(format!(
+                        "{}: not used with auth_method = \"{}\", which authenticates with the certificate in the TLS handshake (RFC 8705); remove it",
+                        at("client_secret"),
+                        method.as_str()
+                    ));
+                }
+                self.client_certificate(name, method, raw.client_certificate.as_ref())
+            }
             AuthMethod::PrivateKeyJwt | AuthMethod::ManagedIdentityFederation => {
                 if raw.client_secret.is_some() {
                     self.problems.push(format!(
@@ -406,6 +428,112 @@ impl Validator<'_> {
                 None
             }
         }
+    }
+
+    /// `token_url`, or `issuer` for a token endpoint read from the discovery document: exactly
+    /// one of them. Without `token_url`, the issuer stands in as the connection's identity.
+    fn token_endpoint(
+        &mut self,
+        name: &str,
+        raw: &RawConnection,
+    ) -> (Option<EndpointUrl>, Option<EndpointUrl>) {
+        let at = |field: &str| format!("connections.{name}.{field}");
+        let mut read = |field: &str, value: &Option<String>| {
+            let value = value.as_ref()?;
+            let url = self.expand(&at(field), value)?;
+            self.endpoint_url(&at(field), &url)
+        };
+        let token_url = read("token_url", &raw.token_url);
+        let issuer = read("issuer", &raw.issuer);
+        match (&raw.token_url, &raw.issuer) {
+            (None, None) => {
+                self.problems.push(format!(
+                    "{}: required (or issuer, for a mutual-TLS method, to read it from the discovery document)",
+                    at("token_url")
+                ));
+                (None, None)
+            }
+            (Some(_), Some(_)) => {
+                self.problems.push(format!(
+                    "{}: set token_url or issuer, not both",
+                    at("issuer")
+                ));
+                (None, None)
+            }
+            (Some(_), None) => (token_url, None),
+            (None, Some(_)) => (issuer.clone(), issuer),
+        }
+    }
+
+    /// Mutual TLS needs TLS: the token endpoint (or the issuer it is discovered from) must be
+    /// https, loopback included. `issuer` is for the mutual-TLS methods only.
+    fn mutual_tls_endpoint(
+        &mut self,
+        name: &str,
+        method: AuthMethod,
+        token_url: Option<&EndpointUrl>,
+        issuer: Option<&EndpointUrl>,
+    ) {
+        let at = |field: &str| format!("connections.{name}.{field}");
+        if !method.is_mutual_tls() {
+            if issuer.is_some() {
+                self.problems.push(format!(
+                    "{}: only used with auth_method = \"tls_client_auth\" or \"self_signed_tls_client_auth\"; set token_url",
+                    at("issuer")
+                ));
+            }
+            return;
+        }
+        let (field, url) = match issuer {
+            Some(issuer) => ("issuer", Some(issuer)),
+            None => ("token_url", token_url),
+        };
+        if let Some(url) = url
+            && url.url().scheme() != "https"
+        {
+            self.problems.push(format!(
+                "{}: must be https: auth_method = \"{}\" presents the client certificate in the TLS handshake",
+                at(field),
+                method.as_str()
+            ));
+        }
+    }
+
+    /// `client_certificate = { key_vault_certificate = "<name>" }`, required by the mutual-TLS
+    /// methods.
+    fn client_certificate(
+        &mut self,
+        name: &str,
+        method: AuthMethod,
+        raw: Option<&toml::Value>,
+    ) -> Option<CredentialSource> {
+        let field = format!("connections.{name}.client_certificate");
+        let expected = "must be { key_vault_certificate = \"<certificate name>\" }";
+        let Some(raw) = raw else {
+            self.problems.push(format!(
+                "{field}: required by auth_method = \"{}\"; {expected}",
+                method.as_str()
+            ));
+            return None;
+        };
+        let entry = match raw {
+            toml::Value::Table(table) if table.len() == 1 => table.iter().next(),
+            _ => None,
+        };
+        let Some((kind, toml::Value::String(value))) =
+            entry.filter(|(kind, _)| *kind == "key_vault_certificate")
+        else {
+            self.problems.push(format!("{field}: {expected}"));
+            return None;
+        };
+        let certificate_name = self.expand(&format!("{field}.{kind}"), value)?;
+        if !is_valid_key_vault_name(&certificate_name) {
+            self.problems.push(format!(
+                "{field}.{kind}: a Key Vault object name is 1 to 127 letters, digits and '-'"
+            ));
+            return None;
+        }
+        Some(CredentialSource::ClientCertificate { certificate_name })
     }
 
     /// `allowed_audiences` or `allowed_resources` at `field`: absolute URIs (RFC 8707 §2), the

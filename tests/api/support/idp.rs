@@ -1,13 +1,19 @@
 //! The identity provider the end-to-end tests run against: the real oidc-provider
-//! (`tests/idp/server.mjs`) as a child process, its clients, and what it counted.
+//! (`tests/idp/server.mjs`) as a child process, its clients, and what it counted. Started
+//! with TLS it serves HTTPS and authenticates clients by their certificate (RFC 8705) on a
+//! second listener, the token endpoint's mTLS alias.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde::Deserialize;
 use serde_json::Value;
+use token_broker_doubles::KeyVaultDouble;
+use token_broker_doubles::key_vault_keys::PublicKey;
 
 use super::*;
 
@@ -20,8 +26,15 @@ pub struct IdpClient {
     pub ttl_seconds: u64,
     pub roles: Option<Vec<&'static str>>,
     /// `private_key_jwt`: the client's public keys (a JWK Set) and the one algorithm accepted.
+    /// `self_signed_tls_client_auth`: its certificates, as JWKs with `x5c`
+    /// ([`certificate_jwk`]).
     pub jwks: Option<Value>,
     pub signing_alg: Option<&'static str>,
+    /// `tls_client_auth`: the subject its certificate must have (`CN=<name>`).
+    pub tls_client_auth_subject_dn: Option<String>,
+    /// Whether its access tokens are bound to its certificate (`cnf.x5t#S256`, RFC 8705 §3),
+    /// so that the provider refuses its token requests without one.
+    pub certificate_bound: bool,
 }
 
 impl IdpClient {
@@ -34,8 +47,64 @@ impl IdpClient {
             roles: None,
             jwks: None,
             signing_alg: None,
+            tls_client_auth_subject_dn: None,
+            certificate_bound: false,
         }
     }
+}
+
+/// The provider's TLS: its server certificate and key (PEM files, signed by the tests' CA,
+/// which the broker trusts), the CA it trusts for `tls_client_auth` certificates, and the
+/// tests' CA again, for this support's own requests to the provider.
+#[derive(Clone, Debug)]
+pub struct IdpTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl IdpTls {
+    /// The doubles' files: the server certificate written beside the vault's CA (for
+    /// `localhost` and `127.0.0.1`), and the vault's client CA, which issues its
+    /// `TestCa` certificates.
+    pub fn of_vault(vault: &KeyVaultDouble) -> Self {
+        let dir = vault.ca_file().parent().expect("the CA is in a directory");
+        Self {
+            cert: dir.join("server-cert.pem"),
+            key: dir.join("server-key.pem"),
+            client_ca: vault.client_ca_file().to_path_buf(),
+            ca: vault.ca_file().to_path_buf(),
+        }
+    }
+}
+
+/// A certificate's `x5t#S256`: base64url of the SHA-256 of its DER (RFC 8705 §3.1), what
+/// the provider puts in `cnf`, records of a request, and revokes.
+pub fn x5t_s256(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(der))
+}
+
+/// The JWK a `self_signed_tls_client_auth` client registers for a vault certificate version
+/// (`KeyVaultDouble::public_key` of the certificate's name): the key's public parameters
+/// from the vault's JWK of that version (oidc-provider loads no key without them), the
+/// certificate in `x5c` (what oidc-provider matches a presented certificate against: it works
+/// `x5t#S256` out from `x5c[0]` itself) and its `x5t#S256` for readers.
+pub fn certificate_jwk(certificate: &PublicKey) -> Value {
+    let der = certificate
+        .certificate
+        .as_deref()
+        .expect("a certificate's key, not a bare key");
+    let mut jwk = serde_json::Map::new();
+    for member in ["kty", "n", "e", "crv", "x", "y", "kid"] {
+        if let Some(value) = certificate.jwk.get(member) {
+            jwk.insert(member.to_string(), value.clone());
+        }
+    }
+    jwk.insert("x5c".to_string(), serde_json::json!([STANDARD.encode(der)]));
+    jwk.insert("x5t#S256".to_string(), x5t_s256(der).into());
+    Value::Object(jwk)
 }
 
 /// The real oidc-provider, run by Node from `tests/idp`.
@@ -45,9 +114,17 @@ pub struct Idp {
     config_path: std::path::PathBuf,
     clients: Vec<IdpClient>,
     port: u16,
+    tls: Option<IdpTls>,
+    mtls_port: Option<u16>,
+    /// The certificates revoked so far, which a restarted provider still refuses.
+    revoked: Vec<String>,
+    /// This support's requests to the provider (trusting the tests' CA under TLS).
+    http: reqwest::Client,
     pub token_endpoint: String,
     pub jwks_uri: String,
     pub issuer: String,
+    /// With TLS: the token endpoint's mTLS alias, where clients present certificates.
+    pub mtls_token_endpoint: Option<String>,
 }
 
 /// Audience of the caller tokens the broker accepts in `jwt` mode.
@@ -61,14 +138,22 @@ pub(crate) struct IdpReady {
     token_endpoint: String,
     jwks_uri: String,
     port: u16,
+    mtls_token_endpoint: Option<String>,
+    mtls_port: Option<u16>,
 }
 
-/// Counters the provider keeps of its token endpoint.
+/// Counters the provider keeps of its token endpoint (and, with TLS, of its mTLS listener).
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IdpStats {
     pub token_requests: u64,
     pub token_issued: u64,
     pub token_errors: u64,
+    /// TLS connections the mTLS listener accepted.
+    #[serde(default)]
+    pub mtls_connections: u64,
+    /// Those of them whose client presented a certificate.
+    #[serde(default)]
+    pub mtls_connections_with_certificate: u64,
 }
 
 pub const RESOURCE: &str = "api://demo";
@@ -82,6 +167,12 @@ pub struct IdpTokenRequest {
     pub basic: bool,
     /// The provider's answer.
     pub status: u16,
+    /// With TLS: the `x5t#S256` of the certificate the client presented (revoked or not).
+    #[serde(default)]
+    pub certificate: Option<String>,
+    /// With TLS: whether the request reached the mTLS listener.
+    #[serde(default)]
+    pub mtls: bool,
 }
 
 impl IdpTokenRequest {
@@ -105,15 +196,24 @@ pub(crate) struct Launched {
     ready: std::sync::mpsc::Receiver<String>,
     config_path: std::path::PathBuf,
     clients: Vec<IdpClient>,
+    tls: Option<IdpTls>,
 }
 
 /// How long a provider start may take before it counts as failed.
 pub(crate) const IDP_START: Duration = Duration::from_secs(20);
 
 impl Launched {
-    /// Writes the provider's configuration and starts it; does not wait.
-    fn spawn(config_path: &Path, clients: &[IdpClient], port: u16) -> Self {
-        let config = serde_json::json!({
+    /// Writes the provider's configuration and starts it (its mTLS listener, with `tls`, on
+    /// `mtls_port`, 0 for any, with the certificates `revoked` already); does not wait.
+    fn spawn(
+        config_path: &Path,
+        clients: &[IdpClient],
+        port: u16,
+        tls: Option<&IdpTls>,
+        mtls_port: u16,
+        revoked: &[String],
+    ) -> Self {
+        let mut config = serde_json::json!({
             "port": port,
             "resource": RESOURCE,
             "extra_resources": [BROKER_AUDIENCE],
@@ -126,8 +226,19 @@ impl Launched {
                 "roles": c.roles,
                 "jwks": c.jwks,
                 "token_endpoint_auth_signing_alg": c.signing_alg,
+                "tls_client_auth_subject_dn": c.tls_client_auth_subject_dn,
+                "certificate_bound": c.certificate_bound,
             })).collect::<Vec<_>>(),
         });
+        if let Some(tls) = tls {
+            config["tls"] = serde_json::json!({
+                "cert": tls.cert,
+                "key": tls.key,
+                "client_ca": tls.client_ca,
+                "mtls_port": mtls_port,
+                "revoked": revoked,
+            });
+        }
         std::fs::write(config_path, config.to_string()).unwrap();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/idp/server.mjs");
         let mut child = Command::new("node")
@@ -152,6 +263,7 @@ impl Launched {
             ready,
             config_path: config_path.to_path_buf(),
             clients: clients.to_vec(),
+            tls: tls.cloned(),
         }
     }
 
@@ -198,15 +310,21 @@ impl Launched {
                 format!("oidc-provider did not start (run npm ci in tests/idp): {line:?}"),
             ));
         };
+        let http = http_client(self.tls.as_ref());
         Ok(Idp {
             child: self.child,
             _stdin: self.stdin,
             config_path: self.config_path,
             clients: self.clients,
             port: ready.port,
+            tls: self.tls,
+            mtls_port: ready.mtls_port,
+            revoked: Vec::new(),
+            http,
             token_endpoint: ready.token_endpoint,
             jwks_uri: ready.jwks_uri,
             issuer: ready.issuer,
+            mtls_token_endpoint: ready.mtls_token_endpoint,
         })
     }
 }
@@ -216,12 +334,26 @@ impl Idp {
     /// A start that prints nothing within 20 s is retried once (seen rarely on a loaded
     /// two-core machine), so a slow start cannot hang the suite.
     pub async fn start(dir: &Path, clients: &[IdpClient]) -> Idp {
+        Self::start_with(dir, clients, None).await
+    }
+
+    /// Starts the provider over HTTPS with `tls` (an `https://127.0.0.1:<port>` issuer), with
+    /// the mTLS listener that authenticates `tls_client_auth` and
+    /// `self_signed_tls_client_auth` clients ([`Idp::mtls_token_endpoint`]).
+    pub async fn start_tls(dir: &Path, clients: &[IdpClient], tls: IdpTls) -> Idp {
+        Self::start_with(dir, clients, Some(tls)).await
+    }
+
+    async fn start_with(dir: &Path, clients: &[IdpClient], tls: Option<IdpTls>) -> Idp {
         let config_path = dir.join("idp.json");
-        match Launched::spawn(&config_path, clients, 0).wait().await {
+        match Launched::spawn(&config_path, clients, 0, tls.as_ref(), 0, &[])
+            .wait()
+            .await
+        {
             Ok(idp) => idp,
             Err(reason) => {
                 eprintln!("oidc-provider start failed ({reason}); retrying once");
-                Launched::spawn(&config_path, clients, 0)
+                Launched::spawn(&config_path, clients, 0, tls.as_ref(), 0, &[])
                     .wait()
                     .await
                     .unwrap_or_else(|reason| panic!("{reason}"))
@@ -230,7 +362,8 @@ impl Idp {
     }
 
     /// Restarts the provider on the same port (same issuer) with the clients `change` makes,
-    /// without blocking the runtime, which serves the doubles meanwhile.
+    /// without blocking the runtime, which serves the doubles meanwhile. With TLS it keeps its
+    /// TLS and its mTLS listener's port too.
     pub async fn restart(&mut self, change: impl FnOnce(&mut Vec<IdpClient>)) {
         let _ = self.child.kill();
         while matches!(self.child.try_wait(), Ok(None)) {
@@ -243,10 +376,15 @@ impl Idp {
         let budget = IDP_START * 3;
         let deadline = tokio::time::Instant::now() + budget;
         let replacement = loop {
-            match Launched::spawn(&self.config_path, &clients, self.port)
-                .wait()
-                .await
-            {
+            let launched = Launched::spawn(
+                &self.config_path,
+                &clients,
+                self.port,
+                self.tls.as_ref(),
+                self.mtls_port.unwrap_or(0),
+                &self.revoked,
+            );
+            match launched.wait().await {
                 Ok(idp) => break idp,
                 Err(reason) if tokio::time::Instant::now() < deadline => {
                     eprintln!(
@@ -266,12 +404,24 @@ impl Idp {
             replacement.port, self.port,
             "the restarted provider kept its port"
         );
+        assert_eq!(
+            replacement.mtls_port, self.mtls_port,
+            "the restarted provider kept its mTLS listener's port"
+        );
+        let revoked = std::mem::take(&mut self.revoked);
         *self = replacement;
+        self.revoked = revoked;
     }
 
     pub async fn stats(&self) -> IdpStats {
-        let url = self.issuer.clone() + "/_test/stats";
-        reqwest::get(url).await.unwrap().json().await.unwrap()
+        self.get_json("/_test/stats").await
+    }
+
+    /// One of the provider's test endpoints, `path` under the issuer.
+    async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
+        let url = self.issuer.clone() + path;
+        let response = self.http.get(url).send().await.unwrap();
+        response.json().await.unwrap()
     }
 
     /// The provider's record of the token requests it received (the last 1,000), oldest
@@ -281,15 +431,28 @@ impl Idp {
         struct Recorded {
             token_requests: Vec<IdpTokenRequest>,
         }
-        let url = self.issuer.clone() + "/_test/requests";
-        let recorded: Recorded = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let recorded: Recorded = self.get_json("/_test/requests").await;
         recorded.token_requests
     }
 
     /// How often the provider's key set and discovery document were downloaded.
     pub async fn key_stats(&self) -> IdpKeyStats {
-        let url = self.issuer.clone() + "/_test/stats";
-        reqwest::get(url).await.unwrap().json().await.unwrap()
+        self.get_json("/_test/stats").await
+    }
+
+    /// From now on the provider treats the certificate with this `x5t#S256` ([`x5t_s256`]) as
+    /// not presented: a client that presents it gets invalid_client, as from a provider that
+    /// no longer accepts an old certificate, a restarted provider too. With TLS only.
+    pub async fn revoke(&mut self, x5t_s256: &str) {
+        let response = self
+            .http
+            .post(self.issuer.clone() + "/_test/revoke")
+            .json(&serde_json::json!({ "x5t#S256": x5t_s256 }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "revoking needs a provider with TLS");
+        self.revoked.push(x5t_s256.to_string());
     }
 
     /// A caller's own access token for the broker's audience, issued by the provider.
@@ -298,7 +461,8 @@ impl Idp {
     }
 
     pub async fn caller_token_for(&self, client_id: &str, resource: &str) -> String {
-        let response = reqwest::Client::new()
+        let response = self
+            .http
             .post(&self.token_endpoint)
             .form(&[
                 ("grant_type", "client_credentials"),
@@ -314,6 +478,16 @@ impl Idp {
         let body: Value = response.json().await.unwrap();
         body["access_token"].as_str().unwrap().to_string()
     }
+}
+
+/// The client this support reaches the provider with: under TLS it trusts the tests' CA.
+fn http_client(tls: Option<&IdpTls>) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder();
+    if let Some(tls) = tls {
+        let ca = std::fs::read(&tls.ca).expect("the tests' CA");
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+    }
+    builder.build().unwrap()
 }
 
 impl Drop for Idp {

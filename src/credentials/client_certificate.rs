@@ -1,0 +1,248 @@
+//! The client certificate of RFC 8705 mutual-TLS client authentication, read from Key Vault.
+//!
+//! Key Vault keeps a certificate as three objects of one name and version: the certificate
+//! (public: `cer`, and the `policy` it was made by), its key (`kid`) and a secret (`sid`) that
+//! holds the key beside the chain when the policy made the key exportable. So:
+//! - **exportable key**: the secret is read once per version, as PEM (Key Vault converts a
+//!   PKCS #12 secret when asked with `outContentType`), and its key becomes rustls' signing key
+//!   in memory; the text it came in is dropped at once, never logged, never in `Debug`;
+//! - **non-exportable key** (HSM-backed or not): the chain is `cer` alone and the handshake's
+//!   signature is made by Key Vault's `sign` on the certificate's key ([`super::tls_key`]); the
+//!   secret is never read, so the identity needs no right to it.
+//!
+//! The certificate's version names the whole: a renewal is a new version, which the token
+//! client presents on new connections only.
+
+use std::sync::Arc;
+
+use azure_security_keyvault_certificates::models::{
+    CertificateClientGetCertificateOptions, CurveName, KeyType,
+};
+use azure_security_keyvault_secrets::models::{ContentType, SecretClientGetSecretOptions};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use secrecy::{ExposeSecret as _, SecretString};
+use sha2::Digest as _;
+use tokio::time::Instant;
+
+use super::assertion::key_name_and_version;
+use super::cache::Versioned;
+use super::error::{CredentialError, ObjectKind};
+use super::tls_key::{KeyCurve, VaultTlsKey};
+use super::vault::{Clients, classify};
+use crate::observe::otel::Otel;
+
+/// A certificate and its key, ready for the TLS handshake.
+pub(crate) struct ClientCertificate {
+    name: String,
+    version: String,
+    /// base64url SHA-256 of the leaf certificate's DER: the `x5t#S256` a provider binds the
+    /// tokens it issues to (RFC 8705 §3.1).
+    thumbprint_sha256: String,
+    /// Whether the key stays in Key Vault (each handshake asks it to sign).
+    key_in_vault: bool,
+    certified: Arc<CertifiedKey>,
+}
+
+impl ClientCertificate {
+    /// The chain and key rustls presents.
+    pub(crate) fn certified(&self) -> Arc<CertifiedKey> {
+        self.certified.clone()
+    }
+
+    pub(crate) fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub(crate) fn thumbprint_sha256(&self) -> &str {
+        &self.thumbprint_sha256
+    }
+}
+
+impl Versioned for ClientCertificate {
+    fn version(&self) -> Option<&str> {
+        Some(&self.version)
+    }
+}
+
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertificate")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("x5t#S256", &self.thumbprint_sha256)
+            .field("key_in_vault", &self.key_in_vault)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the latest version of certificate `name`: its metadata, and its key as the policy
+/// says (the secret for an exportable one, a Key Vault signer otherwise).
+pub(super) async fn read(
+    clients: &Arc<Clients>,
+    name: &str,
+    otel: Option<Arc<Otel>>,
+) -> Result<ClientCertificate, CredentialError> {
+    let started = Instant::now();
+    let failed = |error: azure_core::Error| classify(ObjectKind::Certificate, name, &error);
+    let unusable = |detail: &str| CredentialError::Unusable {
+        kind: ObjectKind::Certificate,
+        name: name.to_string(),
+        detail: detail.to_string(),
+    };
+    let certificate = clients
+        .certificates
+        .get_certificate(name, None::<CertificateClientGetCertificateOptions<'_>>)
+        .await
+        .map_err(failed)?
+        .into_model()
+        .map_err(failed)?;
+    let leaf = certificate
+        .cer
+        .filter(|der| !der.is_empty())
+        .map(CertificateDer::from)
+        .ok_or_else(|| unusable("the answer has no certificate (cer)"))?;
+    let key_id = certificate
+        .kid
+        .ok_or_else(|| unusable("the certificate names no key (kid)"))?;
+    let (key_name, key_version) =
+        key_name_and_version(&key_id).ok_or_else(|| unusable("the kid is not a key URL"))?;
+    let version = certificate
+        .id
+        .as_deref()
+        .and_then(|id| id.trim_end_matches('/').rsplit('/').next())
+        .map_or_else(|| key_version.clone(), str::to_string);
+    let key_properties = certificate
+        .policy
+        .and_then(|policy| policy.key_properties)
+        .ok_or_else(|| unusable("the answer has no key properties (policy.key_props)"))?;
+    let thumbprint_sha256 = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(leaf.as_ref()));
+    let exportable = key_properties.exportable == Some(true);
+    let certified = if exportable {
+        let pem = read_secret(clients, name, &version).await?;
+        from_pem(&pem, &leaf).map_err(|detail| unusable(&detail))?
+    } else {
+        let curve = match (key_properties.key_type, key_properties.curve) {
+            (Some(KeyType::Rsa | KeyType::RsaHsm), _) => KeyCurve::Rsa,
+            (Some(KeyType::Ec | KeyType::EcHsm), Some(CurveName::P256)) => KeyCurve::P256,
+            (Some(KeyType::Ec | KeyType::EcHsm), Some(CurveName::P384)) => KeyCurve::P384,
+            (Some(KeyType::Ec | KeyType::EcHsm), Some(CurveName::P521)) => KeyCurve::P521,
+            _ => {
+                return Err(unusable(
+                    "its key is neither RSA nor EC on P-256, P-384 or P-521, which TLS cannot sign with",
+                ));
+            }
+        };
+        let key = VaultTlsKey::new(clients.clone(), name, key_name, key_version, curve, otel);
+        Arc::new(CertifiedKey::new(vec![leaf], Arc::new(key)))
+    };
+    tracing::info!(
+        certificate = name,
+        version = %version,
+        x5t_s256 = %thumbprint_sha256,
+        key = if exportable { "exportable" } else { "in key vault" },
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "read client certificate from key vault"
+    );
+    Ok(ClientCertificate {
+        name: name.to_string(),
+        version,
+        thumbprint_sha256,
+        key_in_vault: !exportable,
+        certified,
+    })
+}
+
+/// The certificate's secret of `version`, as PEM whatever it was stored as.
+async fn read_secret(
+    clients: &Clients,
+    name: &str,
+    version: &str,
+) -> Result<SecretString, CredentialError> {
+    let failed = |error: azure_core::Error| classify(ObjectKind::Certificate, name, &error);
+    let options = SecretClientGetSecretOptions {
+        secret_version: Some(version.to_string()),
+        out_content_type: Some(ContentType::Pem),
+        ..Default::default()
+    };
+    let secret = clients
+        .secrets
+        .get_secret(name, Some(options))
+        .await
+        .map_err(failed)?
+        .into_model()
+        .map_err(failed)?;
+    secret
+        .value
+        .filter(|value| !value.is_empty())
+        .map(SecretString::from)
+        .ok_or_else(|| CredentialError::Unusable {
+            kind: ObjectKind::Certificate,
+            name: name.to_string(),
+            detail: "its secret has no value".to_string(),
+        })
+}
+
+/// The key and chain of a PEM secret, `leaf` (the certificate Key Vault named) first. The key
+/// must be the leaf's: a mismatch would fail every handshake with a less helpful message.
+fn from_pem(
+    pem: &SecretString,
+    leaf: &CertificateDer<'static>,
+) -> Result<Arc<CertifiedKey>, String> {
+    let bytes = pem.expose_secret().as_bytes();
+    let key = PrivateKeyDer::from_pem_slice(bytes)
+        .map_err(|_| "its secret holds no private key in PEM form (is the key exportable?)")?;
+    let mut chain = vec![leaf.clone()];
+    for certificate in CertificateDer::pem_slice_iter(bytes) {
+        let certificate =
+            certificate.map_err(|_| "its secret holds a certificate that is not valid PEM")?;
+        if certificate != *leaf {
+            chain.push(certificate);
+        }
+    }
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|_| "its private key is of a kind TLS cannot sign with")?;
+    let certified = CertifiedKey::new(chain, key);
+    certified
+        .keys_match()
+        .map_err(|_| "the private key in its secret is not the certificate's key")?;
+    Ok(Arc::new(certified))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        use base64::engine::general_purpose::STANDARD;
+        let body = STANDARD.encode(der);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|line| std::str::from_utf8(line).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    /// A non-exportable key's secret holds certificates only; read as if exportable, it is
+    /// refused with a message that says why and quotes nothing of the secret.
+    #[test]
+    fn a_secret_without_a_key_is_refused_without_echoing_it() {
+        let leaf = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
+        let text = SecretString::from(pem("CERTIFICATE", leaf.as_ref()));
+        let Err(error) = from_pem(&text, &leaf) else {
+            panic!("a secret without a key must be refused");
+        };
+        assert!(error.contains("no private key"), "{error}");
+        assert!(!error.contains("BEGIN"), "{error}");
+    }
+}
