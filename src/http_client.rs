@@ -27,14 +27,19 @@ pub(crate) fn build_presenting(
     connect_timeout: Duration,
     certificate: Arc<CertifiedKey>,
 ) -> Result<reqwest::Client, String> {
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = rustls_platform_verifier::Verifier::new(provider.clone())
-        .map_err(|error| format!("cannot load the TLS roots: {error}"))?;
+    let (provider, verifier) = VERIFIER
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            rustls_platform_verifier::Verifier::new(provider.clone())
+                .map(|verifier| (provider, Arc::new(verifier)))
+                .map_err(|error| format!("cannot load the TLS roots: {error}"))
+        })
+        .clone()?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|error| format!("cannot configure TLS: {error}"))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(Presented(certificate)));
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     builder(connect_timeout)
@@ -42,6 +47,14 @@ pub(crate) fn build_presenting(
         .build()
         .map_err(|error| format!("cannot build the HTTP client: {error}"))
 }
+
+/// The crypto provider and the platform's verifier, made once: loading the roots reads files,
+/// and each new certificate version builds a client.
+type Verifying = (
+    Arc<rustls::crypto::CryptoProvider>,
+    Arc<rustls_platform_verifier::Verifier>,
+);
+static VERIFIER: std::sync::OnceLock<Result<Verifying, String>> = std::sync::OnceLock::new();
 
 fn builder(connect_timeout: Duration) -> reqwest::ClientBuilder {
     reqwest::Client::builder()

@@ -194,6 +194,8 @@ impl TokenClient {
             Err(Failure::OutOfTime { .. } | Failure::NoRetryCredential) => {
                 guard.record_unavailable();
             }
+            // Key Vault's failure, not the provider's: the trial, if this was one, is released.
+            Err(Failure::Credential(_)) => guard.record_neutral(),
             Err(Failure::Unavailable { retry_after, .. }) => {
                 guard.record_unavailable();
                 if let Some(wait) = retry_after {
@@ -357,6 +359,10 @@ impl TokenClient {
         for (name, value) in &connection.extra_params {
             request = request.add_extra_param(name.clone(), value.clone());
         }
+        if let ClientCredential::Certificate(certificate) = credential {
+            // A failure left by an earlier handshake is not this attempt's.
+            certificate.take_sign_failure();
+        }
         let http = match credential {
             ClientCredential::Certificate(certificate) => upstream
                 .mutual_tls
@@ -399,6 +405,14 @@ impl TokenClient {
             }
         };
         let elapsed_ms = started.elapsed().as_millis() as u64;
+        let sign_failure = match (&result, credential) {
+            (Err(_), ClientCredential::Certificate(certificate)) => certificate.take_sign_failure(),
+            _ => None,
+        };
+        if let Some(source) = sign_failure {
+            tracing::warn!(connection = %connection.name, elapsed_ms, reason = %source, "the client certificate's key could not sign the TLS handshake");
+            return Err(Failure::Credential(source));
+        }
         match result {
             Ok(response) if !response.has_access_token() => {
                 let failure = Failure::Invalid {
@@ -490,6 +504,9 @@ fn call_outcome<T>(
         Err(RequestTokenError::Request(TransportError::Connect)) => (None, Some("connect")),
         Err(RequestTokenError::Request(TransportError::TooLarge)) => (Some(200), Some("too_large")),
         Err(RequestTokenError::Request(TransportError::Other)) => (None, Some("other")),
+        Err(RequestTokenError::Request(TransportError::CertificateRefused(_))) => {
+            (None, Some("tls_certificate_refused"))
+        }
         Err(RequestTokenError::Parse(..)) => (Some(200), Some("parse")),
         Err(RequestTokenError::Other(_)) => (None, Some("other")),
     }

@@ -97,6 +97,8 @@ pub(crate) struct Shared {
     secrets: Mutex<HashMap<String, Vec<Version>>>,
     /// Secrets the identity has no role on (403 ForbiddenByRbac).
     pub(crate) denied: Mutex<HashSet<String>>,
+    /// Keys the identity may read but not sign with (403 ForbiddenByRbac on sign).
+    sign_denied: Mutex<HashSet<String>>,
     fault: Mutex<Option<Fault>>,
     challenge_form: Mutex<ChallengeForm>,
     /// The bearer tokens of the requests that got past the token check, in order.
@@ -228,6 +230,18 @@ impl KeyVaultDouble {
     /// Takes the identity's role on `name` away (or gives it back).
     pub fn set_denied(&self, name: &str, denied: bool) {
         let mut set = self.shared.denied.lock().unwrap();
+        if denied {
+            set.insert(name.to_string());
+        } else {
+            set.remove(name);
+        }
+    }
+
+    /// Refuses (or allows again) signing with key `name` while its reads still succeed: an
+    /// identity with Key Vault Certificate User on a certificate but no Key Vault Crypto User
+    /// on its key.
+    pub fn set_sign_denied(&self, name: &str, denied: bool) {
+        let mut set = self.shared.sign_denied.lock().unwrap();
         if denied {
             set.insert(name.to_string());
         } else {
@@ -418,6 +432,10 @@ impl key_vault_keys::Vault for Shared {
 
     fn denied(&self, name: &str) -> bool {
         self.denied.lock().unwrap().contains(name)
+    }
+
+    fn sign_denied(&self, name: &str) -> bool {
+        self.sign_denied.lock().unwrap().contains(name)
     }
 
     fn keys(&self) -> &key_vault_keys::Keys {

@@ -34,6 +34,11 @@ pub(crate) trait Vault: Send + Sync + 'static {
     fn base(&self, headers: &HeaderMap) -> String;
     /// Whether the identity has no role on object `name` (403 ForbiddenByRbac).
     fn denied(&self, name: &str) -> bool;
+    /// Whether the identity may read key `name` but not sign with it (Key Vault Certificate
+    /// User without Key Vault Crypto User): 403 ForbiddenByRbac on sign only.
+    fn sign_denied(&self, _name: &str) -> bool {
+        false
+    }
     fn keys(&self) -> &Keys;
 }
 
@@ -340,6 +345,14 @@ async fn sign<V: Vault>(
 ) -> Response {
     if let Some(response) = shared.refusal(&headers, &query) {
         return response;
+    }
+    if shared.sign_denied(&name) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "Caller is not authorized to perform action on resource. Action: 'Microsoft.KeyVault/vaults/keys/sign/action'",
+            Some("ForbiddenByRbac"),
+        );
     }
     if let Some(response) = denied(shared.as_ref(), &name, "keys/sign/action") {
         return response;

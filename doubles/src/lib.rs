@@ -21,6 +21,7 @@ pub mod key_vault_keys;
 pub mod managed_identity;
 pub mod serve;
 pub mod tls;
+pub mod tls_gate;
 mod vault_error;
 
 pub use connect_proxy::ConnectProxy;
@@ -31,6 +32,7 @@ pub use key_vault::{ChallengeForm, Fault, KeyVaultDouble};
 pub use key_vault_certificates::{CertificateIssuer, CertificateSpec, SecretContentType};
 pub use key_vault_keys::KeyKind;
 pub use managed_identity::ManagedIdentityDouble;
+pub use tls_gate::TlsGate;
 
 /// Random lower-case hex, `bytes` bytes long: version ids, tokens, header values.
 pub fn random_hex(bytes: usize) -> String {

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::assertion::key_name_and_version;
 use super::cache::Versioned;
 use super::error::{CredentialError, ObjectKind};
-use super::tls_key::{KeyCurve, VaultTlsKey};
+use super::tls_key::{KeyCurve, SignFailure, VaultTlsKey};
 use super::vault::{Clients, classify};
 use crate::observe::otel::Otel;
 
@@ -45,6 +45,8 @@ pub(crate) struct ClientCertificate {
     /// Whether the key stays in Key Vault (each handshake asks it to sign).
     key_in_vault: bool,
     certified: Arc<CertifiedKey>,
+    /// Where a signature Key Vault refused during a handshake is reported.
+    sign_failure: SignFailure,
 }
 
 impl ClientCertificate {
@@ -59,6 +61,12 @@ impl ClientCertificate {
 
     pub(crate) fn thumbprint_sha256(&self) -> &str {
         &self.thumbprint_sha256
+    }
+
+    /// Why Key Vault did not sign for the last handshake that needed it, once: a failed
+    /// connection with this set is the credential's failure, not the provider's.
+    pub(crate) fn take_sign_failure(&self) -> Option<CredentialError> {
+        self.sign_failure.take()
     }
 }
 
@@ -121,11 +129,10 @@ pub(super) async fn read(
         .ok_or_else(|| unusable("the answer has no key properties (policy.key_props)"))?;
     let thumbprint_sha256 = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(leaf.as_ref()));
     let exportable = key_properties.exportable == Some(true);
-    let certified = if exportable {
-        let pem = read_secret(clients, name, &version).await?;
-        from_pem(&pem, &leaf).map_err(|detail| unusable(&detail))?
-    } else {
-        let curve = match (key_properties.key_type, key_properties.curve) {
+    let sign_failure = SignFailure::default();
+    // The key that stays in the vault, signing there; the chain is the leaf alone (`cer`).
+    let in_vault = || -> Result<Arc<CertifiedKey>, CredentialError> {
+        let curve = match (&key_properties.key_type, &key_properties.curve) {
             (Some(KeyType::Rsa | KeyType::RsaHsm), _) => KeyCurve::Rsa,
             (Some(KeyType::Ec | KeyType::EcHsm), Some(CurveName::P256)) => KeyCurve::P256,
             (Some(KeyType::Ec | KeyType::EcHsm), Some(CurveName::P384)) => KeyCurve::P384,
@@ -136,14 +143,44 @@ pub(super) async fn read(
                 ));
             }
         };
-        let key = VaultTlsKey::new(clients.clone(), name, key_name, key_version, curve, otel);
-        Arc::new(CertifiedKey::new(vec![leaf], Arc::new(key)))
+        let key = VaultTlsKey::new(
+            clients.clone(),
+            name,
+            key_name.clone(),
+            key_version.clone(),
+            curve,
+            otel.clone(),
+            sign_failure.clone(),
+        );
+        Ok(Arc::new(CertifiedKey::new(
+            vec![leaf.clone()],
+            Arc::new(key),
+        )))
+    };
+    let (certified, key_in_vault) = if exportable {
+        let pem = read_secret(clients, name, &version).await?;
+        match from_pem(&pem, &leaf) {
+            Ok(certified) => (certified, false),
+            // The policy says exportable, the version was made before it did: its key is
+            // in the vault only, and signs there.
+            Err(PemProblem::NoKey) => {
+                tracing::warn!(
+                    certificate = name,
+                    version = %version,
+                    "the certificate's policy makes its key exportable, but this version's secret holds no key: signing in key vault"
+                );
+                (in_vault()?, true)
+            }
+            Err(PemProblem::Unusable(detail)) => return Err(unusable(detail)),
+        }
+    } else {
+        (in_vault()?, true)
     };
     tracing::info!(
         certificate = name,
         version = %version,
         x5t_s256 = %thumbprint_sha256,
-        key = if exportable { "exportable" } else { "in key vault" },
+        key = if key_in_vault { "in key vault" } else { "exportable" },
         elapsed_ms = started.elapsed().as_millis() as u64,
         "read client certificate from key vault"
     );
@@ -151,8 +188,9 @@ pub(super) async fn read(
         name: name.to_string(),
         version,
         thumbprint_sha256,
-        key_in_vault: !exportable,
+        key_in_vault,
         certified,
+        sign_failure,
     })
 }
 
@@ -186,19 +224,27 @@ async fn read_secret(
         })
 }
 
+/// Why a PEM secret gives no key for TLS.
+#[derive(Debug, PartialEq, Eq)]
+enum PemProblem {
+    /// Certificates only: the version's key is not exportable.
+    NoKey,
+    Unusable(&'static str),
+}
+
 /// The key and chain of a PEM secret, `leaf` (the certificate Key Vault named) first. The key
 /// must be the leaf's: a mismatch would fail every handshake with a less helpful message.
 fn from_pem(
     pem: &SecretString,
     leaf: &CertificateDer<'static>,
-) -> Result<Arc<CertifiedKey>, String> {
+) -> Result<Arc<CertifiedKey>, PemProblem> {
     let bytes = pem.expose_secret().as_bytes();
-    let key = PrivateKeyDer::from_pem_slice(bytes)
-        .map_err(|_| "its secret holds no private key in PEM form (is the key exportable?)")?;
+    let key = PrivateKeyDer::from_pem_slice(bytes).map_err(|_| PemProblem::NoKey)?;
     let mut chain = vec![leaf.clone()];
     for certificate in CertificateDer::pem_slice_iter(bytes) {
-        let certificate =
-            certificate.map_err(|_| "its secret holds a certificate that is not valid PEM")?;
+        let certificate = certificate.map_err(|_| {
+            PemProblem::Unusable("its secret holds a certificate that is not valid PEM")
+        })?;
         if certificate != *leaf {
             chain.push(certificate);
         }
@@ -207,11 +253,11 @@ fn from_pem(
     let key = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|_| "its private key is of a kind TLS cannot sign with")?;
+        .map_err(|_| PemProblem::Unusable("its private key is of a kind TLS cannot sign with"))?;
     let certified = CertifiedKey::new(chain, key);
-    certified
-        .keys_match()
-        .map_err(|_| "the private key in its secret is not the certificate's key")?;
+    certified.keys_match().map_err(|_| {
+        PemProblem::Unusable("the private key in its secret is not the certificate's key")
+    })?;
     Ok(Arc::new(certified))
 }
 
@@ -233,16 +279,20 @@ mod tests {
         )
     }
 
-    /// A non-exportable key's secret holds certificates only; read as if exportable, it is
-    /// refused with a message that says why and quotes nothing of the secret.
+    /// A non-exportable key's secret holds certificates only: read as if exportable, it says
+    /// so (and the key signs in Key Vault instead).
     #[test]
-    fn a_secret_without_a_key_is_refused_without_echoing_it() {
+    fn a_secret_without_a_key_is_told_apart_from_an_unusable_one() {
         let leaf = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
         let text = SecretString::from(pem("CERTIFICATE", leaf.as_ref()));
-        let Err(error) = from_pem(&text, &leaf) else {
-            panic!("a secret without a key must be refused");
-        };
-        assert!(error.contains("no private key"), "{error}");
-        assert!(!error.contains("BEGIN"), "{error}");
+        assert_eq!(from_pem(&text, &leaf).err(), Some(PemProblem::NoKey));
+        let garbage = SecretString::from(format!(
+            "{}-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+            pem("PRIVATE KEY", &[0x30, 0x00])
+        ));
+        assert!(matches!(
+            from_pem(&garbage, &leaf).err(),
+            Some(PemProblem::Unusable(_))
+        ));
     }
 }

@@ -23,8 +23,8 @@ use super::vault::{Clients, classify};
 use crate::config::SigningAlgorithm;
 use crate::observe::otel::Otel;
 
-/// Longest one handshake signature may take in Key Vault; past it the handshake fails (and
-/// the token request with it, as a connection failure the retry budget may try again).
+/// Longest one handshake signature may take in Key Vault; past it the handshake fails, and the
+/// token request with it, as a credential that could not be used ([`SignFailure`]).
 const SIGN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What kind of key the certificate has, as its Key Vault policy says.
@@ -63,6 +63,24 @@ pub(crate) struct VaultTlsKey {
     key: Arc<KeyInVault>,
 }
 
+/// The last signature Key Vault refused or did not make, kept for the token client: rustls
+/// can only report a failed handshake, which would read as the provider's failure; with this
+/// the token client answers what it is, a credential that could not be used, and neither
+/// retries it nor counts it against the provider.
+#[derive(Clone, Default)]
+pub(crate) struct SignFailure(Arc<parking_lot::Mutex<Option<CredentialError>>>);
+
+impl SignFailure {
+    /// The failure since the last call, if any.
+    pub(crate) fn take(&self) -> Option<CredentialError> {
+        self.0.lock().take()
+    }
+
+    fn set(&self, error: CredentialError) {
+        *self.0.lock() = Some(error);
+    }
+}
+
 struct KeyInVault {
     clients: Arc<Clients>,
     /// The certificate's name, for messages.
@@ -71,6 +89,11 @@ struct KeyInVault {
     key_version: String,
     curve: KeyCurve,
     otel: Option<Arc<Otel>>,
+    /// Longest one signature may block its thread: nothing outside can interrupt it. (The
+    /// handshake as a whole must also end within the connection's connect timeout, which the
+    /// connection checks once the signature is back.)
+    timeout: Duration,
+    failure: SignFailure,
 }
 
 impl VaultTlsKey {
@@ -81,6 +104,7 @@ impl VaultTlsKey {
         key_version: String,
         curve: KeyCurve,
         otel: Option<Arc<Otel>>,
+        failure: SignFailure,
     ) -> Self {
         Self {
             key: Arc::new(KeyInVault {
@@ -90,6 +114,8 @@ impl VaultTlsKey {
                 key_version,
                 curve,
                 otel,
+                timeout: SIGN_TIMEOUT,
+                failure,
             }),
         }
     }
@@ -158,24 +184,26 @@ impl Signer for VaultSigner {
                 "a signature inside the handshake needs the multi-thread runtime".to_string(),
             ));
         }
+        let timeout = self.key.timeout;
         let signed = tokio::task::block_in_place(|| {
-            handle.block_on(tokio::time::timeout(
-                SIGN_TIMEOUT,
-                self.sign_in_vault(message),
-            ))
+            handle.block_on(tokio::time::timeout(timeout, self.sign_in_vault(message)))
         });
         let result = match signed {
             Ok(result) => result,
             Err(_) => Err(CredentialError::Unavailable {
                 kind: ObjectKind::Certificate,
                 name: self.key.certificate.clone(),
-                detail: format!("no signature within {} s", SIGN_TIMEOUT.as_secs()),
+                detail: format!("no signature within {} ms", timeout.as_millis()),
             }),
         };
         if let Some(otel) = &self.key.otel {
             otel.key_vault("sign", if result.is_ok() { "ok" } else { "error" });
         }
-        result.map_err(|error| failed(error.to_string()))
+        result.map_err(|error| {
+            let reason = error.to_string();
+            self.key.failure.set(error);
+            failed(reason)
+        })
     }
 
     fn scheme(&self) -> SignatureScheme {

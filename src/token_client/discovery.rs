@@ -1,7 +1,8 @@
 //! The token endpoint of a connection that names its `issuer` instead (mutual-TLS methods):
-//! read once from the issuer's discovery document (OpenID Connect Discovery, else RFC 8414),
-//! its `mtls_endpoint_aliases.token_endpoint` preferred (RFC 8705 §5), since a provider that
-//! serves mutual TLS on another host or port says so there and nowhere else.
+//! read from the issuer's discovery document (OpenID Connect Discovery, else RFC 8414) once
+//! per process (again after a failed read), its `mtls_endpoint_aliases.token_endpoint`
+//! preferred (RFC 8705 §5), since a provider that serves mutual TLS on another host or port
+//! says so there and nowhere else.
 //!
 //! The document must name the configured issuer (RFC 8414 §3.3), and the endpoint must be
 //! https: the certificate, and the client id with it, go to no other address.
@@ -70,8 +71,8 @@ async fn discover(
 ) -> Result<Url, Failure> {
     let base = issuer.as_str().trim_end_matches('/');
     let mut last = None;
-    for well_known in ["openid-configuration", "oauth-authorization-server"] {
-        match fetch(http, &format!("{base}/.well-known/{well_known}"), timeout).await {
+    for url in document_urls(issuer.url()) {
+        match fetch(http, &url, timeout).await {
             Ok(document) => return endpoint_of(document, base),
             // Not served under this name: try the other one.
             Err(TransportError::Status { status, .. }) if status.as_u16() == 404 => {
@@ -85,6 +86,21 @@ async fn discover(
     Err(last.unwrap_or_else(|| Failure::Invalid {
         detail: "the issuer serves no discovery document".to_string(),
     }))
+}
+
+/// Where the metadata may be: OpenID Connect Discovery appends its well-known path to the
+/// issuer (`{issuer}/.well-known/openid-configuration`); RFC 8414 §3.1 inserts its own
+/// between the host and the issuer's path (`https://host/.well-known/oauth-authorization-server/tenant`).
+fn document_urls(issuer: &Url) -> [String; 2] {
+    let openid = format!(
+        "{}/.well-known/openid-configuration",
+        issuer.as_str().trim_end_matches('/')
+    );
+    let mut oauth = issuer.clone();
+    let path = issuer.path().trim_end_matches('/');
+    oauth.set_path(&format!("/.well-known/oauth-authorization-server{path}"));
+    oauth.set_query(None);
+    [openid, oauth.to_string()]
 }
 
 async fn fetch(
@@ -147,6 +163,24 @@ fn endpoint_of(document: Vec<u8>, issuer: &str) -> Result<Url, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_metadata_is_looked_for_where_each_specification_puts_it() {
+        let issuer = Url::parse("https://idp.example/realms/bank/").unwrap();
+        assert_eq!(
+            document_urls(&issuer),
+            [
+                "https://idp.example/realms/bank/.well-known/openid-configuration".to_string(),
+                "https://idp.example/.well-known/oauth-authorization-server/realms/bank"
+                    .to_string()
+            ]
+        );
+        let issuer = Url::parse("https://idp.example").unwrap();
+        assert_eq!(
+            document_urls(&issuer)[1],
+            "https://idp.example/.well-known/oauth-authorization-server"
+        );
+    }
 
     #[test]
     fn the_mtls_alias_is_preferred_and_must_be_https_at_the_same_issuer() {

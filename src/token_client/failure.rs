@@ -57,6 +57,10 @@ pub(super) enum Failure {
     /// The deadline passed before the exchange ended.
     #[error("{detail}")]
     OutOfTime { detail: String },
+    /// The client credential failed on the way: Key Vault did not sign the TLS handshake for a
+    /// client certificate whose key it holds. Says nothing of the provider; not retried.
+    #[error("{0}")]
+    Credential(crate::credentials::CredentialError),
     /// A retry could not be made: its newly signed assertion could not be had. Never the
     /// outcome of a fetch (the previous attempt's failure is); says nothing of the provider.
     #[error("the client assertion could not be signed again for a retry")]
@@ -99,6 +103,10 @@ impl Failure {
                 connection: connection.name.clone(),
                 detail,
                 retry_after: None,
+            },
+            Failure::Credential(source) => TokenError::Secret {
+                connection: connection.name.clone(),
+                source,
             },
             failure @ Failure::NoRetryCredential => TokenError::Unavailable {
                 connection: connection.name.clone(),
@@ -154,6 +162,15 @@ pub(super) fn classify(
             Failure::Rejected {
                 status: 200,
                 body: Some(body),
+            }
+        }
+        RequestTokenError::Request(TransportError::CertificateRefused(alert)) => {
+            tracing::warn!(connection = %connection.name, %alert, "the token endpoint's TLS layer refused the client certificate");
+            // As the provider's own invalid_client: the certificate is read again and another
+            // version tried, else a 502; never retried as an outage.
+            Failure::Rejected {
+                status: StatusCode::UNAUTHORIZED.as_u16(),
+                body: Some(OAuthErrorBody::certificate_refused(&alert)),
             }
         }
         RequestTokenError::Request(TransportError::TooLarge) => {

@@ -22,6 +22,20 @@ impl oauth2::ErrorResponse for OAuthErrorBody {}
 pub(super) const ENTRA_BAD_SECRET_CODES: &[u64] = &[7000215, 7000222];
 
 impl OAuthErrorBody {
+    /// `invalid_client` for a client certificate the provider's TLS endpoint refused in the
+    /// handshake (an alert such as `bad_certificate` or `unknown_ca`): RFC 8705 §2 has the
+    /// provider answer `invalid_client` for a certificate it does not accept, and endpoints
+    /// that check certificates in the TLS layer say the same thing there.
+    pub(super) fn certificate_refused(alert: &str) -> Self {
+        Self {
+            error: "invalid_client".to_string(),
+            error_description: Some(format!(
+                "the TLS handshake refused the client certificate (alert {alert})"
+            )),
+            error_codes: Vec::new(),
+        }
+    }
+
     /// Whether a different client secret might succeed.
     pub(super) fn means_bad_secret(&self) -> bool {
         self.error == "invalid_client"

@@ -30,6 +30,9 @@ pub(super) enum TransportError {
     },
     #[error("answer larger than {MAX_RESPONSE_BYTES} bytes")]
     TooLarge,
+    /// The server's TLS layer refused the client certificate (mutual TLS), with this alert.
+    #[error("the TLS handshake refused the client certificate (alert {0})")]
+    CertificateRefused(String),
     #[error("request failed")]
     Other,
 }
@@ -108,13 +111,46 @@ pub(super) async fn read_bounded(
 }
 
 pub(super) fn transport_error(error: &reqwest::Error, timeout: Duration) -> TransportError {
-    if error.is_timeout() {
+    if let Some(alert) = certificate_alert(error) {
+        TransportError::CertificateRefused(alert)
+    } else if error.is_timeout() {
         TransportError::Timeout(timeout)
     } else if error.is_connect() {
         TransportError::Connect
     } else {
         TransportError::Other
     }
+}
+
+/// The TLS alert with which a server refused the client certificate, found anywhere in the
+/// error's chain (rustls' error inside hyper's I/O error: in TLS 1.3 the alert may come only
+/// when the answer is read, after the handshake seemed done).
+fn certificate_alert(error: &reqwest::Error) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = current {
+        let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(
+            alert @ (A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired),
+        )) = tls
+        {
+            return Some(format!("{alert:?}"));
+        }
+        current = error.source();
+    }
+    None
 }
 
 /// `Retry-After` in either form RFC 9110 §10.2.3 allows: delay-seconds, or an HTTP-date

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 use token_broker_doubles::{
-    AzureDoubles, CertificateIssuer, CertificateSpec, KeyKind, SecretContentType,
+    AzureDoubles, CertificateIssuer, CertificateSpec, KeyKind, SecretContentType, TlsGate,
 };
 
 use crate::support::{
@@ -101,6 +101,7 @@ struct Rig {
     idp: Idp,
     broker: Started,
     http: reqwest::Client,
+    _gate: TlsGate,
     _dir: tempfile::TempDir,
 }
 
@@ -142,6 +143,9 @@ impl Rig {
             }])
             .collect();
         let idp = Idp::start_tls(dir.path(), &clients, IdpTls::of_vault(&azure.vault)).await;
+        let gate = TlsGate::start(dir.path(), azure.vault.client_ca_file())
+            .await
+            .unwrap();
         let mtls_endpoint = idp.mtls_token_endpoint.clone().unwrap();
         let mut config = String::from(
             "[key_vault]\nuri = \"${KEY_VAULT_URI}\"\nverify_challenge_resource = false\n",
@@ -167,8 +171,21 @@ impl Rig {
             &CERTIFICATES[0],
             "absent-certificate",
         );
+        // Behind a gateway that refuses, in the TLS handshake, what its client CA did not issue.
+        for (name, certificate) in [
+            ("gated-self", &CERTIFICATES[3]),
+            ("gated-ca", &CERTIFICATES[0]),
+        ] {
+            config += &connection(
+                name,
+                &format!("token_url = \"{}\"", gate.token_url()),
+                certificate,
+                certificate.name,
+            );
+        }
         let broker = launch(dir.path(), &config, &azure).await;
         Rig {
+            _gate: gate,
             http: reqwest::Client::new(),
             azure,
             idp,
@@ -513,6 +530,65 @@ async fn a_missing_or_forbidden_certificate_is_a_503_and_a_refused_one_a_502() {
         (stats.token_issued, stats.token_errors),
         (0, 1),
         "{stats:?}"
+    );
+    assert_eq!(rig.leaks().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_key_vault_that_will_not_sign_the_handshake_is_a_503_that_spares_the_provider_and_its_breaker()
+ {
+    let mut rig = Rig::start().await;
+    // The certificate reads, its key does not sign (Key Vault Crypto User missing): the
+    // handshake fails inside the broker, the provider is never asked.
+    rig.azure.vault.set_sign_denied("self-rsa-vault", true);
+    for attempt in 0..7 {
+        let (status, body) = rig.token("self-rsa-vault").await;
+        assert_eq!(status, 503, "{attempt}: {body}");
+        assert_eq!(body["error"], "secret_unavailable", "{attempt}: {body}");
+    }
+    let stats = rig.idp.stats().await;
+    assert_eq!(stats.token_requests, 0, "{stats:?}");
+    assert!(
+        rig.logged(&[
+            "the client certificate's key could not sign the TLS handshake",
+            "self-rsa-vault"
+        ])
+        .await
+    );
+    // Seven failures, more than the breaker's five: it stayed closed, so the repaired role
+    // works at once.
+    rig.azure.vault.set_sign_denied("self-rsa-vault", false);
+    let token = rig.access_token("self-rsa-vault").await;
+    assert_eq!(
+        claims(&token)["cnf"]["x5t#S256"],
+        rig.thumbprint("self-rsa-vault")
+    );
+    assert_eq!(rig.leaks().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_certificate_refused_in_the_tls_handshake_is_a_502_invalid_client_not_an_outage() {
+    let mut rig = Rig::start().await;
+    // The gate lets the CA-issued certificate through (and, with no provider behind it,
+    // answers 503): the handshake was not the problem.
+    let (status, body) = rig.token("gated-ca").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "upstream_unavailable", "{body}");
+    // The self-signed one is refused in the handshake: the provider's side said no to the
+    // credential, as invalid_client would, so the certificate is read again, nothing else is
+    // found, and the answer is a 502, remembered, never retried as an outage.
+    for _ in 0..3 {
+        let (status, body) = rig.token("gated-self").await;
+        assert_eq!(status, 502, "{body}");
+        assert_eq!(body["error"], "upstream_rejected", "{body}");
+        assert_eq!(body["upstream_error"], "invalid_client", "{body}");
+    }
+    assert!(
+        rig.logged(&[
+            "the token endpoint's TLS layer refused the client certificate",
+            "gated-self"
+        ])
+        .await
     );
     assert_eq!(rig.leaks().await, Vec::<String>::new());
 }
