@@ -9,11 +9,7 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use azure_security_keyvault_certificates::models::CertificateClientGetCertificateOptions;
-use azure_security_keyvault_keys::models::{
-    CurveName, KeyClientGetKeyOptions, KeyClientSignOptions, KeyType, SignParameters,
-    SignatureAlgorithm,
-};
+use azure_security_keyvault_keys::models::{CurveName, KeyClientGetKeyOptions, KeyType};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use secrecy::SecretString;
@@ -23,6 +19,7 @@ use tokio::time::Instant;
 use super::cache::Versioned;
 use super::error::{CredentialError, ObjectKind};
 use super::vault::{Clients, classify};
+use super::vault_crypto::{self, VaultCertificate, key_name_and_version};
 use crate::config::{AssertionSettings, SigningAlgorithm};
 
 /// A client assertion: a signed JWT, or the managed identity's token. Bearer credentials
@@ -134,33 +131,14 @@ pub(super) async fn read_certificate(
     name: &str,
 ) -> Result<SigningKey, CredentialError> {
     let started = Instant::now();
-    let failed = |error: azure_core::Error| classify(ObjectKind::Certificate, name, &error);
-    let certificate = clients
-        .certificates
-        .get_certificate(name, None::<CertificateClientGetCertificateOptions<'_>>)
-        .await
-        .map_err(failed)?
-        .into_model()
-        .map_err(failed)?;
-    let unusable = |detail: &str| CredentialError::Unusable {
-        kind: ObjectKind::Certificate,
-        name: name.to_string(),
-        detail: detail.to_string(),
-    };
-    let der = certificate
-        .cer
-        .filter(|der| !der.is_empty())
-        .ok_or_else(|| unusable("the answer has no certificate (cer)"))?;
-    let key_id = certificate
-        .kid
-        .ok_or_else(|| unusable("the certificate names no key (kid)"))?;
-    let (key_name, key_version) =
-        key_name_and_version(&key_id).ok_or_else(|| unusable("the kid is not a key URL"))?;
-    let version = certificate
-        .id
-        .as_deref()
-        .and_then(|id| id.trim_end_matches('/').rsplit('/').next())
-        .map_or_else(|| key_version.clone(), str::to_string);
+    let VaultCertificate {
+        der,
+        key_id,
+        key_name,
+        key_version,
+        version,
+        ..
+    } = vault_crypto::read_certificate(clients, name).await?;
     tracing::info!(
         certificate = name,
         version = %version,
@@ -177,18 +155,6 @@ pub(super) async fn read_certificate(
         key_type: KeyShape::CertificateKey,
         thumbprint_sha256: Some(URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(&der))),
     })
-}
-
-/// `https://{vault}/keys/{name}/{version}` split into name and version.
-pub(super) fn key_name_and_version(key_id: &str) -> Option<(String, String)> {
-    let url = url::Url::parse(key_id).ok()?;
-    let mut segments = url.path_segments()?;
-    match (segments.next(), segments.next(), segments.next()) {
-        (Some("keys"), Some(name), Some(version)) if !name.is_empty() && !version.is_empty() => {
-            Some((name.to_string(), version.to_string()))
-        }
-        _ => None,
-    }
 }
 
 /// The algorithm a key signs with: the configured one when it fits the key, else the key's
@@ -217,31 +183,6 @@ fn algorithm(
             "signing_algorithm {} needs an EC key; this is an RSA key",
             chosen.as_str()
         ))),
-    }
-}
-
-/// The digest Key Vault signs for `algorithm`.
-pub(super) fn digest(algorithm: SigningAlgorithm, input: &[u8]) -> Vec<u8> {
-    use SigningAlgorithm::*;
-    match algorithm {
-        Rs256 | Ps256 | Es256 => sha2::Sha256::digest(input).to_vec(),
-        Rs384 | Ps384 | Es384 => sha2::Sha384::digest(input).to_vec(),
-        Rs512 | Ps512 | Es512 => sha2::Sha512::digest(input).to_vec(),
-    }
-}
-
-pub(super) fn sdk_algorithm(algorithm: SigningAlgorithm) -> SignatureAlgorithm {
-    use SigningAlgorithm::*;
-    match algorithm {
-        Rs256 => SignatureAlgorithm::Rs256,
-        Rs384 => SignatureAlgorithm::Rs384,
-        Rs512 => SignatureAlgorithm::Rs512,
-        Ps256 => SignatureAlgorithm::Ps256,
-        Ps384 => SignatureAlgorithm::Ps384,
-        Ps512 => SignatureAlgorithm::Ps512,
-        Es256 => SignatureAlgorithm::Es256,
-        Es384 => SignatureAlgorithm::Es384,
-        Es512 => SignatureAlgorithm::Es512,
     }
 }
 
@@ -291,37 +232,14 @@ pub(super) async fn sign(
         .map_or(0, |since| since.as_secs());
     let input = signing_input(settings, client_id, key, algorithm, now);
     let started = Instant::now();
-    let failed = |error: azure_core::Error| classify(key.kind, &key.name, &error);
-    let parameters = SignParameters {
-        algorithm: Some(sdk_algorithm(algorithm)),
-        value: Some(digest(algorithm, input.as_bytes())),
-    };
-    let options = KeyClientSignOptions {
-        key_version: Some(key.key_version.clone()),
-        ..Default::default()
-    };
-    let result = clients
-        .keys
-        .sign(
-            &key.key_name,
-            parameters.try_into().map_err(failed)?,
-            Some(options),
-        )
-        .await
-        .map_err(failed)?
-        .into_model()
-        .map_err(failed)?;
-    let signature = result
-        .result
-        .filter(|signature| signature_fits(algorithm, signature.len()))
-        .ok_or_else(|| CredentialError::Unusable {
-            kind: key.kind,
-            name: key.name.clone(),
-            detail: format!(
-                "Key Vault's {} signature has an unexpected length",
-                algorithm.as_str()
-            ),
-        })?;
+    let signature = vault_crypto::sign(
+        clients,
+        (key.kind, &key.name),
+        (&key.key_name, &key.key_version),
+        algorithm,
+        input.as_bytes(),
+    )
+    .await?;
     tracing::debug!(
         object = key.kind.as_str(),
         name = %key.name,
@@ -335,18 +253,6 @@ pub(super) async fn sign(
         version: Some(key.version.clone()),
         signer: Some(key.clone()),
     })
-}
-
-/// Whether a signature has the length JWS wants: ES signatures are raw `R || S` (RFC 7518
-/// §3.4), which is what Key Vault returns; RSA ones are as long as the modulus (2048 bits at
-/// least).
-pub(super) fn signature_fits(algorithm: SigningAlgorithm, length: usize) -> bool {
-    match algorithm {
-        SigningAlgorithm::Es256 => length == 64,
-        SigningAlgorithm::Es384 => length == 96,
-        SigningAlgorithm::Es512 => length == 132,
-        _ => length >= 256,
-    }
 }
 
 #[cfg(test)]

@@ -15,9 +15,7 @@
 
 use std::sync::Arc;
 
-use azure_security_keyvault_certificates::models::{
-    CertificateClientGetCertificateOptions, CurveName, KeyType,
-};
+use azure_security_keyvault_certificates::models::{CurveName, KeyType};
 use azure_security_keyvault_secrets::models::{ContentType, SecretClientGetSecretOptions};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -28,11 +26,11 @@ use secrecy::{ExposeSecret as _, SecretString};
 use sha2::Digest as _;
 use tokio::time::Instant;
 
-use super::assertion::key_name_and_version;
 use super::cache::Versioned;
 use super::error::{CredentialError, ObjectKind};
 use super::tls_key::{KeyCurve, SignFailure, VaultTlsKey};
 use super::vault::{Clients, classify};
+use super::vault_crypto::{self, VaultCertificate};
 use crate::observe::otel::Otel;
 
 /// A certificate and its key, ready for the TLS handshake.
@@ -95,36 +93,21 @@ pub(super) async fn read(
     otel: Option<Arc<Otel>>,
 ) -> Result<ClientCertificate, CredentialError> {
     let started = Instant::now();
-    let failed = |error: azure_core::Error| classify(ObjectKind::Certificate, name, &error);
     let unusable = |detail: &str| CredentialError::Unusable {
         kind: ObjectKind::Certificate,
         name: name.to_string(),
         detail: detail.to_string(),
     };
-    let certificate = clients
-        .certificates
-        .get_certificate(name, None::<CertificateClientGetCertificateOptions<'_>>)
-        .await
-        .map_err(failed)?
-        .into_model()
-        .map_err(failed)?;
-    let leaf = certificate
-        .cer
-        .filter(|der| !der.is_empty())
-        .map(CertificateDer::from)
-        .ok_or_else(|| unusable("the answer has no certificate (cer)"))?;
-    let key_id = certificate
-        .kid
-        .ok_or_else(|| unusable("the certificate names no key (kid)"))?;
-    let (key_name, key_version) =
-        key_name_and_version(&key_id).ok_or_else(|| unusable("the kid is not a key URL"))?;
-    let version = certificate
-        .id
-        .as_deref()
-        .and_then(|id| id.trim_end_matches('/').rsplit('/').next())
-        .map_or_else(|| key_version.clone(), str::to_string);
-    let key_properties = certificate
-        .policy
+    let VaultCertificate {
+        der,
+        key_name,
+        key_version,
+        version,
+        policy,
+        ..
+    } = vault_crypto::read_certificate(clients, name).await?;
+    let leaf = CertificateDer::from(der);
+    let key_properties = policy
         .and_then(|policy| policy.key_properties)
         .ok_or_else(|| unusable("the answer has no key properties (policy.key_props)"))?;
     let thumbprint_sha256 = URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(leaf.as_ref()));

@@ -21,6 +21,7 @@ mod federation;
 mod secret;
 mod tls_key;
 pub(crate) mod vault;
+mod vault_crypto;
 
 use std::fmt;
 use std::sync::Arc;

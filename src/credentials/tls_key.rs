@@ -12,14 +12,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use azure_security_keyvault_keys::models::{KeyClientSignOptions, SignParameters};
 use rustls::sign::{Signer, SigningKey};
 use rustls::{SignatureAlgorithm, SignatureScheme};
 use tokio::runtime::{Handle, RuntimeFlavor};
 
-use super::assertion::{digest, sdk_algorithm, signature_fits};
 use super::error::{CredentialError, ObjectKind};
-use super::vault::{Clients, classify};
+use super::vault::Clients;
+use super::vault_crypto;
 use crate::config::SigningAlgorithm;
 use crate::observe::otel::Otel;
 
@@ -214,39 +213,15 @@ impl Signer for VaultSigner {
 impl VaultSigner {
     async fn sign_in_vault(&self, message: &[u8]) -> Result<Vec<u8>, CredentialError> {
         let key = &self.key;
-        let failed =
-            |error: azure_core::Error| classify(ObjectKind::Certificate, &key.certificate, &error);
-        let parameters = SignParameters {
-            algorithm: Some(sdk_algorithm(self.algorithm)),
-            value: Some(digest(self.algorithm, message)),
-        };
-        let options = KeyClientSignOptions {
-            key_version: Some(key.key_version.clone()),
-            ..Default::default()
-        };
         let started = tokio::time::Instant::now();
-        let signature = key
-            .clients
-            .keys
-            .sign(
-                &key.key_name,
-                parameters.try_into().map_err(failed)?,
-                Some(options),
-            )
-            .await
-            .map_err(failed)?
-            .into_model()
-            .map_err(failed)?
-            .result
-            .filter(|signature| signature_fits(self.algorithm, signature.len()))
-            .ok_or_else(|| CredentialError::Unusable {
-                kind: ObjectKind::Certificate,
-                name: key.certificate.clone(),
-                detail: format!(
-                    "Key Vault's {} signature has an unexpected length",
-                    self.algorithm.as_str()
-                ),
-            })?;
+        let signature = vault_crypto::sign(
+            &key.clients,
+            (ObjectKind::Certificate, &key.certificate),
+            (&key.key_name, &key.key_version),
+            self.algorithm,
+            message,
+        )
+        .await?;
         tracing::debug!(
             certificate = %key.certificate,
             version = %key.key_version,
