@@ -405,21 +405,12 @@ impl Validator<'_> {
             ));
             return None;
         };
-        let entry = match raw {
-            toml::Value::Table(table) if table.len() == 1 => table.iter().next(),
-            _ => None,
-        };
-        let Some((kind, toml::Value::String(value))) = entry else {
-            self.problems.push(format!("{field}: {expected}"));
-            return None;
-        };
-        let object_name = self.expand(&format!("{field}.{kind}"), value)?;
-        if !is_valid_key_vault_name(&object_name) {
-            self.problems.push(format!(
-                "{field}.{kind}: a Key Vault object name is 1 to 127 letters, digits and '-'"
-            ));
-            return None;
-        }
+        let (kind, object_name) = self.vault_object_entry(
+            field,
+            raw,
+            &["key_vault_key", "key_vault_certificate"],
+            expected,
+        )?;
         match kind.as_str() {
             "key_vault_key" => Some(AssertionKey::KeyVaultKey(object_name)),
             "key_vault_certificate" => Some(AssertionKey::KeyVaultCertificate(object_name)),
@@ -499,6 +490,35 @@ impl Validator<'_> {
         }
     }
 
+    /// A `{ <kind> = "<Key Vault object name>" }` table at `field`, `kind` one of `kinds`: the
+    /// kind and the name, expanded and checked.
+    fn vault_object_entry(
+        &mut self,
+        field: &str,
+        raw: &toml::Value,
+        kinds: &[&str],
+        expected: &str,
+    ) -> Option<(String, String)> {
+        let entry = match raw {
+            toml::Value::Table(table) if table.len() == 1 => table.iter().next(),
+            _ => None,
+        };
+        let Some((kind, toml::Value::String(value))) =
+            entry.filter(|(kind, _)| kinds.contains(&kind.as_str()))
+        else {
+            self.problems.push(format!("{field}: {expected}"));
+            return None;
+        };
+        let object_name = self.expand(&format!("{field}.{kind}"), value)?;
+        if !is_valid_key_vault_name(&object_name) {
+            self.problems.push(format!(
+                "{field}.{kind}: a Key Vault object name is 1 to 127 letters, digits and '-'"
+            ));
+            return None;
+        }
+        Some((kind.clone(), object_name))
+    }
+
     /// `client_certificate = { key_vault_certificate = "<name>" }`, required by the mutual-TLS
     /// methods.
     fn client_certificate(
@@ -516,23 +536,8 @@ impl Validator<'_> {
             ));
             return None;
         };
-        let entry = match raw {
-            toml::Value::Table(table) if table.len() == 1 => table.iter().next(),
-            _ => None,
-        };
-        let Some((kind, toml::Value::String(value))) =
-            entry.filter(|(kind, _)| *kind == "key_vault_certificate")
-        else {
-            self.problems.push(format!("{field}: {expected}"));
-            return None;
-        };
-        let certificate_name = self.expand(&format!("{field}.{kind}"), value)?;
-        if !is_valid_key_vault_name(&certificate_name) {
-            self.problems.push(format!(
-                "{field}.{kind}: a Key Vault object name is 1 to 127 letters, digits and '-'"
-            ));
-            return None;
-        }
+        let (_, certificate_name) =
+            self.vault_object_entry(&field, raw, &["key_vault_certificate"], expected)?;
         Some(CredentialSource::ClientCertificate { certificate_name })
     }
 
