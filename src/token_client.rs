@@ -317,7 +317,7 @@ impl TokenClient {
             }
         };
         let client: OAuthClient = oauth2::Client::new(ClientId::new(connection.client_id.clone()))
-            .set_token_uri(TokenUrl::from_url(token_url));
+            .set_token_uri(TokenUrl::from_url(token_url.clone()));
         let client = match credential {
             // The only place a secret is exposed: oauth2 encodes it into the request.
             ClientCredential::Secret(secret) => client
@@ -378,7 +378,7 @@ impl TokenClient {
             None => request.request_async(&transport).await,
             Some(otel) => {
                 let span = if otel.traces() {
-                    provider_span(connection)
+                    provider_span(connection, &token_url)
                 } else {
                     tracing::Span::none()
                 };
@@ -393,7 +393,8 @@ impl TokenClient {
                 if error_type.is_some() || status.is_some_and(|status| status >= 400) {
                     span.record("otel.status_code", "error");
                 }
-                let url = connection.token_url.url();
+                // The endpoint called: for an `issuer` connection, the one discovered.
+                let url = &token_url;
                 otel.provider_call(
                     url.host_str().unwrap_or_default(),
                     url.port_or_known_default(),
@@ -473,8 +474,7 @@ impl TokenSource for TokenClient {
 
 /// The client span of one request to a token endpoint (exported traces only): method, server,
 /// and the status recorded when the answer comes. Never the form, which holds the credential.
-fn provider_span(connection: &ConnectionSettings) -> tracing::Span {
-    let url = connection.token_url.url();
+fn provider_span(connection: &ConnectionSettings, url: &url::Url) -> tracing::Span {
     tracing::info_span!(
         "provider_attempt",
         otel.name = "POST token endpoint",

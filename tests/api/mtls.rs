@@ -14,7 +14,8 @@ use token_broker_doubles::{
 };
 
 use crate::support::{
-    Idp, IdpClient, IdpTls, Launch, Started, certificate_jwk, contains_jwt, sigterm, x5t_s256,
+    Idp, IdpClient, IdpTls, Launch, OtlpReceiver, Started, certificate_jwk, contains_jwt, sigterm,
+    x5t_s256,
 };
 
 /// A certificate of the vault, the provider client it authenticates, and how it is made.
@@ -107,6 +108,11 @@ struct Rig {
 
 impl Rig {
     async fn start() -> Rig {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// With `env` added to the broker's environment.
+    async fn start_with(env: Vec<(String, String)>) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let azure = AzureDoubles::start(dir.path(), None).await.unwrap();
         for certificate in CERTIFICATES.iter().chain([&UNREGISTERED]) {
@@ -183,7 +189,7 @@ impl Rig {
                 certificate.name,
             );
         }
-        let broker = launch(dir.path(), &config, &azure).await;
+        let broker = launch(dir.path(), &config, &azure, env).await;
         Rig {
             _gate: gate,
             http: reqwest::Client::new(),
@@ -317,20 +323,27 @@ fn connection(name: &str, endpoint: &str, certificate: &Certificate, vault_name:
     )
 }
 
-async fn launch(dir: &Path, config: &str, azure: &AzureDoubles) -> Started {
+async fn launch(
+    dir: &Path,
+    config: &str,
+    azure: &AzureDoubles,
+    extra_env: Vec<(String, String)>,
+) -> Started {
     let path = dir.join("broker.toml");
     std::fs::write(&path, config).unwrap();
+    let mut env: Vec<(String, String)> = vec![
+        ("IDENTITY_ENDPOINT".into(), azure.identity.endpoint()),
+        ("IDENTITY_HEADER".into(), azure.identity.header().into()),
+        ("KEY_VAULT_URI".into(), azure.vault.uri()),
+        (
+            "SSL_CERT_FILE".into(),
+            azure.vault.ca_file().display().to_string(),
+        ),
+    ];
+    env.extend(extra_env);
     Launch {
         config: &path,
-        env: vec![
-            ("IDENTITY_ENDPOINT".into(), azure.identity.endpoint()),
-            ("IDENTITY_HEADER".into(), azure.identity.header().into()),
-            ("KEY_VAULT_URI".into(), azure.vault.uri()),
-            (
-                "SSL_CERT_FILE".into(),
-                azure.vault.ca_file().display().to_string(),
-            ),
-        ],
+        env,
         log_level: "trace",
     }
     .start()
@@ -589,6 +602,65 @@ async fn a_certificate_refused_in_the_tls_handshake_is_a_502_invalid_client_not_
             "gated-self"
         ])
         .await
+    );
+    assert_eq!(rig.leaks().await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn opentelemetry_names_the_discovered_endpoint_and_counts_the_handshake_signatures() {
+    let receiver = OtlpReceiver::start().await;
+    let mut rig = Rig::start_with(vec![
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT".to_string(),
+            receiver.endpoint.clone(),
+        ),
+        ("OTEL_METRIC_EXPORT_INTERVAL".to_string(), "300".to_string()),
+        ("OTEL_BSP_SCHEDULE_DELAY".to_string(), "100".to_string()),
+    ])
+    .await;
+    // The issuer and its mTLS alias share a host: only the port tells them apart.
+    let alias_port = url::Url::parse(rig.idp.mtls_token_endpoint.as_deref().unwrap())
+        .unwrap()
+        .port()
+        .unwrap()
+        .to_string();
+    let issuer_port = url::Url::parse(&rig.idp.issuer)
+        .unwrap()
+        .port()
+        .unwrap()
+        .to_string();
+    assert_ne!(alias_port, issuer_port);
+    rig.access_token("discovered").await;
+    rig.access_token("self-ec-vault").await;
+    let exported = receiver
+        .wait_for(std::time::Duration::from_secs(20), |receiver| {
+            let span = receiver.spans().into_iter().any(|span| {
+                span.name == "POST token endpoint"
+                    && span.attribute("connection") == Some("discovered")
+            });
+            let signed = receiver.points().0.iter().any(|point| {
+                point.metric == "token_broker.key_vault.operations"
+                    && point.attribute("operation") == Some("sign")
+                    && point.attribute("result") == Some("ok")
+            });
+            span && signed
+        })
+        .await;
+    assert!(
+        exported,
+        "the provider span and the sign count were exported"
+    );
+    let span = receiver
+        .spans()
+        .into_iter()
+        .find(|span| {
+            span.name == "POST token endpoint" && span.attribute("connection") == Some("discovered")
+        })
+        .unwrap();
+    assert_eq!(
+        span.attribute("server.port"),
+        Some(alias_port.as_str()),
+        "the endpoint called, not the issuer: {span:?}"
     );
     assert_eq!(rig.leaks().await, Vec::<String>::new());
 }
