@@ -234,7 +234,6 @@ pub(super) async fn sign(
     let started = Instant::now();
     let signature = vault_crypto::sign(
         clients,
-        (key.kind, &key.name),
         (&key.key_name, &key.key_version),
         algorithm,
         input.as_bytes(),

@@ -183,7 +183,9 @@ async fn read_secret(
     name: &str,
     version: &str,
 ) -> Result<SecretString, CredentialError> {
-    let failed = |error: azure_core::Error| classify(ObjectKind::Certificate, name, &error);
+    // The certificate's secret has the certificate's name: a refusal names the secret, and
+    // the role reading it needs (Key Vault Secrets User).
+    let failed = |error: azure_core::Error| classify(ObjectKind::Secret, name, &error);
     let options = SecretClientGetSecretOptions {
         secret_version: Some(version.to_string()),
         out_content_type: Some(ContentType::Pem),

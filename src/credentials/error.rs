@@ -79,9 +79,9 @@ impl CredentialError {
             | CredentialError::Unusable { kind, .. }
             | CredentialError::Unavailable { kind, .. } => match kind {
                 ObjectKind::Secret => "reading it from Key Vault",
-                ObjectKind::Key | ObjectKind::Certificate => {
-                    "signing the client assertion with Key Vault"
-                }
+                // An assertion's signature, or a mutual-TLS handshake's.
+                ObjectKind::Key => "signing with Key Vault",
+                ObjectKind::Certificate => "reading the certificate from Key Vault",
             },
             _ => "reading it from Key Vault",
         }

@@ -190,8 +190,8 @@ impl Signer for VaultSigner {
         let result = match signed {
             Ok(result) => result,
             Err(_) => Err(CredentialError::Unavailable {
-                kind: ObjectKind::Certificate,
-                name: self.key.certificate.clone(),
+                kind: ObjectKind::Key,
+                name: self.key.key_name.clone(),
                 detail: format!("no signature within {} ms", timeout.as_millis()),
             }),
         };
@@ -216,7 +216,6 @@ impl VaultSigner {
         let started = tokio::time::Instant::now();
         let signature = vault_crypto::sign(
             &key.clients,
-            (ObjectKind::Certificate, &key.certificate),
             (&key.key_name, &key.key_version),
             self.algorithm,
             message,

@@ -71,15 +71,16 @@ pub(super) async fn read_certificate(
 }
 
 /// Key Vault's signature with key `key_name` at `key_version` over the digest of `message`
-/// for `algorithm` (one sign operation), checked for the length the algorithm gives. `kind`
-/// and `name` are what the configuration named, for errors.
+/// for `algorithm` (one sign operation), checked for the length the algorithm gives. Errors
+/// name the key (a certificate's key has the certificate's name), so that a refusal points at
+/// the role signing needs, Key Vault Crypto User.
 pub(super) async fn sign(
     clients: &Clients,
-    (kind, name): (ObjectKind, &str),
     (key_name, key_version): (&str, &str),
     algorithm: SigningAlgorithm,
     message: &[u8],
 ) -> Result<Vec<u8>, CredentialError> {
+    let (kind, name) = (ObjectKind::Key, key_name);
     let failed = |error: azure_core::Error| classify(kind, name, &error);
     let parameters = SignParameters {
         algorithm: Some(sdk_algorithm(algorithm)),

@@ -520,6 +520,10 @@ async fn a_missing_or_forbidden_certificate_is_a_503_and_a_refused_one_a_502() {
     assert_eq!(body["error"], "secret_unavailable", "{body}");
     let description = body["error_description"].as_str().unwrap();
     assert!(description.contains("'absent'"), "{description}");
+    assert!(
+        description.contains("reading the certificate from Key Vault"),
+        "{description}"
+    );
     assert!(!description.contains("absent-certificate"), "{description}");
 
     rig.azure.vault.set_denied("self-rsa-vault", true);
@@ -558,7 +562,18 @@ async fn a_key_vault_that_will_not_sign_the_handshake_is_a_503_that_spares_the_p
         let (status, body) = rig.token("self-rsa-vault").await;
         assert_eq!(status, 503, "{attempt}: {body}");
         assert_eq!(body["error"], "secret_unavailable", "{attempt}: {body}");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(
+            description.contains("signing with Key Vault"),
+            "{description}"
+        );
+        assert!(!description.contains("Crypto User"), "{description}");
     }
+    // The operator is told which role signing needs.
+    assert!(
+        rig.logged(&["self-rsa-vault", "ForbiddenByRbac", "Key Vault Crypto User"])
+            .await
+    );
     let stats = rig.idp.stats().await;
     assert_eq!(stats.token_requests, 0, "{stats:?}");
     assert!(
